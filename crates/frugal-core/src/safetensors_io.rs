@@ -1,0 +1,206 @@
+//! safetensors I/O through memory maps: each tensor is copied into libtorch once (never the whole
+//! file into memory first), and files are written atomically with the `{"format": "pt"}`
+//! metadata that Python tools expect.
+
+use crate::{Error, Result};
+use safetensors::tensor::{Dtype, SafeTensors, View};
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use tch::{Kind, Tensor};
+
+/// The tch kind of a safetensors dtype.
+pub fn kind_of(dtype: Dtype) -> Option<Kind> {
+    Some(match dtype {
+        Dtype::F64 => Kind::Double,
+        Dtype::F32 => Kind::Float,
+        Dtype::F16 => Kind::Half,
+        Dtype::BF16 => Kind::BFloat16,
+        Dtype::I64 => Kind::Int64,
+        Dtype::I32 => Kind::Int,
+        Dtype::I16 => Kind::Int16,
+        Dtype::I8 => Kind::Int8,
+        Dtype::U8 => Kind::Uint8,
+        Dtype::BOOL => Kind::Bool,
+        _ => return None,
+    })
+}
+
+/// The safetensors dtype of a tch kind.
+pub fn dtype_of(kind: Kind) -> Option<Dtype> {
+    Some(match kind {
+        Kind::Double => Dtype::F64,
+        Kind::Float => Dtype::F32,
+        Kind::Half => Dtype::F16,
+        Kind::BFloat16 => Dtype::BF16,
+        Kind::Int64 => Dtype::I64,
+        Kind::Int => Dtype::I32,
+        Kind::Int16 => Dtype::I16,
+        Kind::Int8 => Dtype::I8,
+        Kind::Uint8 => Dtype::U8,
+        Kind::Bool => Dtype::BOOL,
+        _ => return None,
+    })
+}
+
+/// An open safetensors file, memory-mapped; tensors are read one at a time.
+pub struct SafetensorsFile {
+    path: PathBuf,
+    mmap: memmap2::Mmap,
+}
+
+impl SafetensorsFile {
+    /// Opens and validates `path` (header, offsets, length: a truncated file is an error here).
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        // SAFETY: the map is read-only; a file changed underneath us by another process is
+        // outside what we promise (as for every reader of memory-mapped files).
+        let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        let this = Self { path: path.to_path_buf(), mmap };
+        this.parse()?;
+        Ok(this)
+    }
+
+    fn parse(&self) -> Result<SafeTensors<'_>> {
+        SafeTensors::deserialize(&self.mmap)
+            .map_err(|e| Error::Safetensors { path: self.path.clone(), reason: e.to_string() })
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Tensor names, sorted.
+    pub fn names(&self) -> Vec<String> {
+        let st = self.parse().expect("validated on open");
+        let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
+        names.sort();
+        names
+    }
+
+    /// The file's `__metadata__` (empty when it has none).
+    pub fn metadata(&self) -> HashMap<String, String> {
+        let (_, meta) = SafeTensors::read_metadata(&self.mmap).expect("validated on open");
+        meta.metadata().clone().unwrap_or_default()
+    }
+
+    /// Shape and dtype of tensor `name`, without reading it.
+    pub fn info(&self, name: &str) -> Result<(Vec<i64>, Dtype)> {
+        let st = self.parse()?;
+        let view = st.tensor(name).map_err(|_| self.missing(name))?;
+        Ok((view.shape().iter().map(|&d| d as i64).collect(), view.dtype()))
+    }
+
+    fn missing(&self, name: &str) -> Error {
+        Error::MissingTensor { path: self.path.clone(), name: name.to_string() }
+    }
+
+    /// Reads tensor `name` onto `device` (one copy out of the map).
+    pub fn tensor(&self, name: &str, device: tch::Device) -> Result<Tensor> {
+        let st = self.parse()?;
+        let view = st.tensor(name).map_err(|_| self.missing(name))?;
+        let kind = kind_of(view.dtype()).ok_or_else(|| Error::Safetensors {
+            path: self.path.clone(),
+            reason: format!("tensor '{name}' has dtype {:?}, which libtorch cannot hold", view.dtype()),
+        })?;
+        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+        let t = Tensor::f_from_data_size(view.data(), &shape, kind)?;
+        Ok(if device == tch::Device::Cpu { t } else { t.to_device(device) })
+    }
+}
+
+/// Reads every tensor of `path` onto `device`, sorted by name.
+pub fn load(path: &Path, device: tch::Device) -> Result<Vec<(String, Tensor)>> {
+    let f = SafetensorsFile::open(path)?;
+    f.names().into_iter().map(|n| Ok((n.clone(), f.tensor(&n, device)?))).collect()
+}
+
+/// A CPU, contiguous tensor lent to the safetensors writer without another copy.
+struct TensorView {
+    t: Tensor,
+    dtype: Dtype,
+    shape: Vec<usize>,
+}
+
+impl View for &TensorView {
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        let len = self.data_len();
+        if len == 0 {
+            return Cow::Borrowed(&[]);
+        }
+        // SAFETY: `t` is a contiguous CPU tensor that lives as long as `self`; its storage holds
+        // `len` bytes from `data_ptr`, and nothing writes to it while the writer reads.
+        Cow::Borrowed(unsafe { std::slice::from_raw_parts(self.t.data_ptr() as *const u8, len) })
+    }
+    fn data_len(&self) -> usize {
+        self.t.numel() * self.t.kind().elt_size_in_bytes()
+    }
+}
+
+/// Writes `tensors` to `path` atomically, with metadata `{"format": "pt"}` plus `metadata`.
+pub fn save(path: &Path, tensors: &[(String, Tensor)], metadata: Option<HashMap<String, String>>) -> Result<()> {
+    let mut views = Vec::with_capacity(tensors.len());
+    for (name, t) in tensors {
+        let dtype = dtype_of(t.kind())
+            .ok_or_else(|| Error::Msg(format!("{name}: dtype {:?} cannot be saved", t.kind())))?;
+        let t = t.detach().to_device(tch::Device::Cpu).contiguous();
+        let shape = t.size().iter().map(|&d| d as usize).collect();
+        views.push((name.clone(), TensorView { t, dtype, shape }));
+    }
+    let mut meta = metadata.unwrap_or_default();
+    meta.insert("format".into(), "pt".into());
+    crate::atomic::write_with(path, |tmp| {
+        safetensors::serialize_to_file(views.iter().map(|(n, v)| (n.as_str(), v)), Some(meta), tmp)
+            .map_err(|e| Error::Msg(format!("{}: cannot write safetensors ({e})", path.display())))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_keeps_names_shapes_dtypes_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t.safetensors");
+        let a = Tensor::arange(12, (Kind::Float, tch::Device::Cpu)).reshape([3, 4]);
+        let b = Tensor::from_slice(&[1i64, -2, 3]);
+        let c = Tensor::arange(6, (Kind::Float, tch::Device::Cpu)).to_kind(Kind::BFloat16).reshape([2, 3]).tr();
+        save(&p, &[("a".into(), a.shallow_clone()), ("b".into(), b.shallow_clone()), ("c".into(), c.shallow_clone())], None).unwrap();
+        let f = SafetensorsFile::open(&p).unwrap();
+        assert_eq!(f.names(), vec!["a", "b", "c"]);
+        assert_eq!(f.metadata().get("format").map(String::as_str), Some("pt"));
+        let back = load(&p, tch::Device::Cpu).unwrap();
+        assert!(back[0].1.equal(&a));
+        assert!(back[1].1.equal(&b));
+        assert_eq!(back[2].1.kind(), Kind::BFloat16);
+        assert!(back[2].1.equal(&c), "transposed (non-contiguous) tensor saved in logical order");
+    }
+
+    #[test]
+    fn truncated_file_is_a_named_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t.safetensors");
+        save(&p, &[("a".into(), Tensor::ones([64], (Kind::Float, tch::Device::Cpu)))], None).unwrap();
+        let bytes = std::fs::read(&p).unwrap();
+        std::fs::write(&p, &bytes[..bytes.len() - 10]).unwrap();
+        let err = SafetensorsFile::open(&p).err().expect("truncated file must not open").to_string();
+        assert!(err.contains("t.safetensors") && err.contains("not a valid safetensors"), "{err}");
+    }
+
+    #[test]
+    fn missing_tensor_names_file_and_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t.safetensors");
+        save(&p, &[("a".into(), Tensor::ones([2], (Kind::Float, tch::Device::Cpu)))], None).unwrap();
+        let err = SafetensorsFile::open(&p).unwrap().tensor("b", tch::Device::Cpu).unwrap_err().to_string();
+        assert!(err.contains("'b'") && err.contains("t.safetensors"), "{err}");
+    }
+}

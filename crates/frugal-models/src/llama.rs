@@ -1,0 +1,329 @@
+//! A LLaMA-style decoder (Touvron et al. 2023) with Hugging Face's weight names.
+//!
+//! Pre-norm blocks: `h = x + attn(rms(x))`, `out = h + mlp(rms(h))`; rotary embeddings in the
+//! rotate-half form of HF's `LlamaRotaryEmbedding`; SwiGLU `down(silu(gate(x)) * up(x))`; no
+//! biases; untied `lm_head`. Norms, softmax and the residual stream stay in f32; only the
+//! linear layers and attention run in the compute kind (f32 or bf16).
+
+use crate::linear::{self, Linear, LinearKind};
+use serde::{Deserialize, Serialize};
+use tch::{nn, Kind, Tensor};
+
+/// Model shape, serialized with Hugging Face's `config.json` field names.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LlamaConfig {
+    /// Vocabulary size.
+    pub vocab_size: i64,
+    /// Model width d.
+    pub hidden_size: i64,
+    /// SwiGLU inner width.
+    pub intermediate_size: i64,
+    /// Number of decoder blocks.
+    pub num_hidden_layers: i64,
+    /// Attention heads.
+    pub num_attention_heads: i64,
+    /// Key/value heads (equal to the attention heads: no grouped-query attention yet).
+    pub num_key_value_heads: i64,
+    /// Longest sequence the rotary table covers.
+    pub max_position_embeddings: i64,
+    /// RMSNorm epsilon.
+    pub rms_norm_eps: f64,
+    /// Rotary base.
+    pub rope_theta: f64,
+}
+
+/// Names of the presets [`LlamaConfig::preset`] knows.
+pub const PRESETS: &[&str] = &["tiny", "60m", "130m", "350m", "1b", "7b"];
+
+impl LlamaConfig {
+    fn new(vocab: i64, d: i64, layers: i64, heads: i64, ffn: i64, max_pos: i64) -> Self {
+        Self {
+            vocab_size: vocab,
+            hidden_size: d,
+            intermediate_size: ffn,
+            num_hidden_layers: layers,
+            num_attention_heads: heads,
+            num_key_value_heads: heads,
+            max_position_embeddings: max_pos,
+            rms_norm_eps: 1e-6,
+            rope_theta: 10000.0,
+        }
+    }
+
+    /// A named preset: `tiny` (tests and the default run), and the configs of Lialin et al. used
+    /// by GaLore (60M ... 7B, 32000-token vocabulary; see REFERENCE.md).
+    pub fn preset(name: &str) -> Option<Self> {
+        Some(match name {
+            "tiny" => Self::new(8192, 256, 4, 4, 688, 512),
+            "60m" => Self::new(32000, 512, 8, 8, 1376, 1024),
+            "130m" => Self::new(32000, 768, 12, 12, 2048, 1024),
+            "350m" => Self::new(32000, 1024, 24, 16, 2736, 1024),
+            "1b" => Self::new(32000, 2048, 24, 32, 5461, 1024),
+            "7b" => Self::new(32000, 4096, 32, 32, 11008, 2048),
+            _ => return None,
+        })
+    }
+
+    /// Width of one attention head.
+    pub fn head_dim(&self) -> i64 {
+        self.hidden_size / self.num_attention_heads
+    }
+
+    /// Checks that the shape is consistent; the error names the field.
+    pub fn validate(&self) -> Result<(), frugal_core::Error> {
+        let bad = |k: &str, r: String| Err(frugal_core::Error::config(format!("model.{k}"), r));
+        for (k, v) in [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ] {
+            if v <= 0 {
+                return bad(k, format!("must be positive, got {v}"));
+            }
+        }
+        if self.hidden_size % self.num_attention_heads != 0 || self.head_dim() % 2 != 0 {
+            return bad(
+                "num_attention_heads",
+                format!(
+                    "hidden_size {} must split into {} heads of even width",
+                    self.hidden_size, self.num_attention_heads
+                ),
+            );
+        }
+        if self.num_key_value_heads != self.num_attention_heads {
+            return bad("num_key_value_heads", "grouped-query attention is not supported yet".into());
+        }
+        Ok(())
+    }
+
+    /// Number of parameters.
+    pub fn num_parameters(&self) -> i64 {
+        let d = self.hidden_size;
+        let block = 4 * d * d + 3 * d * self.intermediate_size + 2 * d;
+        2 * self.vocab_size * d + self.num_hidden_layers * block + d
+    }
+}
+
+/// RMSNorm: `x / sqrt(mean(x^2) + eps) * w`, computed in f32.
+#[derive(Debug)]
+pub struct RmsNorm {
+    /// Per-feature gain, initialised to one.
+    pub weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    fn new(path: &nn::Path, d: i64, eps: f64) -> Self {
+        Self { weight: path.var("weight", &[d], nn::Init::Const(1.0)), eps }
+    }
+
+    /// Normalizes over the last dimension; the result is f32.
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let x = x.to_kind(Kind::Float);
+        let var = x.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float);
+        (x * (var + self.eps).rsqrt()) * self.weight.to_kind(Kind::Float)
+    }
+}
+
+/// Keys and values of earlier positions, per layer, for incremental decoding.
+#[derive(Debug, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    /// Number of positions cached so far.
+    pub fn len(&self) -> i64 {
+        self.layers.first().and_then(|l| l.as_ref()).map_or(0, |(k, _)| k.size()[2])
+    }
+
+    /// True when nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[derive(Debug)]
+struct Attention {
+    q_proj: Box<dyn Linear>,
+    k_proj: Box<dyn Linear>,
+    v_proj: Box<dyn Linear>,
+    o_proj: Box<dyn Linear>,
+    heads: i64,
+    head_dim: i64,
+}
+
+#[derive(Debug)]
+struct Mlp {
+    gate_proj: Box<dyn Linear>,
+    up_proj: Box<dyn Linear>,
+    down_proj: Box<dyn Linear>,
+}
+
+/// One decoder block.
+#[derive(Debug)]
+pub struct Block {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+}
+
+/// Rotary tables `cos`, `sin` of shape `(max_pos, head_dim)`.
+fn rotary_tables(cfg: &LlamaConfig, device: tch::Device) -> (Tensor, Tensor) {
+    let hd = cfg.head_dim();
+    let opts = (Kind::Float, device);
+    let exponents = Tensor::arange_start_step(0, hd, 2, opts) / hd as f64;
+    let inv_freq = Tensor::from(cfg.rope_theta).to_device(device).pow(&exponents).reciprocal();
+    let t = Tensor::arange(cfg.max_position_embeddings, opts);
+    let freqs = t.outer(&inv_freq);
+    let emb = Tensor::cat(&[&freqs, &freqs], -1);
+    (emb.cos(), emb.sin())
+}
+
+fn rotate_half(x: &Tensor) -> Tensor {
+    let half = x.size()[x.dim() - 1] / 2;
+    let x1 = x.narrow(-1, 0, half);
+    let x2 = x.narrow(-1, half, half);
+    Tensor::cat(&[&x2.neg(), &x1], -1)
+}
+
+impl Block {
+    fn new(path: &nn::Path, cfg: &LlamaConfig, kind: &LinearKind, compute: Kind) -> Self {
+        let d = cfg.hidden_size;
+        let f = cfg.intermediate_size;
+        let a = path / "self_attn";
+        let m = path / "mlp";
+        let lin = |p: nn::Path, i, o| linear::build(&p, i, o, kind, compute);
+        Self {
+            input_layernorm: RmsNorm::new(&(path / "input_layernorm"), d, cfg.rms_norm_eps),
+            self_attn: Attention {
+                q_proj: lin(&a / "q_proj", d, d),
+                k_proj: lin(&a / "k_proj", d, d),
+                v_proj: lin(&a / "v_proj", d, d),
+                o_proj: lin(&a / "o_proj", d, d),
+                heads: cfg.num_attention_heads,
+                head_dim: cfg.head_dim(),
+            },
+            post_attention_layernorm: RmsNorm::new(
+                &(path / "post_attention_layernorm"),
+                d,
+                cfg.rms_norm_eps,
+            ),
+            mlp: Mlp {
+                gate_proj: lin(&m / "gate_proj", d, f),
+                up_proj: lin(&m / "up_proj", d, f),
+                down_proj: lin(&m / "down_proj", f, d),
+            },
+        }
+    }
+
+    /// `x` is the f32 residual stream `(B, T, d)`; `cos`, `sin` are the rows of positions
+    /// `start..start+T`.
+    pub fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, cache: Option<&mut Option<(Tensor, Tensor)>>) -> Tensor {
+        let (b, t, d) = x.size3().expect("(batch, time, width)");
+        let at = &self.self_attn;
+        let h = self.input_layernorm.forward(x);
+        let split = |y: Tensor| y.view([b, t, at.heads, at.head_dim]).transpose(1, 2);
+        let q = split(at.q_proj.forward(&h));
+        let k = split(at.k_proj.forward(&h));
+        let v = split(at.v_proj.forward(&h));
+        let (cos, sin) = (cos.to_kind(q.kind()), sin.to_kind(q.kind()));
+        let q = &q * &cos + rotate_half(&q) * &sin;
+        let k = &k * &cos + rotate_half(&k) * &sin;
+        let (k, v, causal) = match cache {
+            Some(slot) => {
+                let (k, v) = match slot.take() {
+                    Some((pk, pv)) => (Tensor::cat(&[pk, k], 2), Tensor::cat(&[pv, v], 2)),
+                    None => (k, v),
+                };
+                *slot = Some((k.shallow_clone(), v.shallow_clone()));
+                // A single new query attends to every cached position; a prompt is causal.
+                (k, v, t > 1)
+            }
+            None => (k, v, true),
+        };
+        let y = Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, causal, None, false);
+        let y = y.transpose(1, 2).contiguous().view([b, t, d]);
+        let x = x + at.o_proj.forward(&y).to_kind(Kind::Float);
+        let h = self.post_attention_layernorm.forward(&x);
+        let gated = self.mlp.gate_proj.forward(&h).silu() * self.mlp.up_proj.forward(&h);
+        x + self.mlp.down_proj.forward(&gated).to_kind(Kind::Float)
+    }
+}
+
+/// The decoder: embeddings, blocks, final norm, output head.
+#[derive(Debug)]
+pub struct Llama {
+    /// The model's shape.
+    pub config: LlamaConfig,
+    embed_tokens: Tensor,
+    /// The decoder blocks, first to last.
+    pub layers: Vec<Block>,
+    norm: RmsNorm,
+    lm_head: Box<dyn Linear>,
+    cos: Tensor,
+    sin: Tensor,
+    compute: Kind,
+}
+
+impl Llama {
+    /// Builds the model under `root` (names `model.embed_tokens.weight`, `model.layers.N...`,
+    /// `model.norm.weight`, `lm_head.weight`), with linear layers of kind `kind`, computing in
+    /// `compute` (f32 or bf16; parameters stay f32).
+    pub fn new(root: &nn::Path, cfg: &LlamaConfig, kind: &LinearKind, compute: Kind) -> Self {
+        let model = root / "model";
+        let embed_tokens = (&model / "embed_tokens").var(
+            "weight",
+            &[cfg.vocab_size, cfg.hidden_size],
+            nn::Init::Randn { mean: 0.0, stdev: 0.02 },
+        );
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| Block::new(&(&model / "layers" / i), cfg, kind, compute))
+            .collect();
+        let norm = RmsNorm::new(&(&model / "norm"), cfg.hidden_size, cfg.rms_norm_eps);
+        // The output head stays dense whatever `kind` is: methods leave it alone by convention.
+        let lm_head = linear::build(&(root / "lm_head"), cfg.hidden_size, cfg.vocab_size, &LinearKind::Dense, compute);
+        let (cos, sin) = rotary_tables(cfg, root.device());
+        Self { config: cfg.clone(), embed_tokens, layers, norm, lm_head, cos, sin, compute }
+    }
+
+    /// Logits `(B, T, vocab)` in f32 for token ids `(B, T)`. With a cache, the ids continue the
+    /// cached sequence and their keys and values are appended to it.
+    pub fn forward(&self, ids: &Tensor, cache: Option<&mut KvCache>) -> Tensor {
+        let t = ids.size()[1];
+        let start = cache.as_ref().map_or(0, |c| c.len());
+        let cos = self.cos.narrow(0, start, t);
+        let sin = self.sin.narrow(0, start, t);
+        let mut x = Tensor::embedding(&self.embed_tokens, ids, -1, false, false);
+        match cache {
+            Some(cache) => {
+                cache.layers.resize_with(self.layers.len(), || None);
+                for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
+                    x = layer.forward(&x, &cos, &sin, Some(slot));
+                }
+            }
+            None => {
+                for layer in &self.layers {
+                    x = layer.forward(&x, &cos, &sin, None);
+                }
+            }
+        }
+        self.lm_head.forward(&self.norm.forward(&x)).to_kind(Kind::Float)
+    }
+
+    /// Mean next-token cross-entropy of `ids` against `targets` (both `(B, T)`).
+    pub fn loss(&self, ids: &Tensor, targets: &Tensor) -> Tensor {
+        let logits = self.forward(ids, None);
+        let v = logits.size()[2];
+        logits.view([-1, v]).cross_entropy_for_logits(&targets.view([-1]))
+    }
+
+    /// The compute kind.
+    pub fn compute_kind(&self) -> Kind {
+        self.compute
+    }
+}

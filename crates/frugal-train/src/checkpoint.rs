@@ -1,0 +1,88 @@
+//! Checkpoints: `checkpoints/step-N/` with `model.safetensors`, `optimizer.safetensors` and
+//! `trainer_state.json`, built in a temporary folder and renamed into place; then
+//! `checkpoints/latest` names it. An interrupted write leaves the previous checkpoint intact.
+
+use crate::data::SamplerState;
+use frugal_core::{atomic, Error, Result};
+use frugal_optim::AdamW;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use tch::nn::VarStore;
+
+/// Everything besides weights and optimizer state that a resumed run needs to continue exactly.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainerState {
+    /// Optimizer steps done.
+    pub step: u64,
+    /// Training tokens seen.
+    pub tokens: u64,
+    /// Where the data order stands (seed, epoch, position): the only randomness after
+    /// initialisation, since the models have no dropout.
+    pub sampler: SamplerState,
+    /// Seconds of training so far.
+    pub elapsed_s: f64,
+}
+
+/// The checkpoints folder of a run.
+pub fn dir(run: &Path) -> PathBuf {
+    run.join("checkpoints")
+}
+
+/// Saves a checkpoint for `state.step` and points `latest` at it; keeps the newest `keep`
+/// checkpoints (0: all).
+pub fn save(run: &Path, vs: &VarStore, opt: &AdamW, state: &TrainerState, keep: usize) -> Result<PathBuf> {
+    let root = dir(run);
+    std::fs::create_dir_all(&root).map_err(|e| Error::io(&root, e))?;
+    let name = format!("step-{}", state.step);
+    let target = root.join(&name);
+    atomic::write_dir(&target, |tmp| {
+        frugal_models::weights::save(vs, &tmp.join("model.safetensors"))?;
+        opt.save(&tmp.join("optimizer.safetensors"))?;
+        let json = serde_json::to_vec_pretty(state).expect("plain struct");
+        atomic::write(&tmp.join("trainer_state.json"), &json)
+    })?;
+    atomic::write(&root.join("latest"), format!("{name}\n").as_bytes())?;
+    if keep > 0 {
+        prune(&root, keep, &name);
+    }
+    Ok(target)
+}
+
+fn prune(root: &Path, keep: usize, newest: &str) {
+    let Ok(entries) = std::fs::read_dir(root) else { return };
+    let mut steps: Vec<(u64, PathBuf)> = entries
+        .flatten()
+        .filter_map(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            let step = n.strip_prefix("step-")?.parse().ok()?;
+            Some((step, e.path()))
+        })
+        .collect();
+    steps.sort();
+    let excess = steps.len().saturating_sub(keep);
+    for (_, path) in steps.into_iter().take(excess) {
+        if !path.ends_with(newest) {
+            let _ = std::fs::remove_dir_all(path);
+        }
+    }
+}
+
+/// The newest complete checkpoint of a run (the one `checkpoints/latest` names).
+pub fn latest(run: &Path) -> Result<PathBuf> {
+    let latest = dir(run).join("latest");
+    let name = std::fs::read_to_string(&latest).map_err(|_| {
+        Error::Msg(format!("{}: no complete checkpoint (missing {})", run.display(), latest.display()))
+    })?;
+    let path = dir(run).join(name.trim());
+    if !path.join("trainer_state.json").is_file() {
+        return Err(Error::Msg(format!("{}: checkpoint is incomplete", path.display())));
+    }
+    Ok(path)
+}
+
+/// Reads a checkpoint's trainer state.
+pub fn read_state(checkpoint: &Path) -> Result<TrainerState> {
+    let p = checkpoint.join("trainer_state.json");
+    let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::Msg(format!("{}: {e}", p.display())))
+}

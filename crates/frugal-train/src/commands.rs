@@ -1,0 +1,251 @@
+//! The subcommands of the `frugal` binary, as library functions returning an exit code.
+
+use crate::config::{self, Config};
+use crate::data::{self, SplitMix64};
+use crate::{checkpoint, run, tokenize, train};
+use frugal_core::memory::human_bytes;
+use frugal_core::safetensors_io::SafetensorsFile;
+use frugal_core::{Error, Result};
+use frugal_models::llama::{KvCache, Llama, LlamaConfig};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use tch::{Kind, Tensor};
+use tokenizers::Tokenizer;
+
+/// `frugal train`.
+pub fn train(config: Option<PathBuf>, set: &[String], out: Option<PathBuf>, resume: Option<PathBuf>) -> Result<u8> {
+    let (cfg, run_dir, resume) = match resume {
+        Some(dir) => {
+            if config.is_some() {
+                return Err(Error::Msg(
+                    "--resume continues a run with its own config.toml; leave out --config (use --set to change keys)".into(),
+                ));
+            }
+            (run::read_config(&dir, set)?, dir, true)
+        }
+        None => {
+            let path = config.ok_or_else(|| Error::Msg("--config FILE is required (or --resume RUN_DIR)".into()))?;
+            let cfg = config::load(&path, set)?;
+            let dir = out.unwrap_or_else(default_run_dir);
+            if dir.join("config.toml").exists() {
+                return Err(Error::Msg(format!(
+                    "{}: already holds a run; continue it with --resume {0}, or choose another --out",
+                    dir.display()
+                )));
+            }
+            (cfg, dir, false)
+        }
+    };
+    install_ctrl_c();
+    let summary = train::train(&cfg, &run_dir, resume)?;
+    train::print_summary(&summary);
+    Ok(if summary.interrupted { 130 } else { 0 })
+}
+
+fn default_run_dir() -> PathBuf {
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    PathBuf::from("runs").join(format!("run-{secs}"))
+}
+
+fn install_ctrl_c() {
+    let _ = ctrlc::set_handler(|| {
+        if train::INTERRUPTED.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            eprintln!("\nfrugal: second Ctrl-C, exiting without a checkpoint");
+            std::process::exit(130);
+        }
+        eprintln!("\nfrugal: Ctrl-C: saving a checkpoint after this step (press again to quit now)");
+    });
+}
+
+/// A model ready for inference, with its tokenizer and the run's config.
+struct Loaded {
+    cfg: Config,
+    tok: Tokenizer,
+    model: run::Model,
+    device: tch::Device,
+}
+
+fn load_run(run_dir: &Path) -> Result<Loaded> {
+    let cfg = run::read_config(run_dir, &[])?;
+    let tok_path = run_dir.join("tokenizer.json");
+    let tok = tokenize::load_tokenizer_file(&tok_path)?;
+    let shape = cfg.llama_config(tok.get_vocab_size(true) as i64)?;
+    let device = cfg.train.device.resolve()?;
+    let mut model = run::model(&cfg, &shape, device)?;
+    let ck = checkpoint::latest(run_dir)?;
+    frugal_models::weights::load(&mut model.vs, &ck.join("model.safetensors"))?;
+    Ok(Loaded { cfg, tok, model, device })
+}
+
+fn load_model_dir(dir: &Path) -> Result<Loaded> {
+    let cfg_path = dir.join("config.json");
+    let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+    let shape: LlamaConfig = serde_json::from_str(&text).map_err(|e| Error::Msg(format!("{}: {e}", cfg_path.display())))?;
+    shape.validate()?;
+    let tok = tokenize::load_tokenizer_file(&dir.join("tokenizer.json"))?;
+    let mut cfg = Config::default();
+    cfg.model.from_pretrained = dir.display().to_string();
+    let device = cfg.train.device.resolve()?;
+    let model = run::model(&cfg, &shape, device)?;
+    Ok(Loaded { cfg, tok, model, device })
+}
+
+fn load(run_dir: Option<PathBuf>, model: Option<PathBuf>) -> Result<Loaded> {
+    match (run_dir, model) {
+        (Some(r), _) => load_run(&r),
+        (None, Some(m)) => load_model_dir(&m),
+        (None, None) => Err(Error::Msg("give --run RUN_DIR or --model MODEL_DIR".into())),
+    }
+}
+
+/// `frugal eval`: prints `{"loss", "perplexity", "tokens"}`.
+pub fn eval(run_dir: Option<PathBuf>, model: Option<PathBuf>, data_spec: Option<String>) -> Result<u8> {
+    let from_model = model.is_some();
+    let l = load(run_dir, model)?;
+    let docs = match &data_spec {
+        Some(spec) => data::load_documents(spec)?,
+        None if from_model => return Err(Error::Msg("--model needs --data FILE to evaluate on".into())),
+        None => run::documents(&l.cfg)?.1,
+    };
+    let seq_len = l.cfg.train.seq_len.min(l.model.llama.config.max_position_embeddings as usize);
+    let ds = run::dataset(&l.tok, &docs, seq_len, "evaluation data")?;
+    let (loss, tokens) = run::evaluate(&l.model.llama, &ds, l.cfg.train.batch_size, 0, l.device);
+    let out = serde_json::json!({"loss": loss, "perplexity": loss.exp(), "tokens": tokens});
+    println!("{out}");
+    Ok(0)
+}
+
+/// Sampling settings of `frugal generate`.
+#[derive(Debug, Clone)]
+pub struct SampleOptions {
+    /// Tokens to generate at most.
+    pub max_new_tokens: usize,
+    /// Temperature (0: greedy).
+    pub temperature: f64,
+    /// Top-k filter (0: off).
+    pub top_k: usize,
+    /// Nucleus filter (1: off).
+    pub top_p: f64,
+    /// Sampler seed.
+    pub seed: u64,
+}
+
+/// Picks the next token from `logits` (a vocabulary row): greedy at temperature 0, else
+/// softmax at `temperature`, the `top_k` most likely, the smallest set reaching `top_p`, and a
+/// draw from what remains.
+pub fn sample(logits: &[f32], o: &SampleOptions, rng: &mut SplitMix64) -> usize {
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+    if o.temperature <= 0.0 {
+        return order[0];
+    }
+    if o.top_k > 0 {
+        order.truncate(o.top_k);
+    }
+    let max = logits[order[0]] as f64;
+    let mut probs: Vec<f64> = order.iter().map(|&i| ((logits[i] as f64 - max) / o.temperature).exp()).collect();
+    let total: f64 = probs.iter().sum();
+    probs.iter_mut().for_each(|p| *p /= total);
+    if o.top_p < 1.0 {
+        let mut acc = 0.0;
+        let keep = probs.iter().position(|p| {
+            acc += p;
+            acc >= o.top_p
+        });
+        let keep = keep.map_or(probs.len(), |k| k + 1);
+        probs.truncate(keep);
+        order.truncate(keep);
+    }
+    let total: f64 = probs.iter().sum();
+    let mut u = rng.next_f64() * total;
+    for (i, p) in probs.iter().enumerate() {
+        u -= p;
+        if u <= 0.0 {
+            return order[i];
+        }
+    }
+    order[order.len() - 1]
+}
+
+/// `frugal generate`: prints the prompt and its continuation, then tokens/s on stderr.
+pub fn generate(run_dir: Option<PathBuf>, model: Option<PathBuf>, prompt: &str, o: &SampleOptions) -> Result<u8> {
+    let l = load(run_dir, model)?;
+    let llama: &Llama = &l.model.llama;
+    let eos = tokenize::find_eos_id(&l.tok);
+    let enc = l.tok.encode(prompt, false).map_err(|e| Error::Msg(format!("cannot encode the prompt: {e}")))?;
+    let mut ids: Vec<i64> = enc.get_ids().iter().map(|&i| i as i64).collect();
+    if ids.is_empty() {
+        ids.push(eos.unwrap_or(0) as i64);
+    }
+    let max_pos = llama.config.max_position_embeddings as usize;
+    if ids.len() >= max_pos {
+        return Err(Error::Msg(format!("the prompt has {} tokens; the model takes at most {max_pos}", ids.len())));
+    }
+    let budget = o.max_new_tokens.min(max_pos - ids.len());
+    let mut rng = SplitMix64::new(o.seed);
+    let mut cache = KvCache::default();
+    let mut new_ids: Vec<u32> = Vec::new();
+    let t0 = Instant::now();
+    tch::no_grad(|| {
+        let mut input = Tensor::from_slice(&ids).unsqueeze(0).to_device(l.device);
+        for _ in 0..budget {
+            let logits = llama.forward(&input, Some(&mut cache));
+            let last = logits.select(1, -1).squeeze_dim(0).to_kind(Kind::Float).to_device(tch::Device::Cpu);
+            let row: Vec<f32> = Vec::try_from(&last).expect("f32 row");
+            let next = sample(&row, o, &mut rng);
+            if Some(next as u32) == eos {
+                break;
+            }
+            new_ids.push(next as u32);
+            input = Tensor::from_slice(&[next as i64]).unsqueeze(0).to_device(l.device);
+        }
+    });
+    let secs = t0.elapsed().as_secs_f64();
+    let text = l.tok.decode(&new_ids, true).map_err(|e| Error::Msg(format!("cannot decode: {e}")))?;
+    println!("{prompt}{text}");
+    eprintln!("frugal: {} tokens in {secs:.2} s ({:.1} tokens/s)", new_ids.len(), new_ids.len() as f64 / secs.max(1e-9));
+    Ok(0)
+}
+
+/// `frugal inspect`: tensors, dtypes, shapes, bytes of a safetensors file or a folder of them.
+pub fn inspect(path: &Path) -> Result<u8> {
+    let files: Vec<PathBuf> = if path.is_dir() {
+        let mut f: Vec<PathBuf> = std::fs::read_dir(path)
+            .map_err(|e| Error::io(path, e))?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+            .collect();
+        f.sort();
+        if f.is_empty() {
+            return Err(Error::Msg(format!("{}: no .safetensors files", path.display())));
+        }
+        f
+    } else {
+        vec![path.to_path_buf()]
+    };
+    for file in files {
+        let st = SafetensorsFile::open(&file)?;
+        println!("{}", file.display());
+        let meta = st.metadata();
+        if !meta.is_empty() {
+            let mut m: Vec<_> = meta.into_iter().collect();
+            m.sort();
+            println!("  metadata: {}", m.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(", "));
+        }
+        let names = st.names();
+        let width = names.iter().map(|n| n.len()).max().unwrap_or(4).max(4);
+        println!("  {:<width$}  {:<5}  {:<20}  {:>12}", "name", "dtype", "shape", "bytes");
+        let (mut total_bytes, mut total_elems) = (0u64, 0u64);
+        for n in &names {
+            let (shape, dtype) = st.info(n)?;
+            let elems: u64 = shape.iter().map(|&d| d as u64).product();
+            let bytes = elems * dtype.size() as u64;
+            total_bytes += bytes;
+            total_elems += elems;
+            println!("  {n:<width$}  {:<5}  {:<20}  {bytes:>12}", format!("{dtype:?}"), format!("{shape:?}"));
+        }
+        println!("  {} tensors, {} elements, {} ({total_bytes} bytes)", names.len(), total_elems, human_bytes(total_bytes));
+    }
+    Ok(0)
+}

@@ -1,0 +1,404 @@
+//! The run configuration: TOML tables `model`, `data`, `tokenizer`, `train`, `optim`, with
+//! `--set key=value` overrides. Unknown keys and wrong types are errors that name the key.
+//! Every key and its default is documented in `docs/config.md`; later issues add keys, never
+//! rename them.
+
+use frugal_core::{Device, Error, Result};
+use frugal_models::LinearKind;
+use frugal_optim::AdamWConfig;
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// The whole configuration of a run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The model.
+    pub model: ModelConfig,
+    /// Training and validation text.
+    pub data: DataConfig,
+    /// The tokenizer.
+    pub tokenizer: TokenizerConfig,
+    /// The training loop.
+    pub train: TrainConfig,
+    /// The optimizer.
+    pub optim: OptimConfig,
+}
+
+/// `[model]`: which model, which size, which linear layers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// `"llama"` (later issues add `"encoder"` and `"hgrn-bit"`).
+    pub kind: String,
+    /// A preset: `tiny`, `60m`, `130m`, `350m`, `1b`, `7b`.
+    pub size: String,
+    /// A Hugging Face style model folder to start from (empty: random initialisation).
+    pub from_pretrained: String,
+    /// The kind of every linear layer but the output head.
+    pub linear: LinearKind,
+    /// Overrides of the preset's shape (0: the preset's value; `vocab_size` 0 also means "the
+    /// tokenizer's size" for the `tiny` preset).
+    pub hidden_size: i64,
+    /// SwiGLU inner width override.
+    pub intermediate_size: i64,
+    /// Number of blocks override.
+    pub num_layers: i64,
+    /// Attention heads override.
+    pub num_heads: i64,
+    /// Vocabulary size override.
+    pub vocab_size: i64,
+    /// Longest sequence override.
+    pub max_seq_len: i64,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            kind: "llama".into(),
+            size: "tiny".into(),
+            from_pretrained: String::new(),
+            linear: LinearKind::Dense,
+            hidden_size: 0,
+            intermediate_size: 0,
+            num_layers: 0,
+            num_heads: 0,
+            vocab_size: 0,
+            max_seq_len: 0,
+        }
+    }
+}
+
+/// `[data]`: where the text comes from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    /// A file, a folder or a glob of `.txt`/`.jsonl`; empty: the default corpus (pinned Rust
+    /// sources from the local cargo registry).
+    pub path: String,
+    /// Validation text (same forms); empty: every `val_every`-th document of `path`.
+    pub val_path: String,
+    /// With no `val_path`, document i goes to validation when i % val_every == val_every - 1.
+    pub val_every: usize,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self { path: String::new(), val_path: String::new(), val_every: 20 }
+    }
+}
+
+/// `[tokenizer]`: a user's `tokenizer.json`, or a byte-level BPE trained on the training text.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TokenizerConfig {
+    /// A Hugging Face `tokenizer.json`; empty: train a byte-level BPE (cached).
+    pub path: String,
+    /// Vocabulary size of the trained BPE.
+    pub vocab_size: usize,
+}
+
+impl Default for TokenizerConfig {
+    fn default() -> Self {
+        Self { path: String::new(), vocab_size: 8192 }
+    }
+}
+
+/// Number format of the forward and backward pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Dtype {
+    /// f32 everywhere.
+    F32,
+    /// Linear layers and attention in bf16, f32 master weights, norms, residuals and loss.
+    Bf16,
+}
+
+/// `[train]`: the loop.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    /// `"cpu"`, `"cuda"` or `"auto"`.
+    pub device: Device,
+    /// `"f32"` or `"bf16"`.
+    pub dtype: Dtype,
+    /// Seed of initialisation and data order.
+    pub seed: u64,
+    /// Sequences per micro-batch.
+    pub batch_size: usize,
+    /// Tokens per sequence.
+    pub seq_len: usize,
+    /// Optimizer steps.
+    pub max_steps: u64,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Linear warm-up steps.
+    pub warmup_steps: u64,
+    /// Floor of the cosine decay, as a fraction of `lr`.
+    pub min_lr_ratio: f64,
+    /// Global gradient-norm clipping (0: off).
+    pub max_grad_norm: f64,
+    /// Evaluate every N steps (0: only at the end).
+    pub eval_every: u64,
+    /// Batches of the validation split per evaluation (0: all of it).
+    pub eval_batches: usize,
+    /// Save a checkpoint every N steps (0: only at the end).
+    pub save_every: u64,
+    /// Checkpoints to keep (the newest; 0: all).
+    pub keep_checkpoints: usize,
+    /// CPU threads for libtorch (0: libtorch's default).
+    pub threads: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            device: Device::Auto,
+            dtype: Dtype::F32,
+            seed: 0,
+            batch_size: 16,
+            seq_len: 128,
+            max_steps: 600,
+            grad_accum: 1,
+            lr: 3e-3,
+            warmup_steps: 30,
+            min_lr_ratio: 0.1,
+            max_grad_norm: 1.0,
+            eval_every: 100,
+            eval_batches: 16,
+            save_every: 200,
+            keep_checkpoints: 2,
+            threads: 0,
+        }
+    }
+}
+
+/// `[optim]`: the optimizer and its hyper-parameters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OptimConfig {
+    /// `"adamw"` (later issues add GaLore, Adafactor, 8-bit forms).
+    pub name: String,
+    /// First-moment decay.
+    pub beta1: f64,
+    /// Second-moment decay.
+    pub beta2: f64,
+    /// Denominator epsilon.
+    pub eps: f64,
+    /// Decoupled weight decay (tensors of 2+ dimensions only).
+    pub weight_decay: f64,
+}
+
+impl Default for OptimConfig {
+    fn default() -> Self {
+        Self { name: "adamw".into(), beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.0 }
+    }
+}
+
+impl OptimConfig {
+    /// AdamW's settings at learning rate `lr`.
+    pub fn adamw(&self, lr: f64) -> AdamWConfig {
+        AdamWConfig { lr, beta1: self.beta1, beta2: self.beta2, eps: self.eps, weight_decay: self.weight_decay }
+    }
+}
+
+/// Sets `key` (dotted path) in a TOML table to `raw`, parsed as a TOML value (a bare word that
+/// is not valid TOML is taken as a string, so `--set train.device=cpu` works).
+pub fn set_override(root: &mut toml::Table, key: &str, raw: &str) -> Result<()> {
+    let value: toml::Value = match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
+        Ok(mut t) => t.remove("v").expect("parsed key"),
+        Err(_) => toml::Value::String(raw.to_string()),
+    };
+    let parts: Vec<&str> = key.split('.').collect();
+    if parts.iter().any(|p| p.is_empty()) {
+        return Err(Error::config(key, "--set needs key=value with a dotted key such as train.lr"));
+    }
+    let mut table = root;
+    for (i, part) in parts[..parts.len() - 1].iter().enumerate() {
+        let entry = table.entry(part.to_string()).or_insert_with(|| toml::Value::Table(Default::default()));
+        table = entry.as_table_mut().ok_or_else(|| {
+            Error::config(parts[..=i].join("."), "is a value, not a table")
+        })?;
+    }
+    table.insert(parts[parts.len() - 1].to_string(), value);
+    Ok(())
+}
+
+/// Turns a TOML table into a [`Config`]; errors name the key (`train.lr: invalid type ...`).
+pub fn from_table(table: toml::Table) -> Result<Config> {
+    let de = toml::Value::Table(table);
+    let cfg: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+        let key = e.path().to_string();
+        let inner = e.into_inner().to_string();
+        let inner = inner.lines().next().unwrap_or("").trim().to_string();
+        if key == "." {
+            Error::config("config", inner)
+        } else {
+            Error::config(key, inner)
+        }
+    })?;
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// Reads `path` (TOML) and applies `overrides` (`key=value`).
+pub fn load(path: &Path, overrides: &[String]) -> Result<Config> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let mut table: toml::Table = toml::from_str(&text).map_err(|e| {
+        let msg = e.message().to_string();
+        let line = e.span().map(|s| text[..s.start].lines().count().max(1));
+        Error::Msg(match line {
+            Some(l) => format!("{}: line {l}: {msg}", path.display()),
+            None => format!("{}: {msg}", path.display()),
+        })
+    })?;
+    apply_overrides(&mut table, overrides)?;
+    from_table(table)
+}
+
+/// Applies `key=value` overrides to a table.
+pub fn apply_overrides(table: &mut toml::Table, overrides: &[String]) -> Result<()> {
+    for o in overrides {
+        let (k, v) = o
+            .split_once('=')
+            .ok_or_else(|| Error::config(o.as_str(), "--set needs key=value, e.g. --set train.lr=1e-3"))?;
+        set_override(table, k.trim(), v.trim())?;
+    }
+    Ok(())
+}
+
+impl Config {
+    /// Checks values serde cannot: ranges and combinations. Errors name the key.
+    pub fn validate(&self) -> Result<()> {
+        let t = &self.train;
+        let positive = [
+            ("train.batch_size", t.batch_size as f64),
+            ("train.seq_len", t.seq_len as f64),
+            ("train.max_steps", t.max_steps as f64),
+            ("train.grad_accum", t.grad_accum as f64),
+            ("train.lr", t.lr),
+            ("data.val_every", self.data.val_every as f64),
+        ];
+        for (k, v) in positive {
+            if !(v > 0.0) {
+                return Err(Error::config(k, format!("must be positive, got {v}")));
+            }
+        }
+        if !(0.0..=1.0).contains(&t.min_lr_ratio) {
+            return Err(Error::config("train.min_lr_ratio", "must be between 0 and 1"));
+        }
+        if t.max_grad_norm < 0.0 {
+            return Err(Error::config("train.max_grad_norm", "must be >= 0 (0 turns clipping off)"));
+        }
+        if self.model.kind != "llama" {
+            return Err(Error::config(
+                "model.kind",
+                format!("'{}' is not available yet (available: \"llama\")", self.model.kind),
+            ));
+        }
+        if frugal_models::llama::LlamaConfig::preset(&self.model.size).is_none() {
+            return Err(Error::config(
+                "model.size",
+                format!("unknown preset '{}' (presets: {})", self.model.size, frugal_models::llama::PRESETS.join(", ")),
+            ));
+        }
+        if self.optim.name != "adamw" {
+            return Err(Error::config("optim.name", format!("'{}' is not available yet (available: \"adamw\")", self.optim.name)));
+        }
+        if self.tokenizer.vocab_size < 300 {
+            return Err(Error::config("tokenizer.vocab_size", "must be at least 300 (256 bytes plus merges)"));
+        }
+        Ok(())
+    }
+
+    /// The model shape: the preset with the config's overrides; `tokenizer_vocab` sizes the
+    /// vocabulary when the preset is `tiny` and no override is given.
+    pub fn llama_config(&self, tokenizer_vocab: i64) -> Result<frugal_models::llama::LlamaConfig> {
+        let m = &self.model;
+        let mut c = frugal_models::llama::LlamaConfig::preset(&m.size).expect("validated");
+        if m.size == "tiny" {
+            c.vocab_size = tokenizer_vocab;
+        }
+        let set = |v: i64, field: &mut i64| {
+            if v > 0 {
+                *field = v;
+            }
+        };
+        set(m.hidden_size, &mut c.hidden_size);
+        set(m.intermediate_size, &mut c.intermediate_size);
+        set(m.num_layers, &mut c.num_hidden_layers);
+        set(m.num_heads, &mut c.num_attention_heads);
+        c.num_key_value_heads = c.num_attention_heads;
+        set(m.vocab_size, &mut c.vocab_size);
+        set(m.max_seq_len, &mut c.max_position_embeddings);
+        c.validate()?;
+        if c.vocab_size < tokenizer_vocab {
+            return Err(Error::config(
+                "model.vocab_size",
+                format!("{} is smaller than the tokenizer's vocabulary ({tokenizer_vocab})", c.vocab_size),
+            ));
+        }
+        if self.train.seq_len as i64 > c.max_position_embeddings {
+            return Err(Error::config(
+                "train.seq_len",
+                format!(
+                    "{} is longer than the model allows ({} positions; raise model.max_seq_len)",
+                    self.train.seq_len, c.max_position_embeddings
+                ),
+            ));
+        }
+        Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(text: &str) -> toml::Table {
+        toml::from_str(text).unwrap()
+    }
+
+    #[test]
+    fn overrides_parse_values_and_bare_words() {
+        let mut t = table("[train]\nlr = 1.0\n");
+        apply_overrides(&mut t, &["train.lr=0.5".into(), "train.device=cpu".into(), "model.size=\"60m\"".into()]).unwrap();
+        let c = from_table(t).unwrap();
+        assert_eq!(c.train.lr, 0.5);
+        assert_eq!(c.train.device, Device::Cpu);
+        assert_eq!(c.model.size, "60m");
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = from_table(table("[train]\nlearning_rate = 1.0\n")).unwrap_err().to_string();
+        assert!(err.starts_with("train") && err.contains("learning_rate"), "{err}");
+        assert_eq!(err.lines().count(), 1);
+    }
+
+    #[test]
+    fn wrong_type_is_named() {
+        let err = from_table(table("[train]\nbatch_size = \"big\"\n")).unwrap_err().to_string();
+        assert!(err.starts_with("train.batch_size:"), "{err}");
+        let mut t = toml::Table::new();
+        let err = apply_overrides(&mut t, &["train.max_steps".into()]).unwrap_err().to_string();
+        assert!(err.contains("key=value"), "{err}");
+    }
+
+    #[test]
+    fn seq_len_beyond_the_model_is_named() {
+        let mut c = Config::default();
+        c.train.seq_len = 100_000;
+        let err = c.llama_config(8192).unwrap_err().to_string();
+        assert!(err.starts_with("train.seq_len:"), "{err}");
+    }
+
+    #[test]
+    fn resolved_config_round_trips_through_toml() {
+        let c = Config::default();
+        let text = toml::to_string(&c).unwrap();
+        assert_eq!(from_table(table(&text)).unwrap(), c);
+    }
+}

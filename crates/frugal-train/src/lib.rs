@@ -1,0 +1,21 @@
+//! Frugal's trainer: configuration, data, the training loop, schedules, checkpoints, metrics,
+//! and the commands behind the `frugal` binary (`train`, `eval`, `generate`, `inspect`).
+//!
+//! ```no_run
+//! let cfg = frugal_train::config::load(std::path::Path::new("configs/default.toml"),
+//!     &["train.max_steps=50".to_string()])?;
+//! let summary = frugal_train::train::train(&cfg, std::path::Path::new("runs/try"), false)?;
+//! frugal_train::train::print_summary(&summary);
+//! # Ok::<(), frugal_core::Error>(())
+//! ```
+
+pub mod checkpoint;
+pub mod commands;
+pub mod config;
+pub mod data;
+pub mod plot;
+pub mod progress;
+pub mod run;
+pub mod schedule;
+pub mod tokenize;
+pub mod train;

@@ -1,0 +1,99 @@
+//! The `frugal` command line: `train`, `eval`, `generate`, `inspect`.
+//!
+//! Errors print one line and exit with code 2; Ctrl-C during training saves a checkpoint and
+//! exits with code 130.
+
+use clap::{Parser, Subcommand};
+use frugal_train::commands;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "frugal", version, about = "Train large models with a fraction of the memory.")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a model as a TOML config says.
+    Train {
+        /// The config file (not needed with --resume: the run's own config is used).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Override a config key, e.g. --set train.max_steps=50 (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// The run folder (default: runs/<date-time>).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Continue the run in this folder from its latest complete checkpoint.
+        #[arg(long, value_name = "RUN_DIR")]
+        resume: Option<PathBuf>,
+    },
+    /// Evaluate a run's model; prints JSON (loss, perplexity, tokens).
+    Eval {
+        /// The run folder.
+        #[arg(long, required_unless_present = "model")]
+        run: Option<PathBuf>,
+        /// A Hugging Face style model folder (config.json, model.safetensors, tokenizer.json).
+        #[arg(long, conflicts_with = "run")]
+        model: Option<PathBuf>,
+        /// Text to evaluate on (file, folder or glob); default: the run's validation split.
+        #[arg(long)]
+        data: Option<String>,
+    },
+    /// Generate text from a prompt.
+    Generate {
+        /// The run folder.
+        #[arg(long, required_unless_present = "model")]
+        run: Option<PathBuf>,
+        /// A Hugging Face style model folder.
+        #[arg(long, conflicts_with = "run")]
+        model: Option<PathBuf>,
+        /// The prompt.
+        #[arg(long)]
+        prompt: String,
+        /// Tokens to generate.
+        #[arg(long, default_value_t = 64)]
+        max_new_tokens: usize,
+        /// Sampling temperature (0: greedy).
+        #[arg(long, default_value_t = 0.8)]
+        temperature: f64,
+        /// Keep only the k most likely tokens (0: all).
+        #[arg(long, default_value_t = 50)]
+        top_k: usize,
+        /// Keep the smallest set of tokens whose probability reaches p (1: all).
+        #[arg(long, default_value_t = 0.95)]
+        top_p: f64,
+        /// Seed of the sampler.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// List the tensors of a safetensors file (or of every one in a folder).
+    Inspect {
+        /// A .safetensors file or a folder.
+        path: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Train { config, set, out, resume } => commands::train(config, &set, out, resume),
+        Command::Eval { run, model, data } => commands::eval(run, model, data),
+        Command::Generate { run, model, prompt, max_new_tokens, temperature, top_k, top_p, seed } => {
+            let opts = commands::SampleOptions { max_new_tokens, temperature, top_k, top_p, seed };
+            commands::generate(run, model, &prompt, &opts)
+        }
+        Command::Inspect { path } => commands::inspect(&path),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("frugal: error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,132 @@
+//! What a run is made of, for training, evaluation and generation alike: its folder, its data
+//! split, its tokenizer and its model.
+
+use crate::config::{Config, Dtype};
+use crate::data::{self, Document, TokenDataset};
+use crate::tokenize;
+use frugal_core::{atomic, Error, Result};
+use frugal_models::llama::{Llama, LlamaConfig};
+use std::path::{Path, PathBuf};
+use tch::nn::VarStore;
+use tokenizers::Tokenizer;
+
+impl From<data::DataError> for Error {
+    fn from(e: data::DataError) -> Self {
+        Error::Msg(e.to_string())
+    }
+}
+
+/// Folder where trained tokenizers are cached: `$FRUGAL_CACHE` or `~/.cache/frugal/tokenizers`.
+pub fn tokenizer_cache() -> PathBuf {
+    if let Some(d) = std::env::var_os("FRUGAL_CACHE") {
+        return PathBuf::from(d).join("tokenizers");
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+    home.join(".cache/frugal/tokenizers")
+}
+
+/// Training and validation documents as the config chooses them.
+pub fn documents(cfg: &Config) -> Result<(Vec<Document>, Vec<Document>)> {
+    let docs = if cfg.data.path.is_empty() {
+        data::default_corpus()?
+    } else {
+        data::load_documents(&cfg.data.path).map_err(|e| Error::config("data.path", e.to_string()))?
+    };
+    if cfg.data.val_path.is_empty() {
+        Ok(data::split_validation(docs, cfg.data.val_every))
+    } else {
+        let val = data::load_documents(&cfg.data.val_path)
+            .map_err(|e| Error::config("data.val_path", e.to_string()))?;
+        Ok((docs, val))
+    }
+}
+
+/// The run's tokenizer: `run/tokenizer.json` when it exists, else the configured one (a user's
+/// file, or a BPE trained on `train_docs` and cached), copied into the run folder.
+pub fn tokenizer(cfg: &Config, run: &Path, train_docs: &[Document]) -> Result<Tokenizer> {
+    let saved = run.join("tokenizer.json");
+    if saved.is_file() {
+        return Tokenizer::from_file(&saved)
+            .map_err(|e| Error::Msg(format!("{}: cannot read tokenizer ({e})", saved.display())));
+    }
+    let user = (!cfg.tokenizer.path.is_empty()).then(|| PathBuf::from(&cfg.tokenizer.path));
+    let texts: Vec<&str> = train_docs.iter().map(|d| d.text.as_str()).collect();
+    let tok = tokenize::load_or_train_tokenizer(user.as_deref(), &texts, cfg.tokenizer.vocab_size, &tokenizer_cache())?;
+    let json = tok.to_string(false).map_err(|e| Error::Msg(format!("cannot serialize tokenizer: {e}")))?;
+    atomic::write(&saved, json.as_bytes())?;
+    Ok(tok)
+}
+
+/// Encodes documents into a packed dataset of `seq_len`-token sequences; `what` names the
+/// split in errors.
+pub fn dataset(tok: &Tokenizer, docs: &[Document], seq_len: usize, what: &str) -> Result<TokenDataset> {
+    let ids = tokenize::encode_documents(tok, docs)?;
+    TokenDataset::new(ids, seq_len).map_err(|e| Error::Msg(format!("{what}: {e}")))
+}
+
+/// A model and the variables it lives in.
+pub struct Model {
+    /// The variables (parameters), by Hugging Face name.
+    pub vs: VarStore,
+    /// The network.
+    pub llama: Llama,
+}
+
+/// Builds the configured model on `device`, seeded by `train.seed`.
+pub fn model(cfg: &Config, shape: &LlamaConfig, device: tch::Device) -> Result<Model> {
+    tch::manual_seed(cfg.train.seed as i64);
+    let vs = VarStore::new(device);
+    let compute = match cfg.train.dtype {
+        Dtype::F32 => tch::Kind::Float,
+        Dtype::Bf16 => tch::Kind::BFloat16,
+    };
+    let llama = Llama::new(&vs.root(), shape, &cfg.model.linear, compute);
+    let mut m = Model { vs, llama };
+    if !cfg.model.from_pretrained.is_empty() {
+        let dir = Path::new(&cfg.model.from_pretrained);
+        let file = dir.join("model.safetensors");
+        frugal_models::weights::load(&mut m.vs, &file)?;
+    }
+    Ok(m)
+}
+
+/// Reads a run's resolved `config.toml`.
+pub fn read_config(run: &Path, overrides: &[String]) -> Result<Config> {
+    let path = run.join("config.toml");
+    if !path.is_file() {
+        return Err(Error::Msg(format!("{}: not a run folder (no config.toml)", run.display())));
+    }
+    crate::config::load(&path, overrides)
+}
+
+/// Mean loss over up to `max_batches` batches of `ds` (all when 0), and the tokens scored.
+pub fn evaluate(model: &Llama, ds: &TokenDataset, batch_size: usize, max_batches: usize, device: tch::Device) -> (f64, u64) {
+    tch::no_grad(|| {
+        let mut total = 0.0;
+        let mut tokens = 0u64;
+        for (i, (x, y)) in ds.sequential_batches(batch_size).enumerate() {
+            if max_batches > 0 && i >= max_batches {
+                break;
+            }
+            let n = y.numel() as u64;
+            let loss = model.loss(&x.to_device(device), &y.to_device(device)).double_value(&[]);
+            total += loss * n as f64;
+            tokens += n;
+        }
+        (total / tokens.max(1) as f64, tokens)
+    })
+}
+
+/// Cross-entropy (nats per token) of `val` under the unigram distribution of `train`
+/// (add-one smoothing): the loss a model that ignores context would reach.
+pub fn unigram_loss(train: &[u32], val: &[u32], vocab: usize) -> f64 {
+    let mut counts = vec![1.0f64; vocab.max(1)];
+    for &t in train {
+        if let Some(c) = counts.get_mut(t as usize) {
+            *c += 1.0;
+        }
+    }
+    let total: f64 = counts.iter().sum();
+    let nll: f64 = val.iter().map(|&t| -(counts.get(t as usize).copied().unwrap_or(1.0) / total).ln()).sum();
+    nll / val.len().max(1) as f64
+}

@@ -1,0 +1,283 @@
+//! The training loop: schedule, gradient accumulation, clipping, evaluation, metrics, the loss
+//! curve, checkpoints, resume, Ctrl-C, and the memory report.
+
+use crate::checkpoint::{self, TrainerState};
+use crate::config::Config;
+use crate::data::Sampler;
+use crate::plot::{self, Series};
+use crate::progress::Progress;
+use crate::run;
+use crate::schedule::lr_at;
+use frugal_core::memory::{self, human_bytes, Accounting};
+use frugal_core::{atomic, Error, Result};
+use frugal_optim::{clip_grad_norm, AdamW};
+use serde::Serialize;
+use serde_json::json;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+/// Set by the Ctrl-C handler of the `frugal` binary: the loop saves a checkpoint and stops.
+pub static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// What a finished (or interrupted) run reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    /// The run folder.
+    pub run_dir: PathBuf,
+    /// Optimizer steps done.
+    pub steps: u64,
+    /// Training tokens seen.
+    pub tokens: u64,
+    /// Mean training loss over the last few steps.
+    pub train_loss: f64,
+    /// Validation loss at the end.
+    pub val_loss: f64,
+    /// Validation loss of a unigram model on the same tokens, for comparison.
+    pub unigram_val_loss: f64,
+    /// Peak resident memory of the process.
+    pub peak_rss_bytes: u64,
+    /// Resident memory before the model was built.
+    pub baseline_rss_bytes: u64,
+    /// True when Ctrl-C stopped the run early (a checkpoint was saved).
+    pub interrupted: bool,
+}
+
+/// Trains as `cfg` says into `run_dir`. With `resume`, continues from the run's latest
+/// checkpoint (exactly: on CPU the losses and weights equal those of an uninterrupted run).
+pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
+    std::fs::create_dir_all(run_dir).map_err(|e| Error::io(run_dir, e))?;
+    let resolved = toml::to_string(cfg).map_err(|e| Error::Msg(format!("config: {e}")))?;
+    atomic::write(&run_dir.join("config.toml"), resolved.as_bytes())?;
+    if cfg.train.threads > 0 {
+        tch::set_num_threads(cfg.train.threads as i32);
+    }
+    let device = cfg.train.device.resolve()?;
+    let t = &cfg.train;
+
+    eprintln!("frugal: loading data");
+    let (train_docs, val_docs) = run::documents(cfg)?;
+    let tok = run::tokenizer(cfg, run_dir, &train_docs)?;
+    let vocab = tok.get_vocab_size(true) as i64;
+    let shape = cfg.llama_config(vocab)?;
+    let train_ds = run::dataset(&tok, &train_docs, t.seq_len, "training data")?;
+    let val_ds = run::dataset(&tok, &val_docs, t.seq_len, "validation data")?;
+    drop((train_docs, val_docs));
+    let unigram = run::unigram_loss(train_ds.tokens(), val_ds.tokens(), vocab as usize);
+    eprintln!(
+        "frugal: {} training tokens ({} sequences of {}), {} validation tokens, vocabulary {vocab}",
+        train_ds.tokens().len(),
+        train_ds.num_sequences(),
+        t.seq_len,
+        val_ds.tokens().len()
+    );
+
+    let baseline_rss = memory::current_rss_bytes();
+    let mut m = run::model(cfg, &shape, device)?;
+    let params = frugal_models::weights::named_variables(&m.vs);
+    let tensors: Vec<tch::Tensor> = params.iter().map(|(_, t)| t.shallow_clone()).collect();
+    let n_params: i64 = tensors.iter().map(|t| t.numel() as i64).sum();
+    eprintln!(
+        "frugal: llama {} ({:.2}M parameters) on {device:?}, {:?}",
+        cfg.model.size,
+        n_params as f64 / 1e6,
+        cfg.train.dtype
+    );
+    let mut opt = AdamW::new(params, cfg.optim.adamw(t.lr));
+
+    let mut state = TrainerState { step: 0, tokens: 0, sampler: Sampler::new(train_ds.num_sequences(), t.seed).state(), elapsed_s: 0.0 };
+    if resume {
+        let ck = checkpoint::latest(run_dir)?;
+        frugal_models::weights::load(&mut m.vs, &ck.join("model.safetensors"))?;
+        opt.load(&ck.join("optimizer.safetensors"))?;
+        state = checkpoint::read_state(&ck)?;
+        eprintln!("frugal: resuming from {} (step {})", ck.display(), state.step);
+    }
+    let metrics_path = run_dir.join("metrics.jsonl");
+    let mut history = Metrics::open(&metrics_path, state.step)?;
+    let mut sampler = Sampler::from_state(train_ds.num_sequences(), state.sampler.clone());
+
+    let mut progress = Progress::new(t.max_steps, state.step);
+    let started = Instant::now() - std::time::Duration::from_secs_f64(state.elapsed_s);
+    let mut val_loss = f64::NAN;
+    let mut interrupted = false;
+    let tokens_per_step = (t.batch_size * t.seq_len * t.grad_accum) as u64;
+    while state.step < t.max_steps {
+        let step = state.step + 1;
+        let lr = lr_at(step, t.lr, t.warmup_steps, t.max_steps, t.min_lr_ratio);
+        opt.set_lr(lr);
+        let t0 = Instant::now();
+        let mut loss_sum = 0.0;
+        for _ in 0..t.grad_accum {
+            let (x, y) = train_ds.batch(&sampler.next_indices(t.batch_size));
+            let loss = m.llama.loss(&x.to_device(device), &y.to_device(device));
+            loss_sum += loss.double_value(&[]);
+            (loss / t.grad_accum as f64).backward();
+        }
+        let loss = loss_sum / t.grad_accum as f64;
+        if !loss.is_finite() {
+            return Err(Error::Msg(format!(
+                "step {step}: loss is {loss}; lower train.lr (now {}) or check the data",
+                t.lr
+            )));
+        }
+        let grad_norm = if t.max_grad_norm > 0.0 {
+            clip_grad_norm(&tensors, t.max_grad_norm)
+        } else {
+            frugal_optim::grad_norm(&tensors)
+        };
+        opt.step();
+        opt.zero_grad();
+        let step_time = t0.elapsed().as_secs_f64();
+        state.step = step;
+        state.tokens += tokens_per_step;
+        state.sampler = sampler.state();
+        state.elapsed_s = started.elapsed().as_secs_f64();
+        let tps = tokens_per_step as f64 / step_time;
+        let mut line = json!({
+            "step": step, "loss": loss, "lr": lr, "tokens": state.tokens,
+            "tokens_per_s": tps, "step_time_s": step_time, "grad_norm": grad_norm,
+        });
+        progress.update(step, loss, tps);
+
+        let last = step == t.max_steps;
+        let stop = INTERRUPTED.load(Ordering::SeqCst);
+        if (t.eval_every > 0 && step % t.eval_every == 0) || last {
+            let (vl, _) = run::evaluate(&m.llama, &val_ds, t.batch_size, t.eval_batches, device);
+            val_loss = vl;
+            line["val_loss"] = json!(vl);
+            line["val_ppl"] = json!(vl.exp());
+            progress.message(&format!("step {step}: val_loss {vl:.4} (ppl {:.2}), unigram {unigram:.4}", vl.exp()));
+        }
+        history.push(line)?;
+        if line_has_val(&history) {
+            history.plot(&run_dir.join("loss.png"), unigram);
+        }
+        if (t.save_every > 0 && step % t.save_every == 0) || last || stop {
+            checkpoint::save(run_dir, &m.vs, &opt, &state, t.keep_checkpoints)?;
+        }
+        if stop && !last {
+            progress.message(&format!("interrupted: checkpoint saved at step {step}; resume with --resume {}", run_dir.display()));
+            interrupted = true;
+            break;
+        }
+    }
+    progress.finish();
+    history.plot(&run_dir.join("loss.png"), unigram);
+
+    let peak = memory::peak_rss_bytes();
+    let mut acc = Accounting::default();
+    acc.add_tensors("parameters", tensors.iter());
+    acc.add_tensors("gradients", tensors.iter());
+    acc.add("optimizer_state", opt.state_bytes());
+    let report = json!({
+        "device": format!("{device:?}"),
+        "accounting": acc.bytes,
+        "accounting_total_bytes": acc.total(),
+        "measured": {
+            "baseline_rss_bytes": baseline_rss,
+            "peak_rss_bytes": peak,
+            "peak_above_baseline_bytes": peak.saturating_sub(baseline_rss),
+            "note": "baseline: resident memory after libtorch started and the data was loaded, before the model was built; activations and workspace are the measured peak above the baseline minus the accounted bytes",
+        },
+        "activations_and_workspace_bytes": peak.saturating_sub(baseline_rss).saturating_sub(acc.total()),
+        "parameters": m.vs.variables().iter().map(|(n, t)| json!({"name": n, "shape": t.size(), "bytes": memory::tensor_bytes(t)})).collect::<Vec<_>>(),
+    });
+    atomic::write(&run_dir.join("memory.json"), serde_json::to_string_pretty(&report).expect("json").as_bytes())?;
+
+    Ok(Summary {
+        run_dir: run_dir.to_path_buf(),
+        steps: state.step,
+        tokens: state.tokens,
+        train_loss: history.recent_loss(10),
+        val_loss,
+        unigram_val_loss: unigram,
+        peak_rss_bytes: peak,
+        baseline_rss_bytes: baseline_rss,
+        interrupted,
+    })
+}
+
+fn line_has_val(m: &Metrics) -> bool {
+    m.lines.last().is_some_and(|l| l.get("val_loss").is_some())
+}
+
+/// `metrics.jsonl`, kept in memory for the plot; on resume, lines past the checkpoint's step
+/// are dropped so that the file reads as one uninterrupted run.
+struct Metrics {
+    path: PathBuf,
+    lines: Vec<serde_json::Value>,
+    file: std::fs::File,
+}
+
+impl Metrics {
+    fn open(path: &Path, upto_step: u64) -> Result<Self> {
+        let mut lines = Vec::new();
+        if upto_step > 0 {
+            if let Ok(text) = std::fs::read_to_string(path) {
+                for l in text.lines() {
+                    if let Ok(v) = serde_json::from_str::<serde_json::Value>(l) {
+                        if v["step"].as_u64().is_some_and(|s| s <= upto_step) {
+                            lines.push(v);
+                        }
+                    }
+                }
+            }
+        }
+        let body: String = lines.iter().map(|l| format!("{l}\n")).collect();
+        atomic::write(path, body.as_bytes())?;
+        let file = std::fs::OpenOptions::new().append(true).open(path).map_err(|e| Error::io(path, e))?;
+        Ok(Self { path: path.to_path_buf(), lines, file })
+    }
+
+    fn push(&mut self, line: serde_json::Value) -> Result<()> {
+        writeln!(self.file, "{line}").map_err(|e| Error::io(&self.path, e))?;
+        self.lines.push(line);
+        Ok(())
+    }
+
+    fn recent_loss(&self, n: usize) -> f64 {
+        let tail: Vec<f64> = self.lines.iter().rev().take(n).filter_map(|l| l["loss"].as_f64()).collect();
+        tail.iter().sum::<f64>() / tail.len().max(1) as f64
+    }
+
+    fn plot(&self, path: &Path, unigram: f64) {
+        let pick = |key: &str| -> Vec<(f64, f64)> {
+            self.lines.iter().filter_map(|l| Some((l["step"].as_f64()?, l[key].as_f64()?))).collect()
+        };
+        let train = pick("loss");
+        let val = pick("val_loss");
+        let base: Vec<(f64, f64)> = match (train.first(), train.last()) {
+            (Some(a), Some(b)) => vec![(a.0, unigram), (b.0, unigram)],
+            _ => vec![],
+        };
+        let series = [
+            Series { name: "train", points: &train, rgb: [31, 119, 180] },
+            Series { name: "validation", points: &val, rgb: [214, 39, 40] },
+            Series { name: "unigram (val)", points: &base, rgb: [150, 150, 150] },
+        ];
+        if let Err(e) = plot::write_loss_png(path, "loss", "step", "loss (nats/token)", &series) {
+            eprintln!("frugal: warning: cannot write {}: {e}", path.display());
+        }
+    }
+}
+
+/// Prints the end-of-run summary.
+pub fn print_summary(s: &Summary) {
+    let ppl = |l: f64| l.exp();
+    println!();
+    println!("{}", if s.interrupted { "run interrupted (checkpoint saved)" } else { "run finished" });
+    println!("  steps                {}", s.steps);
+    println!("  tokens               {}", s.tokens);
+    println!("  train loss           {:.4} (ppl {:.2}, mean of the last 10 steps)", s.train_loss, ppl(s.train_loss));
+    println!("  validation loss      {:.4} (ppl {:.2})", s.val_loss, ppl(s.val_loss));
+    println!("  unigram val loss     {:.4} (ppl {:.2}), the loss of a model that ignores context", s.unigram_val_loss, ppl(s.unigram_val_loss));
+    println!(
+        "  peak memory          {} resident ({} above the {} baseline)",
+        human_bytes(s.peak_rss_bytes),
+        human_bytes(s.peak_rss_bytes.saturating_sub(s.baseline_rss_bytes)),
+        human_bytes(s.baseline_rss_bytes)
+    );
+    println!("  run directory        {}", s.run_dir.display());
+}

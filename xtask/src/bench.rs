@@ -1,0 +1,18 @@
+//! `cargo xtask bench NAME`: side-by-side benchmarks that write `target/bench/NAME.json`.
+
+use crate::setup::TorchEnv;
+use crate::{Failure, Result};
+
+/// The benchmarks this command knows.
+pub const NAMES: &[&str] = &["train-step"];
+
+/// Runs benchmark `name` with extra arguments `args`.
+pub fn run(env: &TorchEnv, name: &str, args: &[String]) -> Result<()> {
+    match name {
+        "train-step" => crate::bench_train_step::run(env, args),
+        other => Err(Failure::new(format!(
+            "unknown benchmark '{other}'; benchmarks: {}",
+            NAMES.join(", ")
+        ))),
+    }
+}

@@ -1,0 +1,607 @@
+//! `cargo xtask bench train-step`: our trainer against plain PyTorch on the 60M LLaMA.
+//!
+//! Both train the LLaMA 60M configuration at sequence 256, batch 4, f32, on the CPU, with AdamW
+//! (lr 1e-3, betas 0.9/0.95, eps 1e-8, no weight decay) and gradient clipping at 1.0, each in a
+//! fresh child process: first `scripts/bench_train_step.py` (plain PyTorch), then `frugal train`.
+//! The first `--warmup` steps are not timed; the next `--steps` are. The result is printed as a
+//! markdown table (stdout) and written to `target/bench/train-step.json`.
+//!
+//! ```text
+//! cargo xtask bench train-step [-- --steps 8 --warmup 2]
+//! ```
+
+use crate::setup::TorchEnv;
+use crate::{Failure, Result};
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+const BATCH: u64 = 4;
+const SEQ: u64 = 256;
+const SCRIPT: &str = "scripts/bench_train_step.py";
+const FRUGAL_OUT: &str = "target/bench/train-step/frugal-run";
+const RESULT: &str = "target/bench/train-step.json";
+
+/// The benchmark's options.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Options {
+    steps: u64,
+    warmup: u64,
+}
+
+/// One side's measurements.
+#[derive(Debug, Clone, PartialEq)]
+struct Row {
+    step_s: f64,
+    baseline_rss_bytes: u64,
+    peak_rss_bytes: u64,
+}
+
+impl Row {
+    fn tokens_per_s(&self) -> f64 {
+        (BATCH * SEQ) as f64 / self.step_s
+    }
+
+    fn peak_above_baseline(&self) -> u64 {
+        self.peak_rss_bytes.saturating_sub(self.baseline_rss_bytes)
+    }
+}
+
+/// What the PyTorch script reports beyond its row.
+struct PytorchExtra {
+    params: u64,
+    threads: u64,
+}
+
+/// Runs the benchmark.
+pub fn run(env: &TorchEnv, args: &[String]) -> Result<()> {
+    let opts = parse_args(args)?;
+    let root = crate::root();
+    std::fs::create_dir_all(root.join("target/bench"))
+        .map_err(|e| Failure::new(format!("cannot create target/bench: {e}")))?;
+
+    // Build first, so that the compiler does not share the CPU with either timed run.
+    eprintln!("bench train-step: building frugal (release)");
+    let frugal_bin = crate::build_frugal(env);
+
+    eprintln!(
+        "bench train-step: PyTorch, {} timed steps after {} warmup steps",
+        opts.steps, opts.warmup
+    );
+    let (torch_row, extra) = run_pytorch(env, &root, opts)?;
+
+    let frugal = frugal_bin.and_then(|bin| {
+        eprintln!(
+            "bench train-step: frugal, {} timed steps after {} warmup steps",
+            opts.steps, opts.warmup
+        );
+        run_frugal(env, &root, &bin, opts)
+    });
+    let frugal_row = match frugal {
+        Ok(row) => row,
+        Err(f) => {
+            print!("{}", table(opts, &torch_row, None, &extra));
+            return Err(Failure::new(format!(
+                "frugal did not complete the benchmark ({}); only the PyTorch row was measured, \
+                 {RESULT} was not written",
+                f.message
+            )));
+        }
+    };
+
+    let machine = Machine::detect();
+    let date = utc_date();
+    let json = result_json(opts, &torch_row, &frugal_row, &extra, &machine, &date);
+    std::fs::write(root.join(RESULT), json)
+        .map_err(|e| Failure::new(format!("cannot write {RESULT}: {e}")))?;
+    println!(
+        "LLaMA 60M, seq {SEQ}, batch {BATCH}, f32, CPU: {} x {}, {} timed steps after {} \
+         warmup, {date}\n",
+        machine.nproc, machine.model, opts.steps, opts.warmup
+    );
+    print!("{}", table(opts, &torch_row, Some(&frugal_row), &extra));
+    eprintln!("bench train-step: wrote {RESULT}");
+    Ok(())
+}
+
+fn parse_args(args: &[String]) -> Result<Options> {
+    let mut opts = Options {
+        steps: 8,
+        warmup: 2,
+    };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let (name, inline) = match a.split_once('=') {
+            Some((n, v)) => (n, Some(v.to_string())),
+            None => (a.as_str(), None),
+        };
+        let slot = match name {
+            "--steps" => &mut opts.steps,
+            "--warmup" => &mut opts.warmup,
+            _ => {
+                return Err(Failure::new(format!(
+                    "bench train-step: unknown argument '{a}'; usage: cargo xtask bench \
+                     train-step [-- --steps N --warmup W]"
+                )))
+            }
+        };
+        let value = inline.or_else(|| it.next().cloned()).unwrap_or_default();
+        *slot = value.parse().map_err(|_| {
+            Failure::new(format!(
+                "bench train-step: {name} wants a whole number, got '{value}'"
+            ))
+        })?;
+    }
+    if opts.steps == 0 {
+        return Err(Failure::new("bench train-step: --steps must be at least 1"));
+    }
+    Ok(opts)
+}
+
+fn run_pytorch(env: &TorchEnv, root: &Path, opts: Options) -> Result<(Row, PytorchExtra)> {
+    let mut c = Command::new(&env.python);
+    c.current_dir(root).arg(root.join(SCRIPT));
+    c.args([
+        "--steps",
+        &opts.steps.to_string(),
+        "--warmup",
+        &opts.warmup.to_string(),
+    ]);
+    c.args(["--batch", &BATCH.to_string(), "--seq", &SEQ.to_string()]);
+    for (k, v) in env.vars() {
+        c.env(k, v);
+    }
+    c.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    let out = c.output().map_err(|e| {
+        Failure::new(format!(
+            "could not start {} {SCRIPT}: {e}",
+            env.python.display()
+        ))
+    })?;
+    if !out.status.success() {
+        return Err(Failure::new(format!(
+            "the PyTorch reference {SCRIPT} failed ({})",
+            out.status
+        )));
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    parse_pytorch(&stdout).ok_or_else(|| {
+        Failure::new(format!(
+            "{SCRIPT} printed no usable JSON line; its stdout was:\n{stdout}"
+        ))
+    })
+}
+
+/// The row and extras from the script's stdout: its last line that is a JSON object.
+fn parse_pytorch(stdout: &str) -> Option<(Row, PytorchExtra)> {
+    let line = stdout
+        .lines()
+        .map(str::trim)
+        .rev()
+        .find(|l| l.starts_with('{'))?;
+    let row = Row {
+        step_s: json_number(line, "step_s")?,
+        baseline_rss_bytes: json_number(line, "baseline_rss_bytes")? as u64,
+        peak_rss_bytes: json_number(line, "peak_rss_bytes")? as u64,
+    };
+    let extra = PytorchExtra {
+        params: json_number(line, "params").unwrap_or(0.0) as u64,
+        threads: json_number(line, "torch_threads").unwrap_or(0.0) as u64,
+    };
+    (row.step_s > 0.0).then_some((row, extra))
+}
+
+fn run_frugal(env: &TorchEnv, root: &Path, bin: &Path, opts: Options) -> Result<Row> {
+    let out_dir = root.join(FRUGAL_OUT);
+    if out_dir.exists() {
+        std::fs::remove_dir_all(&out_dir)
+            .map_err(|e| Failure::new(format!("cannot remove {FRUGAL_OUT}: {e}")))?;
+    }
+    let total = opts.warmup + opts.steps;
+    let sets = [
+        "model.size=\"60m\"".to_string(),
+        format!("train.seq_len={SEQ}"),
+        format!("train.batch_size={BATCH}"),
+        "train.dtype=\"f32\"".into(),
+        "train.device=\"cpu\"".into(),
+        format!("train.max_steps={total}"),
+        "train.warmup_steps=0".into(),
+        "train.eval_every=0".into(),
+        "train.save_every=0".into(),
+        "train.lr=0.001".into(),
+    ];
+    let mut c = Command::new(bin);
+    c.current_dir(root)
+        .args(["train", "--config", "configs/default.toml"]);
+    for s in &sets {
+        c.arg("--set").arg(s);
+    }
+    c.arg("--out").arg(FRUGAL_OUT);
+    for (k, v) in env.vars() {
+        c.env(k, v);
+    }
+    // Its own output goes to our stderr, so that our stdout holds only the table.
+    c.stdin(Stdio::null())
+        .stdout(Stdio::from(std::io::stderr()))
+        .stderr(Stdio::inherit());
+    crate::status(c, "frugal train")?;
+
+    let read = |name: &str| {
+        let p = out_dir.join(name);
+        std::fs::read_to_string(&p)
+            .map_err(|e| Failure::new(format!("cannot read {FRUGAL_OUT}/{name}: {e}")))
+    };
+    let metrics = read("metrics.jsonl")?;
+    let step_s = mean_step_time(&metrics, opts.warmup).ok_or_else(|| {
+        Failure::new(format!(
+            "{FRUGAL_OUT}/metrics.jsonl has fewer than {total} training steps with step_time_s"
+        ))
+    })?;
+    let memory = read("memory.json")?;
+    let (baseline_rss_bytes, peak_rss_bytes) = parse_memory(&memory).ok_or_else(|| {
+        Failure::new(format!(
+            "{FRUGAL_OUT}/memory.json lacks baseline_rss_bytes and peak_rss_bytes"
+        ))
+    })?;
+    Ok(Row {
+        step_s,
+        baseline_rss_bytes,
+        peak_rss_bytes,
+    })
+}
+
+/// Mean `step_time_s` of the training lines of `metrics.jsonl` after the first `warmup` ones.
+///
+/// Lines without `step_time_s` (evaluations) are skipped; None when no timed step is left.
+fn mean_step_time(metrics: &str, warmup: u64) -> Option<f64> {
+    let mut steps: Vec<(f64, f64)> = metrics
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with('{'))
+        .filter_map(|l| Some((json_number(l, "step")?, json_number(l, "step_time_s")?)))
+        .collect();
+    // Stable: lines of equal step (should there be any) keep their order.
+    steps.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let timed: Vec<f64> = steps.iter().skip(warmup as usize).map(|s| s.1).collect();
+    if timed.is_empty() {
+        return None;
+    }
+    Some(timed.iter().sum::<f64>() / timed.len() as f64)
+}
+
+/// `(baseline_rss_bytes, peak_rss_bytes)` from `memory.json`, preferring the `"measured"` object.
+fn parse_memory(text: &str) -> Option<(u64, u64)> {
+    let from = find_key(text, "measured")
+        .map(|(_, after)| after)
+        .unwrap_or(0);
+    let scoped = &text[from..];
+    let get = |key| json_number(scoped, key).or_else(|| json_number(text, key));
+    Some((
+        get("baseline_rss_bytes")? as u64,
+        get("peak_rss_bytes")? as u64,
+    ))
+}
+
+/// Where `"key"` occurs as an object key in `text`: its start and the index just after its `:`.
+fn find_key(text: &str, key: &str) -> Option<(usize, usize)> {
+    let quoted = format!("\"{key}\"");
+    let mut from = 0;
+    while let Some(i) = text[from..].find(&quoted) {
+        let start = from + i;
+        let after = start + quoted.len();
+        let rest = &text[after..];
+        let trimmed = rest.trim_start();
+        if let Some(value) = trimmed.strip_prefix(':') {
+            return Some((start, text.len() - value.len()));
+        }
+        from = after;
+    }
+    None
+}
+
+/// The number that is the value of the first key `key` in `text` (a JSON object), if any.
+fn json_number(text: &str, key: &str) -> Option<f64> {
+    let (_, after) = find_key(text, key)?;
+    let value = text[after..].trim_start();
+    let end = value
+        .find(|c: char| !(c.is_ascii_digit() || matches!(c, '-' | '+' | '.' | 'e' | 'E')))
+        .unwrap_or(value.len());
+    value[..end].parse().ok().filter(|v: &f64| v.is_finite())
+}
+
+/// The machine the benchmark ran on.
+struct Machine {
+    nproc: usize,
+    model: String,
+}
+
+impl Machine {
+    fn detect() -> Self {
+        let nproc = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        let model = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|s| cpu_model(&s))
+            .unwrap_or_else(|| "unknown CPU".into());
+        Self { nproc, model }
+    }
+}
+
+/// The first `model name` of `/proc/cpuinfo`.
+fn cpu_model(cpuinfo: &str) -> Option<String> {
+    cpuinfo.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        (k.trim() == "model name").then(|| v.trim().to_string())
+    })
+}
+
+fn utc_date() -> String {
+    Command::new("date")
+        .args(["-u", "+%FT%TZ"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.0}", bytes as f64 / (1024.0 * 1024.0))
+}
+
+/// How a table row shows one side.
+type Cell = fn(&Row) -> String;
+/// How a table row compares Frugal (first) with PyTorch (second).
+type Ratio = fn(&Row, &Row) -> f64;
+
+/// The markdown table; without `frugal`, the PyTorch column alone.
+fn table(opts: Options, torch: &Row, frugal: Option<&Row>, extra: &PytorchExtra) -> String {
+    let rows: [(&str, Cell, Option<Ratio>); 5] = [
+        (
+            "tokens/s (higher is better)",
+            |r| format!("{:.0}", r.tokens_per_s()),
+            Some(|f, t| f.tokens_per_s() / t.tokens_per_s()),
+        ),
+        ("step time (s)", |r| format!("{:.3}", r.step_s), None),
+        ("baseline RSS (MiB)", |r| mib(r.baseline_rss_bytes), None),
+        ("peak RSS (MiB)", |r| mib(r.peak_rss_bytes), None),
+        (
+            "peak above baseline (MiB, lower is better)",
+            |r| mib(r.peak_above_baseline()),
+            Some(|f, t| f.peak_above_baseline() as f64 / t.peak_above_baseline().max(1) as f64),
+        ),
+    ];
+    let mut s = String::new();
+    match frugal {
+        Some(_) => s.push_str("| | PyTorch | Frugal | Frugal / PyTorch |\n|---|---:|---:|---:|\n"),
+        None => s.push_str("| | PyTorch |\n|---|---:|\n"),
+    }
+    for (name, value, ratio) in rows {
+        match frugal {
+            Some(f) => {
+                let r = ratio
+                    .map(|g| format!("{:.2}x", g(f, torch)))
+                    .unwrap_or_default();
+                s.push_str(&format!(
+                    "| {name} | {} | {} | {r} |\n",
+                    value(torch),
+                    value(f)
+                ));
+            }
+            None => s.push_str(&format!("| {name} | {} |\n", value(torch))),
+        }
+    }
+    s.push_str(&format!(
+        "\n{} parameters; {} timed steps after {} warmup; PyTorch on {} threads.\n",
+        extra.params, opts.steps, opts.warmup, extra.threads
+    ));
+    s
+}
+
+/// `x` as a JSON number (`null` when not finite).
+fn num(x: f64) -> String {
+    if x.is_finite() {
+        format!("{x}")
+    } else {
+        "null".into()
+    }
+}
+
+/// `s` as a JSON string.
+fn string(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+fn row_json(r: &Row) -> String {
+    format!(
+        "{{\"tokens_per_s\": {}, \"step_s\": {}, \"peak_rss_bytes\": {}, \
+         \"baseline_rss_bytes\": {}, \"peak_above_baseline_bytes\": {}}}",
+        num(r.tokens_per_s()),
+        num(r.step_s),
+        r.peak_rss_bytes,
+        r.baseline_rss_bytes,
+        r.peak_above_baseline()
+    )
+}
+
+fn result_json(
+    opts: Options,
+    torch: &Row,
+    frugal: &Row,
+    extra: &PytorchExtra,
+    machine: &Machine,
+    date: &str,
+) -> String {
+    let tps = frugal.tokens_per_s() / torch.tokens_per_s();
+    let mem = frugal.peak_above_baseline() as f64 / torch.peak_above_baseline().max(1) as f64;
+    format!(
+        "{{\n  \"benchmark\": \"train-step\",\n  \"model\": \"llama-60m\",\n  \"params\": {},\n  \
+         \"dtype\": \"f32\",\n  \"device\": \"cpu\",\n  \"steps\": {},\n  \"warmup\": {},\n  \
+         \"batch\": {BATCH},\n  \"seq\": {SEQ},\n  \"machine\": {{\"nproc\": {}, \"cpu\": {}, \
+         \"torch_threads\": {}}},\n  \"date\": {},\n  \"pytorch\": {},\n  \"frugal\": {},\n  \
+         \"ratios\": {{\"tokens_per_s_frugal_over_pytorch\": {}, \
+         \"peak_above_baseline_frugal_over_pytorch\": {}}},\n  \
+         \"goals\": {{\"tokens_per_s_ratio_at_least\": 1, \"peak_above_baseline_ratio_at_most\": \
+         1, \"met\": {}}}\n}}\n",
+        extra.params,
+        opts.steps,
+        opts.warmup,
+        machine.nproc,
+        string(&machine.model),
+        extra.threads,
+        string(date),
+        row_json(torch),
+        row_json(frugal),
+        num(tps),
+        num(mem),
+        tps >= 1.0 && mem <= 1.0,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const METRICS: &str = r#"{"step": 1, "loss": 10.5, "tokens_per_s": 300.0, "step_time_s": 9.0}
+{"step": 2, "loss": 10.4, "tokens_per_s": 400.0, "step_time_s": 2.5e0}
+{"step":3,"loss":10.3,"tokens_per_s":500.0,"step_time_s":2.0}
+{"step": 3, "val_loss": 10.2}
+
+{"step": 4, "loss": 10.2, "tokens_per_s": 450.0, "step_time_s": 3.0, "lr": 1e-3}
+"#;
+
+    #[test]
+    fn mean_skips_warmup_and_eval_lines() {
+        assert_eq!(mean_step_time(METRICS, 1), Some(2.5));
+        assert_eq!(mean_step_time(METRICS, 3), Some(3.0));
+        assert_eq!(mean_step_time(METRICS, 4), None);
+        assert_eq!(mean_step_time("", 0), None);
+    }
+
+    #[test]
+    fn memory_prefers_measured() {
+        let text = r#"{
+  "estimate": {"peak_rss_bytes": 1, "baseline_rss_bytes": 2},
+  "measured": {
+    "baseline_rss_bytes": 400000000,
+    "peak_rss_bytes" : 1500000000
+  }
+}"#;
+        assert_eq!(parse_memory(text), Some((400_000_000, 1_500_000_000)));
+        let flat = r#"{"baseline_rss_bytes": 5, "peak_rss_bytes": 7}"#;
+        assert_eq!(parse_memory(flat), Some((5, 7)));
+        assert_eq!(parse_memory(r#"{"measured": {"peak_rss_bytes": 7}}"#), None);
+    }
+
+    #[test]
+    fn keys_are_not_values() {
+        let text = r#"{"name": "step_s", "step_s": 1.5}"#;
+        assert_eq!(json_number(text, "step_s"), Some(1.5));
+        assert_eq!(json_number(text, "name"), None);
+        assert_eq!(json_number(r#"{"x": NaN}"#, "x"), None);
+    }
+
+    #[test]
+    fn pytorch_line() {
+        let out = "noise\n{\"impl\":\"pytorch\",\"params\":58073600,\"step_s\":2.0,\
+                   \"tokens_per_s\":512.0,\"baseline_rss_bytes\":495177728,\
+                   \"peak_rss_bytes\":2643300352,\"torch_threads\":2}\n";
+        let (row, extra) = parse_pytorch(out).unwrap();
+        assert_eq!(row.step_s, 2.0);
+        assert_eq!(row.tokens_per_s(), 512.0);
+        assert_eq!(row.peak_above_baseline(), 2643300352 - 495177728);
+        assert_eq!((extra.params, extra.threads), (58073600, 2));
+        assert!(parse_pytorch("no json\n").is_none());
+    }
+
+    #[test]
+    fn args() {
+        let a = |v: &[&str]| parse_args(&v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert_eq!(
+            a(&[]).ok(),
+            Some(Options {
+                steps: 8,
+                warmup: 2
+            })
+        );
+        assert_eq!(
+            a(&["--steps", "3", "--warmup=0"]).ok(),
+            Some(Options {
+                steps: 3,
+                warmup: 0
+            })
+        );
+        assert!(a(&["--steps", "0"]).is_err());
+        assert!(a(&["--steps"]).is_err());
+        assert!(a(&["--batch", "2"]).is_err());
+    }
+
+    #[test]
+    fn cpuinfo_and_json() {
+        let info = "processor\t: 0\nmodel name\t: AMD EPYC 9B14\nflags\t: x\n";
+        assert_eq!(cpu_model(info).as_deref(), Some("AMD EPYC 9B14"));
+        assert_eq!(string("a\"b\\c"), r#""a\"b\\c""#);
+        assert_eq!(num(f64::NAN), "null");
+    }
+
+    #[test]
+    fn result_is_flat_enough_to_read_back() {
+        let torch = Row {
+            step_s: 2.0,
+            baseline_rss_bytes: 100,
+            peak_rss_bytes: 300,
+        };
+        let frugal = Row {
+            step_s: 1.0,
+            baseline_rss_bytes: 50,
+            peak_rss_bytes: 150,
+        };
+        let extra = PytorchExtra {
+            params: 58073600,
+            threads: 2,
+        };
+        let machine = Machine {
+            nproc: 2,
+            model: "Test CPU".into(),
+        };
+        let opts = Options {
+            steps: 8,
+            warmup: 2,
+        };
+        let j = result_json(
+            opts,
+            &torch,
+            &frugal,
+            &extra,
+            &machine,
+            "2025-01-01T00:00:00Z",
+        );
+        assert_eq!(
+            json_number(&j, "tokens_per_s_frugal_over_pytorch"),
+            Some(2.0)
+        );
+        assert_eq!(
+            json_number(&j, "peak_above_baseline_frugal_over_pytorch"),
+            Some(0.5)
+        );
+        assert!(j.contains("\"met\": true"));
+        let t = table(opts, &torch, Some(&frugal), &extra);
+        assert!(
+            t.contains("| tokens/s (higher is better) | 512 | 1024 | 2.00x |"),
+            "{t}"
+        );
+    }
+}
