@@ -67,15 +67,22 @@ pub fn run(env: &TorchEnv, args: &[String]) -> Result<()> {
         "bench train-step: PyTorch, {} timed steps after {} warmup steps",
         opts.steps, opts.warmup
     );
-    let (torch_row, extra) = run_pytorch(env, &root, opts)?;
+    let (torch_row, extra) = run_pytorch(&env.python, &env.vars(), &root, opts)?;
 
     let frugal = frugal_bin.and_then(|bin| {
         eprintln!(
             "bench train-step: frugal, {} timed steps after {} warmup steps",
             opts.steps, opts.warmup
         );
-        run_frugal(env, &root, &bin, opts)
+        run_frugal(&env.vars(), &root, &bin, opts)
     });
+    let machine = Machine::detect();
+    let date = utc_date();
+    println!(
+        "LLaMA 60M, seq {SEQ}, batch {BATCH}, f32, CPU: {} x {}, {} timed steps after {} \
+         warmup, {date}\n",
+        machine.nproc, machine.model, opts.steps, opts.warmup
+    );
     let frugal_row = match frugal {
         Ok(row) => row,
         Err(f) => {
@@ -88,16 +95,9 @@ pub fn run(env: &TorchEnv, args: &[String]) -> Result<()> {
         }
     };
 
-    let machine = Machine::detect();
-    let date = utc_date();
     let json = result_json(opts, &torch_row, &frugal_row, &extra, &machine, &date);
     std::fs::write(root.join(RESULT), json)
         .map_err(|e| Failure::new(format!("cannot write {RESULT}: {e}")))?;
-    println!(
-        "LLaMA 60M, seq {SEQ}, batch {BATCH}, f32, CPU: {} x {}, {} timed steps after {} \
-         warmup, {date}\n",
-        machine.nproc, machine.model, opts.steps, opts.warmup
-    );
     print!("{}", table(opts, &torch_row, Some(&frugal_row), &extra));
     eprintln!("bench train-step: wrote {RESULT}");
     Ok(())
@@ -137,8 +137,13 @@ fn parse_args(args: &[String]) -> Result<Options> {
     Ok(opts)
 }
 
-fn run_pytorch(env: &TorchEnv, root: &Path, opts: Options) -> Result<(Row, PytorchExtra)> {
-    let mut c = Command::new(&env.python);
+fn run_pytorch(
+    python: &Path,
+    vars: &[(String, String)],
+    root: &Path,
+    opts: Options,
+) -> Result<(Row, PytorchExtra)> {
+    let mut c = Command::new(python);
     c.current_dir(root).arg(root.join(SCRIPT));
     c.args([
         "--steps",
@@ -147,16 +152,14 @@ fn run_pytorch(env: &TorchEnv, root: &Path, opts: Options) -> Result<(Row, Pytor
         &opts.warmup.to_string(),
     ]);
     c.args(["--batch", &BATCH.to_string(), "--seq", &SEQ.to_string()]);
-    for (k, v) in env.vars() {
-        c.env(k, v);
-    }
+    c.envs(vars.iter().map(|(k, v)| (k, v)));
     c.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
     let out = c.output().map_err(|e| {
         Failure::new(format!(
             "could not start {} {SCRIPT}: {e}",
-            env.python.display()
+            python.display()
         ))
     })?;
     if !out.status.success() {
@@ -192,7 +195,7 @@ fn parse_pytorch(stdout: &str) -> Option<(Row, PytorchExtra)> {
     (row.step_s > 0.0).then_some((row, extra))
 }
 
-fn run_frugal(env: &TorchEnv, root: &Path, bin: &Path, opts: Options) -> Result<Row> {
+fn run_frugal(vars: &[(String, String)], root: &Path, bin: &Path, opts: Options) -> Result<Row> {
     let out_dir = root.join(FRUGAL_OUT);
     if out_dir.exists() {
         std::fs::remove_dir_all(&out_dir)
@@ -218,9 +221,7 @@ fn run_frugal(env: &TorchEnv, root: &Path, bin: &Path, opts: Options) -> Result<
         c.arg("--set").arg(s);
     }
     c.arg("--out").arg(FRUGAL_OUT);
-    for (k, v) in env.vars() {
-        c.env(k, v);
-    }
+    c.envs(vars.iter().map(|(k, v)| (k, v)));
     // Its own output goes to our stderr, so that our stdout holds only the table.
     c.stdin(Stdio::null())
         .stdout(Stdio::from(std::io::stderr()))
@@ -603,5 +604,92 @@ mod tests {
             t.contains("| tokens/s (higher is better) | 512 | 1024 | 2.00x |"),
             "{t}"
         );
+    }
+
+    /// `run_frugal` end to end, with a shell script standing in for the `frugal` binary.
+    #[cfg(unix)]
+    #[test]
+    fn frugal_child_process() {
+        use std::os::unix::fs::PermissionsExt;
+        let root = std::env::temp_dir().join(format!("xtask-bench-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let stale = root.join(FRUGAL_OUT).join("stale");
+        std::fs::create_dir_all(&stale).unwrap();
+        let bin = root.join("fake-frugal");
+        // Checks its argv, then writes what the real trainer writes into --out.
+        let script = r#"#!/bin/sh
+[ "$1 $2 $3" = "train --config configs/default.toml" ] || exit 3
+case "$*" in *'--set model.size="60m" '*'--set train.max_steps='[35]' '*) ;; *) exit 4 ;; esac
+[ "$FRUGAL_TEST_VAR" = yes ] || exit 5
+while [ $# -gt 0 ]; do [ "$1" = --out ] && out=$2; shift; done
+[ -e "$out/stale" ] && exit 6
+mkdir -p "$out"
+echo "training..."
+printf '%s\n' '{"step":1,"loss":10,"tokens_per_s":1,"step_time_s":5}' \
+  '{"step":2,"loss":9,"tokens_per_s":1,"step_time_s":1.5}' '{"step":2,"val_loss":9}' \
+  '{"step":3,"loss":8,"tokens_per_s":1,"step_time_s":2.5}' > "$out/metrics.jsonl"
+printf '{"measured": {"baseline_rss_bytes": 10, "peak_rss_bytes": 30}}' > "$out/memory.json"
+"#;
+        std::fs::write(&bin, script).unwrap();
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let vars = [("FRUGAL_TEST_VAR".to_string(), "yes".to_string())];
+        let opts = Options {
+            steps: 2,
+            warmup: 1,
+        };
+        let row = run_frugal(&vars, &root, &bin, opts)
+            .map_err(|f| f.message)
+            .unwrap();
+        assert_eq!(
+            row,
+            Row {
+                step_s: 2.0,
+                baseline_rss_bytes: 10,
+                peak_rss_bytes: 30
+            }
+        );
+        // Too few steps for the warmup asked for: a clear error.
+        let err = run_frugal(
+            &vars,
+            &root,
+            &bin,
+            Options {
+                steps: 2,
+                warmup: 3,
+            },
+        )
+        .err()
+        .unwrap();
+        assert!(
+            err.message.contains("fewer than 5 training steps"),
+            "{}",
+            err.message
+        );
+        std::fs::write(&bin, "#!/bin/sh\nexit 1\n").unwrap();
+        let err = run_frugal(&vars, &root, &bin, opts).err().unwrap();
+        assert!(
+            err.message.contains("frugal train failed"),
+            "{}",
+            err.message
+        );
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    /// The real PyTorch script through `run_pytorch` (slow: run with `--ignored`; needs
+    /// `FRUGAL_PYTHON`).
+    #[test]
+    #[ignore]
+    fn pytorch_script() {
+        let python = std::env::var("FRUGAL_PYTHON").expect("FRUGAL_PYTHON");
+        let opts = Options {
+            steps: 1,
+            warmup: 0,
+        };
+        let (row, extra) = run_pytorch(Path::new(&python), &[], &crate::root(), opts)
+            .map_err(|f| f.message)
+            .unwrap();
+        assert_eq!(extra.params, 58_073_600);
+        assert!(row.step_s > 0.0 && row.peak_rss_bytes > row.baseline_rss_bytes);
+        eprint!("{}", table(opts, &row, None, &extra));
     }
 }

@@ -155,7 +155,10 @@ pub enum DataError {
 
 impl DataError {
     pub(crate) fn io(path: impl AsRef<Path>, error: std::io::Error) -> Self {
-        DataError::Io { path: path.as_ref().display().to_string(), error }
+        DataError::Io {
+            path: path.as_ref().display().to_string(),
+            error,
+        }
     }
 }
 
@@ -223,26 +226,30 @@ fn find_crate_dir(registry: &Path, name: &str, version: &str) -> Option<PathBuf>
         .collect();
     indexes.sort();
     let dir_name = format!("{name}-{version}");
-    indexes.into_iter().map(|i| i.join(&dir_name)).find(|d| d.is_dir())
+    indexes
+        .into_iter()
+        .map(|i| i.join(&dir_name))
+        .find(|d| d.is_dir())
 }
 
 /// Loads the default corpus from the given registry source folder (see [`default_corpus`]).
 pub fn default_corpus_from(registry: &Path) -> Result<Vec<Document>, DataError> {
     let mut docs = Vec::new();
     for &(name, version) in DEFAULT_CORPUS_CRATES {
-        let dir = find_crate_dir(registry, name, version).ok_or_else(|| {
-            DataError::MissingCrate {
+        let dir =
+            find_crate_dir(registry, name, version).ok_or_else(|| DataError::MissingCrate {
                 name: name.to_string(),
                 version: version.to_string(),
                 registry: registry.display().to_string(),
-            }
-        })?;
+            })?;
         let mut files = Vec::new();
         walk_files(&dir, &mut files, &mut HashSet::new(), false)?;
         files.retain(|p| p.extension().is_some_and(|e| e == "rs"));
         files.sort();
         if files.is_empty() {
-            return Err(DataError::EmptyCrate { dir: dir.display().to_string() });
+            return Err(DataError::EmptyCrate {
+                dir: dir.display().to_string(),
+            });
         }
         let crate_dir_name = format!("{name}-{version}");
         for file in files {
@@ -251,9 +258,14 @@ pub fn default_corpus_from(registry: &Path) -> Result<Vec<Document>, DataError> 
                 continue;
             }
             let rel = file.strip_prefix(&dir).unwrap_or(&file);
-            let rel: Vec<String> =
-                rel.components().map(|c| c.as_os_str().to_string_lossy().into_owned()).collect();
-            docs.push(Document { name: format!("{crate_dir_name}/{}", rel.join("/")), text });
+            let rel: Vec<String> = rel
+                .components()
+                .map(|c| c.as_os_str().to_string_lossy().into_owned())
+                .collect();
+            docs.push(Document {
+                name: format!("{crate_dir_name}/{}", rel.join("/")),
+                text,
+            });
         }
     }
     Ok(docs)
@@ -329,7 +341,10 @@ fn expand_spec(key: &str, spec: &str) -> Result<(Vec<PathBuf>, bool), DataError>
         return Ok((files, false));
     }
     if !has_glob_chars(spec) {
-        return Err(DataError::NotFound { key: key.to_string(), spec: spec.to_string() });
+        return Err(DataError::NotFound {
+            key: key.to_string(),
+            spec: spec.to_string(),
+        });
     }
     let paths = glob::glob(spec).map_err(|e| DataError::BadGlob {
         key: key.to_string(),
@@ -341,7 +356,7 @@ fn expand_spec(key: &str, spec: &str) -> Result<(Vec<PathBuf>, bool), DataError>
     for entry in paths {
         let found = entry.map_err(|e| {
             let path = e.path().to_path_buf();
-            DataError::io(path, e.into_error())
+            DataError::io(path, std::io::Error::from(e))
         })?;
         if found.is_dir() {
             let mut below = Vec::new();
@@ -352,7 +367,10 @@ fn expand_spec(key: &str, spec: &str) -> Result<(Vec<PathBuf>, bool), DataError>
         }
     }
     if files.is_empty() {
-        return Err(DataError::NoMatch { key: key.to_string(), pattern: spec.to_string() });
+        return Err(DataError::NoMatch {
+            key: key.to_string(),
+            pattern: spec.to_string(),
+        });
     }
     files.sort();
     files.dedup();
@@ -398,7 +416,10 @@ fn read_jsonl(path: &Path, text: &str, out: &mut Vec<Document>) -> Result<(), Da
             .map_err(|e| bad(format!("invalid JSON ({})", one_line(e))))?;
         let text = record_text(&value).map_err(bad)?;
         if !text.is_empty() {
-            out.push(Document { name: format!("{shown}:{}", i + 1), text });
+            out.push(Document {
+                name: format!("{shown}:{}", i + 1),
+                text,
+            });
         }
     }
     Ok(())
@@ -423,7 +444,10 @@ fn read_json(path: &Path, text: &str, out: &mut Vec<Document>) -> Result<(), Dat
             message: format!("record {}: {message}", i + 1),
         })?;
         if !text.is_empty() {
-            out.push(Document { name: format!("{shown}#{}", i + 1), text });
+            out.push(Document {
+                name: format!("{shown}#{}", i + 1),
+                text,
+            });
         }
     }
     Ok(())
@@ -437,7 +461,10 @@ fn load_file(path: &Path, out: &mut Vec<Document>) -> Result<(), DataError> {
         Some("json") => read_json(path, &text, out),
         _ => {
             if !text.is_empty() {
-                out.push(Document { name: path.display().to_string(), text });
+                out.push(Document {
+                    name: path.display().to_string(),
+                    text,
+                });
             }
             Ok(())
         }
@@ -455,10 +482,15 @@ pub fn load_documents_for(key: &str, spec: &str) -> Result<Vec<Document>, DataEr
     docs.retain(|d| !d.text.trim().is_empty());
     if docs.is_empty() {
         if single {
-            return Err(DataError::EmptyFile { path: files[0].display().to_string() });
+            return Err(DataError::EmptyFile {
+                path: files[0].display().to_string(),
+            });
         }
         if files.is_empty() {
-            return Err(DataError::EmptyFolder { key: key.to_string(), spec: spec.to_string() });
+            return Err(DataError::EmptyFolder {
+                key: key.to_string(),
+                spec: spec.to_string(),
+            });
         }
         return Err(DataError::NoText {
             key: key.to_string(),
@@ -501,11 +533,17 @@ pub fn split_validation(docs: Vec<Document>, every: usize) -> (Vec<Document>, Ve
             cut += 1;
         }
         let (head, tail) = doc.text.split_at(cut);
-        let train = vec![Document { name: doc.name.clone(), text: head.to_string() }];
+        let train = vec![Document {
+            name: doc.name.clone(),
+            text: head.to_string(),
+        }];
         let val = if tail.is_empty() {
             Vec::new()
         } else {
-            vec![Document { name: doc.name, text: tail.to_string() }]
+            vec![Document {
+                name: doc.name,
+                text: tail.to_string(),
+            }]
         };
         return (train, val);
     }
@@ -551,7 +589,10 @@ impl TokenDataset {
             });
         }
         if tokens.len() < seq_len + 1 {
-            return Err(DataError::TooFewTokens { tokens: tokens.len(), needed: seq_len + 1 });
+            return Err(DataError::TooFewTokens {
+                tokens: tokens.len(),
+                needed: seq_len + 1,
+            });
         }
         Ok(Self { tokens, seq_len })
     }
@@ -587,18 +628,27 @@ impl TokenDataset {
         let mut inputs = Vec::with_capacity(indices.len() * s);
         let mut targets = Vec::with_capacity(indices.len() * s);
         for &i in indices {
-            assert!(i < n, "TokenDataset::batch: window {i} out of range (0..{n})");
+            assert!(
+                i < n,
+                "TokenDataset::batch: window {i} out of range (0..{n})"
+            );
             let window = &self.tokens[i * s..=(i + 1) * s];
             inputs.extend(window[..s].iter().map(|&t| i64::from(t)));
             targets.extend(window[1..].iter().map(|&t| i64::from(t)));
         }
         let shape = [indices.len() as i64, s as i64];
-        (Tensor::from_slice(&inputs).view(shape), Tensor::from_slice(&targets).view(shape))
+        (
+            Tensor::from_slice(&inputs).view(shape),
+            Tensor::from_slice(&targets).view(shape),
+        )
     }
 
     /// Every window in order, `batch_size` at a time (the last batch may be smaller), for
     /// evaluation. A `batch_size` of 0 is taken as 1.
-    pub fn sequential_batches(&self, batch_size: usize) -> impl Iterator<Item = (Tensor, Tensor)> + '_ {
+    pub fn sequential_batches(
+        &self,
+        batch_size: usize,
+    ) -> impl Iterator<Item = (Tensor, Tensor)> + '_ {
         let batch_size = batch_size.max(1);
         let n = self.num_sequences();
         (0..n).step_by(batch_size).map(move |start| {
@@ -638,7 +688,9 @@ fn mix64(mut z: u64) -> u64 {
 /// The permutation of `0..n` for `epoch`: a Fisher-Yates shuffle driven by SplitMix64 seeded
 /// from `(seed, epoch)` only.
 fn epoch_permutation(seed: u64, epoch: u64, n: usize) -> Vec<usize> {
-    let mut rng = SplitMix64(mix64(seed ^ mix64(epoch.wrapping_add(0x6A09_E667_F3BC_C909))));
+    let mut rng = SplitMix64(mix64(
+        seed ^ mix64(epoch.wrapping_add(0x6A09_E667_F3BC_C909)),
+    ));
     let mut perm: Vec<usize> = (0..n).collect();
     for i in (1..n).rev() {
         let j = rng.below(i + 1);
@@ -670,15 +722,29 @@ pub struct Sampler {
 impl Sampler {
     /// A sampler at the start of epoch 0.
     pub fn new(num_sequences: usize, seed: u64) -> Self {
-        Self::from_state(num_sequences, SamplerState { seed, epoch: 0, position: 0 })
+        Self::from_state(
+            num_sequences,
+            SamplerState {
+                seed,
+                epoch: 0,
+                position: 0,
+            },
+        )
     }
 
     /// A sampler resuming from a saved state. A position past the end of the epoch is taken as
     /// the end (the next call starts the next epoch).
     pub fn from_state(num_sequences: usize, state: SamplerState) -> Self {
         let perm = epoch_permutation(state.seed, state.epoch, num_sequences);
-        let state = SamplerState { position: state.position.min(num_sequences), ..state };
-        Self { num_sequences, state, perm }
+        let state = SamplerState {
+            position: state.position.min(num_sequences),
+            ..state
+        };
+        Self {
+            num_sequences,
+            state,
+            perm,
+        }
     }
 
     /// The current state, to save with a checkpoint.
@@ -703,7 +769,8 @@ impl Sampler {
             if self.state.position >= self.num_sequences {
                 self.state.epoch += 1;
                 self.state.position = 0;
-                self.perm = epoch_permutation(self.state.seed, self.state.epoch, self.num_sequences);
+                self.perm =
+                    epoch_permutation(self.state.seed, self.state.epoch, self.num_sequences);
             }
             let take = (batch_size - out.len()).min(self.num_sequences - self.state.position);
             let start = self.state.position;
@@ -735,7 +802,10 @@ mod tests {
     }
 
     fn doc(name: &str, text: &str) -> Document {
-        Document { name: name.to_string(), text: text.to_string() }
+        Document {
+            name: name.to_string(),
+            text: text.to_string(),
+        }
     }
 
     #[test]
@@ -765,7 +835,11 @@ mod tests {
     #[test]
     fn loads_json_array() {
         let dir = tempfile::tempdir().unwrap();
-        let f = write(dir.path(), "x.json", r#"[{"text": "a"}, {"prompt": "p", "response": "r"}]"#);
+        let f = write(
+            dir.path(),
+            "x.json",
+            r#"[{"text": "a"}, {"prompt": "p", "response": "r"}]"#,
+        );
         let docs = load_documents(&s(&f)).unwrap();
         let texts: Vec<_> = docs.iter().map(|d| d.text.as_str()).collect();
         assert_eq!(texts, ["a", "p\nr"]);
@@ -806,9 +880,15 @@ mod tests {
     #[test]
     fn bad_glob_and_missing_path_are_errors() {
         let err = load_documents("/nonexistent/[abc").unwrap_err().to_string();
-        assert!(err.starts_with("data.path: invalid glob pattern '/nonexistent/[abc'"), "{err}");
+        assert!(
+            err.starts_with("data.path: invalid glob pattern '/nonexistent/[abc'"),
+            "{err}"
+        );
         let err = load_documents_for("data.val_path", "/nonexistent/file.txt").unwrap_err();
-        assert_eq!(err.to_string(), "data.val_path: '/nonexistent/file.txt' does not exist");
+        assert_eq!(
+            err.to_string(),
+            "data.val_path: '/nonexistent/file.txt' does not exist"
+        );
     }
 
     #[test]
@@ -826,21 +906,40 @@ mod tests {
     fn folder_of_empty_files_and_empty_folder_are_errors() {
         let dir = tempfile::tempdir().unwrap();
         let err = load_documents(&s(dir.path())).unwrap_err().to_string();
-        assert_eq!(err, format!("data.path: folder '{}' holds no file", s(dir.path())));
+        assert_eq!(
+            err,
+            format!("data.path: folder '{}' holds no file", s(dir.path()))
+        );
         write(dir.path(), "a.txt", "");
         write(dir.path(), "b.jsonl", "{\"text\": \"\"}\n");
         let err = load_documents(&s(dir.path())).unwrap_err().to_string();
-        assert_eq!(err, format!("data.path: no text in '{}' (2 file(s), all empty)", s(dir.path())));
+        assert_eq!(
+            err,
+            format!(
+                "data.path: no text in '{}' (2 file(s), all empty)",
+                s(dir.path())
+            )
+        );
     }
 
     #[test]
     fn bad_jsonl_records_are_errors_naming_the_line() {
         let dir = tempfile::tempdir().unwrap();
         let cases = [
-            ("a.jsonl", "{\"text\": \"ok\"}\n{\"prompt\": \"only\"}\n", 2, "no 'text' field, nor 'prompt' and 'response'"),
+            (
+                "a.jsonl",
+                "{\"text\": \"ok\"}\n{\"prompt\": \"only\"}\n",
+                2,
+                "no 'text' field, nor 'prompt' and 'response'",
+            ),
             ("b.jsonl", "{\"text\": 3}\n", 1, "'text' is not a string"),
             ("c.jsonl", "\n\n{\"text\": \"a\"\n", 3, "invalid JSON ("),
-            ("d.jsonl", "[1, 2]\n", 1, "expected a JSON object with a 'text' field"),
+            (
+                "d.jsonl",
+                "[1, 2]\n",
+                1,
+                "expected a JSON object with a 'text' field",
+            ),
         ];
         for (name, text, line, message) in cases {
             let f = write(dir.path(), name, text);
@@ -857,7 +956,10 @@ mod tests {
         let f = dir.path().join("bin.txt");
         fs::write(&f, [b'a', 0xff, 0xfe]).unwrap();
         let err = load_documents(&s(&f)).unwrap_err().to_string();
-        assert_eq!(err, format!("{}: not UTF-8 text (invalid byte at offset 1)", s(&f)));
+        assert_eq!(
+            err,
+            format!("{}: not UTF-8 text (invalid byte at offset 1)", s(&f))
+        );
     }
 
     #[test]
@@ -896,19 +998,29 @@ mod tests {
     fn dataset_windows_and_batches() {
         let tokens: Vec<u32> = (0..11).collect();
         assert!(TokenDataset::new(tokens.clone(), 0).is_err());
-        let err = TokenDataset::new(tokens.clone(), 11).unwrap_err().to_string();
+        let err = TokenDataset::new(tokens.clone(), 11)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("11 tokens") && err.contains("= 12"), "{err}");
         let ds = TokenDataset::new(tokens, 3).unwrap();
         assert_eq!(ds.num_sequences(), 3);
         let (x, y) = ds.batch(&[2, 0]);
         assert_eq!(x.size(), [2, 3]);
         assert_eq!(x.kind(), tch::Kind::Int64);
-        assert_eq!(Vec::<i64>::try_from(x.view([-1])).unwrap(), [6, 7, 8, 0, 1, 2]);
-        assert_eq!(Vec::<i64>::try_from(y.view([-1])).unwrap(), [7, 8, 9, 1, 2, 3]);
+        assert_eq!(
+            Vec::<i64>::try_from(x.view([-1])).unwrap(),
+            [6, 7, 8, 0, 1, 2]
+        );
+        assert_eq!(
+            Vec::<i64>::try_from(y.view([-1])).unwrap(),
+            [7, 8, 9, 1, 2, 3]
+        );
         let sizes: Vec<_> = ds.sequential_batches(2).map(|(x, _)| x.size()[0]).collect();
         assert_eq!(sizes, [2, 1]);
-        let firsts: Vec<i64> =
-            ds.sequential_batches(2).flat_map(|(x, _)| Vec::<i64>::try_from(x.select(1, 0)).unwrap()).collect();
+        let firsts: Vec<i64> = ds
+            .sequential_batches(2)
+            .flat_map(|(x, _)| Vec::<i64>::try_from(x.select(1, 0)).unwrap())
+            .collect();
         assert_eq!(firsts, [0, 3, 6]);
         let exact = TokenDataset::new((0..4).collect(), 3).unwrap();
         assert_eq!(exact.num_sequences(), 1);
@@ -926,7 +1038,14 @@ mod tests {
         assert_ne!(first, (0..10).collect::<Vec<_>>());
         let second = a.next_indices(10);
         assert_ne!(first, second);
-        assert_eq!(a.state(), SamplerState { seed: 7, epoch: 1, position: 10 });
+        assert_eq!(
+            a.state(),
+            SamplerState {
+                seed: 7,
+                epoch: 1,
+                position: 10
+            }
+        );
         assert_ne!(Sampler::new(10, 8).next_indices(10), first);
         assert_eq!(epoch_permutation(7, 1, 10), second);
         assert!(Sampler::new(0, 1).next_indices(4).is_empty());
@@ -968,7 +1087,10 @@ mod tests {
     fn default_corpus_from_a_fake_registry() {
         let dir = tempfile::tempdir().unwrap();
         for &(name, version) in DEFAULT_CORPUS_CRATES {
-            let root = dir.path().join("index.example").join(format!("{name}-{version}"));
+            let root = dir
+                .path()
+                .join("index.example")
+                .join(format!("{name}-{version}"));
             write(&root, "src/lib.rs", &format!("//! {name}\n"));
             write(&root, "src/a/mod.rs", "fn a() {}\n");
             write(&root, "README.md", "not rust");
@@ -984,7 +1106,9 @@ mod tests {
     /// workspace was built or fetched); skips otherwise.
     #[test]
     fn default_corpus_loads_when_present() {
-        let Ok(registry) = cargo_registry_src() else { return };
+        let Ok(registry) = cargo_registry_src() else {
+            return;
+        };
         let all_present = DEFAULT_CORPUS_CRATES
             .iter()
             .all(|(n, v)| find_crate_dir(&registry, n, v).is_some());
