@@ -16,7 +16,10 @@ fn torch_lib_dir() -> Option<PathBuf> {
     if std::env::var_os("LIBTORCH_USE_PYTORCH").is_some() {
         let python = std::env::var("PYTHON_SYS_EXECUTABLE").unwrap_or_else(|_| "python3".into());
         let out = Command::new(python)
-            .args(["-c", "import os, torch; print(os.path.dirname(torch.__file__))"])
+            .args([
+                "-c",
+                "import os, torch; print(os.path.dirname(torch.__file__))",
+            ])
             .output()
             .ok()?;
         let dir = String::from_utf8(out.stdout).ok()?;

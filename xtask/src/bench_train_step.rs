@@ -674,22 +674,4 @@ printf '{"measured": {"baseline_rss_bytes": 10, "peak_rss_bytes": 30}}' > "$out/
         );
         std::fs::remove_dir_all(&root).unwrap();
     }
-
-    /// The real PyTorch script through `run_pytorch` (slow: run with `--ignored`; needs
-    /// `FRUGAL_PYTHON`).
-    #[test]
-    #[ignore]
-    fn pytorch_script() {
-        let python = std::env::var("FRUGAL_PYTHON").expect("FRUGAL_PYTHON");
-        let opts = Options {
-            steps: 1,
-            warmup: 0,
-        };
-        let (row, extra) = run_pytorch(Path::new(&python), &[], &crate::root(), opts)
-            .map_err(|f| f.message)
-            .unwrap();
-        assert_eq!(extra.params, 58_073_600);
-        assert!(row.step_s > 0.0 && row.peak_rss_bytes > row.baseline_rss_bytes);
-        eprint!("{}", table(opts, &row, None, &extra));
-    }
 }

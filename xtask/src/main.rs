@@ -26,7 +26,10 @@ pub struct Failure {
 impl Failure {
     /// A failure with a message for the user, exit code 2.
     pub fn new(message: impl Into<String>) -> Self {
-        Self { message: message.into(), code: 2 }
+        Self {
+            message: message.into(),
+            code: 2,
+        }
     }
 }
 
@@ -67,7 +70,11 @@ fn run(args: &[String]) -> Result<()> {
         }
         "train" => {
             let env = setup::ensure()?;
-            let mut args = vec!["train".to_string(), "--config".into(), "configs/default.toml".into()];
+            let mut args = vec![
+                "train".to_string(),
+                "--config".into(),
+                "configs/default.toml".into(),
+            ];
             args.extend(rest);
             cargo_run_frugal(&env, &args)
         }
@@ -80,7 +87,10 @@ fn run(args: &[String]) -> Result<()> {
         }
         "bench" => {
             let (name, rest) = rest.split_first().ok_or_else(|| {
-                Failure::new(format!("usage: cargo xtask bench NAME; benchmarks: {}", bench::NAMES.join(", ")))
+                Failure::new(format!(
+                    "usage: cargo xtask bench NAME; benchmarks: {}",
+                    bench::NAMES.join(", ")
+                ))
             })?;
             let env = setup::ensure()?;
             bench::run(&env, name, rest)
@@ -95,7 +105,10 @@ fn run(args: &[String]) -> Result<()> {
 
 /// The workspace root (xtask lives one level below it).
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask has a parent").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask has a parent")
+        .to_path_buf()
 }
 
 /// `cargo` in the workspace root with the libtorch environment set.
@@ -112,7 +125,14 @@ pub fn cargo(env: &setup::TorchEnv) -> Command {
 /// Builds the `frugal` binary in release mode and returns its path.
 pub fn build_frugal(env: &setup::TorchEnv) -> Result<PathBuf> {
     let mut c = cargo(env);
-    c.args(["build", "--release", "--package", "frugal-train", "--bin", "frugal"]);
+    c.args([
+        "build",
+        "--release",
+        "--package",
+        "frugal-train",
+        "--bin",
+        "frugal",
+    ]);
     status(c, "cargo build")?;
     Ok(root().join("target/release/frugal"))
 }
@@ -129,11 +149,16 @@ fn cargo_run_frugal(env: &setup::TorchEnv, args: &[String]) -> Result<()> {
 
 /// Runs a command, passing its exit code on when it fails.
 pub fn status(mut c: Command, what: &str) -> Result<()> {
-    let st = c.status().map_err(|e| Failure::new(format!("could not start {what}: {e}")))?;
+    let st = c
+        .status()
+        .map_err(|e| Failure::new(format!("could not start {what}: {e}")))?;
     if st.success() {
         Ok(())
     } else {
         let code = st.code().unwrap_or(1).clamp(1, 255) as u8;
-        Err(Failure { message: format!("{what} failed ({st})"), code })
+        Err(Failure {
+            message: format!("{what} failed ({st})"),
+            code,
+        })
     }
 }

@@ -28,7 +28,10 @@ pub struct TorchEnv {
 impl TorchEnv {
     /// Environment variables for cargo and for the programs it builds.
     pub fn vars(&self) -> Vec<(String, String)> {
-        let mut v = vec![("FRUGAL_PYTHON".to_string(), self.python.display().to_string())];
+        let mut v = vec![(
+            "FRUGAL_PYTHON".to_string(),
+            self.python.display().to_string(),
+        )];
         if !self.user_set {
             v.push(("LIBTORCH".into(), self.libtorch.display().to_string()));
             v.push(("LIBTORCH_CXX11_ABI".into(), "1".into()));
@@ -41,7 +44,9 @@ fn home() -> PathBuf {
     if let Some(h) = std::env::var_os("FRUGAL_HOME") {
         return PathBuf::from(h);
     }
-    let base = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/tmp"));
+    let base = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/tmp"));
     base.join(".cache/frugal/torch-2.11.0")
 }
 
@@ -55,27 +60,50 @@ pub fn ensure() -> Result<TorchEnv> {
                 dir.display()
             )));
         }
-        let python = std::env::var_os("FRUGAL_PYTHON").map(PathBuf::from).unwrap_or("python3".into());
-        return Ok(TorchEnv { libtorch: dir, python, user_set: true });
+        let python = std::env::var_os("FRUGAL_PYTHON")
+            .map(PathBuf::from)
+            .unwrap_or("python3".into());
+        return Ok(TorchEnv {
+            libtorch: dir,
+            python,
+            user_set: true,
+        });
     }
     if std::env::var_os("LIBTORCH_USE_PYTORCH").is_some() {
-        let python = std::env::var_os("FRUGAL_PYTHON").map(PathBuf::from).unwrap_or("python3".into());
-        return Ok(TorchEnv { libtorch: PathBuf::new(), python, user_set: true });
+        let python = std::env::var_os("FRUGAL_PYTHON")
+            .map(PathBuf::from)
+            .unwrap_or("python3".into());
+        return Ok(TorchEnv {
+            libtorch: PathBuf::new(),
+            python,
+            user_set: true,
+        });
     }
     let venv = home();
     let python = venv.join("bin/python");
     if venv.join(MARKER).is_file() {
         if let Some(torch) = find_torch(&venv) {
-            return Ok(TorchEnv { libtorch: torch, python, user_set: false });
+            return Ok(TorchEnv {
+                libtorch: torch,
+                python,
+                user_set: false,
+            });
         }
     }
     install(&venv)?;
     let torch = find_torch(&venv).ok_or_else(|| {
-        Failure::new(format!("pip finished but {} holds no torch/lib/libtorch.so", venv.display()))
+        Failure::new(format!(
+            "pip finished but {} holds no torch/lib/libtorch.so",
+            venv.display()
+        ))
     })?;
     std::fs::write(venv.join(MARKER), format!("{}\n", torch.display()))
         .map_err(|e| Failure::new(format!("cannot write {}: {e}", venv.join(MARKER).display())))?;
-    Ok(TorchEnv { libtorch: torch, python, user_set: false })
+    Ok(TorchEnv {
+        libtorch: torch,
+        python,
+        user_set: false,
+    })
 }
 
 fn find_torch(venv: &Path) -> Option<PathBuf> {
@@ -89,7 +117,10 @@ fn find_torch(venv: &Path) -> Option<PathBuf> {
 }
 
 fn install(venv: &Path) -> Result<()> {
-    eprintln!("xtask setup: installing libtorch ({TORCH_SPEC} from PyPI) into {}", venv.display());
+    eprintln!(
+        "xtask setup: installing libtorch ({TORCH_SPEC} from PyPI) into {}",
+        venv.display()
+    );
     eprintln!("xtask setup: this happens once; it downloads about 3 GB and takes a few minutes");
     let python3 = which("python3").ok_or_else(|| {
         Failure::new("python3 not found on PATH: install Python 3.9 or newer (with pip and venv)")
@@ -149,7 +180,9 @@ fn install(venv: &Path) -> Result<()> {
 
 fn which(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path).map(|d| d.join(name)).find(|p| p.is_file())
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
 }
 
 /// Free bytes on the file system holding `dir`, from `df` (None when it cannot tell).

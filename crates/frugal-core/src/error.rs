@@ -58,12 +58,18 @@ pub enum Error {
 impl Error {
     /// An I/O error about `path`.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+        Error::Io {
+            path: path.into(),
+            source,
+        }
     }
 
     /// A configuration error about `key`.
     pub fn config(key: impl Into<String>, reason: impl Into<String>) -> Self {
-        Error::Config { key: key.into(), reason: reason.into() }
+        Error::Config {
+            key: key.into(),
+            reason: reason.into(),
+        }
     }
 }
 

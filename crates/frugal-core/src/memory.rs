@@ -50,7 +50,11 @@ impl Accounting {
     }
 
     /// Adds the bytes of every tensor in `tensors` to `category`.
-    pub fn add_tensors<'a>(&mut self, category: &str, tensors: impl IntoIterator<Item = &'a tch::Tensor>) {
+    pub fn add_tensors<'a>(
+        &mut self,
+        category: &str,
+        tensors: impl IntoIterator<Item = &'a tch::Tensor>,
+    ) {
         let total = tensors.into_iter().map(tensor_bytes).sum();
         self.add(category, total);
     }

@@ -56,14 +56,19 @@ impl SafetensorsFile {
         // SAFETY: the map is read-only; a file changed underneath us by another process is
         // outside what we promise (as for every reader of memory-mapped files).
         let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-        let this = Self { path: path.to_path_buf(), mmap };
+        let this = Self {
+            path: path.to_path_buf(),
+            mmap,
+        };
         this.parse()?;
         Ok(this)
     }
 
     fn parse(&self) -> Result<SafeTensors<'_>> {
-        SafeTensors::deserialize(&self.mmap)
-            .map_err(|e| Error::Safetensors { path: self.path.clone(), reason: e.to_string() })
+        SafeTensors::deserialize(&self.mmap).map_err(|e| Error::Safetensors {
+            path: self.path.clone(),
+            reason: e.to_string(),
+        })
     }
 
     /// The file's path.
@@ -89,11 +94,17 @@ impl SafetensorsFile {
     pub fn info(&self, name: &str) -> Result<(Vec<i64>, Dtype)> {
         let st = self.parse()?;
         let view = st.tensor(name).map_err(|_| self.missing(name))?;
-        Ok((view.shape().iter().map(|&d| d as i64).collect(), view.dtype()))
+        Ok((
+            view.shape().iter().map(|&d| d as i64).collect(),
+            view.dtype(),
+        ))
     }
 
     fn missing(&self, name: &str) -> Error {
-        Error::MissingTensor { path: self.path.clone(), name: name.to_string() }
+        Error::MissingTensor {
+            path: self.path.clone(),
+            name: name.to_string(),
+        }
     }
 
     /// Reads tensor `name` onto `device` (one copy out of the map).
@@ -102,18 +113,28 @@ impl SafetensorsFile {
         let view = st.tensor(name).map_err(|_| self.missing(name))?;
         let kind = kind_of(view.dtype()).ok_or_else(|| Error::Safetensors {
             path: self.path.clone(),
-            reason: format!("tensor '{name}' has dtype {:?}, which libtorch cannot hold", view.dtype()),
+            reason: format!(
+                "tensor '{name}' has dtype {:?}, which libtorch cannot hold",
+                view.dtype()
+            ),
         })?;
         let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
         let t = Tensor::f_from_data_size(view.data(), &shape, kind)?;
-        Ok(if device == tch::Device::Cpu { t } else { t.to_device(device) })
+        Ok(if device == tch::Device::Cpu {
+            t
+        } else {
+            t.to_device(device)
+        })
     }
 }
 
 /// Reads every tensor of `path` onto `device`, sorted by name.
 pub fn load(path: &Path, device: tch::Device) -> Result<Vec<(String, Tensor)>> {
     let f = SafetensorsFile::open(path)?;
-    f.names().into_iter().map(|n| Ok((n.clone(), f.tensor(&n, device)?))).collect()
+    f.names()
+        .into_iter()
+        .map(|n| Ok((n.clone(), f.tensor(&n, device)?)))
+        .collect()
 }
 
 /// A CPU, contiguous tensor lent to the safetensors writer without another copy.
@@ -145,7 +166,11 @@ impl View for &TensorView {
 }
 
 /// Writes `tensors` to `path` atomically, with metadata `{"format": "pt"}` plus `metadata`.
-pub fn save(path: &Path, tensors: &[(String, Tensor)], metadata: Option<HashMap<String, String>>) -> Result<()> {
+pub fn save(
+    path: &Path,
+    tensors: &[(String, Tensor)],
+    metadata: Option<HashMap<String, String>>,
+) -> Result<()> {
     let mut views = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
         let dtype = dtype_of(t.kind())
@@ -158,7 +183,12 @@ pub fn save(path: &Path, tensors: &[(String, Tensor)], metadata: Option<HashMap<
     meta.insert("format".into(), "pt".into());
     crate::atomic::write_with(path, |tmp| {
         safetensors::serialize_to_file(views.iter().map(|(n, v)| (n.as_str(), v)), Some(meta), tmp)
-            .map_err(|e| Error::Msg(format!("{}: cannot write safetensors ({e})", path.display())))
+            .map_err(|e| {
+                Error::Msg(format!(
+                    "{}: cannot write safetensors ({e})",
+                    path.display()
+                ))
+            })
     })
 }
 
@@ -172,8 +202,20 @@ mod tests {
         let p = dir.path().join("t.safetensors");
         let a = Tensor::arange(12, (Kind::Float, tch::Device::Cpu)).reshape([3, 4]);
         let b = Tensor::from_slice(&[1i64, -2, 3]);
-        let c = Tensor::arange(6, (Kind::Float, tch::Device::Cpu)).to_kind(Kind::BFloat16).reshape([2, 3]).tr();
-        save(&p, &[("a".into(), a.shallow_clone()), ("b".into(), b.shallow_clone()), ("c".into(), c.shallow_clone())], None).unwrap();
+        let c = Tensor::arange(6, (Kind::Float, tch::Device::Cpu))
+            .to_kind(Kind::BFloat16)
+            .reshape([2, 3])
+            .tr();
+        save(
+            &p,
+            &[
+                ("a".into(), a.shallow_clone()),
+                ("b".into(), b.shallow_clone()),
+                ("c".into(), c.shallow_clone()),
+            ],
+            None,
+        )
+        .unwrap();
         let f = SafetensorsFile::open(&p).unwrap();
         assert_eq!(f.names(), vec!["a", "b", "c"]);
         assert_eq!(f.metadata().get("format").map(String::as_str), Some("pt"));
@@ -181,26 +223,58 @@ mod tests {
         assert!(back[0].1.equal(&a));
         assert!(back[1].1.equal(&b));
         assert_eq!(back[2].1.kind(), Kind::BFloat16);
-        assert!(back[2].1.equal(&c), "transposed (non-contiguous) tensor saved in logical order");
+        assert!(
+            back[2].1.equal(&c),
+            "transposed (non-contiguous) tensor saved in logical order"
+        );
     }
 
     #[test]
     fn truncated_file_is_a_named_error() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("t.safetensors");
-        save(&p, &[("a".into(), Tensor::ones([64], (Kind::Float, tch::Device::Cpu)))], None).unwrap();
+        save(
+            &p,
+            &[(
+                "a".into(),
+                Tensor::ones([64], (Kind::Float, tch::Device::Cpu)),
+            )],
+            None,
+        )
+        .unwrap();
         let bytes = std::fs::read(&p).unwrap();
         std::fs::write(&p, &bytes[..bytes.len() - 10]).unwrap();
-        let err = SafetensorsFile::open(&p).err().expect("truncated file must not open").to_string();
-        assert!(err.contains("t.safetensors") && err.contains("not a valid safetensors"), "{err}");
+        let err = SafetensorsFile::open(&p)
+            .err()
+            .expect("truncated file must not open")
+            .to_string();
+        assert!(
+            err.contains("t.safetensors") && err.contains("not a valid safetensors"),
+            "{err}"
+        );
     }
 
     #[test]
     fn missing_tensor_names_file_and_key() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("t.safetensors");
-        save(&p, &[("a".into(), Tensor::ones([2], (Kind::Float, tch::Device::Cpu)))], None).unwrap();
-        let err = SafetensorsFile::open(&p).unwrap().tensor("b", tch::Device::Cpu).unwrap_err().to_string();
-        assert!(err.contains("'b'") && err.contains("t.safetensors"), "{err}");
+        save(
+            &p,
+            &[(
+                "a".into(),
+                Tensor::ones([2], (Kind::Float, tch::Device::Cpu)),
+            )],
+            None,
+        )
+        .unwrap();
+        let err = SafetensorsFile::open(&p)
+            .unwrap()
+            .tensor("b", tch::Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("'b'") && err.contains("t.safetensors"),
+            "{err}"
+        );
     }
 }

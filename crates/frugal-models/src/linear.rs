@@ -34,16 +34,30 @@ impl Linear for Dense {
         if self.weight.kind() == self.compute {
             x.to_kind(self.compute).linear(&self.weight, None::<Tensor>)
         } else {
-            x.to_kind(self.compute).linear(&self.weight.to_kind(self.compute), None::<Tensor>)
+            x.to_kind(self.compute)
+                .linear(&self.weight.to_kind(self.compute), None::<Tensor>)
         }
     }
 }
 
 /// Builds a linear layer of kind `kind` under `path` (its weight is `path.weight`).
-pub fn build(path: &nn::Path, in_dim: i64, out_dim: i64, kind: &LinearKind, compute: Kind) -> Box<dyn Linear> {
+pub fn build(
+    path: &nn::Path,
+    in_dim: i64,
+    out_dim: i64,
+    kind: &LinearKind,
+    compute: Kind,
+) -> Box<dyn Linear> {
     match kind {
         LinearKind::Dense => {
-            let weight = path.var("weight", &[out_dim, in_dim], nn::Init::Randn { mean: 0.0, stdev: 0.02 });
+            let weight = path.var(
+                "weight",
+                &[out_dim, in_dim],
+                nn::Init::Randn {
+                    mean: 0.0,
+                    stdev: 0.02,
+                },
+            );
             Box::new(Dense { weight, compute })
         }
     }

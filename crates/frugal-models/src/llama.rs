@@ -94,7 +94,10 @@ impl LlamaConfig {
             );
         }
         if self.num_key_value_heads != self.num_attention_heads {
-            return bad("num_key_value_heads", "grouped-query attention is not supported yet".into());
+            return bad(
+                "num_key_value_heads",
+                "grouped-query attention is not supported yet".into(),
+            );
         }
         Ok(())
     }
@@ -117,7 +120,10 @@ pub struct RmsNorm {
 
 impl RmsNorm {
     fn new(path: &nn::Path, d: i64, eps: f64) -> Self {
-        Self { weight: path.var("weight", &[d], nn::Init::Const(1.0)), eps }
+        Self {
+            weight: path.var("weight", &[d], nn::Init::Const(1.0)),
+            eps,
+        }
     }
 
     /// Normalizes over the last dimension; the result is f32.
@@ -137,7 +143,10 @@ pub struct KvCache {
 impl KvCache {
     /// Number of positions cached so far.
     pub fn len(&self) -> i64 {
-        self.layers.first().and_then(|l| l.as_ref()).map_or(0, |(k, _)| k.size()[2])
+        self.layers
+            .first()
+            .and_then(|l| l.as_ref())
+            .map_or(0, |(k, _)| k.size()[2])
     }
 
     /// True when nothing is cached.
@@ -177,7 +186,10 @@ fn rotary_tables(cfg: &LlamaConfig, device: tch::Device) -> (Tensor, Tensor) {
     let hd = cfg.head_dim();
     let opts = (Kind::Float, device);
     let exponents = Tensor::arange_start_step(0, hd, 2, opts) / hd as f64;
-    let inv_freq = Tensor::from(cfg.rope_theta).to_device(device).pow(&exponents).reciprocal();
+    let inv_freq = Tensor::from(cfg.rope_theta)
+        .to_device(device)
+        .pow(&exponents)
+        .reciprocal();
     let t = Tensor::arange(cfg.max_position_embeddings, opts);
     let freqs = t.outer(&inv_freq);
     let emb = Tensor::cat(&[&freqs, &freqs], -1);
@@ -223,7 +235,13 @@ impl Block {
 
     /// `x` is the f32 residual stream `(B, T, d)`; `cos`, `sin` are the rows of positions
     /// `start..start+T`.
-    pub fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, cache: Option<&mut Option<(Tensor, Tensor)>>) -> Tensor {
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Tensor {
         let (b, t, d) = x.size3().expect("(batch, time, width)");
         let at = &self.self_attn;
         let h = self.input_layernorm.forward(x);
@@ -246,7 +264,16 @@ impl Block {
             }
             None => (k, v, true),
         };
-        let y = Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, causal, None, false);
+        let y = Tensor::scaled_dot_product_attention(
+            &q,
+            &k,
+            &v,
+            None::<Tensor>,
+            0.0,
+            causal,
+            None,
+            false,
+        );
         let y = y.transpose(1, 2).contiguous().view([b, t, d]);
         let x = x + at.o_proj.forward(&y).to_kind(Kind::Float);
         let h = self.post_attention_layernorm.forward(&x);
@@ -279,16 +306,34 @@ impl Llama {
         let embed_tokens = (&model / "embed_tokens").var(
             "weight",
             &[cfg.vocab_size, cfg.hidden_size],
-            nn::Init::Randn { mean: 0.0, stdev: 0.02 },
+            nn::Init::Randn {
+                mean: 0.0,
+                stdev: 0.02,
+            },
         );
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| Block::new(&(&model / "layers" / i), cfg, kind, compute))
             .collect();
         let norm = RmsNorm::new(&(&model / "norm"), cfg.hidden_size, cfg.rms_norm_eps);
         // The output head stays dense whatever `kind` is: methods leave it alone by convention.
-        let lm_head = linear::build(&(root / "lm_head"), cfg.hidden_size, cfg.vocab_size, &LinearKind::Dense, compute);
+        let lm_head = linear::build(
+            &(root / "lm_head"),
+            cfg.hidden_size,
+            cfg.vocab_size,
+            &LinearKind::Dense,
+            compute,
+        );
         let (cos, sin) = rotary_tables(cfg, root.device());
-        Self { config: cfg.clone(), embed_tokens, layers, norm, lm_head, cos, sin, compute }
+        Self {
+            config: cfg.clone(),
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            cos,
+            sin,
+            compute,
+        }
     }
 
     /// Logits `(B, T, vocab)` in f32 for token ids `(B, T)`. With a cache, the ids continue the
@@ -312,14 +357,18 @@ impl Llama {
                 }
             }
         }
-        self.lm_head.forward(&self.norm.forward(&x)).to_kind(Kind::Float)
+        self.lm_head
+            .forward(&self.norm.forward(&x))
+            .to_kind(Kind::Float)
     }
 
     /// Mean next-token cross-entropy of `ids` against `targets` (both `(B, T)`).
     pub fn loss(&self, ids: &Tensor, targets: &Tensor) -> Tensor {
         let logits = self.forward(ids, None);
         let v = logits.size()[2];
-        logits.view([-1, v]).cross_entropy_for_logits(&targets.view([-1]))
+        logits
+            .view([-1, v])
+            .cross_entropy_for_logits(&targets.view([-1]))
     }
 
     /// The compute kind.

@@ -21,15 +21,23 @@ fn load_model(compute: Kind) -> (VarStore, Llama) {
 }
 
 fn reference(name: &str) -> Tensor {
-    SafetensorsFile::open(&fixtures().join("tiny_llama_logits.safetensors")).unwrap().tensor(name, Device::Cpu).unwrap()
+    SafetensorsFile::open(&fixtures().join("tiny_llama_logits.safetensors"))
+        .unwrap()
+        .tensor(name, Device::Cpu)
+        .unwrap()
 }
 
 /// Guarantee: every HF weight name is one of ours and vice versa.
 #[test]
 fn weight_names_are_hugging_faces() {
     let (vs, _) = load_model(Kind::Float);
-    let ours: Vec<String> = weights::named_variables(&vs).into_iter().map(|(n, _)| n).collect();
-    let theirs = SafetensorsFile::open(&fixtures().join("tiny_llama.safetensors")).unwrap().names();
+    let ours: Vec<String> = weights::named_variables(&vs)
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    let theirs = SafetensorsFile::open(&fixtures().join("tiny_llama.safetensors"))
+        .unwrap()
+        .names();
     assert_eq!(ours, theirs);
     assert!(ours.contains(&"model.layers.0.self_attn.q_proj.weight".to_string()));
 }
@@ -44,7 +52,10 @@ fn logits_match_transformers() {
     let got = tch::no_grad(|| model.forward(&ids, None));
     let diff = (&got - &want).abs().max().double_value(&[]);
     assert!(diff < 1e-4, "max |logit difference| {diff}");
-    assert!(want.abs().max().double_value(&[]) > 0.05, "fixture logits are not trivially small");
+    assert!(
+        want.abs().max().double_value(&[]) > 0.05,
+        "fixture logits are not trivially small"
+    );
 }
 
 /// Guarantee: prompt + four cached single-token steps give the same logits as transformers'
@@ -76,7 +87,9 @@ fn kv_cache_matches_transformers() {
 #[test]
 fn bf16_compute_is_close_to_f32() {
     let (vs, model) = load_model(Kind::BFloat16);
-    assert!(weights::named_variables(&vs).iter().all(|(_, t)| t.kind() == Kind::Float));
+    assert!(weights::named_variables(&vs)
+        .iter()
+        .all(|(_, t)| t.kind() == Kind::Float));
     let ids = reference("ids");
     let got = tch::no_grad(|| model.forward(&ids, None));
     assert_eq!(got.kind(), Kind::Float);
@@ -92,8 +105,15 @@ fn other_shape_is_a_named_error() {
     cfg.intermediate_size = 40;
     let mut vs = VarStore::new(Device::Cpu);
     let _model = Llama::new(&vs.root(), &cfg, &LinearKind::Dense, Kind::Float);
-    let err = weights::load(&mut vs, &fixtures().join("tiny_llama.safetensors")).unwrap_err().to_string();
-    assert!(err.contains("mlp.down_proj.weight") && err.contains("[32, 48]") && err.contains("[32, 40]"), "{err}");
+    let err = weights::load(&mut vs, &fixtures().join("tiny_llama.safetensors"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("mlp.down_proj.weight")
+            && err.contains("[32, 48]")
+            && err.contains("[32, 40]"),
+        "{err}"
+    );
 }
 
 /// Guarantee: the parameter count formula agrees with the variables built.
@@ -104,5 +124,8 @@ fn parameter_count_formula() {
     let _m = Llama::new(&vs.root(), &cfg, &LinearKind::Dense, Kind::Float);
     let n: i64 = vs.variables().values().map(|t| t.numel() as i64).sum();
     assert_eq!(n, cfg.num_parameters());
-    assert!((55_000_000..60_000_000).contains(&n), "60m preset has {n} parameters");
+    assert!(
+        (55_000_000..60_000_000).contains(&n),
+        "60m preset has {n} parameters"
+    );
 }

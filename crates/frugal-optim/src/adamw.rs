@@ -28,7 +28,13 @@ pub struct AdamWConfig {
 impl Default for AdamWConfig {
     /// torch's defaults, except weight decay 0 (GaLore's pre-training setting).
     fn default() -> Self {
-        Self { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 }
+        Self {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        }
     }
 }
 
@@ -57,7 +63,14 @@ pub struct AdamW {
 impl AdamW {
     /// An optimizer over `params` (name, tensor that requires grad).
     pub fn new(params: Vec<(String, Tensor)>, config: AdamWConfig) -> Self {
-        let params = params.into_iter().map(|(name, tensor)| Param { name, tensor, state: None }).collect();
+        let params = params
+            .into_iter()
+            .map(|(name, tensor)| Param {
+                name,
+                tensor,
+                state: None,
+            })
+            .collect();
         Self { config, params }
     }
 
@@ -125,7 +138,10 @@ impl AdamW {
         self.params
             .iter()
             .filter_map(|p| p.state.as_ref())
-            .map(|s| frugal_core::memory::tensor_bytes(&s.exp_avg) + frugal_core::memory::tensor_bytes(&s.exp_avg_sq))
+            .map(|s| {
+                frugal_core::memory::tensor_bytes(&s.exp_avg)
+                    + frugal_core::memory::tensor_bytes(&s.exp_avg_sq)
+            })
             .sum()
     }
 
@@ -135,7 +151,10 @@ impl AdamW {
         for p in &self.params {
             if let Some(s) = &p.state {
                 out.push((format!("{}.exp_avg", p.name), s.exp_avg.shallow_clone()));
-                out.push((format!("{}.exp_avg_sq", p.name), s.exp_avg_sq.shallow_clone()));
+                out.push((
+                    format!("{}.exp_avg_sq", p.name),
+                    s.exp_avg_sq.shallow_clone(),
+                ));
                 out.push((format!("{}.step", p.name), Tensor::from(s.step)));
             }
         }
@@ -144,8 +163,15 @@ impl AdamW {
 
     /// Saves the state to `path` (atomically), with the hyper-parameters in the metadata.
     pub fn save(&self, path: &Path) -> Result<()> {
-        let meta = [("adamw".to_string(), serde_json::to_string(&self.config).expect("plain struct"))];
-        safetensors_io::save(path, &self.state_tensors(), Some(meta.into_iter().collect()))
+        let meta = [(
+            "adamw".to_string(),
+            serde_json::to_string(&self.config).expect("plain struct"),
+        )];
+        safetensors_io::save(
+            path,
+            &self.state_tensors(),
+            Some(meta.into_iter().collect()),
+        )
     }
 
     /// Loads the state saved by [`AdamW::save`]. Every tensor's shape is checked against its
@@ -175,7 +201,11 @@ impl AdamW {
                 }
                 Ok(t.to_kind(p.tensor.kind()))
             };
-            states.push(Some(State { step, exp_avg: moment("exp_avg")?, exp_avg_sq: moment("exp_avg_sq")? }));
+            states.push(Some(State {
+                step,
+                exp_avg: moment("exp_avg")?,
+                exp_avg_sq: moment("exp_avg_sq")?,
+            }));
         }
         for (p, s) in self.params.iter_mut().zip(states) {
             p.state = s;

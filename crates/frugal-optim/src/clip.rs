@@ -13,7 +13,10 @@ pub fn grad_norm(params: &[Tensor]) -> f64 {
     if norms.is_empty() {
         return 0.0;
     }
-    Tensor::stack(&norms, 0).sum(Kind::Float).sqrt().double_value(&[])
+    Tensor::stack(&norms, 0)
+        .sum(Kind::Float)
+        .sqrt()
+        .double_value(&[])
 }
 
 /// Scales all gradients so that their global norm is at most `max_norm`; returns the norm

@@ -6,11 +6,20 @@ use serde_json::Value;
 use tch::{Kind, Tensor};
 
 fn floats(v: &Value) -> Vec<f32> {
-    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
 }
 
 fn tensor(v: &Value, shape: &Value) -> Tensor {
-    let shape: Vec<i64> = shape.as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect();
+    let shape: Vec<i64> = shape
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_i64().unwrap())
+        .collect();
     Tensor::from_slice(&floats(v)).reshape(shape)
 }
 
@@ -48,7 +57,13 @@ fn twenty_steps_match_torch_within_1e_6() {
     };
     let w = tensor(&fx["w0"], &fx["w_shape"]).set_requires_grad(true);
     let b = tensor(&fx["b0"], &fx["b_shape"]).set_requires_grad(true);
-    let mut opt = AdamW::new(vec![("w".into(), w.shallow_clone()), ("b".into(), b.shallow_clone())], config);
+    let mut opt = AdamW::new(
+        vec![
+            ("w".into(), w.shallow_clone()),
+            ("b".into(), b.shallow_clone()),
+        ],
+        config,
+    );
     let mut worst: f64 = 0.0;
     for (t, s) in fx["steps"].as_array().unwrap().iter().enumerate() {
         set_grad(&w, &tensor(&s["grad_w"], &fx["w_shape"]));
@@ -57,7 +72,11 @@ fn twenty_steps_match_torch_within_1e_6() {
         let dw = max_abs_diff(&w, &tensor(&s["w"], &fx["w_shape"]));
         let db = max_abs_diff(&b, &tensor(&s["b"], &fx["b_shape"]));
         worst = worst.max(dw).max(db);
-        assert!(dw <= 1e-6 && db <= 1e-6, "step {}: |dw| {dw:e}, |db| {db:e}", t + 1);
+        assert!(
+            dw <= 1e-6 && db <= 1e-6,
+            "step {}: |dw| {dw:e}, |db| {db:e}",
+            t + 1
+        );
     }
     // The parameters moved far more than the tolerance, so the comparison means something.
     let moved = max_abs_diff(&w, &tensor(&fx["w0"], &fx["w_shape"]));
@@ -69,9 +88,24 @@ fn twenty_steps_match_torch_within_1e_6() {
 #[test]
 fn state_round_trip_resumes_bit_identically() {
     let dir = tempfile::tempdir().unwrap();
-    let make = || Tensor::arange(12, (Kind::Float, tch::Device::Cpu)).reshape([3, 4]).set_requires_grad(true);
-    let grads: Vec<Tensor> = (0..6).map(|i| Tensor::full([3, 4], (i as f64 - 2.5) * 0.3, (Kind::Float, tch::Device::Cpu))).collect();
-    let config = AdamWConfig { weight_decay: 0.05, ..Default::default() };
+    let make = || {
+        Tensor::arange(12, (Kind::Float, tch::Device::Cpu))
+            .reshape([3, 4])
+            .set_requires_grad(true)
+    };
+    let grads: Vec<Tensor> = (0..6)
+        .map(|i| {
+            Tensor::full(
+                [3, 4],
+                (i as f64 - 2.5) * 0.3,
+                (Kind::Float, tch::Device::Cpu),
+            )
+        })
+        .collect();
+    let config = AdamWConfig {
+        weight_decay: 0.05,
+        ..Default::default()
+    };
 
     let a = make();
     let mut opt_a = AdamW::new(vec![("a".into(), a.shallow_clone())], config);
@@ -89,14 +123,23 @@ fn state_round_trip_resumes_bit_identically() {
     let path = dir.path().join("optimizer.safetensors");
     opt_b.save(&path).unwrap();
     let c = b.detach().copy().set_requires_grad(true);
-    let mut opt_c = AdamW::new(vec![("a".into(), c.shallow_clone())], AdamWConfig::default());
+    let mut opt_c = AdamW::new(
+        vec![("a".into(), c.shallow_clone())],
+        AdamWConfig::default(),
+    );
     opt_c.load(&path).unwrap();
-    assert_eq!(opt_c.config, config, "hyper-parameters come back with the state");
+    assert_eq!(
+        opt_c.config, config,
+        "hyper-parameters come back with the state"
+    );
     for g in &grads[3..] {
         set_grad(&c, g);
         opt_c.step();
     }
-    assert!(a.equal(&c), "resumed parameters differ from uninterrupted ones");
+    assert!(
+        a.equal(&c),
+        "resumed parameters differ from uninterrupted ones"
+    );
 }
 
 /// Guarantee: loading a state whose shapes do not match names the file and the tensor.
@@ -105,14 +148,20 @@ fn load_rejects_other_shapes() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("optimizer.safetensors");
     let p = Tensor::zeros([2, 2], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
-    let mut opt = AdamW::new(vec![("p".into(), p.shallow_clone())], AdamWConfig::default());
+    let mut opt = AdamW::new(
+        vec![("p".into(), p.shallow_clone())],
+        AdamWConfig::default(),
+    );
     set_grad(&p, &Tensor::ones([2, 2], (Kind::Float, tch::Device::Cpu)));
     opt.step();
     opt.save(&path).unwrap();
     let q = Tensor::zeros([3], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
     let mut other = AdamW::new(vec![("p".into(), q)], AdamWConfig::default());
     let err = other.load(&path).unwrap_err().to_string();
-    assert!(err.contains("optimizer.safetensors") && err.contains("p.exp_avg"), "{err}");
+    assert!(
+        err.contains("optimizer.safetensors") && err.contains("p.exp_avg"),
+        "{err}"
+    );
 }
 
 /// Guarantee: stepping a subset leaves the other parameters and their step counts untouched.
@@ -120,7 +169,13 @@ fn load_rejects_other_shapes() {
 fn step_indices_touches_only_the_subset() {
     let x = Tensor::ones([2], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
     let y = Tensor::ones([2], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
-    let mut opt = AdamW::new(vec![("x".into(), x.shallow_clone()), ("y".into(), y.shallow_clone())], AdamWConfig::default());
+    let mut opt = AdamW::new(
+        vec![
+            ("x".into(), x.shallow_clone()),
+            ("y".into(), y.shallow_clone()),
+        ],
+        AdamWConfig::default(),
+    );
     (&x + &y).sum(Kind::Float).backward();
     opt.step_indices(&[1]);
     assert!(x.equal(&Tensor::ones([2], (Kind::Float, tch::Device::Cpu))));
@@ -134,11 +189,15 @@ fn step_indices_touches_only_the_subset() {
 fn clip_grad_norm_scales_to_max_norm() {
     let x = Tensor::zeros([2], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
     let y = Tensor::zeros([1], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
-    ((&x * Tensor::from_slice(&[3.0f32, 0.0])).sum(Kind::Float) + (&y * 4.0).sum(Kind::Float)).backward();
+    ((&x * Tensor::from_slice(&[3.0f32, 0.0])).sum(Kind::Float) + (&y * 4.0).sum(Kind::Float))
+        .backward();
     let norm = clip_grad_norm(&[x.shallow_clone(), y.shallow_clone()], 1.0);
     assert!((norm - 5.0).abs() < 1e-6);
     let expect = 3.0 / (5.0 + 1e-6);
     assert!((x.grad().double_value(&[0]) - expect).abs() < 1e-6);
     let norm2 = clip_grad_norm(&[x.shallow_clone(), y.shallow_clone()], 10.0);
-    assert!((norm2 - 1.0).abs() < 1e-5, "already below max: untouched ({norm2})");
+    assert!(
+        (norm2 - 1.0).abs() < 1e-5,
+        "already below max: untouched ({norm2})"
+    );
 }

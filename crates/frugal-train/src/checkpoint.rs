@@ -30,7 +30,13 @@ pub fn dir(run: &Path) -> PathBuf {
 
 /// Saves a checkpoint for `state.step` and points `latest` at it; keeps the newest `keep`
 /// checkpoints (0: all).
-pub fn save(run: &Path, vs: &VarStore, opt: &AdamW, state: &TrainerState, keep: usize) -> Result<PathBuf> {
+pub fn save(
+    run: &Path,
+    vs: &VarStore,
+    opt: &AdamW,
+    state: &TrainerState,
+    keep: usize,
+) -> Result<PathBuf> {
     let root = dir(run);
     std::fs::create_dir_all(&root).map_err(|e| Error::io(&root, e))?;
     let name = format!("step-{}", state.step);
@@ -49,7 +55,9 @@ pub fn save(run: &Path, vs: &VarStore, opt: &AdamW, state: &TrainerState, keep: 
 }
 
 fn prune(root: &Path, keep: usize, newest: &str) {
-    let Ok(entries) = std::fs::read_dir(root) else { return };
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
     let mut steps: Vec<(u64, PathBuf)> = entries
         .flatten()
         .filter_map(|e| {
@@ -71,11 +79,18 @@ fn prune(root: &Path, keep: usize, newest: &str) {
 pub fn latest(run: &Path) -> Result<PathBuf> {
     let latest = dir(run).join("latest");
     let name = std::fs::read_to_string(&latest).map_err(|_| {
-        Error::Msg(format!("{}: no complete checkpoint (missing {})", run.display(), latest.display()))
+        Error::Msg(format!(
+            "{}: no complete checkpoint (missing {})",
+            run.display(),
+            latest.display()
+        ))
     })?;
     let path = dir(run).join(name.trim());
     if !path.join("trainer_state.json").is_file() {
-        return Err(Error::Msg(format!("{}: checkpoint is incomplete", path.display())));
+        return Err(Error::Msg(format!(
+            "{}: checkpoint is incomplete",
+            path.display()
+        )));
     }
     Ok(path)
 }

@@ -13,7 +13,12 @@ use tch::{Kind, Tensor};
 use tokenizers::Tokenizer;
 
 /// `frugal train`.
-pub fn train(config: Option<PathBuf>, set: &[String], out: Option<PathBuf>, resume: Option<PathBuf>) -> Result<u8> {
+pub fn train(
+    config: Option<PathBuf>,
+    set: &[String],
+    out: Option<PathBuf>,
+    resume: Option<PathBuf>,
+) -> Result<u8> {
     let (cfg, run_dir, resume) = match resume {
         Some(dir) => {
             if config.is_some() {
@@ -24,7 +29,9 @@ pub fn train(config: Option<PathBuf>, set: &[String], out: Option<PathBuf>, resu
             (run::read_config(&dir, set)?, dir, true)
         }
         None => {
-            let path = config.ok_or_else(|| Error::Msg("--config FILE is required (or --resume RUN_DIR)".into()))?;
+            let path = config.ok_or_else(|| {
+                Error::Msg("--config FILE is required (or --resume RUN_DIR)".into())
+            })?;
             let cfg = config::load(&path, set)?;
             let dir = out.unwrap_or_else(default_run_dir);
             if dir.join("config.toml").exists() {
@@ -43,7 +50,10 @@ pub fn train(config: Option<PathBuf>, set: &[String], out: Option<PathBuf>, resu
 }
 
 fn default_run_dir() -> PathBuf {
-    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     PathBuf::from("runs").join(format!("run-{secs}"))
 }
 
@@ -53,7 +63,9 @@ fn install_ctrl_c() {
             eprintln!("\nfrugal: second Ctrl-C, exiting without a checkpoint");
             std::process::exit(130);
         }
-        eprintln!("\nfrugal: Ctrl-C: saving a checkpoint after this step (press again to quit now)");
+        eprintln!(
+            "\nfrugal: Ctrl-C: saving a checkpoint after this step (press again to quit now)"
+        );
     });
 }
 
@@ -74,20 +86,31 @@ fn load_run(run_dir: &Path) -> Result<Loaded> {
     let mut model = run::model(&cfg, &shape, device)?;
     let ck = checkpoint::latest(run_dir)?;
     frugal_models::weights::load(&mut model.vs, &ck.join("model.safetensors"))?;
-    Ok(Loaded { cfg, tok, model, device })
+    Ok(Loaded {
+        cfg,
+        tok,
+        model,
+        device,
+    })
 }
 
 fn load_model_dir(dir: &Path) -> Result<Loaded> {
     let cfg_path = dir.join("config.json");
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
-    let shape: LlamaConfig = serde_json::from_str(&text).map_err(|e| Error::Msg(format!("{}: {e}", cfg_path.display())))?;
+    let shape: LlamaConfig = serde_json::from_str(&text)
+        .map_err(|e| Error::Msg(format!("{}: {e}", cfg_path.display())))?;
     shape.validate()?;
     let tok = tokenize::load_tokenizer_file(&dir.join("tokenizer.json"))?;
     let mut cfg = Config::default();
     cfg.model.from_pretrained = dir.display().to_string();
     let device = cfg.train.device.resolve()?;
     let model = run::model(&cfg, &shape, device)?;
-    Ok(Loaded { cfg, tok, model, device })
+    Ok(Loaded {
+        cfg,
+        tok,
+        model,
+        device,
+    })
 }
 
 fn load(run_dir: Option<PathBuf>, model: Option<PathBuf>) -> Result<Loaded> {
@@ -99,15 +122,27 @@ fn load(run_dir: Option<PathBuf>, model: Option<PathBuf>) -> Result<Loaded> {
 }
 
 /// `frugal eval`: prints `{"loss", "perplexity", "tokens"}`.
-pub fn eval(run_dir: Option<PathBuf>, model: Option<PathBuf>, data_spec: Option<String>) -> Result<u8> {
+pub fn eval(
+    run_dir: Option<PathBuf>,
+    model: Option<PathBuf>,
+    data_spec: Option<String>,
+) -> Result<u8> {
     let from_model = model.is_some();
     let l = load(run_dir, model)?;
     let docs = match &data_spec {
-        Some(spec) => data::load_documents(spec)?,
-        None if from_model => return Err(Error::Msg("--model needs --data FILE to evaluate on".into())),
+        Some(spec) => data::load_documents_for("--data", spec)?,
+        None if from_model => {
+            return Err(Error::Msg(
+                "--model needs --data FILE to evaluate on".into(),
+            ))
+        }
         None => run::documents(&l.cfg)?.1,
     };
-    let seq_len = l.cfg.train.seq_len.min(l.model.llama.config.max_position_embeddings as usize);
+    let seq_len = l
+        .cfg
+        .train
+        .seq_len
+        .min(l.model.llama.config.max_position_embeddings as usize);
     let ds = run::dataset(&l.tok, &docs, seq_len, "evaluation data")?;
     let (loss, tokens) = run::evaluate(&l.model.llama, &ds, l.cfg.train.batch_size, 0, l.device);
     let out = serde_json::json!({"loss": loss, "perplexity": loss.exp(), "tokens": tokens});
@@ -143,7 +178,10 @@ pub fn sample(logits: &[f32], o: &SampleOptions, rng: &mut SplitMix64) -> usize 
         order.truncate(o.top_k);
     }
     let max = logits[order[0]] as f64;
-    let mut probs: Vec<f64> = order.iter().map(|&i| ((logits[i] as f64 - max) / o.temperature).exp()).collect();
+    let mut probs: Vec<f64> = order
+        .iter()
+        .map(|&i| ((logits[i] as f64 - max) / o.temperature).exp())
+        .collect();
     let total: f64 = probs.iter().sum();
     probs.iter_mut().for_each(|p| *p /= total);
     if o.top_p < 1.0 {
@@ -168,18 +206,29 @@ pub fn sample(logits: &[f32], o: &SampleOptions, rng: &mut SplitMix64) -> usize 
 }
 
 /// `frugal generate`: prints the prompt and its continuation, then tokens/s on stderr.
-pub fn generate(run_dir: Option<PathBuf>, model: Option<PathBuf>, prompt: &str, o: &SampleOptions) -> Result<u8> {
+pub fn generate(
+    run_dir: Option<PathBuf>,
+    model: Option<PathBuf>,
+    prompt: &str,
+    o: &SampleOptions,
+) -> Result<u8> {
     let l = load(run_dir, model)?;
     let llama: &Llama = &l.model.llama;
     let eos = tokenize::find_eos_id(&l.tok);
-    let enc = l.tok.encode(prompt, false).map_err(|e| Error::Msg(format!("cannot encode the prompt: {e}")))?;
+    let enc = l
+        .tok
+        .encode(prompt, false)
+        .map_err(|e| Error::Msg(format!("cannot encode the prompt: {e}")))?;
     let mut ids: Vec<i64> = enc.get_ids().iter().map(|&i| i as i64).collect();
     if ids.is_empty() {
         ids.push(eos.unwrap_or(0) as i64);
     }
     let max_pos = llama.config.max_position_embeddings as usize;
     if ids.len() >= max_pos {
-        return Err(Error::Msg(format!("the prompt has {} tokens; the model takes at most {max_pos}", ids.len())));
+        return Err(Error::Msg(format!(
+            "the prompt has {} tokens; the model takes at most {max_pos}",
+            ids.len()
+        )));
     }
     let budget = o.max_new_tokens.min(max_pos - ids.len());
     let mut rng = SplitMix64::new(o.seed);
@@ -190,20 +239,33 @@ pub fn generate(run_dir: Option<PathBuf>, model: Option<PathBuf>, prompt: &str, 
         let mut input = Tensor::from_slice(&ids).unsqueeze(0).to_device(l.device);
         for _ in 0..budget {
             let logits = llama.forward(&input, Some(&mut cache));
-            let last = logits.select(1, -1).squeeze_dim(0).to_kind(Kind::Float).to_device(tch::Device::Cpu);
+            let last = logits
+                .select(1, -1)
+                .squeeze_dim(0)
+                .to_kind(Kind::Float)
+                .to_device(tch::Device::Cpu);
             let row: Vec<f32> = Vec::try_from(&last).expect("f32 row");
             let next = sample(&row, o, &mut rng);
             if Some(next as u32) == eos {
                 break;
             }
             new_ids.push(next as u32);
-            input = Tensor::from_slice(&[next as i64]).unsqueeze(0).to_device(l.device);
+            input = Tensor::from_slice(&[next as i64])
+                .unsqueeze(0)
+                .to_device(l.device);
         }
     });
     let secs = t0.elapsed().as_secs_f64();
-    let text = l.tok.decode(&new_ids, true).map_err(|e| Error::Msg(format!("cannot decode: {e}")))?;
+    let text = l
+        .tok
+        .decode(&new_ids, true)
+        .map_err(|e| Error::Msg(format!("cannot decode: {e}")))?;
     println!("{prompt}{text}");
-    eprintln!("frugal: {} tokens in {secs:.2} s ({:.1} tokens/s)", new_ids.len(), new_ids.len() as f64 / secs.max(1e-9));
+    eprintln!(
+        "frugal: {} tokens in {secs:.2} s ({:.1} tokens/s)",
+        new_ids.len(),
+        new_ids.len() as f64 / secs.max(1e-9)
+    );
     Ok(0)
 }
 
@@ -218,7 +280,10 @@ pub fn inspect(path: &Path) -> Result<u8> {
             .collect();
         f.sort();
         if f.is_empty() {
-            return Err(Error::Msg(format!("{}: no .safetensors files", path.display())));
+            return Err(Error::Msg(format!(
+                "{}: no .safetensors files",
+                path.display()
+            )));
         }
         f
     } else {
@@ -231,21 +296,39 @@ pub fn inspect(path: &Path) -> Result<u8> {
         if !meta.is_empty() {
             let mut m: Vec<_> = meta.into_iter().collect();
             m.sort();
-            println!("  metadata: {}", m.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(", "));
+            println!(
+                "  metadata: {}",
+                m.iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
         }
         let names = st.names();
         let width = names.iter().map(|n| n.len()).max().unwrap_or(4).max(4);
-        println!("  {:<width$}  {:<5}  {:<20}  {:>12}", "name", "dtype", "shape", "bytes");
+        println!(
+            "  {:<width$}  {:<5}  {:<20}  {:>12}",
+            "name", "dtype", "shape", "bytes"
+        );
         let (mut total_bytes, mut total_elems) = (0u64, 0u64);
         for n in &names {
             let (shape, dtype) = st.info(n)?;
             let elems: u64 = shape.iter().map(|&d| d as u64).product();
-            let bytes = elems * dtype.size() as u64;
+            let bytes = elems * dtype.bitsize() as u64 / 8;
             total_bytes += bytes;
             total_elems += elems;
-            println!("  {n:<width$}  {:<5}  {:<20}  {bytes:>12}", format!("{dtype:?}"), format!("{shape:?}"));
+            println!(
+                "  {n:<width$}  {:<5}  {:<20}  {bytes:>12}",
+                format!("{dtype:?}"),
+                format!("{shape:?}")
+            );
         }
-        println!("  {} tensors, {} elements, {} ({total_bytes} bytes)", names.len(), total_elems, human_bytes(total_bytes));
+        println!(
+            "  {} tensors, {} elements, {} ({total_bytes} bytes)",
+            names.len(),
+            total_elems,
+            human_bytes(total_bytes)
+        );
     }
     Ok(0)
 }

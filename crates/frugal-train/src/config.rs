@@ -84,7 +84,11 @@ pub struct DataConfig {
 
 impl Default for DataConfig {
     fn default() -> Self {
-        Self { path: String::new(), val_path: String::new(), val_every: 20 }
+        Self {
+            path: String::new(),
+            val_path: String::new(),
+            val_every: 20,
+        }
     }
 }
 
@@ -100,7 +104,10 @@ pub struct TokenizerConfig {
 
 impl Default for TokenizerConfig {
     fn default() -> Self {
-        Self { path: String::new(), vocab_size: 8192 }
+        Self {
+            path: String::new(),
+            vocab_size: 8192,
+        }
     }
 }
 
@@ -193,14 +200,26 @@ pub struct OptimConfig {
 
 impl Default for OptimConfig {
     fn default() -> Self {
-        Self { name: "adamw".into(), beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.0 }
+        Self {
+            name: "adamw".into(),
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        }
     }
 }
 
 impl OptimConfig {
     /// AdamW's settings at learning rate `lr`.
     pub fn adamw(&self, lr: f64) -> AdamWConfig {
-        AdamWConfig { lr, beta1: self.beta1, beta2: self.beta2, eps: self.eps, weight_decay: self.weight_decay }
+        AdamWConfig {
+            lr,
+            beta1: self.beta1,
+            beta2: self.beta2,
+            eps: self.eps,
+            weight_decay: self.weight_decay,
+        }
     }
 }
 
@@ -213,14 +232,19 @@ pub fn set_override(root: &mut toml::Table, key: &str, raw: &str) -> Result<()> 
     };
     let parts: Vec<&str> = key.split('.').collect();
     if parts.iter().any(|p| p.is_empty()) {
-        return Err(Error::config(key, "--set needs key=value with a dotted key such as train.lr"));
+        return Err(Error::config(
+            key,
+            "--set needs key=value with a dotted key such as train.lr",
+        ));
     }
     let mut table = root;
     for (i, part) in parts[..parts.len() - 1].iter().enumerate() {
-        let entry = table.entry(part.to_string()).or_insert_with(|| toml::Value::Table(Default::default()));
-        table = entry.as_table_mut().ok_or_else(|| {
-            Error::config(parts[..=i].join("."), "is a value, not a table")
-        })?;
+        let entry = table
+            .entry(part.to_string())
+            .or_insert_with(|| toml::Value::Table(Default::default()));
+        table = entry
+            .as_table_mut()
+            .ok_or_else(|| Error::config(parts[..=i].join("."), "is a value, not a table"))?;
     }
     table.insert(parts[parts.len() - 1].to_string(), value);
     Ok(())
@@ -261,9 +285,12 @@ pub fn load(path: &Path, overrides: &[String]) -> Result<Config> {
 /// Applies `key=value` overrides to a table.
 pub fn apply_overrides(table: &mut toml::Table, overrides: &[String]) -> Result<()> {
     for o in overrides {
-        let (k, v) = o
-            .split_once('=')
-            .ok_or_else(|| Error::config(o.as_str(), "--set needs key=value, e.g. --set train.lr=1e-3"))?;
+        let (k, v) = o.split_once('=').ok_or_else(|| {
+            Error::config(
+                o.as_str(),
+                "--set needs key=value, e.g. --set train.lr=1e-3",
+            )
+        })?;
         set_override(table, k.trim(), v.trim())?;
     }
     Ok(())
@@ -287,28 +314,50 @@ impl Config {
             }
         }
         if !(0.0..=1.0).contains(&t.min_lr_ratio) {
-            return Err(Error::config("train.min_lr_ratio", "must be between 0 and 1"));
+            return Err(Error::config(
+                "train.min_lr_ratio",
+                "must be between 0 and 1",
+            ));
         }
         if t.max_grad_norm < 0.0 {
-            return Err(Error::config("train.max_grad_norm", "must be >= 0 (0 turns clipping off)"));
+            return Err(Error::config(
+                "train.max_grad_norm",
+                "must be >= 0 (0 turns clipping off)",
+            ));
         }
         if self.model.kind != "llama" {
             return Err(Error::config(
                 "model.kind",
-                format!("'{}' is not available yet (available: \"llama\")", self.model.kind),
+                format!(
+                    "'{}' is not available yet (available: \"llama\")",
+                    self.model.kind
+                ),
             ));
         }
         if frugal_models::llama::LlamaConfig::preset(&self.model.size).is_none() {
             return Err(Error::config(
                 "model.size",
-                format!("unknown preset '{}' (presets: {})", self.model.size, frugal_models::llama::PRESETS.join(", ")),
+                format!(
+                    "unknown preset '{}' (presets: {})",
+                    self.model.size,
+                    frugal_models::llama::PRESETS.join(", ")
+                ),
             ));
         }
         if self.optim.name != "adamw" {
-            return Err(Error::config("optim.name", format!("'{}' is not available yet (available: \"adamw\")", self.optim.name)));
+            return Err(Error::config(
+                "optim.name",
+                format!(
+                    "'{}' is not available yet (available: \"adamw\")",
+                    self.optim.name
+                ),
+            ));
         }
         if self.tokenizer.vocab_size < 300 {
-            return Err(Error::config("tokenizer.vocab_size", "must be at least 300 (256 bytes plus merges)"));
+            return Err(Error::config(
+                "tokenizer.vocab_size",
+                "must be at least 300 (256 bytes plus merges)",
+            ));
         }
         Ok(())
     }
@@ -337,7 +386,10 @@ impl Config {
         if c.vocab_size < tokenizer_vocab {
             return Err(Error::config(
                 "model.vocab_size",
-                format!("{} is smaller than the tokenizer's vocabulary ({tokenizer_vocab})", c.vocab_size),
+                format!(
+                    "{} is smaller than the tokenizer's vocabulary ({tokenizer_vocab})",
+                    c.vocab_size
+                ),
             ));
         }
         if self.train.seq_len as i64 > c.max_position_embeddings {
@@ -364,7 +416,15 @@ mod tests {
     #[test]
     fn overrides_parse_values_and_bare_words() {
         let mut t = table("[train]\nlr = 1.0\n");
-        apply_overrides(&mut t, &["train.lr=0.5".into(), "train.device=cpu".into(), "model.size=\"60m\"".into()]).unwrap();
+        apply_overrides(
+            &mut t,
+            &[
+                "train.lr=0.5".into(),
+                "train.device=cpu".into(),
+                "model.size=\"60m\"".into(),
+            ],
+        )
+        .unwrap();
         let c = from_table(t).unwrap();
         assert_eq!(c.train.lr, 0.5);
         assert_eq!(c.train.device, Device::Cpu);
@@ -373,17 +433,26 @@ mod tests {
 
     #[test]
     fn unknown_key_is_named() {
-        let err = from_table(table("[train]\nlearning_rate = 1.0\n")).unwrap_err().to_string();
-        assert!(err.starts_with("train") && err.contains("learning_rate"), "{err}");
+        let err = from_table(table("[train]\nlearning_rate = 1.0\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("train") && err.contains("learning_rate"),
+            "{err}"
+        );
         assert_eq!(err.lines().count(), 1);
     }
 
     #[test]
     fn wrong_type_is_named() {
-        let err = from_table(table("[train]\nbatch_size = \"big\"\n")).unwrap_err().to_string();
+        let err = from_table(table("[train]\nbatch_size = \"big\"\n"))
+            .unwrap_err()
+            .to_string();
         assert!(err.starts_with("train.batch_size:"), "{err}");
         let mut t = toml::Table::new();
-        let err = apply_overrides(&mut t, &["train.max_steps".into()]).unwrap_err().to_string();
+        let err = apply_overrides(&mut t, &["train.max_steps".into()])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("key=value"), "{err}");
     }
 

@@ -315,13 +315,18 @@ fn walk_files(
     Ok(())
 }
 
-/// Reads a whole file as UTF-8 text, with errors naming the file.
+/// Reads a whole file as UTF-8 text (dropping a leading byte-order mark), with errors naming the
+/// file.
 fn read_text(path: &Path) -> Result<String, DataError> {
     let bytes = fs::read(path).map_err(|e| DataError::io(path, e))?;
-    String::from_utf8(bytes).map_err(|e| DataError::NotUtf8 {
+    let mut text = String::from_utf8(bytes).map_err(|e| DataError::NotUtf8 {
         path: path.display().to_string(),
         message: format!("invalid byte at offset {}", e.utf8_error().valid_up_to()),
-    })
+    })?;
+    if text.starts_with('\u{feff}') {
+        text.drain(..'\u{feff}'.len_utf8());
+    }
+    Ok(text)
 }
 
 fn has_glob_chars(spec: &str) -> bool {
@@ -662,18 +667,37 @@ impl TokenDataset {
 // Sampler
 // ---------------------------------------------------------------------------------------------
 
-/// SplitMix64: a small, fast, well-mixed 64-bit generator (Steele, Lea and Flood, 2014).
-#[derive(Debug, Clone)]
-struct SplitMix64(u64);
+/// SplitMix64 (Steele, Lea and Flood, 2014): a small, fast, well-mixed 64-bit generator whose
+/// whole state is one `u64`, so that it can be saved and restored exactly.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SplitMix64 {
+    state: u64,
+}
 
 impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        mix64(self.0)
+    /// A generator seeded with `seed`.
+    pub fn new(seed: u64) -> Self {
+        Self { state: seed }
     }
 
-    /// A number in `0..bound` (`bound > 0`), by multiply-shift.
-    fn below(&mut self, bound: usize) -> usize {
+    /// The internal state; `SplitMix64::new(rng.state())` continues where `rng` stands.
+    pub fn state(&self) -> u64 {
+        self.state
+    }
+
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        mix64(self.state)
+    }
+
+    /// A uniform number in `[0, 1)` with 53 random bits.
+    pub fn next_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+    }
+
+    /// A number in `0..bound` by multiply-shift (0 when `bound` is 0).
+    pub fn below(&mut self, bound: usize) -> usize {
         ((u128::from(self.next_u64()) * bound as u128) >> 64) as usize
     }
 }
@@ -688,7 +712,7 @@ fn mix64(mut z: u64) -> u64 {
 /// The permutation of `0..n` for `epoch`: a Fisher-Yates shuffle driven by SplitMix64 seeded
 /// from `(seed, epoch)` only.
 fn epoch_permutation(seed: u64, epoch: u64, n: usize) -> Vec<usize> {
-    let mut rng = SplitMix64(mix64(
+    let mut rng = SplitMix64::new(mix64(
         seed ^ mix64(epoch.wrapping_add(0x6A09_E667_F3BC_C909)),
     ));
     let mut perm: Vec<usize> = (0..n).collect();
@@ -830,6 +854,19 @@ mod tests {
         assert_eq!(docs[0].name, format!("{}:1", s(&f)));
         assert_eq!(docs[1].text, "Q?\nA.");
         assert_eq!(docs[1].name, format!("{}:3", s(&f)));
+    }
+
+    #[test]
+    fn jsonl_with_bom_and_crlf() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = write(
+            dir.path(),
+            "w.jsonl",
+            "\u{feff}{\"text\": \"a\"}\r\n{\"text\": \"b\"}\r\n",
+        );
+        let docs = load_documents(&s(&f)).unwrap();
+        let texts: Vec<_> = docs.iter().map(|d| d.text.as_str()).collect();
+        assert_eq!(texts, ["a", "b"]);
     }
 
     #[test]
@@ -1049,6 +1086,23 @@ mod tests {
         assert_ne!(Sampler::new(10, 8).next_indices(10), first);
         assert_eq!(epoch_permutation(7, 1, 10), second);
         assert!(Sampler::new(0, 1).next_indices(4).is_empty());
+    }
+
+    #[test]
+    fn splitmix64_reference_values_and_ranges() {
+        // Reference outputs of SplitMix64 seeded with 1234567 (from the original C code).
+        let mut rng = SplitMix64::new(1234567);
+        assert_eq!(rng.next_u64(), 6457827717110365317);
+        assert_eq!(rng.next_u64(), 3203168211198807973);
+        let saved = rng.state();
+        let mut copy = SplitMix64::new(saved);
+        assert_eq!(rng.next_u64(), copy.next_u64());
+        for _ in 0..1000 {
+            let x = rng.next_f64();
+            assert!((0.0..1.0).contains(&x));
+            assert!(rng.below(7) < 7);
+        }
+        assert_eq!(rng.below(0), 0);
     }
 
     #[test]

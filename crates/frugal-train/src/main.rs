@@ -9,7 +9,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "frugal", version, about = "Train large models with a fraction of the memory.")]
+#[command(
+    name = "frugal",
+    version,
+    about = "Train large models with a fraction of the memory."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -81,10 +85,30 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Train { config, set, out, resume } => commands::train(config, &set, out, resume),
+        Command::Train {
+            config,
+            set,
+            out,
+            resume,
+        } => commands::train(config, &set, out, resume),
         Command::Eval { run, model, data } => commands::eval(run, model, data),
-        Command::Generate { run, model, prompt, max_new_tokens, temperature, top_k, top_p, seed } => {
-            let opts = commands::SampleOptions { max_new_tokens, temperature, top_k, top_p, seed };
+        Command::Generate {
+            run,
+            model,
+            prompt,
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            seed,
+        } => {
+            let opts = commands::SampleOptions {
+                max_new_tokens,
+                temperature,
+                top_k,
+                top_p,
+                seed,
+            };
             commands::generate(run, model, &prompt, &opts)
         }
         Command::Inspect { path } => commands::inspect(&path),

@@ -21,7 +21,9 @@ pub fn tokenizer_cache() -> PathBuf {
     if let Some(d) = std::env::var_os("FRUGAL_CACHE") {
         return PathBuf::from(d).join("tokenizers");
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
     home.join(".cache/frugal/tokenizers")
 }
 
@@ -30,13 +32,13 @@ pub fn documents(cfg: &Config) -> Result<(Vec<Document>, Vec<Document>)> {
     let docs = if cfg.data.path.is_empty() {
         data::default_corpus()?
     } else {
-        data::load_documents(&cfg.data.path).map_err(|e| Error::config("data.path", e.to_string()))?
+        data::load_documents(&cfg.data.path)
+            .map_err(|e| Error::config("data.path", e.to_string()))?
     };
     if cfg.data.val_path.is_empty() {
         Ok(data::split_validation(docs, cfg.data.val_every))
     } else {
-        let val = data::load_documents(&cfg.data.val_path)
-            .map_err(|e| Error::config("data.val_path", e.to_string()))?;
+        let val = data::load_documents_for("data.val_path", &cfg.data.val_path)?;
         Ok((docs, val))
     }
 }
@@ -51,15 +53,27 @@ pub fn tokenizer(cfg: &Config, run: &Path, train_docs: &[Document]) -> Result<To
     }
     let user = (!cfg.tokenizer.path.is_empty()).then(|| PathBuf::from(&cfg.tokenizer.path));
     let texts: Vec<&str> = train_docs.iter().map(|d| d.text.as_str()).collect();
-    let tok = tokenize::load_or_train_tokenizer(user.as_deref(), &texts, cfg.tokenizer.vocab_size, &tokenizer_cache())?;
-    let json = tok.to_string(false).map_err(|e| Error::Msg(format!("cannot serialize tokenizer: {e}")))?;
+    let tok = tokenize::load_or_train_tokenizer(
+        user.as_deref(),
+        &texts,
+        cfg.tokenizer.vocab_size,
+        &tokenizer_cache(),
+    )?;
+    let json = tok
+        .to_string(false)
+        .map_err(|e| Error::Msg(format!("cannot serialize tokenizer: {e}")))?;
     atomic::write(&saved, json.as_bytes())?;
     Ok(tok)
 }
 
 /// Encodes documents into a packed dataset of `seq_len`-token sequences; `what` names the
 /// split in errors.
-pub fn dataset(tok: &Tokenizer, docs: &[Document], seq_len: usize, what: &str) -> Result<TokenDataset> {
+pub fn dataset(
+    tok: &Tokenizer,
+    docs: &[Document],
+    seq_len: usize,
+    what: &str,
+) -> Result<TokenDataset> {
     let ids = tokenize::encode_documents(tok, docs)?;
     TokenDataset::new(ids, seq_len).map_err(|e| Error::Msg(format!("{what}: {e}")))
 }
@@ -94,13 +108,22 @@ pub fn model(cfg: &Config, shape: &LlamaConfig, device: tch::Device) -> Result<M
 pub fn read_config(run: &Path, overrides: &[String]) -> Result<Config> {
     let path = run.join("config.toml");
     if !path.is_file() {
-        return Err(Error::Msg(format!("{}: not a run folder (no config.toml)", run.display())));
+        return Err(Error::Msg(format!(
+            "{}: not a run folder (no config.toml)",
+            run.display()
+        )));
     }
     crate::config::load(&path, overrides)
 }
 
 /// Mean loss over up to `max_batches` batches of `ds` (all when 0), and the tokens scored.
-pub fn evaluate(model: &Llama, ds: &TokenDataset, batch_size: usize, max_batches: usize, device: tch::Device) -> (f64, u64) {
+pub fn evaluate(
+    model: &Llama,
+    ds: &TokenDataset,
+    batch_size: usize,
+    max_batches: usize,
+    device: tch::Device,
+) -> (f64, u64) {
     tch::no_grad(|| {
         let mut total = 0.0;
         let mut tokens = 0u64;
@@ -109,7 +132,9 @@ pub fn evaluate(model: &Llama, ds: &TokenDataset, batch_size: usize, max_batches
                 break;
             }
             let n = y.numel() as u64;
-            let loss = model.loss(&x.to_device(device), &y.to_device(device)).double_value(&[]);
+            let loss = model
+                .loss(&x.to_device(device), &y.to_device(device))
+                .double_value(&[]);
             total += loss * n as f64;
             tokens += n;
         }
@@ -127,6 +152,9 @@ pub fn unigram_loss(train: &[u32], val: &[u32], vocab: usize) -> f64 {
         }
     }
     let total: f64 = counts.iter().sum();
-    let nll: f64 = val.iter().map(|&t| -(counts.get(t as usize).copied().unwrap_or(1.0) / total).ln()).sum();
+    let nll: f64 = val
+        .iter()
+        .map(|&t| -(counts.get(t as usize).copied().unwrap_or(1.0) / total).ln())
+        .sum();
     nll / val.len().max(1) as f64
 }

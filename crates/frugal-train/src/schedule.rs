@@ -22,7 +22,10 @@ mod tests {
         assert!((lr_at(10, 1.0, 10, 110, 0.1) - 1.0).abs() < 1e-12);
         assert!((lr_at(60, 1.0, 10, 110, 0.1) - 0.55).abs() < 1e-12);
         assert!((lr_at(110, 1.0, 10, 110, 0.1) - 0.1).abs() < 1e-12);
-        assert!((lr_at(500, 1.0, 10, 110, 0.1) - 0.1).abs() < 1e-12, "past the end: floor");
+        assert!(
+            (lr_at(500, 1.0, 10, 110, 0.1) - 0.1).abs() < 1e-12,
+            "past the end: floor"
+        );
         assert!((lr_at(1, 2.0, 0, 1, 0.0) - 0.0).abs() < 1e-12);
     }
 }

@@ -84,7 +84,7 @@ pub fn train_bpe(texts: &[&str], vocab_size: usize) -> Result<Tokenizer, DataErr
     }
     let byte_level = ByteLevel::new(false, true, true);
     let mut tokenizer = Tokenizer::new(BPE::default());
-    tokenizer.with_pre_tokenizer(Some(byte_level.clone()));
+    tokenizer.with_pre_tokenizer(Some(byte_level));
     tokenizer.with_decoder(Some(byte_level));
     let mut trainer: TrainerWrapper = BpeTrainerBuilder::new()
         .vocab_size(vocab_size)
@@ -118,26 +118,6 @@ pub fn load_tokenizer_file(path: &Path) -> Result<Tokenizer, DataError> {
     })
 }
 
-/// Writes `text` to `path` atomically: a temporary file in the same folder, then a rename.
-fn write_atomic(path: &Path, text: &str) -> Result<(), DataError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    fs::create_dir_all(dir).map_err(|e| DataError::io(dir, e))?;
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    let file_name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{file_name}.tmp-{}-{nanos}", std::process::id()));
-    fs::write(&tmp, text).map_err(|e| DataError::io(&tmp, e))?;
-    fs::rename(&tmp, path).map_err(|e| {
-        let _ = fs::remove_file(&tmp);
-        DataError::io(path, e)
-    })
-}
-
 /// The tokenizer of a run: the user's `tokenizer.json` when given (an error naming the file if it
 /// does not parse); else the byte-level BPE cached at `cache_dir/bpe-<hash>-<vocab>.json`, where
 /// the hash is a stable FNV-1a over `texts`, trained with [`train_bpe`] and written atomically
@@ -161,7 +141,11 @@ pub fn load_or_train_tokenizer(
     let json = tok.to_string(false).map_err(|e| DataError::Tokenizer {
         message: format!("cannot serialize the trained BPE: {}", one_line(e)),
     })?;
-    write_atomic(&path, &json)?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    fs::create_dir_all(dir).map_err(|e| DataError::io(dir, e))?;
+    frugal_core::atomic::write(&path, json.as_bytes()).map_err(|e| DataError::Tokenizer {
+        message: format!("cannot cache the tokenizer: {e}"),
+    })?;
     Ok(tok)
 }
 
@@ -383,37 +367,5 @@ mod tests {
             AddedToken::from("</s>", true),
         ]);
         assert_eq!(eos_id(&tok), 1);
-    }
-
-    /// Measures BPE training on the default corpus at vocab 8192:
-    /// `cargo test --release -- --ignored --nocapture bpe_on_default_corpus`.
-    #[test]
-    #[ignore]
-    fn bpe_on_default_corpus() {
-        let docs = crate::data::default_corpus().unwrap();
-        let (train, _) = crate::data::split_validation(docs, crate::data::DEFAULT_VAL_EVERY);
-        let texts: Vec<&str> = train.iter().map(|d| d.text.as_str()).collect();
-        let bytes: usize = texts.iter().map(|t| t.len()).sum();
-        let t0 = std::time::Instant::now();
-        let hash = texts_hash(&texts);
-        let t_hash = t0.elapsed();
-        let t0 = std::time::Instant::now();
-        let tok = train_bpe(&texts, 8192).unwrap();
-        let t_train = t0.elapsed();
-        let t0 = std::time::Instant::now();
-        let ids = encode_documents(&tok, &train).unwrap();
-        let t_encode = t0.elapsed();
-        let json = tok.to_string(false).unwrap();
-        let mut h = Fnv1a64::default();
-        h.update(json.as_bytes());
-        eprintln!(
-            "{} docs, {bytes} bytes, hash {hash:016x} in {t_hash:?}; train {t_train:?}; \
-             encode {t_encode:?} -> {} tokens ({:.2} bytes/token); tokenizer json fnv {:016x}",
-            train.len(),
-            ids.len(),
-            bytes as f64 / ids.len() as f64,
-            h.finish()
-        );
-        assert_eq!(tok.get_vocab_size(true), 8192);
     }
 }

@@ -86,13 +86,22 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
     );
     let mut opt = AdamW::new(params, cfg.optim.adamw(t.lr));
 
-    let mut state = TrainerState { step: 0, tokens: 0, sampler: Sampler::new(train_ds.num_sequences(), t.seed).state(), elapsed_s: 0.0 };
+    let mut state = TrainerState {
+        step: 0,
+        tokens: 0,
+        sampler: Sampler::new(train_ds.num_sequences(), t.seed).state(),
+        elapsed_s: 0.0,
+    };
     if resume {
         let ck = checkpoint::latest(run_dir)?;
         frugal_models::weights::load(&mut m.vs, &ck.join("model.safetensors"))?;
         opt.load(&ck.join("optimizer.safetensors"))?;
         state = checkpoint::read_state(&ck)?;
-        eprintln!("frugal: resuming from {} (step {})", ck.display(), state.step);
+        eprintln!(
+            "frugal: resuming from {} (step {})",
+            ck.display(),
+            state.step
+        );
     }
     let metrics_path = run_dir.join("metrics.jsonl");
     let mut history = Metrics::open(&metrics_path, state.step)?;
@@ -148,7 +157,10 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
             val_loss = vl;
             line["val_loss"] = json!(vl);
             line["val_ppl"] = json!(vl.exp());
-            progress.message(&format!("step {step}: val_loss {vl:.4} (ppl {:.2}), unigram {unigram:.4}", vl.exp()));
+            progress.message(&format!(
+                "step {step}: val_loss {vl:.4} (ppl {:.2}), unigram {unigram:.4}",
+                vl.exp()
+            ));
         }
         history.push(line)?;
         if line_has_val(&history) {
@@ -158,7 +170,10 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
             checkpoint::save(run_dir, &m.vs, &opt, &state, t.keep_checkpoints)?;
         }
         if stop && !last {
-            progress.message(&format!("interrupted: checkpoint saved at step {step}; resume with --resume {}", run_dir.display()));
+            progress.message(&format!(
+                "interrupted: checkpoint saved at step {step}; resume with --resume {}",
+                run_dir.display()
+            ));
             interrupted = true;
             break;
         }
@@ -184,7 +199,12 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
         "activations_and_workspace_bytes": peak.saturating_sub(baseline_rss).saturating_sub(acc.total()),
         "parameters": m.vs.variables().iter().map(|(n, t)| json!({"name": n, "shape": t.size(), "bytes": memory::tensor_bytes(t)})).collect::<Vec<_>>(),
     });
-    atomic::write(&run_dir.join("memory.json"), serde_json::to_string_pretty(&report).expect("json").as_bytes())?;
+    atomic::write(
+        &run_dir.join("memory.json"),
+        serde_json::to_string_pretty(&report)
+            .expect("json")
+            .as_bytes(),
+    )?;
 
     Ok(Summary {
         run_dir: run_dir.to_path_buf(),
@@ -227,8 +247,15 @@ impl Metrics {
         }
         let body: String = lines.iter().map(|l| format!("{l}\n")).collect();
         atomic::write(path, body.as_bytes())?;
-        let file = std::fs::OpenOptions::new().append(true).open(path).map_err(|e| Error::io(path, e))?;
-        Ok(Self { path: path.to_path_buf(), lines, file })
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(path)
+            .map_err(|e| Error::io(path, e))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            lines,
+            file,
+        })
     }
 
     fn push(&mut self, line: serde_json::Value) -> Result<()> {
@@ -238,13 +265,22 @@ impl Metrics {
     }
 
     fn recent_loss(&self, n: usize) -> f64 {
-        let tail: Vec<f64> = self.lines.iter().rev().take(n).filter_map(|l| l["loss"].as_f64()).collect();
+        let tail: Vec<f64> = self
+            .lines
+            .iter()
+            .rev()
+            .take(n)
+            .filter_map(|l| l["loss"].as_f64())
+            .collect();
         tail.iter().sum::<f64>() / tail.len().max(1) as f64
     }
 
     fn plot(&self, path: &Path, unigram: f64) {
         let pick = |key: &str| -> Vec<(f64, f64)> {
-            self.lines.iter().filter_map(|l| Some((l["step"].as_f64()?, l[key].as_f64()?))).collect()
+            self.lines
+                .iter()
+                .filter_map(|l| Some((l["step"].as_f64()?, l[key].as_f64()?)))
+                .collect()
         };
         let train = pick("loss");
         let val = pick("val_loss");
@@ -253,9 +289,21 @@ impl Metrics {
             _ => vec![],
         };
         let series = [
-            Series { name: "train", points: &train, rgb: [31, 119, 180] },
-            Series { name: "validation", points: &val, rgb: [214, 39, 40] },
-            Series { name: "unigram (val)", points: &base, rgb: [150, 150, 150] },
+            Series {
+                name: "train",
+                points: &train,
+                rgb: [31, 119, 180],
+            },
+            Series {
+                name: "validation",
+                points: &val,
+                rgb: [214, 39, 40],
+            },
+            Series {
+                name: "unigram (val)",
+                points: &base,
+                rgb: [150, 150, 150],
+            },
         ];
         if let Err(e) = plot::write_loss_png(path, "loss", "step", "loss (nats/token)", &series) {
             eprintln!("frugal: warning: cannot write {}: {e}", path.display());
@@ -267,12 +315,31 @@ impl Metrics {
 pub fn print_summary(s: &Summary) {
     let ppl = |l: f64| l.exp();
     println!();
-    println!("{}", if s.interrupted { "run interrupted (checkpoint saved)" } else { "run finished" });
+    println!(
+        "{}",
+        if s.interrupted {
+            "run interrupted (checkpoint saved)"
+        } else {
+            "run finished"
+        }
+    );
     println!("  steps                {}", s.steps);
     println!("  tokens               {}", s.tokens);
-    println!("  train loss           {:.4} (ppl {:.2}, mean of the last 10 steps)", s.train_loss, ppl(s.train_loss));
-    println!("  validation loss      {:.4} (ppl {:.2})", s.val_loss, ppl(s.val_loss));
-    println!("  unigram val loss     {:.4} (ppl {:.2}), the loss of a model that ignores context", s.unigram_val_loss, ppl(s.unigram_val_loss));
+    println!(
+        "  train loss           {:.4} (ppl {:.2}, mean of the last 10 steps)",
+        s.train_loss,
+        ppl(s.train_loss)
+    );
+    println!(
+        "  validation loss      {:.4} (ppl {:.2})",
+        s.val_loss,
+        ppl(s.val_loss)
+    );
+    println!(
+        "  unigram val loss     {:.4} (ppl {:.2}), the loss of a model that ignores context",
+        s.unigram_val_loss,
+        ppl(s.unigram_val_loss)
+    );
     println!(
         "  peak memory          {} resident ({} above the {} baseline)",
         human_bytes(s.peak_rss_bytes),

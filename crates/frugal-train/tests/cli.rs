@@ -1,0 +1,221 @@
+//! End-to-end tests of the `frugal` binary: a run and its folder, eval, generate, inspect,
+//! exact resume, Ctrl-C, and every bad input of the foundation issue.
+
+mod common;
+
+use common::*;
+use std::path::Path;
+
+/// Guarantee: a run writes the run folder of DESIGN.md, and eval / generate / inspect work on it.
+#[test]
+fn train_writes_the_run_folder_and_eval_generate_inspect_read_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = corpus(dir.path(), 20);
+    let runp = dir.path().join("run");
+    let mut sets = small_settings(&corpus);
+    sets.extend([
+        "train.max_steps=6".into(),
+        "train.eval_every=3".into(),
+        "train.save_every=3".into(),
+    ]);
+    let out = run(train_cmd(dir.path(), &runp, &sets));
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    for needle in [
+        "steps",
+        "validation loss",
+        "unigram",
+        "peak memory",
+        "run directory",
+    ] {
+        assert!(
+            stdout.contains(needle),
+            "summary lacks '{needle}':\n{stdout}"
+        );
+    }
+    for f in [
+        "config.toml",
+        "tokenizer.json",
+        "metrics.jsonl",
+        "loss.png",
+        "memory.json",
+    ] {
+        assert!(runp.join(f).is_file(), "{f} missing");
+    }
+    let latest = std::fs::read_to_string(runp.join("checkpoints/latest")).unwrap();
+    assert_eq!(latest.trim(), "step-6");
+    for f in [
+        "model.safetensors",
+        "optimizer.safetensors",
+        "trainer_state.json",
+    ] {
+        assert!(
+            runp.join("checkpoints/step-6").join(f).is_file(),
+            "{f} missing"
+        );
+    }
+    let metrics = std::fs::read_to_string(runp.join("metrics.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 6);
+    for l in &lines {
+        for k in ["step", "loss", "lr", "tokens", "tokens_per_s"] {
+            assert!(l.get(k).is_some(), "metrics line lacks {k}: {l}");
+        }
+    }
+    assert!(lines[2].get("val_loss").is_some() && lines[5].get("val_loss").is_some());
+    let mem: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(runp.join("memory.json")).unwrap()).unwrap();
+    assert!(mem["measured"]["peak_rss_bytes"].as_u64().unwrap() > 0);
+    assert!(mem["accounting"]["parameters"].as_u64().unwrap() > 0);
+    let params = mem["accounting"]["parameters"].as_u64().unwrap();
+    assert_eq!(
+        mem["accounting"]["optimizer_state"].as_u64(),
+        Some(2 * params),
+        "AdamW keeps two moments"
+    );
+
+    let out = run({
+        let mut c = frugal(dir.path());
+        c.args(["eval", "--run"]).arg(&runp);
+        c
+    });
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let loss = v["loss"].as_f64().unwrap();
+    assert!((v["perplexity"].as_f64().unwrap() - loss.exp()).abs() < 1e-6 * loss.exp());
+    assert!(v["tokens"].as_u64().unwrap() > 0);
+
+    let out = run({
+        let mut c = frugal(dir.path());
+        c.args(["generate", "--run"]).arg(&runp).args([
+            "--prompt",
+            "the model",
+            "--max-new-tokens",
+            "8",
+            "--seed",
+            "3",
+        ]);
+        c
+    });
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("the model"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("tokens/s"));
+
+    let out = run({
+        let mut c = frugal(dir.path());
+        c.arg("inspect")
+            .arg(runp.join("checkpoints/step-6/model.safetensors"));
+        c
+    });
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("model.embed_tokens.weight")
+            && text.contains("F32")
+            && text.contains("format=pt"),
+        "{text}"
+    );
+}
+
+/// Guarantee: resuming from a checkpoint gives bit-identical losses and weights to an
+/// uninterrupted run (CPU).
+#[test]
+fn resume_is_bit_identical() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = corpus(dir.path(), 20);
+    let mut sets = small_settings(&corpus);
+    sets.extend([
+        "train.max_steps=8".into(),
+        "train.save_every=4".into(),
+        "train.keep_checkpoints=0".into(),
+        "train.eval_every=0".into(),
+    ]);
+    let full = dir.path().join("full");
+    assert!(run(train_cmd(dir.path(), &full, &sets)).status.success());
+
+    // The same run, rolled back to its step-4 checkpoint, then resumed.
+    let part = dir.path().join("part");
+    copy_dir(&full, &part);
+    std::fs::remove_dir_all(part.join("checkpoints/step-8")).unwrap();
+    std::fs::write(part.join("checkpoints/latest"), "step-4\n").unwrap();
+    let out = run({
+        let mut c = frugal(dir.path());
+        c.arg("train").arg("--resume").arg(&part);
+        c
+    });
+    assert!(out.status.success());
+    assert_eq!(losses(&full), losses(&part));
+    assert_eq!(losses(&part).len(), 8);
+    let a = std::fs::read(full.join("checkpoints/step-8/model.safetensors")).unwrap();
+    let b = std::fs::read(part.join("checkpoints/step-8/model.safetensors")).unwrap();
+    assert!(
+        a == b,
+        "weights after resume differ from the uninterrupted run"
+    );
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        let t = to.join(e.file_name());
+        if e.path().is_dir() {
+            copy_dir(&e.path(), &t);
+        } else {
+            std::fs::copy(e.path(), t).unwrap();
+        }
+    }
+}
+
+/// Guarantee: Ctrl-C saves a checkpoint and exits with 130; resuming finishes the run with the
+/// same losses and weights as an uninterrupted one.
+#[test]
+fn ctrl_c_saves_a_checkpoint_and_resume_finishes_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = corpus(dir.path(), 20);
+    let mut sets = small_settings(&corpus);
+    sets.extend([
+        "train.max_steps=400".into(),
+        "train.save_every=0".into(),
+        "train.eval_every=0".into(),
+    ]);
+    let full = dir.path().join("full");
+    assert!(run(train_cmd(dir.path(), &full, &sets)).status.success());
+
+    let part = dir.path().join("part");
+    let child = train_cmd(dir.path(), &part, &sets)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let metrics = part.join("metrics.jsonl");
+    let t0 = std::time::Instant::now();
+    while std::fs::read_to_string(&metrics).map_or(0, |t| t.lines().count()) < 3 {
+        assert!(t0.elapsed().as_secs() < 120, "training did not start");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    // SAFETY: sending SIGINT to our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "stderr: {err}");
+    assert!(err.contains("checkpoint saved"), "{err}");
+    let latest = std::fs::read_to_string(part.join("checkpoints/latest")).unwrap();
+    let stopped: u64 = latest
+        .trim()
+        .strip_prefix("step-")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((3..400).contains(&stopped), "stopped at {stopped}");
+
+    let mut c = frugal(dir.path());
+    c.arg("train").arg("--resume").arg(&part);
+    assert!(run(c).status.success());
+    assert_eq!(losses(&full), losses(&part));
+    let a = std::fs::read(full.join("checkpoints/step-400/model.safetensors")).unwrap();
+    let b = std::fs::read(part.join("checkpoints/step-400/model.safetensors")).unwrap();
+    assert!(a == b, "weights after Ctrl-C and resume differ");
+}

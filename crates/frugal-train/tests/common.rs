@@ -1,0 +1,112 @@
+//! Shared helpers of the `frugal` command-line tests: a small corpus, a small model, and a way
+//! to run the binary.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// Writes a small, deterministic, English-like corpus of `docs` files into `dir/corpus/`.
+pub fn corpus(dir: &Path, docs: usize) -> PathBuf {
+    let words = [
+        "the", "model", "learns", "to", "predict", "next", "token", "from", "context", "and",
+        "memory", "is", "small", "when", "rank", "low", "gradient", "step", "train", "loss",
+    ];
+    let root = dir.join("corpus");
+    std::fs::create_dir_all(&root).unwrap();
+    let mut state = 12345u64;
+    for d in 0..docs {
+        let mut text = String::new();
+        for s in 0..40 {
+            for w in 0..8 {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let i = ((state >> 33) as usize + w * 3 + s) % words.len();
+                text.push_str(words[i]);
+                text.push(' ');
+            }
+            text.push_str(".\n");
+        }
+        std::fs::write(root.join(format!("doc{d:03}.txt")), text).unwrap();
+    }
+    root
+}
+
+/// Settings for a model and run small enough for tests (a few ms per step).
+pub fn small_settings(corpus: &Path) -> Vec<String> {
+    [
+        format!("data.path=\"{}\"", corpus.display()),
+        "data.val_every=5".into(),
+        "tokenizer.vocab_size=320".into(),
+        "model.hidden_size=32".into(),
+        "model.intermediate_size=64".into(),
+        "model.num_layers=2".into(),
+        "model.num_heads=2".into(),
+        "train.device=\"cpu\"".into(),
+        "train.batch_size=4".into(),
+        "train.seq_len=32".into(),
+        "train.warmup_steps=2".into(),
+        "train.lr=0.01".into(),
+        "train.threads=1".into(),
+        "train.eval_batches=2".into(),
+    ]
+    .into_iter()
+    .collect()
+}
+
+/// The `frugal` binary with a private tokenizer cache under `dir`.
+pub fn frugal(dir: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_frugal"));
+    c.env("FRUGAL_CACHE", dir.join("cache"))
+        .env("FRUGAL_PROGRESS", "plain");
+    c
+}
+
+/// `frugal train --config <repo>/configs/default.toml` with the settings and extra `--set`s.
+pub fn train_cmd(dir: &Path, out: &Path, sets: &[String]) -> Command {
+    let mut c = frugal(dir);
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/default.toml");
+    c.arg("train")
+        .arg("--config")
+        .arg(config)
+        .arg("--out")
+        .arg(out);
+    for s in sets {
+        c.arg("--set").arg(s);
+    }
+    c
+}
+
+/// Runs a command and returns its output, with stderr echoed on failure for the test log.
+pub fn run(mut c: Command) -> Output {
+    let out = c.output().expect("frugal runs");
+    if !out.status.success() {
+        eprintln!("stderr:\n{}", String::from_utf8_lossy(&out.stderr));
+    }
+    out
+}
+
+/// Asserts a failure is the one-line, exit-code-2 kind that names `needle`.
+pub fn assert_clean_error(out: &Output, needle: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "exit code; stderr: {err}");
+    let last = err.lines().last().unwrap_or("");
+    assert!(last.starts_with("frugal: error: "), "last line: {last}");
+    assert!(last.contains(needle), "'{needle}' not in: {last}");
+    assert!(
+        !err.contains("panicked") && !err.contains("backtrace"),
+        "panic: {err}"
+    );
+}
+
+/// The losses of a run's metrics, as written (text, so equality is bit-equality).
+pub fn losses(run: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    text.lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            format!("{}:{}", v["step"], v["loss"])
+        })
+        .collect()
+}
