@@ -32,8 +32,7 @@ pub fn documents(cfg: &Config) -> Result<(Vec<Document>, Vec<Document>)> {
     let docs = if cfg.data.path.is_empty() {
         data::default_corpus()?
     } else {
-        data::load_documents(&cfg.data.path)
-            .map_err(|e| Error::config("data.path", e.to_string()))?
+        data::load_documents(&cfg.data.path)?
     };
     if cfg.data.val_path.is_empty() {
         Ok(data::split_validation(docs, cfg.data.val_every))
@@ -43,13 +42,17 @@ pub fn documents(cfg: &Config) -> Result<(Vec<Document>, Vec<Document>)> {
     }
 }
 
-/// The run's tokenizer: `run/tokenizer.json` when it exists, else the configured one (a user's
-/// file, or a BPE trained on `train_docs` and cached), copied into the run folder.
-pub fn tokenizer(cfg: &Config, run: &Path, train_docs: &[Document]) -> Result<Tokenizer> {
+/// The run's tokenizer. Resuming: the run's own `tokenizer.json`. Otherwise the configured one
+/// (a user's file, or a BPE trained on `train_docs` and cached), copied into the run folder.
+pub fn tokenizer(
+    cfg: &Config,
+    run: &Path,
+    train_docs: &[Document],
+    resume: bool,
+) -> Result<Tokenizer> {
     let saved = run.join("tokenizer.json");
-    if saved.is_file() {
-        return Tokenizer::from_file(&saved)
-            .map_err(|e| Error::Msg(format!("{}: cannot read tokenizer ({e})", saved.display())));
+    if resume {
+        return Ok(tokenize::load_tokenizer_file(&saved)?);
     }
     let user = (!cfg.tokenizer.path.is_empty()).then(|| PathBuf::from(&cfg.tokenizer.path));
     let texts: Vec<&str> = train_docs.iter().map(|d| d.text.as_str()).collect();

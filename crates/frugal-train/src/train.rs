@@ -48,8 +48,6 @@ pub struct Summary {
 /// checkpoint (exactly: on CPU the losses and weights equal those of an uninterrupted run).
 pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
     std::fs::create_dir_all(run_dir).map_err(|e| Error::io(run_dir, e))?;
-    let resolved = toml::to_string(cfg).map_err(|e| Error::Msg(format!("config: {e}")))?;
-    atomic::write(&run_dir.join("config.toml"), resolved.as_bytes())?;
     if cfg.train.threads > 0 {
         tch::set_num_threads(cfg.train.threads as i32);
     }
@@ -58,9 +56,13 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
 
     eprintln!("frugal: loading data");
     let (train_docs, val_docs) = run::documents(cfg)?;
-    let tok = run::tokenizer(cfg, run_dir, &train_docs)?;
+    let tok = run::tokenizer(cfg, run_dir, &train_docs, resume)?;
     let vocab = tok.get_vocab_size(true) as i64;
     let shape = cfg.llama_config(vocab)?;
+    // The resolved config marks the folder as a run: written once the inputs are known good,
+    // so that a run refused for bad input can be retried into the same folder.
+    let resolved = toml::to_string(cfg).map_err(|e| Error::Msg(format!("config: {e}")))?;
+    atomic::write(&run_dir.join("config.toml"), resolved.as_bytes())?;
     let train_ds = run::dataset(&tok, &train_docs, t.seq_len, "training data")?;
     let val_ds = run::dataset(&tok, &val_docs, t.seq_len, "validation data")?;
     drop((train_docs, val_docs));
