@@ -96,3 +96,24 @@ fn cuda_bf16_training_when_a_gpu_is_present() {
         "{s:?}"
     );
 }
+
+/// Guarantee: the quick start's config loads and trains on the default corpus (two steps
+/// here; `cargo xtask train` runs all of them).
+#[test]
+fn default_config_trains_on_the_default_corpus() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let sets = [
+        "train.max_steps=2".to_string(),
+        "train.device=\"cpu\"".into(),
+        "train.eval_batches=2".into(),
+    ];
+    let cfg = config::load(&root.join("configs/default.toml"), &sets).unwrap();
+    let s = frugal_train::train::train(&cfg, &dir.path().join("run"), false).unwrap();
+    assert_eq!(s.steps, 2);
+    assert!(s.val_loss.is_finite());
+    assert!(dir
+        .path()
+        .join("run/checkpoints/step-2/model.safetensors")
+        .is_file());
+}

@@ -27,9 +27,19 @@ pub struct LlamaConfig {
     /// Longest sequence the rotary table covers.
     pub max_position_embeddings: i64,
     /// RMSNorm epsilon.
+    #[serde(default = "default_rms_norm_eps")]
     pub rms_norm_eps: f64,
     /// Rotary base.
+    #[serde(default = "default_rope_theta")]
     pub rope_theta: f64,
+}
+
+fn default_rms_norm_eps() -> f64 {
+    1e-6
+}
+
+fn default_rope_theta() -> f64 {
+    10000.0
 }
 
 /// Names of the presets [`LlamaConfig::preset`] knows.
@@ -62,6 +72,40 @@ impl LlamaConfig {
             "7b" => Self::new(32000, 4096, 32, 32, 11008, 2048),
             _ => return None,
         })
+    }
+
+    /// Reads a Hugging Face `config.json`. transformers 5 keeps the rotary base under
+    /// `rope_parameters`; rotary scaling other than the plain one (`rope_type` "default") is
+    /// refused rather than silently ignored.
+    pub fn from_hf_json(text: &str) -> Result<Self, frugal_core::Error> {
+        let bad = |r: String| frugal_core::Error::config("config.json", r);
+        let mut v: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
+        for key in ["rope_parameters", "rope_scaling"] {
+            let Some(rope) = v.get(key).filter(|r| !r.is_null()).cloned() else {
+                continue;
+            };
+            let kind = rope
+                .get("rope_type")
+                .or_else(|| rope.get("type"))
+                .and_then(|t| t.as_str());
+            if kind.is_some_and(|k| k != "default") {
+                return Err(bad(format!(
+                    "{key}: rope_type {kind:?} is not supported yet"
+                )));
+            }
+            if v.get("rope_theta").is_none() {
+                if let Some(theta) = rope.get("rope_theta") {
+                    v["rope_theta"] = theta.clone();
+                }
+            }
+        }
+        if v.get("num_key_value_heads").is_none() {
+            v["num_key_value_heads"] = v["num_attention_heads"].clone();
+        }
+        let cfg: Self = serde_json::from_value(v).map_err(|e| bad(e.to_string()))?;
+        cfg.validate()?;
+        Ok(cfg)
     }
 
     /// Width of one attention head.
@@ -374,5 +418,41 @@ impl Llama {
     /// The compute kind.
     pub fn compute_kind(&self) -> Kind {
         self.compute
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LlamaConfig;
+
+    #[test]
+    fn hf_config_of_transformers_5_and_4() {
+        let v5 = r#"{"vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 32,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}}"#;
+        let c = LlamaConfig::from_hf_json(v5).unwrap();
+        assert_eq!(c.rope_theta, 500000.0);
+        assert_eq!(c.num_key_value_heads, 4);
+        let v4 = r#"{"vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
+            "max_position_embeddings": 32, "rope_theta": 20000.0, "rope_scaling": null}"#;
+        assert_eq!(LlamaConfig::from_hf_json(v4).unwrap().rope_theta, 20000.0);
+    }
+
+    #[test]
+    fn scaled_rope_and_gqa_are_refused_by_name() {
+        let scaled = r#"{"vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 32,
+            "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}"#;
+        let err = LlamaConfig::from_hf_json(scaled).unwrap_err().to_string();
+        assert!(
+            err.contains("rope_scaling") && err.contains("llama3"),
+            "{err}"
+        );
+        let gqa = r#"{"vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "max_position_embeddings": 32}"#;
+        let err = LlamaConfig::from_hf_json(gqa).unwrap_err().to_string();
+        assert!(err.contains("num_key_value_heads"), "{err}");
     }
 }

@@ -97,9 +97,8 @@ fn load_run(run_dir: &Path) -> Result<Loaded> {
 fn load_model_dir(dir: &Path) -> Result<Loaded> {
     let cfg_path = dir.join("config.json");
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
-    let shape: LlamaConfig = serde_json::from_str(&text)
+    let shape = LlamaConfig::from_hf_json(&text)
         .map_err(|e| Error::Msg(format!("{}: {e}", cfg_path.display())))?;
-    shape.validate()?;
     let tok = tokenize::load_tokenizer_file(&dir.join("tokenizer.json"))?;
     let mut cfg = Config::default();
     cfg.model.from_pretrained = dir.display().to_string();

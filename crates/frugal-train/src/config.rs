@@ -167,7 +167,7 @@ impl Default for TrainConfig {
             seed: 0,
             batch_size: 16,
             seq_len: 128,
-            max_steps: 600,
+            max_steps: 500,
             grad_accum: 1,
             lr: 3e-3,
             warmup_steps: 30,
@@ -175,7 +175,7 @@ impl Default for TrainConfig {
             max_grad_norm: 1.0,
             eval_every: 100,
             eval_batches: 16,
-            save_every: 200,
+            save_every: 250,
             keep_checkpoints: 2,
             threads: 0,
         }

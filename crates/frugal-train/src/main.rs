@@ -83,6 +83,12 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Die quietly when stdout is a closed pipe (`frugal inspect F | head`), as Unix tools do,
+    // instead of panicking on the failed write.
+    // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Train {

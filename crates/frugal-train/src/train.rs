@@ -155,7 +155,9 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
         let last = step == t.max_steps;
         let stop = INTERRUPTED.load(Ordering::SeqCst);
         if (t.eval_every > 0 && step % t.eval_every == 0) || last {
-            let (vl, _) = run::evaluate(&m.llama, &val_ds, t.batch_size, t.eval_batches, device);
+            // The last evaluation scores the whole split, as `frugal eval` does.
+            let batches = if last { 0 } else { t.eval_batches };
+            let (vl, _) = run::evaluate(&m.llama, &val_ds, t.batch_size, batches, device);
             val_loss = vl;
             line["val_loss"] = json!(vl);
             line["val_ppl"] = json!(vl.exp());
@@ -188,6 +190,10 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
     acc.add_tensors("parameters", tensors.iter());
     acc.add_tensors("gradients", tensors.iter());
     acc.add("optimizer_state", opt.state_bytes());
+    let by_tensor: Vec<serde_json::Value> = frugal_models::weights::named_variables(&m.vs)
+        .iter()
+        .map(|(n, t)| json!({"name": n, "shape": t.size(), "bytes": memory::tensor_bytes(t)}))
+        .collect();
     let report = json!({
         "device": format!("{device:?}"),
         "accounting": acc.bytes,
@@ -199,7 +205,7 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
             "note": "baseline: resident memory after libtorch started and the data was loaded, before the model was built; activations and workspace are the measured peak above the baseline minus the accounted bytes",
         },
         "activations_and_workspace_bytes": peak.saturating_sub(baseline_rss).saturating_sub(acc.total()),
-        "parameters": m.vs.variables().iter().map(|(n, t)| json!({"name": n, "shape": t.size(), "bytes": memory::tensor_bytes(t)})).collect::<Vec<_>>(),
+        "parameters": by_tensor,
     });
     atomic::write(
         &run_dir.join("memory.json"),

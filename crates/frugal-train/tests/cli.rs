@@ -88,6 +88,38 @@ fn train_writes_the_run_folder_and_eval_generate_inspect_read_it() {
     assert!((v["perplexity"].as_f64().unwrap() - loss.exp()).abs() < 1e-6 * loss.exp());
     assert!(v["tokens"].as_u64().unwrap() > 0);
 
+    // The same weights as a Hugging Face style folder (transformers 5 config layout).
+    let ck = runp.join("checkpoints/step-6");
+    let st =
+        frugal_core::safetensors_io::SafetensorsFile::open(&ck.join("model.safetensors")).unwrap();
+    let (emb, _) = st.info("model.embed_tokens.weight").unwrap();
+    let hf = dir.path().join("hf");
+    std::fs::create_dir_all(&hf).unwrap();
+    std::fs::copy(ck.join("model.safetensors"), hf.join("model.safetensors")).unwrap();
+    std::fs::copy(runp.join("tokenizer.json"), hf.join("tokenizer.json")).unwrap();
+    let config = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": emb[0],
+        "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 2, "max_position_embeddings": 512, "rms_norm_eps": 1e-6,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+    });
+    std::fs::write(hf.join("config.json"), config.to_string()).unwrap();
+    let out = run({
+        let mut c = frugal(dir.path());
+        c.args(["eval", "--model"])
+            .arg(&hf)
+            .arg("--data")
+            .arg(&corpus);
+        c
+    });
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let hf_loss = v["loss"].as_f64().unwrap();
+    assert!(
+        hf_loss.is_finite() && hf_loss < (emb[0] as f64).ln(),
+        "loss {hf_loss}"
+    );
+
     let out = run({
         let mut c = frugal(dir.path());
         c.args(["generate", "--run"]).arg(&runp).args([
