@@ -117,3 +117,38 @@ fn default_config_trains_on_the_default_corpus() {
         .join("run/checkpoints/step-2/model.safetensors")
         .is_file());
 }
+
+fn metric_losses(run: &Path) -> Vec<f64> {
+    let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    text.lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect()
+}
+
+/// Guarantee: two micro-batches of 4 accumulate to the step one batch of 8 takes (same
+/// sequences, same mean loss), up to float rounding.
+#[test]
+fn gradient_accumulation_equals_the_larger_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    std::env::set_var("FRUGAL_CACHE", dir.path().join("cache"));
+    let corpus = counting_corpus(dir.path());
+    let whole = small_config(&corpus, "cpu", "f32", 4);
+    let mut accum = whole.clone();
+    accum.train.batch_size = 4;
+    accum.train.grad_accum = 2;
+    frugal_train::train::train(&whole, &dir.path().join("whole"), false).unwrap();
+    frugal_train::train::train(&accum, &dir.path().join("accum"), false).unwrap();
+    let (a, b) = (
+        metric_losses(&dir.path().join("whole")),
+        metric_losses(&dir.path().join("accum")),
+    );
+    assert_eq!(a.len(), 4);
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x - y).abs() < 1e-4, "losses {a:?} vs {b:?}");
+    }
+    assert!(a[3] < a[0], "the loss falls: {a:?}");
+}
