@@ -296,28 +296,34 @@ impl Block {
         let (cos, sin) = (cos.to_kind(q.kind()), sin.to_kind(q.kind()));
         let q = &q * &cos + rotate_half(&q) * &sin;
         let k = &k * &cos + rotate_half(&k) * &sin;
-        let (k, v, causal) = match cache {
+        let (k, v, past) = match cache {
             Some(slot) => {
-                let (k, v) = match slot.take() {
-                    Some((pk, pv)) => (Tensor::cat(&[pk, k], 2), Tensor::cat(&[pv, v], 2)),
-                    None => (k, v),
+                let (k, v, past) = match slot.take() {
+                    Some((pk, pv)) => {
+                        let past = pk.size()[2];
+                        (Tensor::cat(&[pk, k], 2), Tensor::cat(&[pv, v], 2), past)
+                    }
+                    None => (k, v, 0),
                 };
                 *slot = Some((k.shallow_clone(), v.shallow_clone()));
-                // A single new query attends to every cached position; a prompt is causal.
-                (k, v, t > 1)
+                (k, v, past)
             }
-            None => (k, v, true),
+            None => (k, v, 0),
         };
-        let y = Tensor::scaled_dot_product_attention(
-            &q,
-            &k,
-            &v,
-            None::<Tensor>,
-            0.0,
-            causal,
-            None,
-            false,
-        );
+        // Query i (at position past + i) sees keys 0..=past + i. With nothing cached that is
+        // the plain causal mask; one new query sees everything; several new queries after a
+        // cache need the offset mask (SDPA's is_causal aligns top-left, which would be wrong).
+        let (mask, causal) = if past == 0 {
+            (None, t > 1)
+        } else if t == 1 {
+            (None, false)
+        } else {
+            let opts = (Kind::Int64, x.device());
+            let qpos = Tensor::arange(t, opts).unsqueeze(1) + past;
+            let kpos = Tensor::arange(past + t, opts).unsqueeze(0);
+            (Some(kpos.le_tensor(&qpos)), false)
+        };
+        let y = Tensor::scaled_dot_product_attention(&q, &k, &v, mask, 0.0, causal, None, false);
         let y = y.transpose(1, 2).contiguous().view([b, t, d]);
         let x = x + at.o_proj.forward(&y).to_kind(Kind::Float);
         let h = self.post_attention_layernorm.forward(&x);

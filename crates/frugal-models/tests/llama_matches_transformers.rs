@@ -129,3 +129,19 @@ fn parameter_count_formula() {
         "60m preset has {n} parameters"
     );
 }
+
+/// Guarantee: feeding several tokens after a cached prefix gives the logits of one full pass
+/// (the offset causal mask), within float rounding.
+#[test]
+fn multi_token_continuation_after_a_cache_equals_one_pass() {
+    let (_vs, model) = load_model(Kind::Float);
+    let ids = reference("ids");
+    let full = tch::no_grad(|| model.forward(&ids, None));
+    let mut cache = KvCache::default();
+    let tail = tch::no_grad(|| {
+        model.forward(&ids.narrow(1, 0, 5), Some(&mut cache));
+        model.forward(&ids.narrow(1, 5, 7), Some(&mut cache))
+    });
+    let diff = (&tail - full.narrow(1, 5, 7)).abs().max().double_value(&[]);
+    assert!(diff < 1e-5, "max |logit difference| {diff}");
+}
