@@ -11,6 +11,7 @@
 //! It depends on nothing but the standard library, so it builds in seconds and never links tch.
 
 mod bench;
+mod bench_quant;
 mod bench_train_step;
 mod setup;
 
@@ -81,7 +82,7 @@ fn run(args: &[String]) -> Result<()> {
         "test" => {
             let env = setup::ensure()?;
             let mut c = cargo(&env);
-            c.args(["test", "--workspace"]);
+            c.args(["test", "--workspace", "--no-fail-fast"]);
             c.args(&rest);
             status(c, "cargo test")
         }

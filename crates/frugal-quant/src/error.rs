@@ -41,6 +41,14 @@ pub enum QuantError {
         /// What disagrees.
         reason: String,
     },
+    /// An option or value the quantizers do not know.
+    #[error("{name}: {reason}")]
+    Option {
+        /// The option (`--format`).
+        name: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// An error from libtorch while moving data.
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),

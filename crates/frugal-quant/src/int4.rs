@@ -404,8 +404,8 @@ mod tests {
         assert!(q.qweight.iter().all(|&z| z as u32 == 0x8888_8888));
         // One row with an increasing ramp 0..=15 in its first 16 columns.
         let mut w = vec![0f32; 8 * 32];
-        for i in 0..16 {
-            w[i] = i as f32;
+        for (i, x) in w.iter_mut().take(16).enumerate() {
+            *x = i as f32;
         }
         let q = Int4Gptq::quantize(&w, 8, 32, 32).unwrap();
         assert_eq!(q.scales[0], 1.0);

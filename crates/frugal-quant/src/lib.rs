@@ -12,11 +12,13 @@
 //! ```
 
 pub mod codebook;
+pub mod convert;
 pub mod dynamic;
 mod error;
 pub mod fourbit;
 pub mod int4;
 pub mod int8;
+pub mod matmul;
 pub mod ternary;
 
 pub use error::{QuantError, Result};

@@ -1,8 +1,8 @@
 //! Ternary weights (BitNet b1.58 absmean): codes in {-1, 0, 1} with an f32 scale per tensor or
 //! per group of output rows, packed four 2-bit codes per byte.
 //!
-//! Quantization: s = mean(|W|) over the scale's rows (accumulated in f64, then f32; clamped to
-//! >= 1e-5), q = clamp(round(W / s), -1, 1) with round half to even as `torch.round` does
+//! Quantization: s = mean(|W|) over the scale's rows (accumulated in f64, then f32; clamped
+//! to at least 1e-5), q = clamp(round(W / s), -1, 1) with round half to even as `torch.round` does
 //! (W / s in f32). Packing: code q + 1 in 2 bits; element 4k + j of the row-major weight sits in
 //! bits 2j..2j+1 of byte k (the lowest bits hold the first element); the last byte is padded
 //! with code 1 (zero). Keys for a weight `NAME` (see `docs/formats.md`, "ternary"): `NAME`

@@ -322,6 +322,16 @@ pub fn inspect(path: &Path) -> Result<u8> {
                 format!("{shape:?}")
             );
         }
+        let found = frugal_quant::convert::describe(&st).map_err(|e| Error::Msg(e.to_string()))?;
+        if !found.is_empty() {
+            println!("  quantized weights:");
+            for q in &found {
+                println!(
+                    "    {:<width$}  {:<28}  {:.3} bits per parameter",
+                    q.prefix, q.format, q.bits_per_param
+                );
+            }
+        }
         println!(
             "  {} tensors, {} elements, {} ({total_bytes} bytes)",
             names.len(),

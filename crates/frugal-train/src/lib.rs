@@ -15,6 +15,7 @@ pub mod config;
 pub mod data;
 pub mod plot;
 pub mod progress;
+pub mod quantize_cmd;
 pub mod run;
 pub mod schedule;
 pub mod tokenize;

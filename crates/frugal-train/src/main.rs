@@ -1,10 +1,10 @@
-//! The `frugal` command line: `train`, `eval`, `generate`, `inspect`.
+//! The `frugal` command line: `train`, `eval`, `generate`, `quantize`, `dequantize`, `inspect`.
 //!
 //! Errors print one line and exit with code 2; Ctrl-C during training saves a checkpoint and
 //! exits with code 130.
 
 use clap::{Parser, Subcommand};
-use frugal_train::commands;
+use frugal_train::{commands, quantize_cmd};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -75,6 +75,38 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// Quantize the linear weights of a safetensors file or a model folder.
+    Quantize {
+        /// Input: a .safetensors file or a Hugging Face model folder.
+        input: PathBuf,
+        /// Output: a .safetensors file or a folder (then config.json gets quantization_config).
+        output: PathBuf,
+        /// int8, int4, nf4, fp4 or ternary.
+        #[arg(long)]
+        format: String,
+        /// NF4/FP4 values per absmax block (power of two, 32..4096).
+        #[arg(long, default_value_t = 64)]
+        block_size: usize,
+        /// int4 input columns per group (32, 64 or 128).
+        #[arg(long, default_value_t = 128)]
+        group_size: usize,
+        /// NF4/FP4: quantize the absmax values too.
+        #[arg(long)]
+        double_quant: bool,
+        /// Quantize only 2-D weights whose name matches this regex.
+        #[arg(long)]
+        include: Option<String>,
+        /// Never quantize tensors whose name matches this regex.
+        #[arg(long)]
+        exclude: Option<String>,
+    },
+    /// Restore float weights from a quantized file or folder.
+    Dequantize {
+        /// Input: a quantized .safetensors file or model folder.
+        input: PathBuf,
+        /// Output file or folder.
+        output: PathBuf,
+    },
     /// List the tensors of a safetensors file (or of every one in a folder).
     Inspect {
         /// A .safetensors file or a folder.
@@ -117,6 +149,27 @@ fn main() -> ExitCode {
             };
             commands::generate(run, model, &prompt, &opts)
         }
+        Command::Quantize {
+            input,
+            output,
+            format,
+            block_size,
+            group_size,
+            double_quant,
+            include,
+            exclude,
+        } => {
+            let o = quantize_cmd::QuantizeOptions {
+                format,
+                block_size,
+                group_size,
+                double_quant,
+                include,
+                exclude,
+            };
+            quantize_cmd::quantize(&input, &output, &o)
+        }
+        Command::Dequantize { input, output } => quantize_cmd::dequantize(&input, &output),
         Command::Inspect { path } => commands::inspect(&path),
     };
     match result {

@@ -1,0 +1,188 @@
+//! Each CUDA kernel against its CPU reference (on a GPU), and clean errors without one.
+
+use frugal_kernels::{cpu, KernelError, Kernels};
+use tch::{Device, Tensor};
+
+/// A small deterministic generator (xorshift), so the test needs no extra crate.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next() as u8).collect()
+    }
+    fn uniform(&mut self, n: usize, lo: f32, hi: f32) -> Vec<f32> {
+        (0..n)
+            .map(|_| lo + (hi - lo) * (self.next() >> 40) as f32 / (1u64 << 24) as f32)
+            .collect()
+    }
+}
+
+fn to_vec(t: &Tensor) -> Vec<f32> {
+    Vec::<f32>::try_from(t.reshape([-1]).to_device(Device::Cpu)).expect("f32 tensor")
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn kernels_match_cpu_reference_on_gpu() {
+    if !tch::Cuda::is_available() {
+        println!("skipped: no CUDA GPU");
+        return;
+    }
+    let dev = Device::Cuda(0);
+    let k = Kernels::global();
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+
+    // NF4 dequant, including an odd element count and a partial last block.
+    for (n, block) in [(64 * 1000, 64), (4097, 64), (3usize, 2usize)] {
+        let packed = rng.bytes(n.div_ceil(2));
+        let absmax = rng.uniform(n.div_ceil(block), 0.1, 3.0);
+        let want = cpu::dequant_nf4(&packed, &absmax, n, block).unwrap();
+        let got = k
+            .dequant_nf4_f32(
+                &Tensor::from_slice(&packed).to_device(dev),
+                &Tensor::from_slice(&absmax).to_device(dev),
+                &[n as i64],
+                block,
+            )
+            .unwrap();
+        let diff = max_abs_diff(&to_vec(&got), &want);
+        assert!(diff <= 1e-6, "dequant_nf4_f32 n {n}: max abs diff {diff}");
+    }
+
+    // NF4 GEMV, batch 1.
+    for (out_f, in_f, block) in [(384usize, 1024usize, 64usize), (7, 100, 64), (1, 33, 16)] {
+        let packed = rng.bytes((out_f * in_f).div_ceil(2));
+        let absmax = rng.uniform((out_f * in_f).div_ceil(block), 0.1, 2.0);
+        let x = rng.uniform(in_f, -1.0, 1.0);
+        let want = cpu::gemv_nf4(&packed, &absmax, block, &x, out_f).unwrap();
+        let got = k
+            .gemv_nf4_f32(
+                &Tensor::from_slice(&packed).to_device(dev),
+                &Tensor::from_slice(&absmax).to_device(dev),
+                &Tensor::from_slice(&x).to_device(dev),
+                out_f,
+                block,
+            )
+            .unwrap();
+        let got = to_vec(&got);
+        let scale = want.iter().map(|v| v.abs()).fold(1e-3, f32::max);
+        let rel = max_abs_diff(&got, &want) / scale;
+        assert!(
+            rel <= 1e-4,
+            "gemv_nf4_f32 {out_f}x{in_f}: relative diff {rel}"
+        );
+    }
+
+    // GPTQ int4.
+    for (in_f, out_f, group) in [(256usize, 64usize, 128usize), (64, 16, 32), (96, 8, 64)] {
+        let groups = in_f.div_ceil(group);
+        let q: Vec<u8> = rng
+            .bytes(in_f * out_f)
+            .into_iter()
+            .map(|b| b & 0xF)
+            .collect();
+        let z: Vec<u8> = rng
+            .bytes(groups * out_f)
+            .into_iter()
+            .map(|b| b & 0xF)
+            .collect();
+        let scales = rng.uniform(groups * out_f, 0.01, 0.2);
+        let qweight = cpu::pack_gptq_qweight(&q, in_f, out_f).unwrap();
+        let qzeros = cpu::pack_gptq_qzeros(&z, groups, out_f).unwrap();
+        let want = cpu::dequant_int4_gptq(&qweight, &qzeros, &scales, in_f, out_f, group).unwrap();
+        let as2d = |v: &[i32], r: usize, c: usize| {
+            Tensor::from_slice(v)
+                .reshape([r as i64, c as i64])
+                .to_device(dev)
+        };
+        let got = k
+            .dequant_int4_gptq_f32(
+                &as2d(&qweight, in_f / 8, out_f),
+                &as2d(&qzeros, groups, out_f / 8),
+                &Tensor::from_slice(&scales)
+                    .reshape([groups as i64, out_f as i64])
+                    .to_device(dev),
+                group,
+            )
+            .unwrap();
+        assert_eq!(got.size(), vec![out_f as i64, in_f as i64]);
+        let diff = max_abs_diff(&to_vec(&got), &want);
+        assert!(
+            diff <= 1e-6,
+            "dequant_int4_gptq_f32 {in_f}x{out_f}: max abs diff {diff}"
+        );
+    }
+
+    // Ternary.
+    for n in [4 * 5000, 4097, 1usize] {
+        let values: Vec<i8> = rng
+            .bytes(n)
+            .into_iter()
+            .map(|b| (b % 3) as i8 - 1)
+            .collect();
+        let packed = cpu::pack_ternary(&values).unwrap();
+        let want = cpu::dequant_ternary(&packed, 0.037, n).unwrap();
+        let got = k
+            .dequant_ternary_f32(
+                &Tensor::from_slice(&packed).to_device(dev),
+                0.037,
+                &[n as i64],
+            )
+            .unwrap();
+        let diff = max_abs_diff(&to_vec(&got), &want);
+        assert!(
+            diff <= 1e-6,
+            "dequant_ternary_f32 n {n}: max abs diff {diff}"
+        );
+    }
+
+    // Wrong inputs are errors, not crashes.
+    let on_cpu = Tensor::from_slice(&[0u8; 4]);
+    let absmax = Tensor::from_slice(&[1.0f32]).to_device(dev);
+    assert!(matches!(
+        k.dequant_nf4_f32(&on_cpu, &absmax, &[8], 64),
+        Err(KernelError::Invalid(_))
+    ));
+}
+
+#[test]
+fn without_a_gpu_every_entry_point_says_no_cuda() {
+    if tch::Cuda::is_available() {
+        println!("skipped: a CUDA GPU is present");
+        return;
+    }
+    let k = Kernels::new();
+    let packed = Tensor::from_slice(&[0u8; 4]);
+    let absmax = Tensor::from_slice(&[1.0f32]);
+    let x = Tensor::from_slice(&[1.0f32; 4]);
+    let qi = Tensor::from_slice(&[0i32; 8]).reshape([1, 8]);
+    let results = [
+        k.dequant_nf4_f32(&packed, &absmax, &[8], 64),
+        k.gemv_nf4_f32(&packed, &absmax, &x, 2, 64),
+        k.dequant_int4_gptq_f32(&qi, &Tensor::from_slice(&[0i32]), &absmax, 8),
+        k.dequant_ternary_f32(&packed, 1.0, &[16]),
+    ];
+    for r in results {
+        match r {
+            Err(KernelError::NoCuda(msg)) => assert!(!msg.is_empty()),
+            other => panic!("expected NoCuda, got {:?}", other.map(|t| t.size())),
+        }
+    }
+    assert!(matches!(
+        frugal_kernels::check_cuda(),
+        Err(KernelError::NoCuda(_))
+    ));
+}

@@ -1,0 +1,436 @@
+//! Whole-file conversion: quantize the linear weights of a safetensors file (or a Hugging Face
+//! model folder) into one of the formats, and back to floats. Used by `frugal quantize` and
+//! `frugal dequantize`; usable alone.
+
+use crate::fourbit::{FourBit, FourBitConfig, FourBitKind};
+use crate::int4::Int4Gptq;
+use crate::int8::Int8Rowwise;
+use crate::ternary::Ternary;
+use crate::{QuantError, Result};
+use frugal_core::safetensors_io::{self, SafetensorsFile};
+use regex::Regex;
+use std::path::Path;
+use tch::{Kind, Tensor};
+
+/// A target format with its options.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Format {
+    /// LLM.int8 per-row absmax (bitsandbytes `Linear8bitLt` layout).
+    Int8,
+    /// Group-wise asymmetric 4-bit in the GPTQ layout (v2 zeros).
+    Int4 {
+        /// Input columns per group: 32, 64 or 128.
+        group_size: usize,
+    },
+    /// NF4 or FP4 in bitsandbytes' layout.
+    FourBit(FourBitConfig),
+    /// BitNet b1.58 ternary, one absmean scale per tensor.
+    Ternary,
+}
+
+impl Format {
+    /// Parses `int8|int4|nf4|fp4|ternary` with its options.
+    pub fn parse(
+        name: &str,
+        block_size: usize,
+        group_size: usize,
+        double_quant: bool,
+    ) -> Result<Self> {
+        let four = |kind| {
+            Format::FourBit(FourBitConfig {
+                kind,
+                block_size,
+                double_quant,
+            })
+        };
+        Ok(match name {
+            "int8" => Format::Int8,
+            "int4" => Format::Int4 { group_size },
+            "nf4" => four(FourBitKind::Nf4),
+            "fp4" => four(FourBitKind::Fp4),
+            "ternary" => Format::Ternary,
+            other => {
+                return Err(QuantError::Option {
+                    name: "--format".into(),
+                    reason: format!("unknown format '{other}' (int8, int4, nf4, fp4, ternary)"),
+                })
+            }
+        })
+    }
+
+    /// The format's name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Format::Int8 => "int8",
+            Format::Int4 { .. } => "int4",
+            Format::FourBit(c) => c.kind.name(),
+            Format::Ternary => "ternary",
+        }
+    }
+}
+
+/// Which tensors to quantize: by default the 2-D `*.weight` tensors of linear layers, not
+/// embeddings, norms or the output head; `include` / `exclude` regexes refine that.
+#[derive(Debug, Clone, Default)]
+pub struct Selection {
+    /// Only names matching this (when set).
+    pub include: Option<Regex>,
+    /// Never names matching this.
+    pub exclude: Option<Regex>,
+}
+
+impl Selection {
+    /// True when the tensor `name` of `shape` is to be quantized.
+    pub fn wants(&self, name: &str, shape: &[i64]) -> bool {
+        let default = shape.len() == 2
+            && name.ends_with(".weight")
+            && ![
+                "embed_tokens",
+                "lm_head",
+                "norm",
+                "wte",
+                "wpe",
+                "embeddings",
+            ]
+            .iter()
+            .any(|s| name.contains(s));
+        let included = match &self.include {
+            Some(r) => r.is_match(name) && shape.len() == 2 && name.ends_with(".weight"),
+            None => default,
+        };
+        included && !self.exclude.as_ref().is_some_and(|r| r.is_match(name))
+    }
+}
+
+/// One line of the conversion report.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Row {
+    /// The tensor (a weight's name).
+    pub name: String,
+    /// `"int8"`, ..., or the dtype of a tensor left alone.
+    pub format: String,
+    /// Its shape.
+    pub shape: Vec<i64>,
+    /// Bytes before.
+    pub bytes_before: u64,
+    /// Bytes after (all stored parts).
+    pub bytes_after: u64,
+}
+
+fn floats(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(Vec::<f32>::try_from(t.flatten(0, -1).to_kind(Kind::Float))?)
+}
+
+fn nbytes(t: &Tensor) -> u64 {
+    frugal_core::memory::tensor_bytes(t)
+}
+
+fn torch_dtype_name(k: Kind) -> &'static str {
+    match k {
+        Kind::BFloat16 => "bfloat16",
+        Kind::Half => "float16",
+        _ => "float32",
+    }
+}
+
+/// Quantizes one weight `name` (2-D, `(out, in)`) into the tensors of `format`.
+pub fn quantize_weight(name: &str, w: &Tensor, format: &Format) -> Result<Vec<(String, Tensor)>> {
+    let shape = w.size();
+    let (rows, cols) = (shape[0] as usize, shape[1] as usize);
+    let prefix = name.strip_suffix(".weight").unwrap_or(name);
+    let x = floats(w)?;
+    let shape_err = |e: QuantError| match e {
+        QuantError::Shape { reason, shape, .. } => QuantError::Shape {
+            name: name.to_string(),
+            shape,
+            reason,
+        },
+        other => other,
+    };
+    Ok(match format {
+        Format::Int8 => Int8Rowwise::quantize(&x, rows, cols)
+            .map_err(shape_err)?
+            .to_tensors(prefix),
+        Format::Int4 { group_size } => Int4Gptq::quantize(&x, rows, cols, *group_size)
+            .map_err(shape_err)?
+            .to_tensors(prefix),
+        Format::FourBit(cfg) => {
+            let mut q = FourBit::quantize(&x, &shape, cfg).map_err(shape_err)?;
+            q.dtype = torch_dtype_name(w.kind()).into();
+            q.to_tensors(&format!("{prefix}.weight"))
+        }
+        Format::Ternary => Ternary::quantize(&x, rows, cols, None)
+            .map_err(shape_err)?
+            .to_tensors(prefix),
+    })
+}
+
+/// Quantizes the selected tensors of safetensors file `input` into `output` (atomically);
+/// the others are copied as they are.
+pub fn quantize_file(
+    input: &Path,
+    output: &Path,
+    format: &Format,
+    sel: &Selection,
+) -> Result<Vec<Row>> {
+    let f = SafetensorsFile::open(input).map_err(core_err)?;
+    let mut out = Vec::new();
+    let mut rows = Vec::new();
+    for name in f.names() {
+        let t = f.tensor(&name, tch::Device::Cpu).map_err(core_err)?;
+        let shape = t.size();
+        if sel.wants(&name, &shape) && t.is_floating_point() {
+            let parts = quantize_weight(&name, &t, format)?;
+            let after: u64 = parts.iter().map(|(_, p)| nbytes(p)).sum();
+            rows.push(Row {
+                name,
+                format: format.name().into(),
+                shape,
+                bytes_before: nbytes(&t),
+                bytes_after: after,
+            });
+            out.extend(parts);
+        } else {
+            rows.push(Row {
+                name: name.clone(),
+                format: format!("{:?}", t.kind()).to_lowercase(),
+                shape,
+                bytes_before: nbytes(&t),
+                bytes_after: nbytes(&t),
+            });
+            out.push((name, t));
+        }
+    }
+    if !rows.iter().any(|r| r.format == format.name()) {
+        return Err(QuantError::Inconsistent {
+            name: input.display().to_string(),
+            reason: "no tensor was selected for quantization (2-D linear weights; see --include)"
+                .into(),
+        });
+    }
+    safetensors_io::save(output, &out, None).map_err(core_err)?;
+    Ok(rows)
+}
+
+fn core_err(e: frugal_core::Error) -> QuantError {
+    QuantError::Inconsistent {
+        name: "file".into(),
+        reason: e.to_string(),
+    }
+}
+
+/// What kind of quantized weight a module prefix holds in `names`, if any.
+fn detect(prefix: &str, has: &dyn Fn(&str) -> bool) -> Option<&'static str> {
+    if has(&format!("{prefix}.weight.quant_state.bitsandbytes__nf4"))
+        || has(&format!("{prefix}.weight.quant_state.bitsandbytes__fp4"))
+    {
+        Some("4bit")
+    } else if has(&format!("{prefix}.weight.quant_state.frugal__ternary")) {
+        Some("ternary")
+    } else if has(&format!("{prefix}.qweight")) {
+        Some("int4")
+    } else if has(&format!("{prefix}.SCB")) {
+        Some("int8")
+    } else {
+        None
+    }
+}
+
+/// A quantized weight found in a file: module prefix, format description, values, bits per
+/// parameter as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Found {
+    /// The module prefix (`model.layers.0.mlp.up_proj`).
+    pub prefix: String,
+    /// Format and options, e.g. `nf4 block 64 double-quant`.
+    pub format: String,
+    /// Number of weight values.
+    pub numel: usize,
+    /// Bits per parameter as stored.
+    pub bits_per_param: f64,
+}
+
+/// Every quantized weight of `file`, read and checked (an inconsistent one is an error).
+pub fn describe(file: &SafetensorsFile) -> Result<Vec<Found>> {
+    let names = file.names();
+    let has = |n: &str| names.binary_search_by(|x| x.as_str().cmp(n)).is_ok();
+    let get = |n: &str| file.tensor(n, tch::Device::Cpu).ok();
+    let mut out = Vec::new();
+    for n in &names {
+        let Some(p) = n
+            .strip_suffix(".weight")
+            .or_else(|| n.strip_suffix(".qweight"))
+        else {
+            continue;
+        };
+        let (format, numel, bits) = match detect(p, &has) {
+            Some("4bit") => {
+                let q = FourBit::from_tensors(&format!("{p}.weight"), get)?;
+                let dq = if matches!(q.absmax, crate::fourbit::Absmax::Double { .. }) {
+                    " double-quant"
+                } else {
+                    ""
+                };
+                (
+                    format!("{} block {}{dq}", q.kind.name(), q.block_size),
+                    q.numel(),
+                    q.bits_per_param(),
+                )
+            }
+            Some("ternary") => {
+                let q = Ternary::from_tensors(p, get)?;
+                ("ternary".to_string(), q.rows * q.cols, q.bits_per_param())
+            }
+            Some("int4") => {
+                let q = Int4Gptq::from_tensors(p, false, get)?;
+                (
+                    format!("int4 group {}", q.group_size),
+                    q.rows * q.cols,
+                    q.bits_per_param(),
+                )
+            }
+            Some(_) => {
+                let q = Int8Rowwise::from_tensors(p, get)?;
+                ("int8".to_string(), q.rows * q.cols, q.bits_per_param())
+            }
+            None => continue,
+        };
+        out.push(Found {
+            prefix: p.to_string(),
+            format,
+            numel,
+            bits_per_param: bits,
+        });
+    }
+    Ok(out)
+}
+
+/// Restores floats: every quantized weight of `input` becomes `PREFIX.weight` (in the dtype its
+/// description records, else f32); other tensors are copied. Written atomically to `output`.
+pub fn dequantize_file(input: &Path, output: &Path) -> Result<Vec<Row>> {
+    let f = SafetensorsFile::open(input).map_err(core_err)?;
+    let names = f.names();
+    let has = |n: &str| names.binary_search_by(|x| x.as_str().cmp(n)).is_ok();
+    let get = |n: &str| f.tensor(n, tch::Device::Cpu).ok();
+    // Module prefixes that hold a quantized weight, and every key that belongs to them.
+    let mut prefixes: Vec<(String, &'static str)> = Vec::new();
+    for n in &names {
+        for suffix in [".weight", ".qweight"] {
+            if let Some(p) = n.strip_suffix(suffix) {
+                if let Some(kind) = detect(p, &has) {
+                    prefixes.push((p.to_string(), kind));
+                }
+            }
+        }
+    }
+    let owned = |n: &str| {
+        prefixes
+            .iter()
+            .any(|(p, _)| n.starts_with(&format!("{p}.")))
+    };
+    let mut out = Vec::new();
+    let mut rows = Vec::new();
+    for (p, kind) in &prefixes {
+        let (values, shape, dtype, stored): (Vec<f32>, Vec<i64>, Kind, u64) = match *kind {
+            "4bit" => {
+                let q = FourBit::from_tensors(&format!("{p}.weight"), get)?;
+                let k = match q.dtype.as_str() {
+                    "bfloat16" => Kind::BFloat16,
+                    "float16" => Kind::Half,
+                    _ => Kind::Float,
+                };
+                (q.dequantize(), q.shape.clone(), k, q.bytes() as u64)
+            }
+            "ternary" => {
+                let q = Ternary::from_tensors(p, get)?;
+                let bytes = (q.bits_per_param() * (q.rows * q.cols) as f64 / 8.0) as u64;
+                (
+                    q.dequantize(),
+                    vec![q.rows as i64, q.cols as i64],
+                    Kind::Float,
+                    bytes,
+                )
+            }
+            "int4" => {
+                let q = Int4Gptq::from_tensors(p, false, get)?;
+                let bytes = (q.bits_per_param() * (q.rows * q.cols) as f64 / 8.0) as u64;
+                (
+                    q.dequantize(),
+                    vec![q.rows as i64, q.cols as i64],
+                    Kind::Float,
+                    bytes,
+                )
+            }
+            _ => {
+                let q = Int8Rowwise::from_tensors(p, get)?;
+                let bytes = (q.bits_per_param() * (q.rows * q.cols) as f64 / 8.0) as u64;
+                (
+                    q.dequantize(),
+                    vec![q.rows as i64, q.cols as i64],
+                    Kind::Float,
+                    bytes,
+                )
+            }
+        };
+        let t = Tensor::from_slice(&values).reshape(&shape).to_kind(dtype);
+        rows.push(Row {
+            name: format!("{p}.weight"),
+            format: (*kind).into(),
+            shape,
+            bytes_before: stored,
+            bytes_after: nbytes(&t),
+        });
+        out.push((format!("{p}.weight"), t));
+    }
+    for n in &names {
+        if !owned(n) && !prefixes.iter().any(|(p, _)| n == &format!("{p}.weight")) {
+            let t = f.tensor(n, tch::Device::Cpu).map_err(core_err)?;
+            rows.push(Row {
+                name: n.clone(),
+                format: format!("{:?}", t.kind()).to_lowercase(),
+                shape: t.size(),
+                bytes_before: nbytes(&t),
+                bytes_after: nbytes(&t),
+            });
+            out.push((n.clone(), t));
+        }
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    safetensors_io::save(output, &out, None).map_err(core_err)?;
+    Ok(rows)
+}
+
+/// The `quantization_config` that transformers expects in `config.json` for `format`.
+pub fn quantization_config(format: &Format) -> serde_json::Value {
+    use serde_json::json;
+    let bnb = |four: bool, kind: &str, dq: bool| {
+        json!({
+            "quant_method": "bitsandbytes",
+            "load_in_4bit": four,
+            "load_in_8bit": !four,
+            "bnb_4bit_quant_type": kind,
+            "bnb_4bit_use_double_quant": dq,
+            "bnb_4bit_compute_dtype": "float32",
+            "bnb_4bit_quant_storage": "uint8",
+            "llm_int8_threshold": 6.0,
+            "llm_int8_skip_modules": null,
+            "llm_int8_has_fp16_weight": false,
+            "llm_int8_enable_fp32_cpu_offload": false,
+        })
+    };
+    match format {
+        Format::Int8 => bnb(false, "fp4", false),
+        Format::FourBit(c) => bnb(true, c.kind.name(), c.double_quant),
+        Format::Int4 { group_size } => json!({
+            "quant_method": "gptq",
+            "bits": 4,
+            "group_size": group_size,
+            "desc_act": false,
+            "sym": false,
+            "true_sequential": true,
+            "format": "gptq_v2",
+            "checkpoint_format": "gptq_v2",
+        }),
+        Format::Ternary => json!({"quant_method": "frugal", "format": "ternary"}),
+    }
+}
