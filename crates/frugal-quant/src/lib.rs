@@ -18,6 +18,7 @@ mod error;
 pub mod fourbit;
 pub mod int4;
 pub mod int8;
+pub mod layer;
 pub mod matmul;
 pub mod ternary;
 
