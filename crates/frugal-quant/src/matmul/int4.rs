@@ -1,6 +1,7 @@
-//! GPTQ int4 products, dequantized on the fly per group: eight output rows at a time, so that
-//! the words of `qweight` (eight input columns each, laid out along the output dimension) are
-//! read contiguously.
+//! GPTQ int4 products, dequantized on the fly per group: several output rows at a time (8 per
+//! AVX2 register, 16 per AVX-512 register, 128 per pass at batch 1), so that the words of
+//! `qweight` (eight input columns each, laid out along the output dimension) are read
+//! contiguously.
 
 use super::dense::dot_rows_scalar;
 use super::{check_x, dispatch_nb, par_rows, Kernel};
@@ -9,11 +10,14 @@ use crate::Result;
 
 /// How many word rows of `qweight` ahead the AVX-512 kernel prefetches.
 const PREFETCH: usize = 8;
+/// Output rows per pass of the one-activation-row AVX-512 kernel (8 registers of 16).
+const WIDE: usize = 128;
 
 /// Y = X Wᵀ for a GPTQ int4 weight W (out, in) and X (batch, in) row-major; returns Y
-/// (batch, out) row-major, with W[o, i] = scale[g, o] · (q[i, o] − zero[g, o]), g = g_idx[i].
+/// (batch, out) row-major, with `W[o, i] = scale[g, o] · (q[i, o] − zero[g, o])`,
+/// `g = g_idx[i]`.
 ///
-/// The SIMD kernel needs the plain group order (g_idx[i] = i / group_size); act-order weights
+/// The SIMD kernel needs the plain group order (`g_idx[i] = i / group_size`); act-order weights
 /// run the scalar kernel. Errors when `x.len() != batch * in` (or `batch == 0`).
 pub fn int4_matmul(w: &Int4Gptq, x: &[f32], batch: usize) -> Result<Vec<f32>> {
     int4_matmul_with(w, x, batch, Kernel::Auto)
@@ -34,6 +38,17 @@ pub fn int4_matmul_with(w: &Int4Gptq, x: &[f32], batch: usize, kernel: Kernel) -
     let neg_sz: Vec<f32> = (0..groups * rows)
         .map(|k| -w.scales[k] * w.zero(k / rows, k % rows))
         .collect();
+    #[cfg(target_arch = "x86_64")]
+    if plain && batch == 1 && rows % WIDE == 0 && kernel.avx512() {
+        return Ok(par_rows(rows, 1, WIDE, |r0, n, yt| {
+            for t in (0..n).step_by(WIDE) {
+                // SAFETY: the CPU has AVX-512 F, AVX2 and FMA (kernel.avx512()); rows is a
+                // multiple of WIDE so rows r0 + t..+WIDE exist; x holds cols values; the group
+                // order is plain and gs a multiple of 8.
+                unsafe { wide_avx512(w, &neg_sz, r0 + t, x, &mut yt[t..t + WIDE]) };
+            }
+        }));
+    }
     #[cfg(target_arch = "x86_64")]
     if plain && rows % 16 == 0 && kernel.avx512() {
         return Ok(par_rows(rows, batch, 16, |r0, n, yt| {
@@ -203,6 +218,61 @@ unsafe fn tile16_avx512<const NB: usize>(
         }
         for b in 0..NB {
             _mm512_storeu_ps(tile.as_mut_ptr().add(b * 16), acc[b]);
+        }
+    }
+}
+
+/// One activation row, WIDE output rows o0..o0 + WIDE at once (eight 16-lane accumulators), so
+/// that each word row of `qweight` is read as 512 contiguous bytes (instead of 64 bytes a page
+/// apart): per word row k, the eight activations x[8k..8k + 8] are broadcast once and shared by
+/// the eight tiles. Writes out[r] for r < WIDE.
+///
+/// # Safety
+/// The CPU must have AVX-512 F, AVX2 and FMA; o0 + WIDE <= rows; `x.len() == cols`; the group
+/// order is plain with group_size a multiple of 8; `out.len() >= WIDE`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn wide_avx512(w: &Int4Gptq, neg_sz: &[f32], o0: usize, x: &[f32], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let (rows, cols, gs) = (w.rows, w.cols, w.group_size);
+    debug_assert!(o0 + WIDE <= rows && x.len() == cols && gs % 8 == 0 && out.len() >= WIDE);
+    // SAFETY: qweight holds (cols / 8) · rows words: reads at k · rows + o0 + 16 t..+16 with
+    // k < cols / 8 and o0 + 16 t + 16 <= o0 + WIDE <= rows stay inside; scales and neg_sz hold
+    // groups · rows values; x reads are below cols; out holds WIDE values.
+    unsafe {
+        let m = _mm512_set1_epi32(0xF);
+        let mut acc = [_mm512_setzero_ps(); WIDE / 16];
+        let qp = w.qweight.as_ptr();
+        let xp = x.as_ptr();
+        for g in 0..cols / gs {
+            let sp = w.scales.as_ptr().add(g * rows + o0);
+            let zp = neg_sz.as_ptr().add(g * rows + o0);
+            for k in g * gs / 8..(g + 1) * gs / 8 {
+                if k + PREFETCH < cols / 8 {
+                    let pf = qp.add((k + PREFETCH) * rows + o0) as *const i8;
+                    for l in 0..WIDE / 16 {
+                        _mm_prefetch::<_MM_HINT_T0>(pf.add(64 * l));
+                    }
+                }
+                let mut xb = [_mm512_setzero_ps(); 8];
+                for j in 0..8 {
+                    xb[j] = _mm512_set1_ps(*xp.add(8 * k + j));
+                }
+                let row = qp.add(k * rows + o0);
+                for t in 0..WIDE / 16 {
+                    let s = _mm512_loadu_ps(sp.add(16 * t));
+                    let nz = _mm512_loadu_ps(zp.add(16 * t));
+                    let mut v = _mm512_loadu_si512(row.add(16 * t) as *const __m512i);
+                    for j in 0..8 {
+                        let q = _mm512_cvtepi32_ps(_mm512_and_si512(v, m));
+                        v = _mm512_srli_epi32::<4>(v);
+                        acc[t] = _mm512_fmadd_ps(_mm512_fmadd_ps(q, s, nz), xb[j], acc[t]);
+                    }
+                }
+            }
+        }
+        for t in 0..WIDE / 16 {
+            _mm512_storeu_ps(out.as_mut_ptr().add(16 * t), acc[t]);
         }
     }
 }

@@ -9,7 +9,7 @@ use crate::Result;
 /// (batch, out) row-major.
 ///
 /// Each row of X is quantized to int8 with q = round_half_even(x · 127 / max|x|) (an all-zero
-/// row gives 0); then Y[b, o] = (Σ_i W_q[o, i] · q[b, i]) · (SCB[o] · max|x_b| / 127²), the
+/// row gives 0); then `Y[b, o] = (Σ_i W_q[o, i] · q[b, i]) · (SCB[o] · max|x_b| / 127²)`, the
 /// integer dot product exact in i32. Errors when `x.len() != batch * in` (or `batch == 0`).
 pub fn int8_matmul(w: &Int8Rowwise, x: &[f32], batch: usize) -> Result<Vec<f32>> {
     int8_matmul_with(w, x, batch, Kernel::Auto)

@@ -2,22 +2,29 @@
 //! (out, in) and row-major f32 activations X of shape (batch, in), giving Y of shape
 //! (batch, out), row-major.
 //!
-//! Each format has a portable scalar kernel and, on x86-64 CPUs with AVX2 and FMA (checked at
-//! run time), a SIMD kernel; both are tested against each other and against
-//! dequantize-then-matmul. Output rows are spread over rayon's threads.
+//! Each format has a portable scalar kernel, an AVX2 + FMA kernel and, where it pays, an
+//! AVX-512 one (F for NF4 and int4, VNNI for int8 and ternary); the best the CPU has is chosen
+//! at run time ([`Kernel::Auto`]), and all are tested against each other and against
+//! dequantize-then-matmul. Output rows are spread over rayon's threads. Batches of any size
+//! work; the kernels take up to 8 activation rows per pass.
 //!
-//! - [`nf4_matmul`]: NF4/FP4 codes decoded through a 16-entry table (two 8-lane registers and
-//!   `vpermps`), scaled by the block's absmax, then fused multiply-adds with X.
-//! - [`int4_matmul`]: GPTQ int4, dequantized on the fly per group (scale, zero), eight output
-//!   rows per register so that the GPTQ layout (eight input columns per word, words along the
-//!   output dimension) is read contiguously.
+//! - [`nf4_matmul`]: NF4/FP4 codes looked up in the 16-entry table scaled once per block by
+//!   its absmax (AVX-512: one `vpermps` for 16 codes; AVX2: two 8-lane halves and a blend),
+//!   then fused multiply-adds with X in f32. Two output rows share each activation load from
+//!   4 activation rows up.
+//! - [`int4_matmul`]: GPTQ int4, dequantized on the fly per group (w = q · scale − scale ·
+//!   zero), output rows in the lanes so that the GPTQ layout (eight input columns per word,
+//!   words along the output dimension) is read contiguously: 8 rows per AVX2 register, 16 per
+//!   AVX-512 register, 128 rows per pass at batch 1.
 //! - [`int8_matmul`]: LLM.int8 weights times activations quantized per row to int8
-//!   (q = round(x · 127 / max|x|)), int8 × int8 → i32 dot products
-//!   (`vpsignb` + `vpmaddubsw` + `vpmaddwd`), then one scale SCB[o] / 127 · max|x| / 127.
+//!   (q = round(x · 127 / max|x|)), exact int8 × int8 → i32 dot products (AVX2: `vpsignb` +
+//!   `vpmaddubsw` + `vpmaddwd`; VNNI: `vpdpbusd` on w + 128, minus 128 Σx), then one scale
+//!   `SCB[o] / 127 · max|x| / 127`.
 //! - [`ternary_matmul`]: BitNet b1.58 ternary weights times int8 activations
 //!   (127 / max(|x|, 1e-5)); no multiplication per weight in the scalar kernel (add, subtract
-//!   or skip), and in the SIMD kernel bitnet.cpp's trick: multiply-add of the offset codes
-//!   c = q + 1 ∈ {0, 1, 2} with the activations, minus the sum of the activations.
+//!   or skip), and in the SIMD kernels bitnet.cpp's trick: multiply-add of the offset codes
+//!   c = q + 1 ∈ {0, 1, 2} with the activations (`vpmaddubsw` or `vpdpbusd`, the activations
+//!   reordered once to match the 2-bit packing), minus the sum of the activations.
 
 // The SIMD kernels index arrays of registers by batch row and unrolled step on purpose.
 #![allow(clippy::needless_range_loop)]

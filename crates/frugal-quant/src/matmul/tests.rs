@@ -61,8 +61,9 @@ fn as_f64(v: &[f32]) -> Vec<f64> {
 }
 
 /// NF4 and FP4, plain and double-quantized absmax, block sizes 32..1024, `in` a multiple of
-/// the block (fast path, one or several column slabs, odd row counts) or not (fallback), against dequantize-then-matmul; the AVX-512 (where the
-/// CPU has it) and AVX2 kernels against the scalar one.
+/// the block (fast path, one or several column slabs, odd row counts) or not (fallback),
+/// against dequantize-then-matmul; the AVX-512 (where the CPU has it) and AVX2 kernels against
+/// the scalar one.
 #[test]
 fn nf4_matches_dequantized() {
     let cases = [
@@ -100,11 +101,18 @@ fn nf4_matches_dequantized() {
 }
 
 /// GPTQ int4 with groups 32, 64, 128 and one group of 40, integer and float zeros, and an
-/// act-order `g_idx` (scalar kernel), against dequantize-then-matmul; AVX-512 (16-row tiles,
-/// where the CPU has it, for row counts that are multiples of 16) and AVX2 against scalar.
+/// act-order `g_idx` (scalar kernel), against dequantize-then-matmul; AVX-512 (where the CPU
+/// has it: 16-row tiles for row counts that are multiples of 16, 128-row passes at batch 1
+/// for multiples of 128) and AVX2 against scalar.
 #[test]
 fn int4_matches_dequantized() {
-    let cases = [(16, 96, 32), (8, 64, 64), (24, 256, 128), (32, 40, 40)];
+    let cases = [
+        (16, 96, 32),
+        (8, 64, 64),
+        (24, 256, 128),
+        (32, 40, 40),
+        (256, 384, 128),
+    ];
     for (rows, cols, gs) in cases {
         let wf = data(rows * cols, 3);
         let q = Int4Gptq::quantize(&wf, rows, cols, gs).unwrap();
