@@ -11,6 +11,7 @@
 //! cargo xtask bench quant [-- --runs 10 --warmup 2 --shapes 4096x4096,4096x11008 --batches 1,8]
 //! ```
 
+use crate::report::{find_key, json_number, utc_date, Machine};
 use crate::setup::TorchEnv;
 use crate::{Failure, Result};
 use std::process::Command;
@@ -78,7 +79,7 @@ pub fn run(env: &TorchEnv, args: &[String]) -> Result<()> {
     let ours = json_line(c, "bench_quant example")?;
 
     let date = utc_date();
-    let cpu = cpu_model();
+    let cpu = Machine::detect().model.replace('"', "'");
     let nproc = std::thread::available_parallelism().map_or(1, |n| n.get());
     let json = format!(
         "{{\"date\": \"{date}\", \"cpu\": \"{cpu}\", \"nproc\": {nproc}, \"frugal\": {ours}, \
@@ -232,53 +233,6 @@ fn json_line(mut c: Command, what: &str) -> Result<String> {
         .find(|l| l.trim_start().starts_with('{'))
         .map(|l| l.trim().to_string())
         .ok_or_else(|| Failure::new(format!("{what} printed no JSON line")))
-}
-
-/// Where `"key"` occurs as an object key in `text`: its start and the index just after its `:`.
-fn find_key(text: &str, key: &str) -> Option<(usize, usize)> {
-    let quoted = format!("\"{key}\"");
-    let mut from = 0;
-    while let Some(i) = text[from..].find(&quoted) {
-        let after = from + i + quoted.len();
-        if let Some(value) = text[after..].trim_start().strip_prefix(':') {
-            return Some((from + i, text.len() - value.len()));
-        }
-        from = after;
-    }
-    None
-}
-
-/// The number that is the value of the first key `key` in `text` (a JSON object), if any.
-fn json_number(text: &str, key: &str) -> Option<f64> {
-    let (_, after) = find_key(text, key)?;
-    let value = text[after..].trim_start();
-    let end = value
-        .find(|c: char| !(c.is_ascii_digit() || matches!(c, '-' | '+' | '.' | 'e' | 'E')))
-        .unwrap_or(value.len());
-    value[..end].parse().ok().filter(|v: &f64| v.is_finite())
-}
-
-/// The first `model name` of `/proc/cpuinfo`.
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| {
-                let (k, v) = l.split_once(':')?;
-                (k.trim() == "model name").then(|| v.trim().replace('"', "'"))
-            })
-        })
-        .unwrap_or_else(|| "unknown CPU".into())
-}
-
-fn utc_date() -> String {
-    Command::new("date")
-        .args(["-u", "+%FT%TZ"])
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_else(|| "unknown".into())
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@
 //! cargo xtask bench train-step [-- --steps 8 --warmup 2]
 //! ```
 
+use crate::report::{find_key, json_number, utc_date, Machine};
 use crate::setup::TorchEnv;
 use crate::{Failure, Result};
 use std::path::Path;
@@ -284,70 +285,6 @@ fn parse_memory(text: &str) -> Option<(u64, u64)> {
     ))
 }
 
-/// Where `"key"` occurs as an object key in `text`: its start and the index just after its `:`.
-fn find_key(text: &str, key: &str) -> Option<(usize, usize)> {
-    let quoted = format!("\"{key}\"");
-    let mut from = 0;
-    while let Some(i) = text[from..].find(&quoted) {
-        let start = from + i;
-        let after = start + quoted.len();
-        let rest = &text[after..];
-        let trimmed = rest.trim_start();
-        if let Some(value) = trimmed.strip_prefix(':') {
-            return Some((start, text.len() - value.len()));
-        }
-        from = after;
-    }
-    None
-}
-
-/// The number that is the value of the first key `key` in `text` (a JSON object), if any.
-fn json_number(text: &str, key: &str) -> Option<f64> {
-    let (_, after) = find_key(text, key)?;
-    let value = text[after..].trim_start();
-    let end = value
-        .find(|c: char| !(c.is_ascii_digit() || matches!(c, '-' | '+' | '.' | 'e' | 'E')))
-        .unwrap_or(value.len());
-    value[..end].parse().ok().filter(|v: &f64| v.is_finite())
-}
-
-/// The machine the benchmark ran on.
-struct Machine {
-    nproc: usize,
-    model: String,
-}
-
-impl Machine {
-    fn detect() -> Self {
-        let nproc = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1);
-        let model = std::fs::read_to_string("/proc/cpuinfo")
-            .ok()
-            .and_then(|s| cpu_model(&s))
-            .unwrap_or_else(|| "unknown CPU".into());
-        Self { nproc, model }
-    }
-}
-
-/// The first `model name` of `/proc/cpuinfo`.
-fn cpu_model(cpuinfo: &str) -> Option<String> {
-    cpuinfo.lines().find_map(|l| {
-        let (k, v) = l.split_once(':')?;
-        (k.trim() == "model name").then(|| v.trim().to_string())
-    })
-}
-
-fn utc_date() -> String {
-    Command::new("date")
-        .args(["-u", "+%FT%TZ"])
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_else(|| "unknown".into())
-}
-
 fn mib(bytes: u64) -> String {
     format!("{:.0}", bytes as f64 / (1024.0 * 1024.0))
 }
@@ -553,7 +490,10 @@ mod tests {
     #[test]
     fn cpuinfo_and_json() {
         let info = "processor\t: 0\nmodel name\t: AMD EPYC 9B14\nflags\t: x\n";
-        assert_eq!(cpu_model(info).as_deref(), Some("AMD EPYC 9B14"));
+        assert_eq!(
+            crate::report::cpu_model(info).as_deref(),
+            Some("AMD EPYC 9B14")
+        );
         assert_eq!(string("a\"b\\c"), r#""a\"b\\c""#);
         assert_eq!(num(f64::NAN), "null");
     }

@@ -13,6 +13,7 @@
 mod bench;
 mod bench_quant;
 mod bench_train_step;
+mod report;
 mod setup;
 
 use std::path::{Path, PathBuf};

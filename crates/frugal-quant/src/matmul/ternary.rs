@@ -64,8 +64,9 @@ pub fn ternary_matmul_with(
         }
     };
     #[cfg(target_arch = "x86_64")]
-    if cols % 4 == 0 && kernel.vnni() {
-        let xp = permute_blocks(&qx.q, batch, cols, VBLOCK);
+    if cols % 4 == 0 && (kernel.vnni() || kernel.simd()) {
+        let vnni = kernel.vnni();
+        let xp = permute_blocks(&qx.q, batch, cols, if vnni { VBLOCK } else { BLOCK });
         let sums = row_sums(&qx.q, cols);
         return Ok(par_rows(rows, batch, 1, |r0, n, yt| {
             let mut dots = vec![0i32; batch];
@@ -77,35 +78,16 @@ pub fn ternary_matmul_with(
                     let nb = (batch - b0).min(8);
                     let xs = &xp[b0 * cols..];
                     let d = &mut dots[b0..b0 + nb];
-                    // SAFETY: the CPU has AVX-512 F/BW/VNNI and AVX2 (kernel.vnni()); row holds
-                    // cols / 4 bytes and xs nb rows of cols.
-                    unsafe { dispatch_nb!(nb, row_vnni::<NB>(row, xs, cols, d)) };
-                    for (d, s) in d.iter_mut().zip(&sums[b0..b0 + nb]) {
-                        *d -= s;
-                    }
-                    b0 += nb;
-                }
-                finish(o, &dots, &mut yt[r * batch..(r + 1) * batch]);
-            }
-        }));
-    }
-    #[cfg(target_arch = "x86_64")]
-    if cols % 4 == 0 && kernel.simd() {
-        let xp = permute_blocks(&qx.q, batch, cols, BLOCK);
-        let sums = row_sums(&qx.q, cols);
-        return Ok(par_rows(rows, batch, 1, |r0, n, yt| {
-            let mut dots = vec![0i32; batch];
-            for r in 0..n {
-                let o = r0 + r;
-                let row = &w.packed[o * cols / 4..(o + 1) * cols / 4];
-                let mut b0 = 0;
-                while b0 < batch {
-                    let nb = (batch - b0).min(8);
-                    let xs = &xp[b0 * cols..];
-                    let d = &mut dots[b0..b0 + nb];
-                    // SAFETY: the CPU has AVX2 (kernel.simd()); row holds cols / 4 bytes and
-                    // xs nb rows of cols.
-                    unsafe { dispatch_nb!(nb, row_avx2::<NB>(row, xs, cols, d)) };
+                    // SAFETY: the CPU has AVX-512 F/BW/VNNI and AVX2 when `vnni`
+                    // (kernel.vnni()), else AVX2 (kernel.simd()); row holds cols / 4 bytes and
+                    // xs nb rows of cols, permuted for the block size of the kernel called.
+                    unsafe {
+                        if vnni {
+                            dispatch_nb!(nb, row_vnni::<NB>(row, xs, cols, d))
+                        } else {
+                            dispatch_nb!(nb, row_avx2::<NB>(row, xs, cols, d))
+                        }
+                    };
                     for (d, s) in d.iter_mut().zip(&sums[b0..b0 + nb]) {
                         *d -= s;
                     }
