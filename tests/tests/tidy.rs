@@ -88,3 +88,22 @@ fn cargo_fmt_is_clean() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The default corpus is pinned by crate name and version; a fresh machine has those sources
+/// only if Cargo.lock still pins the same versions. A dependency bump that drops one fails here,
+/// not in a user's first `cargo xtask train`.
+#[test]
+fn default_corpus_crates_are_in_cargo_lock() {
+    let lock = std::fs::read_to_string(root().join("Cargo.lock")).unwrap();
+    let missing: Vec<String> = frugal_train::data::DEFAULT_CORPUS_CRATES
+        .iter()
+        .filter(|(name, version)| {
+            !lock.contains(&format!("name = \"{name}\"\nversion = \"{version}\"\n"))
+        })
+        .map(|(n, v)| format!("{n} {v}"))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "pinned corpus crates no longer in Cargo.lock (update DEFAULT_CORPUS_CRATES): {missing:?}"
+    );
+}
