@@ -183,6 +183,10 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
         }
     }
     progress.finish();
+    if val_loss.is_nan() && !interrupted {
+        // Nothing left to train (a resume at or past max_steps): still report the model.
+        val_loss = run::evaluate(&m.llama, &val_ds, t.batch_size, 0, device).0;
+    }
     history.plot(&run_dir.join("loss.png"), unigram);
 
     let peak = memory::peak_rss_bytes();
