@@ -147,18 +147,14 @@ pub fn pack_gptq_qzeros(z: &[u8], groups: usize, out_features: usize) -> Result<
     Ok(packed.into_iter().map(|v| v as i32).collect())
 }
 
-/// Dequantizes a GPTQ int4 weight to `W` of shape `(out_features, in_features)` row-major:
-/// `W[o,i] = scales[g,o] * (q[i,o] - z[g,o])`, `g = i / group_size`, with `qweight` int32
-/// `(in/8, out)`, `qzeros` int32 `(groups, out/8)`, `scales` `(groups, out)` and
-/// `groups = ceil(in / group_size)`. Zero points are used as stored (no `+1`).
-pub fn dequant_int4_gptq(
+fn check_gptq(
     qweight: &[i32],
     qzeros: &[i32],
     scales: &[f32],
     in_features: usize,
     out_features: usize,
     group_size: usize,
-) -> Result<Vec<f32>> {
+) -> Result<()> {
     check(group_size > 0, || "group_size must be positive".into())?;
     check(in_features & 7 == 0 && out_features & 7 == 0, || {
         format!("in ({in_features}) and out ({out_features}) features must be multiples of 8")
@@ -172,7 +168,29 @@ pub fn dequant_int4_gptq(
     })?;
     check(scales.len() == groups * out_features, || {
         "scales size mismatch".into()
-    })?;
+    })
+}
+
+/// Dequantizes a GPTQ int4 weight to `W` of shape `(out_features, in_features)` row-major:
+/// `W[o,i] = scales[g,o] * (q[i,o] - z[g,o])`, `g = i / group_size`, with `qweight` int32
+/// `(in/8, out)`, `qzeros` int32 `(groups, out/8)`, `scales` `(groups, out)` and
+/// `groups = ceil(in / group_size)`. Zero points are used as stored (no `+1`).
+pub fn dequant_int4_gptq(
+    qweight: &[i32],
+    qzeros: &[i32],
+    scales: &[f32],
+    in_features: usize,
+    out_features: usize,
+    group_size: usize,
+) -> Result<Vec<f32>> {
+    check_gptq(
+        qweight,
+        qzeros,
+        scales,
+        in_features,
+        out_features,
+        group_size,
+    )?;
     let mut w = vec![0f32; in_features * out_features];
     for o in 0..out_features {
         for i in 0..in_features {
@@ -183,6 +201,44 @@ pub fn dequant_int4_gptq(
         }
     }
     Ok(w)
+}
+
+/// `y[o] = sum_i W[o,i] x[i]` for a GPTQ int4 weight W of shape `(out_features, x.len())` in
+/// the layout of [`dequant_int4_gptq`] (`in_features = x.len()`), without materializing W.
+/// Accumulates in f64.
+pub fn gemv_int4_gptq(
+    qweight: &[i32],
+    qzeros: &[i32],
+    scales: &[f32],
+    x: &[f32],
+    out_features: usize,
+    group_size: usize,
+) -> Result<Vec<f32>> {
+    let in_features = x.len();
+    check_gptq(
+        qweight,
+        qzeros,
+        scales,
+        in_features,
+        out_features,
+        group_size,
+    )?;
+    Ok((0..out_features)
+        .map(|o| {
+            let sum: f64 = x
+                .iter()
+                .enumerate()
+                .map(|(i, &xi)| {
+                    let g = i / group_size;
+                    let q = (qweight[i / 8 * out_features + o] as u32 >> (4 * (i % 8))) & 0xF;
+                    let z = (qzeros[g * (out_features / 8) + o / 8] as u32 >> (4 * (o % 8))) & 0xF;
+                    let w = scales[g * out_features + o] * (q as i32 - z as i32) as f32;
+                    f64::from(w) * f64::from(xi)
+                })
+                .sum();
+            sum as f32
+        })
+        .collect())
 }
 
 /// Packs ternary values (-1, 0, 1) as 2-bit codes `w + 1`, four per byte, element `4k+j` in
@@ -215,6 +271,38 @@ pub fn dequant_ternary(packed: &[u8], scale: f32, n: usize) -> Result<Vec<f32>> 
         .map(|i| {
             let code = (packed[i / 4] >> (2 * (i % 4))) & 0x3;
             (i32::from(code) - 1) as f32 * scale
+        })
+        .collect())
+}
+
+/// `y[o] = scale * sum_i (code(o, i) - 1) x[i]` for a ternary weight of shape
+/// `(out_features, x.len())`, row-major, packed over the flat index as in [`dequant_ternary`].
+/// Accumulates in f64.
+pub fn gemv_ternary(packed: &[u8], scale: f32, x: &[f32], out_features: usize) -> Result<Vec<f32>> {
+    let in_features = x.len();
+    let n = out_features
+        .checked_mul(in_features)
+        .ok_or_else(|| KernelError::Invalid("weight too large".into()))?;
+    check(packed.len() >= n.div_ceil(4), || {
+        format!(
+            "{n} ternary elements need {} packed bytes, got {}",
+            n.div_ceil(4),
+            packed.len()
+        )
+    })?;
+    Ok((0..out_features)
+        .map(|o| {
+            let row = o * in_features;
+            let sum: f64 = x
+                .iter()
+                .enumerate()
+                .map(|(i, &xi)| {
+                    let flat = row + i;
+                    let code = (packed[flat / 4] >> (2 * (flat % 4))) & 0x3;
+                    f64::from(i32::from(code) - 1) * f64::from(xi)
+                })
+                .sum();
+            (sum * f64::from(scale)) as f32
         })
         .collect())
 }
@@ -299,5 +387,35 @@ mod tests {
         assert_eq!(out, vec![-0.5, 0.0, 0.5, 0.5, 0.0]);
         assert!(pack_ternary(&[2]).is_err());
         assert!(dequant_ternary(&packed, 1.0, 9).is_err());
+    }
+
+    #[test]
+    fn gptq_gemv_matches_dequant_then_dot() {
+        let (inf, outf, gs) = (24usize, 16usize, 16usize);
+        let groups = inf.div_ceil(gs);
+        let q: Vec<u8> = (0..inf * outf).map(|k| (k * 5 % 16) as u8).collect();
+        let z: Vec<u8> = (0..groups * outf).map(|k| (k * 3 % 16) as u8).collect();
+        let scales: Vec<f32> = (0..groups * outf).map(|k| 0.5 + k as f32 * 0.25).collect();
+        let qw = pack_gptq_qweight(&q, inf, outf).unwrap();
+        let qz = pack_gptq_qzeros(&z, groups, outf).unwrap();
+        let x: Vec<f32> = (0..inf).map(|i| (i as f32 - 10.0) * 0.125).collect();
+        let w = dequant_int4_gptq(&qw, &qz, &scales, inf, outf, gs).unwrap();
+        let y = gemv_int4_gptq(&qw, &qz, &scales, &x, outf, gs).unwrap();
+        for o in 0..outf {
+            let d: f64 = (0..inf)
+                .map(|i| f64::from(w[o * inf + i]) * f64::from(x[i]))
+                .sum();
+            assert!((d as f32 - y[o]).abs() <= 1e-4 * d.abs().max(1.0) as f32);
+        }
+        assert!(gemv_int4_gptq(&qw, &qz, &scales, &x[..16], outf, gs).is_err());
+    }
+
+    #[test]
+    fn ternary_gemv_by_hand() {
+        // W = [[-1, 0, 1], [1, 1, -1]], flat-packed across the row boundary.
+        let packed = pack_ternary(&[-1, 0, 1, 1, 1, -1]).unwrap();
+        let y = gemv_ternary(&packed, 0.5, &[2.0, 3.0, 4.0], 2).unwrap();
+        assert_eq!(y, vec![0.5 * (-2.0 + 4.0), 0.5 * (2.0 + 3.0 - 4.0)]);
+        assert!(gemv_ternary(&packed, 1.0, &[1.0; 5], 2).is_err());
     }
 }

@@ -364,6 +364,155 @@ impl Kernels {
         unsafe { launch.launch(elementwise(n)) }?;
         Ok(out)
     }
+
+    /// `y = W x` for a GPTQ int4 weight `W` of shape `(out, in)` in the layout of
+    /// [`Kernels::dequant_int4_gptq_f32`] (`qweight` int32 `(in/8, out)`, `qzeros` int32
+    /// `(groups, out/8)`, `scales` f32 `(groups, out)`, `g = i / group_size`) and an f32 vector
+    /// `x` of `in` elements, without materializing `W`; returns `y` of shape `(out,)`.
+    /// See [`crate::cpu::gemv_int4_gptq`].
+    pub fn gemv_int4_gptq_f32(
+        &self,
+        qweight: &Tensor,
+        qzeros: &Tensor,
+        scales: &Tensor,
+        x: &Tensor,
+        group_size: usize,
+    ) -> Result<Tensor> {
+        check_cuda()?;
+        if group_size == 0 {
+            return Err(KernelError::Invalid("group_size must be positive".into()));
+        }
+        let ordinal = same_device(&[
+            (cuda_input(qweight, "qweight", Kind::Int)?, "qweight"),
+            (cuda_input(qzeros, "qzeros", Kind::Int)?, "qzeros"),
+            (cuda_input(scales, "scales", Kind::Float)?, "scales"),
+            (cuda_input(x, "x", Kind::Float)?, "x"),
+        ])?;
+        let [rows, out_features] = qweight.size()[..] else {
+            return Err(KernelError::Invalid(
+                "qweight must be 2-D (in/8, out)".into(),
+            ));
+        };
+        let (in_features, out_features) = (rows as usize * 8, out_features as usize);
+        if out_features % 8 != 0 {
+            return Err(KernelError::Invalid(format!(
+                "out features ({out_features}) must be a multiple of 8"
+            )));
+        }
+        expect_numel(x, "x", in_features)?;
+        let groups = in_features.div_ceil(group_size);
+        expect_numel(qzeros, "qzeros", groups * out_features / 8)?;
+        expect_numel(scales, "scales", groups * out_features)?;
+        let y = Tensor::zeros(
+            [to_i64(out_features, "out_features")?],
+            (Kind::Float, Device::Cuda(ordinal)),
+        );
+        if out_features == 0 || in_features == 0 {
+            return Ok(y);
+        }
+        // One warp per output, THREADS / 32 outputs per block.
+        let blocks = u32::try_from(out_features.div_ceil((THREADS / 32) as usize))
+            .ok()
+            .filter(|&b| b < i32::MAX as u32)
+            .ok_or_else(|| KernelError::Invalid("out_features too large".into()))?;
+        let (ctx, func) = self.function(ordinal, &QUANT, "gemv_int4_gptq_f32")?;
+        let stream = ctx.default_stream();
+        let (qw, qz) = (qweight.data_ptr() as u64, qzeros.data_ptr() as u64);
+        let (sc, xp, yp) = (
+            scales.data_ptr() as u64,
+            x.data_ptr() as u64,
+            y.data_ptr() as u64,
+        );
+        let (in64, out64, gs) = (
+            to_i64(in_features, "in_features")?,
+            to_i64(out_features, "out_features")?,
+            to_i64(group_size, "group_size")?,
+        );
+        let mut launch = stream.launch_builder(&func);
+        launch
+            .arg(&qw)
+            .arg(&qz)
+            .arg(&sc)
+            .arg(&xp)
+            .arg(&yp)
+            .arg(&in64)
+            .arg(&out64)
+            .arg(&gs);
+        let cfg = LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: arguments match the kernel's signature (five device pointers, three i64);
+        // buffer sizes were checked above; THREADS is a multiple of 32 and the grid covers every
+        // output at one warp each, as the kernel requires; all memory is torch's and stays alive
+        // while the launch runs on torch's default stream.
+        unsafe { launch.launch(cfg) }?;
+        Ok(y)
+    }
+
+    /// `y = scale * C x` for a ternary weight of shape `(out_features, in_features)` (row-major,
+    /// packed as in [`Kernels::dequant_ternary_f32`]: 2-bit codes `c + 1` four per byte) and an
+    /// f32 vector `x` of `in_features` elements; returns `y` of shape `(out_features,)`.
+    /// See [`crate::cpu::gemv_ternary`].
+    pub fn gemv_ternary_f32(
+        &self,
+        packed: &Tensor,
+        scale: f32,
+        x: &Tensor,
+        out_features: usize,
+    ) -> Result<Tensor> {
+        check_cuda()?;
+        let ordinal = same_device(&[
+            (cuda_input(packed, "packed", Kind::Uint8)?, "packed"),
+            (cuda_input(x, "x", Kind::Float)?, "x"),
+        ])?;
+        let in_features = x.numel();
+        let n = out_features
+            .checked_mul(in_features)
+            .ok_or_else(|| KernelError::Invalid("weight too large".into()))?;
+        expect_numel(packed, "packed", n.div_ceil(4))?;
+        let y = Tensor::zeros(
+            [to_i64(out_features, "out_features")?],
+            (Kind::Float, Device::Cuda(ordinal)),
+        );
+        if out_features == 0 || in_features == 0 {
+            return Ok(y);
+        }
+        let blocks = u32::try_from(out_features)
+            .ok()
+            .filter(|&b| b < i32::MAX as u32)
+            .ok_or_else(|| KernelError::Invalid("out_features too large".into()))?;
+        let (ctx, func) = self.function(ordinal, &QUANT, "gemv_ternary_f32")?;
+        let stream = ctx.default_stream();
+        let (p, xp, yp) = (
+            packed.data_ptr() as u64,
+            x.data_ptr() as u64,
+            y.data_ptr() as u64,
+        );
+        let (o64, i64_) = (
+            to_i64(out_features, "out_features")?,
+            to_i64(in_features, "in_features")?,
+        );
+        let mut launch = stream.launch_builder(&func);
+        launch
+            .arg(&p)
+            .arg(&scale)
+            .arg(&xp)
+            .arg(&yp)
+            .arg(&o64)
+            .arg(&i64_);
+        let cfg = LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: arguments match the kernel's signature (pointer, f32, two pointers, two i64);
+        // buffer sizes were checked above; THREADS is a multiple of 32 as the kernel requires;
+        // all memory is torch's and stays alive while the launch runs on torch's default stream.
+        unsafe { launch.launch(cfg) }?;
+        Ok(y)
+    }
 }
 
 fn shape_numel(shape: &[i64]) -> Result<usize> {

@@ -16,7 +16,7 @@ pub struct KernelSource {
 /// [`expand_includes`] splices them in.
 pub const HEADERS: &[(&str, &str)] = &[("common.cuh", include_str!("../../../kernels/common.cuh"))];
 
-/// `kernels/quant.cu`: NF4, GPTQ int4 and ternary dequantization, NF4 GEMV.
+/// `kernels/quant.cu`: NF4, GPTQ int4 and ternary dequantization, and GEMVs on each format.
 pub const QUANT: KernelSource = KernelSource {
     name: "quant.cu",
     source: include_str!("../../../kernels/quant.cu"),
@@ -25,6 +25,8 @@ pub const QUANT: KernelSource = KernelSource {
         "gemv_nf4_f32",
         "dequant_int4_gptq_f32",
         "dequant_ternary_f32",
+        "gemv_int4_gptq_f32",
+        "gemv_ternary_f32",
     ],
 };
 

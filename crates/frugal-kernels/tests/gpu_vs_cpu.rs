@@ -149,6 +149,84 @@ fn kernels_match_cpu_reference_on_gpu() {
         );
     }
 
+    // GPTQ int4 GEMV, batch 1: in/8 not a multiple of 32, groups not a multiple of 8, a
+    // partial last group.
+    for (in_f, out_f, group) in [
+        (4096usize, 256usize, 128usize),
+        (1000, 24, 128),
+        (72, 8, 20),
+        (8, 8, 8),
+    ] {
+        let groups = in_f.div_ceil(group);
+        let q: Vec<u8> = rng
+            .bytes(in_f * out_f)
+            .into_iter()
+            .map(|b| b & 0xF)
+            .collect();
+        let z: Vec<u8> = rng
+            .bytes(groups * out_f)
+            .into_iter()
+            .map(|b| b & 0xF)
+            .collect();
+        let scales = rng.uniform(groups * out_f, 0.01, 0.2);
+        let x = rng.uniform(in_f, -1.0, 1.0);
+        let qweight = cpu::pack_gptq_qweight(&q, in_f, out_f).unwrap();
+        let qzeros = cpu::pack_gptq_qzeros(&z, groups, out_f).unwrap();
+        let want = cpu::gemv_int4_gptq(&qweight, &qzeros, &scales, &x, out_f, group).unwrap();
+        let as2d = |v: &[i32], r: usize, c: usize| {
+            Tensor::from_slice(v)
+                .reshape([r as i64, c as i64])
+                .to_device(dev)
+        };
+        let got = k
+            .gemv_int4_gptq_f32(
+                &as2d(&qweight, in_f / 8, out_f),
+                &as2d(&qzeros, groups, out_f / 8),
+                &Tensor::from_slice(&scales)
+                    .reshape([groups as i64, out_f as i64])
+                    .to_device(dev),
+                &Tensor::from_slice(&x).to_device(dev),
+                group,
+            )
+            .unwrap();
+        assert_eq!(got.size(), vec![out_f as i64]);
+        let got = to_vec(&got);
+        let scale = want.iter().map(|v| v.abs()).fold(1e-3, f32::max);
+        let rel = max_abs_diff(&got, &want) / scale;
+        assert!(
+            rel <= 1e-4,
+            "gemv_int4_gptq_f32 {out_f}x{in_f} group {group}: relative diff {rel}"
+        );
+    }
+
+    // Ternary GEMV, batch 1: rows not byte-aligned (in % 4 != 0) and in below one warp.
+    for (out_f, in_f) in [(512usize, 2048usize), (7, 1001), (3, 5), (1, 1)] {
+        let values: Vec<i8> = rng
+            .bytes(out_f * in_f)
+            .into_iter()
+            .map(|b| (b % 3) as i8 - 1)
+            .collect();
+        let packed = cpu::pack_ternary(&values).unwrap();
+        let x = rng.uniform(in_f, -1.0, 1.0);
+        let want = cpu::gemv_ternary(&packed, 0.037, &x, out_f).unwrap();
+        let got = k
+            .gemv_ternary_f32(
+                &Tensor::from_slice(&packed).to_device(dev),
+                0.037,
+                &Tensor::from_slice(&x).to_device(dev),
+                out_f,
+            )
+            .unwrap();
+        assert_eq!(got.size(), vec![out_f as i64]);
+        let got = to_vec(&got);
+        let scale = want.iter().map(|v| v.abs()).fold(1e-3, f32::max);
+        let rel = max_abs_diff(&got, &want) / scale;
+        assert!(
+            rel <= 1e-4,
+            "gemv_ternary_f32 {out_f}x{in_f}: relative diff {rel}"
+        );
+    }
+
     // Wrong inputs are errors, not crashes.
     let on_cpu = Tensor::from_slice(&[0u8; 4]);
     let absmax = Tensor::from_slice(&[1.0f32]).to_device(dev);
@@ -174,6 +252,14 @@ fn without_a_gpu_every_entry_point_says_no_cuda() {
         k.gemv_nf4_f32(&packed, &absmax, &x, 2, 64),
         k.dequant_int4_gptq_f32(&qi, &Tensor::from_slice(&[0i32]), &absmax, 8),
         k.dequant_ternary_f32(&packed, 1.0, &[16]),
+        k.gemv_int4_gptq_f32(
+            &qi,
+            &Tensor::from_slice(&[0i32]),
+            &Tensor::from_slice(&[1.0f32; 8]),
+            &Tensor::from_slice(&[1.0f32; 8]),
+            8,
+        ),
+        k.gemv_ternary_f32(&packed, 1.0, &x, 4),
     ];
     for r in results {
         match r {
