@@ -83,9 +83,8 @@ fn load_run(run_dir: &Path) -> Result<Loaded> {
     let tok = tokenize::load_tokenizer_file(&tok_path)?;
     let shape = cfg.llama_config(tok.get_vocab_size(true) as i64)?;
     let device = cfg.train.device.resolve()?;
-    let mut model = run::model(&cfg, &shape, device)?;
     let ck = checkpoint::latest(run_dir)?;
-    frugal_models::weights::load(&mut model.vs, &ck.join("model.safetensors"))?;
+    let model = run::model(&cfg, &shape, device, Some(&ck.join("model.safetensors")))?;
     Ok(Loaded {
         cfg,
         tok,
@@ -100,10 +99,9 @@ fn load_model_dir(dir: &Path) -> Result<Loaded> {
     let shape = LlamaConfig::from_hf_json(&text)
         .map_err(|e| Error::Msg(format!("{}: {e}", cfg_path.display())))?;
     let tok = tokenize::load_tokenizer_file(&dir.join("tokenizer.json"))?;
-    let mut cfg = Config::default();
-    cfg.model.from_pretrained = dir.display().to_string();
+    let cfg = Config::default();
     let device = cfg.train.device.resolve()?;
-    let model = run::model(&cfg, &shape, device)?;
+    let model = run::model(&cfg, &shape, device, Some(&dir.join("model.safetensors")))?;
     Ok(Loaded {
         cfg,
         tok,

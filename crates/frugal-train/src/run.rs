@@ -89,8 +89,15 @@ pub struct Model {
     pub llama: Llama,
 }
 
-/// Builds the configured model on `device`, seeded by `train.seed`.
-pub fn model(cfg: &Config, shape: &LlamaConfig, device: tch::Device) -> Result<Model> {
+/// Builds the configured model on `device`, seeded by `train.seed`, and loads `weights` (a
+/// checkpoint's or a pretrained `model.safetensors`) when given: each caller names the one file
+/// whose weights the model ends with, so none is read only to be overwritten.
+pub fn model(
+    cfg: &Config,
+    shape: &LlamaConfig,
+    device: tch::Device,
+    weights: Option<&Path>,
+) -> Result<Model> {
     tch::manual_seed(cfg.train.seed as i64);
     let vs = VarStore::new(device);
     let compute = match cfg.train.dtype {
@@ -99,12 +106,16 @@ pub fn model(cfg: &Config, shape: &LlamaConfig, device: tch::Device) -> Result<M
     };
     let llama = Llama::new(&vs.root(), shape, &cfg.model.linear, compute);
     let mut m = Model { vs, llama };
-    if !cfg.model.from_pretrained.is_empty() {
-        let dir = Path::new(&cfg.model.from_pretrained);
-        let file = dir.join("model.safetensors");
-        frugal_models::weights::load(&mut m.vs, &file)?;
+    if let Some(file) = weights {
+        frugal_models::weights::load(&mut m.vs, file)?;
     }
     Ok(m)
+}
+
+/// The weights a new run starts from: `model.from_pretrained`'s `model.safetensors`, if set.
+pub fn pretrained_weights(cfg: &Config) -> Option<PathBuf> {
+    (!cfg.model.from_pretrained.is_empty())
+        .then(|| Path::new(&cfg.model.from_pretrained).join("model.safetensors"))
 }
 
 /// Reads a run's resolved `config.toml`.

@@ -76,7 +76,16 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
     );
 
     let baseline_rss = memory::current_rss_bytes();
-    let mut m = run::model(cfg, &shape, device)?;
+    let checkpoint = if resume {
+        Some(checkpoint::latest(run_dir)?)
+    } else {
+        None
+    };
+    let weights = match &checkpoint {
+        Some(ck) => Some(ck.join("model.safetensors")),
+        None => run::pretrained_weights(cfg),
+    };
+    let m = run::model(cfg, &shape, device, weights.as_deref())?;
     let params = frugal_models::weights::named_variables(&m.vs);
     let tensors: Vec<tch::Tensor> = params.iter().map(|(_, t)| t.shallow_clone()).collect();
     let n_params: i64 = tensors.iter().map(|t| t.numel() as i64).sum();
@@ -94,9 +103,7 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
         sampler: Sampler::new(train_ds.num_sequences(), t.seed).state(),
         elapsed_s: 0.0,
     };
-    if resume {
-        let ck = checkpoint::latest(run_dir)?;
-        frugal_models::weights::load(&mut m.vs, &ck.join("model.safetensors"))?;
+    if let Some(ck) = &checkpoint {
         opt.load(&ck.join("optimizer.safetensors"))?;
         state = checkpoint::read_state(&ck)?;
         eprintln!(
