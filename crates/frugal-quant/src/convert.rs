@@ -2,15 +2,13 @@
 //! model folder) into one of the formats, and back to floats. Used by `frugal quantize` and
 //! `frugal dequantize`; usable alone.
 
-use crate::fourbit::{FourBit, FourBitConfig, FourBitKind};
-use crate::int4::Int4Gptq;
-use crate::int8::Int8Rowwise;
-use crate::ternary::Ternary;
+use crate::fourbit::{FourBitConfig, FourBitKind};
+use crate::layer::QuantizedWeight;
 use crate::{QuantError, Result};
 use frugal_core::safetensors_io::{self, SafetensorsFile};
 use regex::Regex;
 use std::path::Path;
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 /// A target format with its options.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -117,52 +115,22 @@ pub struct Row {
     pub bytes_after: u64,
 }
 
-fn floats(t: &Tensor) -> Result<Vec<f32>> {
-    Ok(Vec::<f32>::try_from(t.flatten(0, -1).to_kind(Kind::Float))?)
-}
-
 fn nbytes(t: &Tensor) -> u64 {
     frugal_core::memory::tensor_bytes(t)
 }
 
-fn torch_dtype_name(k: Kind) -> &'static str {
-    match k {
-        Kind::BFloat16 => "bfloat16",
-        Kind::Half => "float16",
-        _ => "float32",
-    }
-}
-
 /// Quantizes one weight `name` (2-D, `(out, in)`) into the tensors of `format`.
 pub fn quantize_weight(name: &str, w: &Tensor, format: &Format) -> Result<Vec<(String, Tensor)>> {
-    let shape = w.size();
-    let (rows, cols) = (shape[0] as usize, shape[1] as usize);
     let prefix = name.strip_suffix(".weight").unwrap_or(name);
-    let x = floats(w)?;
-    let shape_err = |e: QuantError| match e {
+    let q = QuantizedWeight::quantize(w, format).map_err(|e| match e {
         QuantError::Shape { reason, shape, .. } => QuantError::Shape {
             name: name.to_string(),
             shape,
             reason,
         },
         other => other,
-    };
-    Ok(match format {
-        Format::Int8 => Int8Rowwise::quantize(&x, rows, cols)
-            .map_err(shape_err)?
-            .to_tensors(prefix),
-        Format::Int4 { group_size } => Int4Gptq::quantize(&x, rows, cols, *group_size)
-            .map_err(shape_err)?
-            .to_tensors(prefix),
-        Format::FourBit(cfg) => {
-            let mut q = FourBit::quantize(&x, &shape, cfg).map_err(shape_err)?;
-            q.dtype = torch_dtype_name(w.kind()).into();
-            q.to_tensors(&format!("{prefix}.weight"))
-        }
-        Format::Ternary => Ternary::quantize(&x, rows, cols, None)
-            .map_err(shape_err)?
-            .to_tensors(prefix),
-    })
+    })?;
+    Ok(q.to_tensors(prefix))
 }
 
 /// Quantizes the selected tensors of safetensors file `input` into `output` (atomically);
@@ -219,21 +187,23 @@ fn core_err(e: frugal_core::Error) -> QuantError {
     }
 }
 
-/// What kind of quantized weight a module prefix holds in `names`, if any.
-fn detect(prefix: &str, has: &dyn Fn(&str) -> bool) -> Option<&'static str> {
-    if has(&format!("{prefix}.weight.quant_state.bitsandbytes__nf4"))
-        || has(&format!("{prefix}.weight.quant_state.bitsandbytes__fp4"))
-    {
-        Some("4bit")
-    } else if has(&format!("{prefix}.weight.quant_state.frugal__ternary")) {
-        Some("ternary")
-    } else if has(&format!("{prefix}.qweight")) {
-        Some("int4")
-    } else if has(&format!("{prefix}.SCB")) {
-        Some("int8")
-    } else {
-        None
+/// Every quantized weight of `file`, by module prefix, read and checked (an inconsistent one
+/// is an error).
+fn quantized_weights(file: &SafetensorsFile) -> Result<Vec<(String, QuantizedWeight)>> {
+    let names = file.names();
+    let has = |n: &str| names.binary_search_by(|x| x.as_str().cmp(n)).is_ok();
+    let mut out = Vec::new();
+    for n in &names {
+        for suffix in [".weight", ".qweight"] {
+            if let Some(p) = n.strip_suffix(suffix) {
+                let get = |k: &str| file.tensor(k, tch::Device::Cpu).ok();
+                if let Some(q) = QuantizedWeight::read(p, &has, get)? {
+                    out.push((p.to_string(), q));
+                }
+            }
+        }
     }
+    Ok(out)
 }
 
 /// A quantized weight found in a file: module prefix, format description, values, bits per
@@ -252,57 +222,15 @@ pub struct Found {
 
 /// Every quantized weight of `file`, read and checked (an inconsistent one is an error).
 pub fn describe(file: &SafetensorsFile) -> Result<Vec<Found>> {
-    let names = file.names();
-    let has = |n: &str| names.binary_search_by(|x| x.as_str().cmp(n)).is_ok();
-    let get = |n: &str| file.tensor(n, tch::Device::Cpu).ok();
-    let mut out = Vec::new();
-    for n in &names {
-        let Some(p) = n
-            .strip_suffix(".weight")
-            .or_else(|| n.strip_suffix(".qweight"))
-        else {
-            continue;
-        };
-        let (format, numel, bits) = match detect(p, &has) {
-            Some("4bit") => {
-                let q = FourBit::from_tensors(&format!("{p}.weight"), get)?;
-                let dq = if matches!(q.absmax, crate::fourbit::Absmax::Double { .. }) {
-                    " double-quant"
-                } else {
-                    ""
-                };
-                (
-                    format!("{} block {}{dq}", q.kind.name(), q.block_size),
-                    q.numel(),
-                    q.bits_per_param(),
-                )
-            }
-            Some("ternary") => {
-                let q = Ternary::from_tensors(p, get)?;
-                ("ternary".to_string(), q.rows * q.cols, q.bits_per_param())
-            }
-            Some("int4") => {
-                let q = Int4Gptq::from_tensors(p, false, get)?;
-                (
-                    format!("int4 group {}", q.group_size),
-                    q.rows * q.cols,
-                    q.bits_per_param(),
-                )
-            }
-            Some(_) => {
-                let q = Int8Rowwise::from_tensors(p, get)?;
-                ("int8".to_string(), q.rows * q.cols, q.bits_per_param())
-            }
-            None => continue,
-        };
-        out.push(Found {
-            prefix: p.to_string(),
-            format,
-            numel,
-            bits_per_param: bits,
-        });
-    }
-    Ok(out)
+    Ok(quantized_weights(file)?
+        .into_iter()
+        .map(|(prefix, q)| Found {
+            prefix,
+            format: q.describe(),
+            numel: q.numel(),
+            bits_per_param: q.bits_per_param(),
+        })
+        .collect())
 }
 
 /// Restores floats: every quantized weight of `input` becomes `PREFIX.weight` (in the dtype its
@@ -310,19 +238,8 @@ pub fn describe(file: &SafetensorsFile) -> Result<Vec<Found>> {
 pub fn dequantize_file(input: &Path, output: &Path) -> Result<Vec<Row>> {
     let f = SafetensorsFile::open(input).map_err(core_err)?;
     let names = f.names();
-    let has = |n: &str| names.binary_search_by(|x| x.as_str().cmp(n)).is_ok();
-    let get = |n: &str| f.tensor(n, tch::Device::Cpu).ok();
     // Module prefixes that hold a quantized weight, and every key that belongs to them.
-    let mut prefixes: Vec<(String, &'static str)> = Vec::new();
-    for n in &names {
-        for suffix in [".weight", ".qweight"] {
-            if let Some(p) = n.strip_suffix(suffix) {
-                if let Some(kind) = detect(p, &has) {
-                    prefixes.push((p.to_string(), kind));
-                }
-            }
-        }
-    }
+    let prefixes = quantized_weights(&f)?;
     let owned = |n: &str| {
         prefixes
             .iter()
@@ -330,54 +247,16 @@ pub fn dequantize_file(input: &Path, output: &Path) -> Result<Vec<Row>> {
     };
     let mut out = Vec::new();
     let mut rows = Vec::new();
-    for (p, kind) in &prefixes {
-        let (values, shape, dtype, stored): (Vec<f32>, Vec<i64>, Kind, u64) = match *kind {
-            "4bit" => {
-                let q = FourBit::from_tensors(&format!("{p}.weight"), get)?;
-                let k = match q.dtype.as_str() {
-                    "bfloat16" => Kind::BFloat16,
-                    "float16" => Kind::Half,
-                    _ => Kind::Float,
-                };
-                (q.dequantize(), q.shape.clone(), k, q.bytes() as u64)
-            }
-            "ternary" => {
-                let q = Ternary::from_tensors(p, get)?;
-                let bytes = (q.bits_per_param() * (q.rows * q.cols) as f64 / 8.0) as u64;
-                (
-                    q.dequantize(),
-                    vec![q.rows as i64, q.cols as i64],
-                    Kind::Float,
-                    bytes,
-                )
-            }
-            "int4" => {
-                let q = Int4Gptq::from_tensors(p, false, get)?;
-                let bytes = (q.bits_per_param() * (q.rows * q.cols) as f64 / 8.0) as u64;
-                (
-                    q.dequantize(),
-                    vec![q.rows as i64, q.cols as i64],
-                    Kind::Float,
-                    bytes,
-                )
-            }
-            _ => {
-                let q = Int8Rowwise::from_tensors(p, get)?;
-                let bytes = (q.bits_per_param() * (q.rows * q.cols) as f64 / 8.0) as u64;
-                (
-                    q.dequantize(),
-                    vec![q.rows as i64, q.cols as i64],
-                    Kind::Float,
-                    bytes,
-                )
-            }
-        };
-        let t = Tensor::from_slice(&values).reshape(&shape).to_kind(dtype);
+    for (p, q) in &prefixes {
+        let shape = q.shape();
+        let t = Tensor::from_slice(&q.dequantize())
+            .reshape(&shape)
+            .to_kind(q.dtype());
         rows.push(Row {
             name: format!("{p}.weight"),
-            format: (*kind).into(),
+            format: q.family().into(),
             shape,
-            bytes_before: stored,
+            bytes_before: q.stored_bytes(),
             bytes_after: nbytes(&t),
         });
         out.push((format!("{p}.weight"), t));

@@ -33,6 +33,157 @@ pub enum QuantizedWeight {
     Ternary(Ternary),
 }
 
+impl QuantizedWeight {
+    /// Reads the quantized weight of module `prefix`, if the file holds one: `has` says whether
+    /// a key exists, `get` reads it. Which format is told by its keys: a bitsandbytes 4-bit
+    /// quant state, a Frugal ternary one, GPTQ's `qweight`, or LLM.int8's `SCB`.
+    pub fn read(
+        prefix: &str,
+        has: &dyn Fn(&str) -> bool,
+        get: impl Fn(&str) -> Option<Tensor>,
+    ) -> Result<Option<Self>> {
+        let key = |suffix: &str| has(&format!("{prefix}.{suffix}"));
+        Ok(Some(
+            if key("weight.quant_state.bitsandbytes__nf4")
+                || key("weight.quant_state.bitsandbytes__fp4")
+            {
+                QuantizedWeight::FourBit(FourBit::from_tensors(&format!("{prefix}.weight"), get)?)
+            } else if key("weight.quant_state.frugal__ternary") {
+                QuantizedWeight::Ternary(Ternary::from_tensors(prefix, get)?)
+            } else if key("qweight") {
+                QuantizedWeight::Int4(Int4Gptq::from_tensors(prefix, false, get)?)
+            } else if key("SCB") {
+                QuantizedWeight::Int8(Int8Rowwise::from_tensors(prefix, get)?)
+            } else {
+                return Ok(None);
+            },
+        ))
+    }
+
+    /// Quantizes a dense 2-D weight `(out, in)` into `format`; a 4-bit weight records the
+    /// weight's dtype, so that dequantizing restores it.
+    pub fn quantize(weight: &Tensor, format: &Format) -> Result<Self> {
+        let size = weight.size();
+        let (rows, cols) = (size[0] as usize, size[1] as usize);
+        let w = Vec::<f32>::try_from(
+            weight
+                .detach()
+                .to_device(Device::Cpu)
+                .to_kind(Kind::Float)
+                .flatten(0, -1),
+        )?;
+        Ok(match format {
+            Format::Int8 => QuantizedWeight::Int8(Int8Rowwise::quantize(&w, rows, cols)?),
+            Format::Int4 { group_size } => {
+                QuantizedWeight::Int4(Int4Gptq::quantize(&w, rows, cols, *group_size)?)
+            }
+            Format::FourBit(cfg) => {
+                let mut q = FourBit::quantize(&w, &size, cfg)?;
+                q.dtype = match weight.kind() {
+                    Kind::BFloat16 => "bfloat16",
+                    Kind::Half => "float16",
+                    _ => "float32",
+                }
+                .into();
+                QuantizedWeight::FourBit(q)
+            }
+            Format::Ternary => QuantizedWeight::Ternary(Ternary::quantize(&w, rows, cols, None)?),
+        })
+    }
+
+    /// The tensors of module `prefix` in the format's layout (see `docs/formats.md`).
+    pub fn to_tensors(&self, prefix: &str) -> Vec<(String, Tensor)> {
+        match self {
+            QuantizedWeight::Int8(q) => q.to_tensors(prefix),
+            QuantizedWeight::Int4(q) => q.to_tensors(prefix),
+            QuantizedWeight::FourBit(q) => q.to_tensors(&format!("{prefix}.weight")),
+            QuantizedWeight::Ternary(q) => q.to_tensors(prefix),
+        }
+    }
+
+    /// The family: `"4bit"` (NF4 or FP4), `"ternary"`, `"int4"` or `"int8"`.
+    pub fn family(&self) -> &'static str {
+        match self {
+            QuantizedWeight::FourBit(_) => "4bit",
+            QuantizedWeight::Ternary(_) => "ternary",
+            QuantizedWeight::Int4(_) => "int4",
+            QuantizedWeight::Int8(_) => "int8",
+        }
+    }
+
+    /// Format and options, e.g. `nf4 block 64 double-quant`, `int4 group 128`.
+    pub fn describe(&self) -> String {
+        match self {
+            QuantizedWeight::FourBit(q) => {
+                let dq = match q.absmax {
+                    crate::fourbit::Absmax::Double { .. } => " double-quant",
+                    crate::fourbit::Absmax::Plain(_) => "",
+                };
+                format!("{} block {}{dq}", q.kind.name(), q.block_size)
+            }
+            QuantizedWeight::Int4(q) => format!("int4 group {}", q.group_size),
+            QuantizedWeight::Int8(_) => "int8".into(),
+            QuantizedWeight::Ternary(_) => "ternary".into(),
+        }
+    }
+
+    /// The dense shape `(out, in)` (4-bit: the shape recorded in its quant state).
+    pub fn shape(&self) -> Vec<i64> {
+        let rc = |r: usize, c: usize| vec![r as i64, c as i64];
+        match self {
+            QuantizedWeight::FourBit(q) => q.shape.clone(),
+            QuantizedWeight::Int4(q) => rc(q.rows, q.cols),
+            QuantizedWeight::Int8(q) => rc(q.rows, q.cols),
+            QuantizedWeight::Ternary(q) => rc(q.rows, q.cols),
+        }
+    }
+
+    /// Number of weight values.
+    pub fn numel(&self) -> usize {
+        self.shape().iter().product::<i64>() as usize
+    }
+
+    /// The kind to restore: the 4-bit quant state's recorded dtype, else f32.
+    pub fn dtype(&self) -> Kind {
+        match self {
+            QuantizedWeight::FourBit(q) => match q.dtype.as_str() {
+                "bfloat16" => Kind::BFloat16,
+                "float16" => Kind::Half,
+                _ => Kind::Float,
+            },
+            _ => Kind::Float,
+        }
+    }
+
+    /// The values, row-major f32.
+    pub fn dequantize(&self) -> Vec<f32> {
+        match self {
+            QuantizedWeight::Int8(q) => q.dequantize(),
+            QuantizedWeight::Int4(q) => q.dequantize(),
+            QuantizedWeight::FourBit(q) => q.dequantize(),
+            QuantizedWeight::Ternary(q) => q.dequantize(),
+        }
+    }
+
+    /// Bits per parameter as stored.
+    pub fn bits_per_param(&self) -> f64 {
+        match self {
+            QuantizedWeight::Int8(q) => q.bits_per_param(),
+            QuantizedWeight::Int4(q) => q.bits_per_param(),
+            QuantizedWeight::FourBit(q) => q.bits_per_param(),
+            QuantizedWeight::Ternary(q) => q.bits_per_param(),
+        }
+    }
+
+    /// Bytes as stored (from the bits per parameter; 4-bit counts its parts exactly).
+    pub fn stored_bytes(&self) -> u64 {
+        match self {
+            QuantizedWeight::FourBit(q) => q.bytes() as u64,
+            _ => (self.bits_per_param() * self.numel() as f64 / 8.0) as u64,
+        }
+    }
+}
+
 /// A frozen, quantized, bias-free linear layer `y = x Wᵀ` with W of shape `(out, in)`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct QuantizedLinear {
@@ -49,21 +200,7 @@ impl QuantizedLinear {
     pub fn quantize(weight: &Tensor, format: &Format) -> Result<Self> {
         let size = weight.size();
         let (rows, cols) = (size[0] as usize, size[1] as usize);
-        let w = Vec::<f32>::try_from(
-            weight
-                .detach()
-                .to_device(Device::Cpu)
-                .to_kind(Kind::Float)
-                .flatten(0, -1),
-        )?;
-        let q = match format {
-            Format::Int8 => QuantizedWeight::Int8(Int8Rowwise::quantize(&w, rows, cols)?),
-            Format::Int4 { group_size } => {
-                QuantizedWeight::Int4(Int4Gptq::quantize(&w, rows, cols, *group_size)?)
-            }
-            Format::FourBit(cfg) => QuantizedWeight::FourBit(FourBit::quantize(&w, &size, cfg)?),
-            Format::Ternary => QuantizedWeight::Ternary(Ternary::quantize(&w, rows, cols, None)?),
-        };
+        let q = QuantizedWeight::quantize(weight, format)?;
         Ok(Self {
             weight: q,
             out_features: rows,
@@ -73,23 +210,13 @@ impl QuantizedLinear {
 
     /// The weight as f32 `(out, in)`.
     pub fn dequantize(&self) -> Tensor {
-        let v = match &self.weight {
-            QuantizedWeight::Int8(q) => q.dequantize(),
-            QuantizedWeight::Int4(q) => q.dequantize(),
-            QuantizedWeight::FourBit(q) => q.dequantize(),
-            QuantizedWeight::Ternary(q) => q.dequantize(),
-        };
-        Tensor::from_slice(&v).reshape([self.out_features as i64, self.in_features as i64])
+        Tensor::from_slice(&self.weight.dequantize())
+            .reshape([self.out_features as i64, self.in_features as i64])
     }
 
     /// Bits per parameter as stored.
     pub fn bits_per_param(&self) -> f64 {
-        match &self.weight {
-            QuantizedWeight::Int8(q) => q.bits_per_param(),
-            QuantizedWeight::Int4(q) => q.bits_per_param(),
-            QuantizedWeight::FourBit(q) => q.bits_per_param(),
-            QuantizedWeight::Ternary(q) => q.bits_per_param(),
-        }
+        self.weight.bits_per_param()
     }
 
     fn packed_product(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
