@@ -1,5 +1,5 @@
-//! `cargo xtask bench quant`: products straight from packed weights (NF4, int4, int8, ternary)
-//! against libtorch's dense f32 and bf16 matmul and bitsandbytes' NF4 CPU kernel.
+//! `cargo xtask bench quant`: products straight from packed weights (NF4, int4, int8, ternary,
+//! and NF4 and int4 computed in bf16) against libtorch's dense f32 and bf16 matmul and bitsandbytes' NF4 CPU kernel.
 //!
 //! First `scripts/bench_quant_bnb.py` times `bnb.nn.Linear4bit(in, out, quant_type="nf4")`
 //! (eval, no_grad) with `$FRUGAL_PYTHON`; then the example `bench_quant` of frugal-quant
@@ -18,7 +18,9 @@ use std::process::Command;
 
 const SCRIPT: &str = "scripts/bench_quant_bnb.py";
 const RESULT: &str = "target/bench/quant.json";
-const OURS: &[&str] = &["nf4", "int4", "int8", "ternary"];
+const OURS: &[&str] = &["nf4", "int4", "int8", "ternary", "nf4_bf16", "int4_bf16"];
+/// The formats with a quantizer of their own (the bf16 products use NF4's and int4's).
+const QUANTIZERS: &[&str] = &["nf4", "int4", "int8", "ternary"];
 
 /// The benchmark's options.
 struct Options {
@@ -149,7 +151,7 @@ fn table(opts: &Options, ours: &str, bnb: &str) -> String {
 fn quantize_table(ours: &str) -> String {
     let mut t = String::from("| quantize | GB/s of f32 input |\n|---|---:|\n");
     let scoped = find_key(ours, "quantize_gbps").map_or(ours, |(_, after)| &ours[after..]);
-    for name in OURS {
+    for name in QUANTIZERS {
         let v = json_number(scoped, name).map_or("-".into(), |v| format!("{v:.2}"));
         t += &format!("| {name} | {v} |\n");
     }
@@ -245,7 +247,8 @@ mod tests {
     fn table_from_json() {
         let ours = concat!(
             r#"{"time_s":{"8x16 b1 nf4":0.001,"8x16 b1 int4":0.002,"8x16 b1 int8":0.0005,"#,
-            r#""8x16 b1 ternary":0.00025,"8x16 b1 torch_f32":0.004,"8x16 b1 torch_bf16":0.002},"#,
+            r#""8x16 b1 ternary":0.00025,"8x16 b1 nf4_bf16":0.0005,"#,
+            r#""8x16 b1 torch_f32":0.004,"8x16 b1 torch_bf16":0.002},"#,
             r#""quantize_gbps":{"nf4":1.5}}"#
         );
         let bnb = r#"{"bnb": {"8x16 b1 f32": 0.003, "8x16 b1 bf16": 0.002}}"#;
@@ -261,6 +264,14 @@ mod tests {
             "{t}"
         );
         assert!(t.contains("| 8x16 | 1 | bnb nf4 | 2.000 |"), "{t}");
+        assert!(
+            t.contains("| 8x16 | 1 | nf4_bf16 | 0.500 | 4.00x | 8.00x | 4.00x |"),
+            "{t}"
+        );
+        assert!(
+            t.contains("| 8x16 | 1 | int4_bf16 | - | - | - | - |"),
+            "{t}"
+        );
         let t = table(&opts, ours, r#"{"bnb": null}"#);
         assert!(
             t.contains("| 8x16 | 1 | nf4 | 1.000 | 2.00x | 4.00x | - |"),
@@ -268,7 +279,7 @@ mod tests {
         );
         let q = quantize_table(ours);
         assert!(
-            q.contains("| nf4 | 1.50 |") && q.contains("| int8 | - |"),
+            q.contains("| nf4 | 1.50 |") && q.contains("| int8 | - |") && !q.contains("bf16"),
             "{q}"
         );
         assert!(parse_args(&["--shapes".into(), "4x".into()]).is_err());

@@ -6,6 +6,7 @@
 //! linear layers and attention run in the compute kind (f32 or bf16).
 
 use crate::linear::{self, Linear, LinearKind};
+use frugal_core::Result;
 use serde::{Deserialize, Serialize};
 use tch::{nn, Kind, Tensor};
 
@@ -248,19 +249,19 @@ fn rotate_half(x: &Tensor) -> Tensor {
 }
 
 impl Block {
-    fn new(path: &nn::Path, cfg: &LlamaConfig, kind: &LinearKind, compute: Kind) -> Self {
+    fn new(path: &nn::Path, cfg: &LlamaConfig, kind: &LinearKind, compute: Kind) -> Result<Self> {
         let d = cfg.hidden_size;
         let f = cfg.intermediate_size;
         let a = path / "self_attn";
         let m = path / "mlp";
         let lin = |p: nn::Path, i, o| linear::build(&p, i, o, kind, compute);
-        Self {
+        Ok(Self {
             input_layernorm: RmsNorm::new(&(path / "input_layernorm"), d, cfg.rms_norm_eps),
             self_attn: Attention {
-                q_proj: lin(&a / "q_proj", d, d),
-                k_proj: lin(&a / "k_proj", d, d),
-                v_proj: lin(&a / "v_proj", d, d),
-                o_proj: lin(&a / "o_proj", d, d),
+                q_proj: lin(&a / "q_proj", d, d)?,
+                k_proj: lin(&a / "k_proj", d, d)?,
+                v_proj: lin(&a / "v_proj", d, d)?,
+                o_proj: lin(&a / "o_proj", d, d)?,
                 heads: cfg.num_attention_heads,
                 head_dim: cfg.head_dim(),
             },
@@ -270,11 +271,40 @@ impl Block {
                 cfg.rms_norm_eps,
             ),
             mlp: Mlp {
-                gate_proj: lin(&m / "gate_proj", d, f),
-                up_proj: lin(&m / "up_proj", d, f),
-                down_proj: lin(&m / "down_proj", f, d),
+                gate_proj: lin(&m / "gate_proj", d, f)?,
+                up_proj: lin(&m / "up_proj", d, f)?,
+                down_proj: lin(&m / "down_proj", f, d)?,
             },
-        }
+        })
+    }
+
+    /// The block's linear layers with their names relative to the block
+    /// (`self_attn.q_proj`, ..., `mlp.down_proj`).
+    pub fn linears(&self) -> [(&'static str, &dyn Linear); 7] {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        [
+            ("self_attn.q_proj", a.q_proj.as_ref()),
+            ("self_attn.k_proj", a.k_proj.as_ref()),
+            ("self_attn.v_proj", a.v_proj.as_ref()),
+            ("self_attn.o_proj", a.o_proj.as_ref()),
+            ("mlp.gate_proj", m.gate_proj.as_ref()),
+            ("mlp.up_proj", m.up_proj.as_ref()),
+            ("mlp.down_proj", m.down_proj.as_ref()),
+        ]
+    }
+
+    /// [`Block::linears`], mutable.
+    pub fn linears_mut(&mut self) -> [(&'static str, &mut Box<dyn Linear>); 7] {
+        let (a, m) = (&mut self.self_attn, &mut self.mlp);
+        [
+            ("self_attn.q_proj", &mut a.q_proj),
+            ("self_attn.k_proj", &mut a.k_proj),
+            ("self_attn.v_proj", &mut a.v_proj),
+            ("self_attn.o_proj", &mut a.o_proj),
+            ("mlp.gate_proj", &mut m.gate_proj),
+            ("mlp.up_proj", &mut m.up_proj),
+            ("mlp.down_proj", &mut m.down_proj),
+        ]
     }
 
     /// `x` is the f32 residual stream `(B, T, d)`; `cos`, `sin` are the rows of positions
@@ -350,8 +380,14 @@ pub struct Llama {
 impl Llama {
     /// Builds the model under `root` (names `model.embed_tokens.weight`, `model.layers.N...`,
     /// `model.norm.weight`, `lm_head.weight`), with linear layers of kind `kind`, computing in
-    /// `compute` (f32 or bf16; parameters stay f32).
-    pub fn new(root: &nn::Path, cfg: &LlamaConfig, kind: &LinearKind, compute: Kind) -> Self {
+    /// `compute` (f32 or bf16; parameters stay f32). Errors when `kind` is a quantized kind
+    /// whose format or options do not fit the model's shapes.
+    pub fn new(
+        root: &nn::Path,
+        cfg: &LlamaConfig,
+        kind: &LinearKind,
+        compute: Kind,
+    ) -> Result<Self> {
         let model = root / "model";
         let embed_tokens = (&model / "embed_tokens").var(
             "weight",
@@ -363,7 +399,7 @@ impl Llama {
         );
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| Block::new(&(&model / "layers" / i), cfg, kind, compute))
-            .collect();
+            .collect::<Result<_>>()?;
         let norm = RmsNorm::new(&(&model / "norm"), cfg.hidden_size, cfg.rms_norm_eps);
         // The output head stays dense whatever `kind` is: methods leave it alone by convention.
         let lm_head = linear::build(
@@ -372,9 +408,9 @@ impl Llama {
             cfg.vocab_size,
             &LinearKind::Dense,
             compute,
-        );
+        )?;
         let (cos, sin) = rotary_tables(cfg, root.device());
-        Self {
+        Ok(Self {
             config: cfg.clone(),
             embed_tokens,
             layers,
@@ -383,7 +419,53 @@ impl Llama {
             cos,
             sin,
             compute,
-        }
+        })
+    }
+
+    /// Every linear layer but the output head, with its full name (`model.layers.3.mlp.up_proj`).
+    pub fn linears(&self) -> Vec<(String, &dyn Linear)> {
+        self.layers
+            .iter()
+            .enumerate()
+            .flat_map(|(i, b)| {
+                b.linears()
+                    .map(|(n, l)| (format!("model.layers.{i}.{n}"), l))
+            })
+            .collect()
+    }
+
+    /// [`Llama::linears`], mutable (to load or replace layers).
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut Box<dyn Linear>)> {
+        self.layers
+            .iter_mut()
+            .enumerate()
+            .flat_map(|(i, b)| {
+                b.linears_mut()
+                    .map(|(n, l)| (format!("model.layers.{i}.{n}"), l))
+            })
+            .collect()
+    }
+
+    /// The input embeddings `(B, T, d)` of token ids `(B, T)`: the residual stream the first
+    /// block reads.
+    pub fn embed(&self, ids: &Tensor) -> Tensor {
+        Tensor::embedding(&self.embed_tokens, ids, -1, false, false)
+    }
+
+    /// The rotary tables `(cos, sin)` for positions `start..start + len`, as
+    /// [`Block::forward`] takes them.
+    pub fn rope(&self, start: i64, len: i64) -> (Tensor, Tensor) {
+        (
+            self.cos.narrow(0, start, len),
+            self.sin.narrow(0, start, len),
+        )
+    }
+
+    /// Logits in f32 of the last block's output `x` (`(..., d)`): final norm, output head.
+    pub fn head(&self, x: &Tensor) -> Tensor {
+        self.lm_head
+            .forward(&self.norm.forward(x))
+            .to_kind(Kind::Float)
     }
 
     /// Logits `(B, T, vocab)` in f32 for token ids `(B, T)`. With a cache, the ids continue the
@@ -391,9 +473,8 @@ impl Llama {
     pub fn forward(&self, ids: &Tensor, cache: Option<&mut KvCache>) -> Tensor {
         let t = ids.size()[1];
         let start = cache.as_ref().map_or(0, |c| c.len());
-        let cos = self.cos.narrow(0, start, t);
-        let sin = self.sin.narrow(0, start, t);
-        let mut x = Tensor::embedding(&self.embed_tokens, ids, -1, false, false);
+        let (cos, sin) = self.rope(start, t);
+        let mut x = self.embed(ids);
         match cache {
             Some(cache) => {
                 cache.layers.resize_with(self.layers.len(), || None);
@@ -407,9 +488,7 @@ impl Llama {
                 }
             }
         }
-        self.lm_head
-            .forward(&self.norm.forward(&x))
-            .to_kind(Kind::Float)
+        self.head(&x)
     }
 
     /// Mean next-token cross-entropy of `ids` against `targets` (both `(B, T)`).
@@ -417,8 +496,8 @@ impl Llama {
         let logits = self.forward(ids, None);
         let v = logits.size()[2];
         logits
-            .view([-1, v])
-            .cross_entropy_for_logits(&targets.view([-1]))
+            .reshape([-1, v])
+            .cross_entropy_for_logits(&targets.reshape([-1]))
     }
 
     /// The compute kind.

@@ -1,12 +1,34 @@
-//! AdamW: `m = b1 m + (1 - b1) g`, `v = b2 v + (1 - b2) g²`,
-//! `w = w (1 - lr wd) - lr / (1 - b1^t) · m / (sqrt(v) / sqrt(1 - b2^t) + eps)`,
-//! in the order of operations of `torch.optim.AdamW` so that results agree to float rounding.
+//! AdamW (decoupled weight decay, Loshchilov & Hutter 2019) in two variants that differ in
+//! rounding and in where the decay happens:
+//!
+//! - [`AdamWVariant::Torch`], the order of operations of `torch.optim.AdamW`:
+//!   `w = w (1 - lr wd)`, `m = lerp(m, g, 1 - b1)`, `v = b2 v + (1 - b2) g²`,
+//!   `w -= lr / (1 - b1^t) · m / (sqrt(v) / sqrt(1 - b2^t) + eps)`.
+//! - [`AdamWVariant::Hf`], the Hugging Face / galore-torch AdamW: `m = b1 m + (1 - b1) g`,
+//!   `v = b2 v + (1 - b2) g²`, `s = lr sqrt(1 - b2^t) / (1 - b1^t)`,
+//!   `w -= s · back(m / (sqrt(v) + eps))`, then `w -= lr wd w`.
+//!
+//! With a GaLore projector the moments live in the projected space and `back` maps the
+//! normalized update to the weight's shape (galore-torch's `GaLoreAdamW` is the Hf variant).
 
-use frugal_core::safetensors_io::{self, SafetensorsFile};
-use frugal_core::{Error, Result};
+use crate::optimizer::{back, impl_optimizer, Reader, Slot, Slots};
+use frugal_core::Result;
+use frugal_galore::GradientProjector;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 use tch::Tensor;
+
+/// Which AdamW formulation (rounding order and where weight decay happens).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AdamWVariant {
+    /// `torch.optim.AdamW`: decay before the update, eps added to the bias-corrected root.
+    #[default]
+    Torch,
+    /// Hugging Face / galore-torch: bias correction folded into the step size, eps added to
+    /// the raw root, decay after the update (their default eps is 1e-6).
+    Hf,
+}
 
 /// AdamW's hyper-parameters (`optim.*` in the config).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -23,6 +45,8 @@ pub struct AdamWConfig {
     /// Decoupled weight decay, applied to parameters of two or more dimensions only (not to
     /// norm gains or biases).
     pub weight_decay: f64,
+    /// Order of operations: `torch` (default) or `hf`.
+    pub variant: AdamWVariant,
 }
 
 impl Default for AdamWConfig {
@@ -34,44 +58,55 @@ impl Default for AdamWConfig {
             beta2: 0.999,
             eps: 1e-8,
             weight_decay: 0.0,
+            variant: AdamWVariant::Torch,
         }
     }
 }
 
 #[derive(Debug)]
-struct State {
-    step: i64,
+pub(crate) struct State {
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
 }
 
-#[derive(Debug)]
-struct Param {
-    name: String,
-    tensor: Tensor,
-    state: Option<State>,
-}
-
-/// AdamW over named parameters. State is created lazily at a parameter's first step.
+/// AdamW over named parameters, optionally with a GaLore projector per parameter. State is
+/// created lazily at a parameter's first step.
 #[derive(Debug)]
 pub struct AdamW {
     /// Hyper-parameters; `lr` may be changed between steps.
     pub config: AdamWConfig,
-    params: Vec<Param>,
+    pub(crate) slots: Slots<State>,
 }
 
 impl AdamW {
+    const META_KEY: &'static str = "adamw";
+
     /// An optimizer over `params` (name, tensor that requires grad).
     pub fn new(params: Vec<(String, Tensor)>, config: AdamWConfig) -> Self {
-        let params = params
-            .into_iter()
-            .map(|(name, tensor)| Param {
-                name,
-                tensor,
-                state: None,
-            })
-            .collect();
-        Self { config, params }
+        Self {
+            config,
+            slots: Slots::new(params),
+        }
+    }
+
+    /// Attaches `projector` to the 2-D parameter named `name` (before its first step): its
+    /// moments then live in the projected space.
+    pub fn with_projector(
+        mut self,
+        name: &str,
+        projector: Box<dyn GradientProjector>,
+    ) -> Result<Self> {
+        let i = self.slots.index_of(name)?;
+        self.slots.set_projector(i, projector)?;
+        Ok(self)
+    }
+
+    /// Sets the weight decay of the parameter `name`, overriding the configured one (which
+    /// applies to tensors of two or more dimensions only), e.g. to decay a bias as
+    /// galore-torch's parameter groups do.
+    pub fn with_weight_decay(mut self, name: &str, weight_decay: f64) -> Result<Self> {
+        self.slots.set_decay(name, weight_decay)?;
+        Ok(self)
     }
 
     /// Sets the learning rate for the next steps.
@@ -81,140 +116,158 @@ impl AdamW {
 
     /// Names of the parameters, in order.
     pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.params.iter().map(|p| p.name.as_str())
+        self.slots.slots.iter().map(|p| p.name.as_str())
     }
 
-    /// Steps every parameter that has a gradient.
-    pub fn step(&mut self) {
-        let all: Vec<usize> = (0..self.params.len()).collect();
-        self.step_indices(&all);
+    /// Steps every parameter that has a gradient (see [`crate::Optimizer::step`]).
+    pub fn step(&mut self) -> Result<()> {
+        crate::Optimizer::step(self)
     }
 
     /// Steps only the parameters at `indices` (positions in the order given to [`AdamW::new`])
     /// that have a gradient; the others keep their state and step counts.
-    pub fn step_indices(&mut self, indices: &[usize]) {
-        let c = self.config;
-        tch::no_grad(|| {
-            for &i in indices {
-                let p = &mut self.params[i];
-                let grad = p.tensor.grad();
-                if !grad.defined() {
-                    continue;
-                }
-                let st = p.state.get_or_insert_with(|| State {
-                    step: 0,
-                    exp_avg: p.tensor.zeros_like(),
-                    exp_avg_sq: p.tensor.zeros_like(),
-                });
-                st.step += 1;
-                let mut w = p.tensor.shallow_clone();
-                if c.weight_decay != 0.0 && w.dim() >= 2 {
-                    let _ = w.g_mul_scalar_(1.0 - c.lr * c.weight_decay);
-                }
-                let _ = st.exp_avg.lerp_(&grad, 1.0 - c.beta1);
-                let _ = st.exp_avg_sq.g_mul_scalar_(c.beta2);
-                let _ = st.exp_avg_sq.addcmul_(&(&grad * (1.0 - c.beta2)), &grad);
-                let bc1 = 1.0 - c.beta1.powi(st.step as i32);
-                let bc2_sqrt = (1.0 - c.beta2.powi(st.step as i32)).sqrt();
-                let denom = (st.exp_avg_sq.sqrt() / bc2_sqrt) + c.eps;
-                let _ = w.addcdiv_(&(&st.exp_avg * (-c.lr / bc1)), &denom);
-            }
-        });
+    pub fn step_indices(&mut self, indices: &[usize]) -> Result<()> {
+        crate::Optimizer::step_indices(self, indices)
     }
 
-    /// Drops every parameter's gradient.
+    /// Zeroes every parameter's gradient and drops accumulation buffers.
     pub fn zero_grad(&mut self) {
-        for p in &mut self.params {
-            let mut g = p.tensor.grad();
-            if g.defined() {
-                let _ = g.detach_();
-                let _ = g.zero_();
-            }
-        }
+        crate::Optimizer::zero_grad(self)
     }
 
-    /// Bytes held by the optimizer state.
+    /// Bytes held by the optimizer state (moments, projectors, accumulation buffers).
     pub fn state_bytes(&self) -> u64 {
-        self.params
-            .iter()
-            .filter_map(|p| p.state.as_ref())
-            .map(|s| {
-                frugal_core::memory::tensor_bytes(&s.exp_avg)
-                    + frugal_core::memory::tensor_bytes(&s.exp_avg_sq)
-            })
-            .sum()
+        crate::Optimizer::state_bytes(self)
     }
 
-    /// The state as named tensors: `P.exp_avg`, `P.exp_avg_sq` and `P.step` (int64 scalar).
+    /// The state as named tensors: `P.exp_avg`, `P.exp_avg_sq` and `P.step` (int64 scalar),
+    /// plus `P.projector.*` and `P.grad_accum` where present.
     pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
-        let mut out = Vec::new();
-        for p in &self.params {
-            if let Some(s) = &p.state {
-                out.push((format!("{}.exp_avg", p.name), s.exp_avg.shallow_clone()));
-                out.push((
-                    format!("{}.exp_avg_sq", p.name),
-                    s.exp_avg_sq.shallow_clone(),
-                ));
-                out.push((format!("{}.step", p.name), Tensor::from(s.step)));
-            }
-        }
-        out
+        crate::Optimizer::state_tensors(self)
     }
 
     /// Saves the state to `path` (atomically), with the hyper-parameters in the metadata.
     pub fn save(&self, path: &Path) -> Result<()> {
-        let meta = [(
-            "adamw".to_string(),
-            serde_json::to_string(&self.config).expect("plain struct"),
-        )];
-        safetensors_io::save(
-            path,
-            &self.state_tensors(),
-            Some(meta.into_iter().collect()),
-        )
+        crate::Optimizer::save(self, path)
     }
 
     /// Loads the state saved by [`AdamW::save`]. Every tensor's shape is checked against its
     /// parameter; the error names the file and the tensor.
     pub fn load(&mut self, path: &Path) -> Result<()> {
-        let file = SafetensorsFile::open(path)?;
-        let names = file.names();
-        let mut states = Vec::with_capacity(self.params.len());
-        for p in &self.params {
-            let key = format!("{}.step", p.name);
-            if !names.contains(&key) {
-                states.push(None);
-                continue;
-            }
-            let device = p.tensor.device();
-            let step = file.tensor(&key, tch::Device::Cpu)?.int64_value(&[]);
-            let moment = |suffix: &str| -> Result<Tensor> {
-                let name = format!("{}.{suffix}", p.name);
-                let t = file.tensor(&name, device)?;
-                if t.size() != p.tensor.size() {
-                    return Err(Error::Msg(format!(
-                        "{}: '{name}' has shape {:?}, the parameter has {:?}",
-                        path.display(),
-                        t.size(),
-                        p.tensor.size()
-                    )));
-                }
-                Ok(t.to_kind(p.tensor.kind()))
-            };
-            states.push(Some(State {
-                step,
-                exp_avg: moment("exp_avg")?,
-                exp_avg_sq: moment("exp_avg_sq")?,
-            }));
-        }
-        for (p, s) in self.params.iter_mut().zip(states) {
-            p.state = s;
-        }
-        if let Some(cfg) = file.metadata().get("adamw") {
-            if let Ok(c) = serde_json::from_str::<AdamWConfig>(cfg) {
-                self.config = c;
-            }
-        }
-        Ok(())
+        crate::Optimizer::load(self, path)
     }
+
+    fn step_impl(&mut self, indices: &[usize]) -> Result<()> {
+        let c = self.config;
+        tch::no_grad(|| {
+            for &i in indices {
+                let Some(g) = self.slots.take_gradient(i)? else {
+                    continue;
+                };
+                let slot = &mut self.slots.slots[i];
+                update(&c, slot, &g)?;
+            }
+            Ok(())
+        })
+    }
+
+    fn rule_tensors(name: &str, s: &State) -> Vec<(String, Tensor)> {
+        vec![
+            (format!("{name}.exp_avg"), s.exp_avg.shallow_clone()),
+            (format!("{name}.exp_avg_sq"), s.exp_avg_sq.shallow_clone()),
+        ]
+    }
+
+    fn rule_bytes(s: &State) -> u64 {
+        frugal_core::memory::tensor_bytes(&s.exp_avg)
+            + frugal_core::memory::tensor_bytes(&s.exp_avg_sq)
+    }
+
+    fn load_rule(r: &Reader, slot: &Slot<State>) -> Result<State> {
+        let m = r.moment(&format!("{}.exp_avg", slot.name), slot)?;
+        let v_name = format!("{}.exp_avg_sq", slot.name);
+        let v = r.shaped(&v_name, slot.tensor.device(), &m.size())?;
+        Ok(State {
+            exp_avg: m.to_kind(slot.tensor.kind()),
+            exp_avg_sq: v.to_kind(slot.tensor.kind()),
+        })
+    }
+}
+
+impl_optimizer!(AdamW);
+
+/// Replaces the moments by the projector's re-projections when its basis changed.
+pub(crate) fn reproject(
+    p: Option<&dyn GradientProjector>,
+    m: &mut Tensor,
+    v: &mut Tensor,
+) -> Result<()> {
+    if let Some(p) = p {
+        if let Some(nm) = p.reproject_first_moment(m) {
+            *m = nm;
+        }
+        if let Some(nv) = p.reproject_second_moment(v) {
+            *v = nv;
+        }
+    }
+    Ok(())
+}
+
+/// One AdamW step of `slot` with gradient `g` (projected already when it has a projector).
+fn update(c: &AdamWConfig, slot: &mut Slot<State>, g: &Tensor) -> Result<()> {
+    let wd = slot.weight_decay(c.weight_decay);
+    let proj = slot.projector.as_deref();
+    let st = match slot.state.as_mut() {
+        Some(st) => {
+            reproject(proj, &mut st.exp_avg, &mut st.exp_avg_sq)?;
+            st
+        }
+        None => slot.state.insert(State {
+            exp_avg: g.zeros_like(),
+            exp_avg_sq: g.zeros_like(),
+        }),
+    };
+    slot.step += 1;
+    let t = slot.step as f64;
+    let mut w = slot.tensor.shallow_clone();
+    let decay = wd != 0.0;
+    match c.variant {
+        AdamWVariant::Torch => {
+            if decay {
+                let _ = w.g_mul_scalar_(1.0 - c.lr * wd);
+            }
+            let _ = st.exp_avg.lerp_(g, 1.0 - c.beta1);
+            let _ = st.exp_avg_sq.g_mul_scalar_(c.beta2);
+            let _ = st.exp_avg_sq.addcmul_(&(g * (1.0 - c.beta2)), g);
+            let bc1 = 1.0 - c.beta1.powf(t);
+            let bc2_sqrt = (1.0 - c.beta2.powf(t)).sqrt();
+            let denom = (st.exp_avg_sq.sqrt() / bc2_sqrt) + c.eps;
+            match proj {
+                None => {
+                    let _ = w.addcdiv_(&(&st.exp_avg * (-c.lr / bc1)), &denom);
+                }
+                Some(p) => {
+                    let full = p.project_back(&(&st.exp_avg / &denom))?;
+                    let _ = w.g_add_(&(full * (-c.lr / bc1)));
+                }
+            }
+        }
+        AdamWVariant::Hf => {
+            let _ = st.exp_avg.g_mul_scalar_(c.beta1);
+            let _ = st.exp_avg.g_add_(&(g * (1.0 - c.beta1)));
+            let _ = st.exp_avg_sq.g_mul_scalar_(c.beta2);
+            let _ = st.exp_avg_sq.addcmul_(&(g * (1.0 - c.beta2)), g);
+            let denom = st.exp_avg_sq.sqrt() + c.eps;
+            let bc1 = 1.0 - c.beta1.powf(t);
+            let bc2 = 1.0 - c.beta2.powf(t);
+            let step_size = c.lr * bc2.sqrt() / bc1;
+            let norm = back(proj, &(&st.exp_avg / &denom))?;
+            let _ = w.g_add_(&(norm * (-step_size)));
+            if decay {
+                let d = &w * (-c.lr * wd);
+                let _ = w.g_add_(&d);
+            }
+        }
+    }
+    Ok(())
 }

@@ -1,10 +1,11 @@
-//! Timings for `cargo xtask bench quant`: packed-weight products (NF4, int4, int8, ternary)
-//! against libtorch's dense f32 and bf16 `x.matmul(w.tr())`, and quantize throughput; prints
+//! Timings for `cargo xtask bench quant`: packed-weight products (NF4, int4, int8, ternary,
+//! and NF4 and int4 computed in bf16) against libtorch's dense f32 and bf16 `x.matmul(w.tr())`, and quantize throughput; prints
 //! one JSON line.
 //!
 //! Output: `{"simd", "rayon_threads", "torch_threads", "runs", "warmup", "time_s": {"OUTxIN bB
 //! NAME": median seconds}, "quantize_gbps": {NAME: GB/s of f32 input}}` with NAME one of nf4,
-//! int4, int8, ternary, torch_f32, torch_bf16.
+//! int4, int8, ternary, nf4_bf16, int4_bf16 (the bf16-compute products, `"bf16"` true when
+//! they ran their AVX512-BF16 kernels), torch_f32, torch_bf16.
 //!
 //! Environment: `BENCH_QUANT_SHAPES` (`OUTxIN,...`, default `4096x4096,4096x11008`),
 //! `BENCH_QUANT_BATCHES` (default `1,8`), `BENCH_QUANT_RUNS` (timed runs, default 10),
@@ -124,6 +125,12 @@ fn main() {
             t("int4", &mut || {
                 drop(matmul::int4_matmul(&int4, &x, batch).unwrap())
             });
+            t("nf4_bf16", &mut || {
+                drop(matmul::nf4_matmul_bf16(&nf4, &x, batch).unwrap())
+            });
+            t("int4_bf16", &mut || {
+                drop(matmul::int4_matmul_bf16(&int4, &x, batch).unwrap())
+            });
             t("int8", &mut || {
                 drop(matmul::int8_matmul(&int8, &x, batch).unwrap())
             });
@@ -136,6 +143,7 @@ fn main() {
     }
     let out = json!({
         "simd": matmul::simd_available(),
+        "bf16": matmul::bf16_available(),
         "rayon_threads": rayon_threads(),
         "torch_threads": tch::get_num_threads(),
         "runs": runs,

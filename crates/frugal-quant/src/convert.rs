@@ -67,6 +67,46 @@ impl Format {
     }
 }
 
+impl Format {
+    /// The format a Hugging Face `config.json`'s `quantization_config` names (as
+    /// [`quantization_config`] writes it: bitsandbytes 4-bit or 8-bit, GPTQ 4-bit, Frugal
+    /// ternary); `None` for anything else.
+    pub fn from_quantization_config(qc: &serde_json::Value) -> Option<Format> {
+        let flag = |k: &str| qc.get(k).and_then(|v| v.as_bool()).unwrap_or(false);
+        match qc.get("quant_method")?.as_str()? {
+            "bitsandbytes" if flag("load_in_4bit") => {
+                let kind = match qc.get("bnb_4bit_quant_type").and_then(|v| v.as_str()) {
+                    Some("fp4") => crate::fourbit::FourBitKind::Fp4,
+                    _ => crate::fourbit::FourBitKind::Nf4,
+                };
+                Some(Format::FourBit(FourBitConfig {
+                    kind,
+                    block_size: 64,
+                    double_quant: flag("bnb_4bit_use_double_quant"),
+                }))
+            }
+            "bitsandbytes" if flag("load_in_8bit") => Some(Format::Int8),
+            "gptq" if qc.get("bits").and_then(|v| v.as_u64()) == Some(4) => Some(Format::Int4 {
+                group_size: qc.get("group_size").and_then(|v| v.as_u64()).unwrap_or(128) as usize,
+            }),
+            "frugal" if qc.get("format").and_then(|v| v.as_str()) == Some("ternary") => {
+                Some(Format::Ternary)
+            }
+            _ => None,
+        }
+    }
+
+    /// The format's options as `(name, block_size, group_size, double_quant)`, the arguments
+    /// of [`Format::parse`] (defaults where the format has no such option).
+    pub fn options(&self) -> (&'static str, usize, usize, bool) {
+        match self {
+            Format::FourBit(c) => (self.name(), c.block_size, 128, c.double_quant),
+            Format::Int4 { group_size } => (self.name(), 64, *group_size, false),
+            _ => (self.name(), 64, 128, false),
+        }
+    }
+}
+
 /// Which tensors to quantize: by default the 2-D `*.weight` tensors of linear layers, not
 /// embeddings, norms or the output head; `include` / `exclude` regexes refine that.
 #[derive(Debug, Clone, Default)]

@@ -4,7 +4,8 @@
 //! Two paths, chosen per call:
 //! - inference (the input needs no gradient, CPU, at most [`FAST_MAX_ROWS`] rows): the packed
 //!   products of [`crate::matmul`], straight from the packed weight; int8 and ternary
-//!   quantize the activations to int8 there (LLM.int8 and BitNet b1.58 as published);
+//!   quantize the activations to int8 there (LLM.int8 and BitNet b1.58 as published), and a
+//!   bf16 input runs the bf16-compute NF4 and int4 kernels;
 //! - otherwise: dequantize to f32, then an ordinary product that autograd differentiates with
 //!   respect to the input; the weight never gets a gradient.
 
@@ -98,6 +99,22 @@ impl QuantizedWeight {
             QuantizedWeight::Int4(q) => q.to_tensors(prefix),
             QuantizedWeight::FourBit(q) => q.to_tensors(&format!("{prefix}.weight")),
             QuantizedWeight::Ternary(q) => q.to_tensors(prefix),
+        }
+    }
+
+    /// The format and options the weight is stored with.
+    pub fn format(&self) -> Format {
+        match self {
+            QuantizedWeight::Int8(_) => Format::Int8,
+            QuantizedWeight::Int4(q) => Format::Int4 {
+                group_size: q.group_size,
+            },
+            QuantizedWeight::FourBit(q) => Format::FourBit(crate::fourbit::FourBitConfig {
+                kind: q.kind,
+                block_size: q.block_size,
+                double_quant: matches!(q.absmax, crate::fourbit::Absmax::Double { .. }),
+            }),
+            QuantizedWeight::Ternary(_) => Format::Ternary,
         }
     }
 
@@ -219,10 +236,14 @@ impl QuantizedLinear {
         self.weight.bits_per_param()
     }
 
-    fn packed_product(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
+    /// The packed product; `bf16` picks the bf16-compute NF4 and int4 kernels (activations
+    /// rounded to bf16, f32 accumulation, as bitsandbytes computes for bf16 inputs).
+    fn packed_product(&self, x: &[f32], rows: usize, bf16: bool) -> Result<Vec<f32>> {
         match &self.weight {
             QuantizedWeight::Int8(q) => matmul::int8_matmul(q, x, rows),
+            QuantizedWeight::Int4(q) if bf16 => matmul::int4_matmul_bf16(q, x, rows),
             QuantizedWeight::Int4(q) => matmul::int4_matmul(q, x, rows),
+            QuantizedWeight::FourBit(q) if bf16 => matmul::nf4_matmul_bf16(q, x, rows),
             QuantizedWeight::FourBit(q) => matmul::nf4_matmul(q, x, rows),
             QuantizedWeight::Ternary(q) => matmul::ternary_matmul(q, x, rows),
         }
@@ -235,14 +256,15 @@ impl QuantizedLinear {
         if !x.requires_grad() && x.device() == Device::Cpu && rows <= FAST_MAX_ROWS {
             let flat =
                 Vec::<f32>::try_from(x.to_kind(Kind::Float).reshape([-1])).expect("f32 input");
-            if let Ok(y) = self.packed_product(&flat, rows as usize) {
+            let bf16 = x.kind() == Kind::BFloat16;
+            if let Ok(y) = self.packed_product(&flat, rows as usize, bf16) {
                 let mut out_shape = size.clone();
                 *out_shape.last_mut().expect("at least 1-D") = self.out_features as i64;
                 return Tensor::from_slice(&y).reshape(&out_shape).to_kind(x.kind());
             }
         }
         let w = self.dequantize().to_device(x.device()).to_kind(x.kind());
-        x.matmul(&w.tr())
+        x.linear(&w, None::<Tensor>)
     }
 }
 
@@ -304,6 +326,17 @@ mod tests {
             let slow = x.matmul(&layer.dequantize().tr());
             let rel = (&fast - &slow).norm().double_value(&[]) / slow.norm().double_value(&[]);
             assert!(rel < tol, "{f:?}: relative difference {rel}");
+            // bf16 input: bf16 compute (bf16-rounded activations and 4-bit codebook), a bf16
+            // result; within bf16's rounding of the f32 product, and not the f32 path.
+            let xb = x.to_kind(Kind::BFloat16);
+            let fast = tch::no_grad(|| layer.forward(&xb));
+            assert_eq!(fast.kind(), Kind::BFloat16);
+            let slow = xb.to_kind(Kind::Float).matmul(&layer.dequantize().tr());
+            let d = (&fast.to_kind(Kind::Float) - &slow)
+                .norm()
+                .double_value(&[]);
+            let rel = d / slow.norm().double_value(&[]);
+            assert!(rel < tol.max(1e-2), "{f:?} bf16: relative difference {rel}");
         }
     }
 }

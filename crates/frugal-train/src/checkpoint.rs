@@ -4,10 +4,9 @@
 
 use crate::data::SamplerState;
 use frugal_core::{atomic, Error, Result};
-use frugal_optim::AdamW;
+use frugal_optim::Optimizer;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
-use tch::nn::VarStore;
 
 /// Everything besides weights and optimizer state that a resumed run needs to continue exactly.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -21,6 +20,9 @@ pub struct TrainerState {
     pub sampler: SamplerState,
     /// Seconds of training so far.
     pub elapsed_s: f64,
+    /// With per-layer updates: the previous step's gradient norm, which clips the next step.
+    #[serde(default)]
+    pub prev_grad_norm: Option<f64>,
 }
 
 /// The checkpoints folder of a run.
@@ -32,8 +34,8 @@ pub fn dir(run: &Path) -> PathBuf {
 /// checkpoints (0: all).
 pub fn save(
     run: &Path,
-    vs: &VarStore,
-    opt: &AdamW,
+    model: &crate::run::Model,
+    opt: &dyn Optimizer,
     state: &TrainerState,
     keep: usize,
 ) -> Result<PathBuf> {
@@ -42,7 +44,7 @@ pub fn save(
     let name = format!("step-{}", state.step);
     let target = root.join(&name);
     atomic::write_dir(&target, |tmp| {
-        frugal_models::weights::save(vs, &tmp.join("model.safetensors"))?;
+        model.save(&tmp.join("model.safetensors"))?;
         opt.save(&tmp.join("optimizer.safetensors"))?;
         let json = serde_json::to_vec_pretty(state).expect("plain struct");
         atomic::write(&tmp.join("trainer_state.json"), &json)

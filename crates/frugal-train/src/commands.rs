@@ -49,6 +49,66 @@ pub fn train(
     Ok(if summary.interrupted { 130 } else { 0 })
 }
 
+/// `frugal train --dry-run`: the config's shape and memory accounting, without data, model or
+/// run folder.
+pub fn dry_run(config: Option<PathBuf>, set: &[String], resume: Option<PathBuf>) -> Result<u8> {
+    let cfg = match (resume, config) {
+        (Some(dir), _) => run::read_config(&dir, set)?,
+        (None, Some(path)) => config::load(&path, set)?,
+        (None, None) => {
+            return Err(Error::Msg(
+                "--config FILE is required (or --resume RUN_DIR)".into(),
+            ))
+        }
+    };
+    let vocab = if cfg.tokenizer.path.is_empty() {
+        cfg.tokenizer.vocab_size as i64
+    } else {
+        tokenize::load_tokenizer_file(Path::new(&cfg.tokenizer.path))?.get_vocab_size(true) as i64
+    };
+    let shape = cfg.llama_config(vocab)?;
+    let (ours, adamw) = crate::memplan::plan(&cfg, &shape);
+    let params: i64 = crate::memplan::llama_params(&shape)
+        .iter()
+        .map(|p| p.shape.iter().product::<i64>())
+        .sum();
+    println!(
+        "llama {}: d {}, {} layers, {} heads, ffn {}, vocabulary {} ({:.1}M parameters)",
+        cfg.model.size,
+        shape.hidden_size,
+        shape.num_hidden_layers,
+        shape.num_attention_heads,
+        shape.intermediate_size,
+        shape.vocab_size,
+        params as f64 / 1e6
+    );
+    println!(
+        "optimizer {}{}, batch {} x {} tokens, {:?}{}{}",
+        cfg.optim.name,
+        if cfg.optim.layerwise {
+            " (per-layer updates)"
+        } else {
+            ""
+        },
+        cfg.train.batch_size,
+        cfg.train.seq_len,
+        cfg.train.dtype,
+        if cfg.train.checkpointing {
+            ", activation checkpointing"
+        } else {
+            ""
+        },
+        if cfg.train.ce_chunk > 0 {
+            format!(", cross-entropy in chunks of {} tokens", cfg.train.ce_chunk)
+        } else {
+            String::new()
+        }
+    );
+    println!("accounting (activations and logits are estimates; see docs/config.md):");
+    print!("{}", crate::memplan::table(&ours, &adamw));
+    Ok(0)
+}
+
 fn default_run_dir() -> PathBuf {
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -99,7 +159,23 @@ fn load_model_dir(dir: &Path) -> Result<Loaded> {
     let shape = LlamaConfig::from_hf_json(&text)
         .map_err(|e| Error::Msg(format!("{}: {e}", cfg_path.display())))?;
     let tok = tokenize::load_tokenizer_file(&dir.join("tokenizer.json"))?;
-    let cfg = Config::default();
+    let mut cfg = Config::default();
+    // A folder written by `frugal quantize` (or bitsandbytes / GPTQ) says its format in
+    // `quantization_config`: its linear layers load frozen and packed, as stored.
+    let hf: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::Msg(format!("{}: {e}", cfg_path.display())))?;
+    if let Some(format) = hf
+        .get("quantization_config")
+        .and_then(frugal_quant::convert::Format::from_quantization_config)
+    {
+        let (name, block_size, group_size, double_quant) = format.options();
+        cfg.model.linear = frugal_models::LinearKind::Quantized {
+            format: name.into(),
+            block_size,
+            group_size,
+            double_quant,
+        };
+    }
     let device = cfg.train.device.resolve()?;
     let model = run::model(&cfg, &shape, device, Some(&dir.join("model.safetensors")))?;
     Ok(Loaded {

@@ -5,7 +5,7 @@
 
 use frugal_core::{Device, Error, Result};
 use frugal_models::LinearKind;
-use frugal_optim::AdamWConfig;
+use frugal_optim::{AdafactorConfig, AdamWConfig, AdamWVariant};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -157,6 +157,12 @@ pub struct TrainConfig {
     pub keep_checkpoints: usize,
     /// CPU threads for libtorch (0: libtorch's default).
     pub threads: usize,
+    /// Activation checkpointing per block: keep each block's input only and recompute the
+    /// block in the backward pass.
+    pub checkpointing: bool,
+    /// Tokens per chunk of the cross-entropy over the vocabulary, so that the logits never
+    /// exist for the whole batch at once (0: no chunking).
+    pub ce_chunk: usize,
 }
 
 impl Default for TrainConfig {
@@ -178,6 +184,8 @@ impl Default for TrainConfig {
             save_every: 250,
             keep_checkpoints: 2,
             threads: 0,
+            checkpointing: false,
+            ce_chunk: 0,
         }
     }
 }
@@ -196,7 +204,27 @@ pub struct OptimConfig {
     pub eps: f64,
     /// Decoupled weight decay (tensors of 2+ dimensions only).
     pub weight_decay: f64,
+    /// AdamW forms: `"torch"` (torch.optim.AdamW: decay before the update) or `"hf"`
+    /// (Hugging Face / galore-torch: bias correction in the step size, decay after).
+    pub variant: AdamWVariant,
+    /// Per-layer updates: each block's parameters are stepped during the backward pass and
+    /// their gradients dropped at once (see `docs/config.md`).
+    pub layerwise: bool,
+    /// The GaLore projection of the `galore-*` optimizers.
+    pub galore: GaloreSettings,
+    /// Adafactor's own settings (its `lr` is the trainer's schedule).
+    pub adafactor: AdafactorConfig,
 }
+
+/// The optimizers `optim.name` names.
+pub const OPTIMIZERS: [&str; 6] = [
+    "adamw",
+    "adamw8bit",
+    "adafactor",
+    "galore-adamw",
+    "galore-adamw8bit",
+    "galore-adafactor",
+];
 
 impl Default for OptimConfig {
     fn default() -> Self {
@@ -206,7 +234,72 @@ impl Default for OptimConfig {
             beta2: 0.95,
             eps: 1e-8,
             weight_decay: 0.0,
+            variant: AdamWVariant::Torch,
+            layerwise: false,
+            galore: GaloreSettings::default(),
+            adafactor: AdafactorConfig {
+                scale_parameter: false,
+                ..AdafactorConfig::default()
+            },
         }
+    }
+}
+
+/// `[optim.galore]`: which weights GaLore projects, and how.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GaloreSettings {
+    /// Rank of the projection.
+    pub rank: usize,
+    /// Steps between recomputations of the basis.
+    pub update_proj_gap: u64,
+    /// Factor on the back-projected update (GaLore's alpha).
+    pub scale: f64,
+    /// `std`, `reverse_std`, `left`, `right` or `full`.
+    pub proj_type: String,
+    /// `exact` or `randomized` SVD.
+    pub svd: String,
+    /// A regex over parameter names: the 2-D weights it matches are projected, the others
+    /// use the plain optimizer (default: attention and MLP weights).
+    pub target_modules: String,
+    /// Double the gap while consecutive bases agree (Q-GaLore's lazy refresh).
+    pub lazy_refresh: bool,
+    /// Move the first and second moments into the new subspace when the basis changes.
+    pub reproject_moments: bool,
+}
+
+impl Default for GaloreSettings {
+    fn default() -> Self {
+        Self {
+            rank: 128,
+            update_proj_gap: 200,
+            scale: 0.25,
+            proj_type: "std".into(),
+            svd: "exact".into(),
+            target_modules: r"\.(self_attn|mlp)\.".into(),
+            lazy_refresh: false,
+            reproject_moments: false,
+        }
+    }
+}
+
+impl OptimConfig {
+    /// Whether `optim.name` is a GaLore optimizer.
+    pub fn is_galore(&self) -> bool {
+        self.name.starts_with("galore-")
+    }
+
+    /// The optimizer under GaLore's projection (or the optimizer itself): `adamw`,
+    /// `adamw8bit` or `adafactor`.
+    pub fn base(&self) -> &str {
+        self.name.strip_prefix("galore-").unwrap_or(&self.name)
+    }
+
+    /// Whether parameter `name` of shape `shape` is projected by GaLore.
+    pub fn projects(&self, name: &str, shape: &[i64]) -> bool {
+        self.is_galore()
+            && shape.len() == 2
+            && regex::Regex::new(&self.galore.target_modules).is_ok_and(|r| r.is_match(name))
     }
 }
 
@@ -219,6 +312,7 @@ impl OptimConfig {
             beta2: self.beta2,
             eps: self.eps,
             weight_decay: self.weight_decay,
+            variant: self.variant,
         }
     }
 }
@@ -325,6 +419,49 @@ impl Config {
                 "must be >= 0 (0 turns clipping off)",
             ));
         }
+        self.model.linear.quant_format()?;
+        let o = &self.optim;
+        if !OPTIMIZERS.contains(&o.name.as_str()) {
+            return Err(Error::config(
+                "optim.name",
+                format!("unknown optimizer '{}' ({})", o.name, OPTIMIZERS.join(", ")),
+            ));
+        }
+        let g = &o.galore;
+        if o.is_galore() {
+            if g.rank == 0 || g.update_proj_gap == 0 {
+                return Err(Error::config(
+                    "optim.galore",
+                    "rank and update_proj_gap must be positive",
+                ));
+            }
+            if !["std", "reverse_std", "left", "right", "full"].contains(&g.proj_type.as_str()) {
+                return Err(Error::config(
+                    "optim.galore.proj_type",
+                    format!(
+                        "unknown '{}' (std, reverse_std, left, right, full)",
+                        g.proj_type
+                    ),
+                ));
+            }
+            if !["exact", "randomized"].contains(&g.svd.as_str()) {
+                return Err(Error::config(
+                    "optim.galore.svd",
+                    format!("unknown '{}' (exact, randomized)", g.svd),
+                ));
+            }
+            if let Err(e) = regex::Regex::new(&g.target_modules) {
+                let e = e.to_string();
+                return Err(Error::config(
+                    "optim.galore.target_modules",
+                    format!(
+                        "'{}' is not a valid regex ({})",
+                        g.target_modules,
+                        e.lines().last().unwrap_or("")
+                    ),
+                ));
+            }
+        }
         if self.model.kind != "llama" {
             return Err(Error::config(
                 "model.kind",
@@ -341,15 +478,6 @@ impl Config {
                     "unknown preset '{}' (presets: {})",
                     self.model.size,
                     frugal_models::llama::PRESETS.join(", ")
-                ),
-            ));
-        }
-        if self.optim.name != "adamw" {
-            return Err(Error::config(
-                "optim.name",
-                format!(
-                    "'{}' is not available yet (available: \"adamw\")",
-                    self.optim.name
                 ),
             ));
         }

@@ -35,6 +35,10 @@ enum Command {
         /// Continue the run in this folder from its latest complete checkpoint.
         #[arg(long, value_name = "RUN_DIR")]
         resume: Option<PathBuf>,
+        /// Print the memory accounting of the config (weights, gradients, optimizer state,
+        /// activations, logits; and plain AdamW's for comparison) without training.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Evaluate a run's model; prints JSON (loss, perplexity, tokens).
     Eval {
@@ -128,7 +132,14 @@ fn main() -> ExitCode {
             set,
             out,
             resume,
-        } => commands::train(config, &set, out, resume),
+            dry_run,
+        } => {
+            if dry_run {
+                commands::dry_run(config, &set, resume)
+            } else {
+                commands::train(config, &set, out, resume)
+            }
+        }
         Command::Eval { run, model, data } => commands::eval(run, model, data),
         Command::Generate {
             run,

@@ -104,12 +104,27 @@ pub fn model(
         Dtype::F32 => tch::Kind::Float,
         Dtype::Bf16 => tch::Kind::BFloat16,
     };
-    let llama = Llama::new(&vs.root(), shape, &cfg.model.linear, compute);
+    let llama = Llama::new(&vs.root(), shape, &cfg.model.linear, compute)?;
     let mut m = Model { vs, llama };
     if let Some(file) = weights {
-        frugal_models::weights::load(&mut m.vs, file)?;
+        m.load(file)?;
     }
     Ok(m)
+}
+
+impl Model {
+    /// Loads the weights in `file`: the variables, and the frozen quantized layers' weights
+    /// (read as stored, or quantized from dense weights).
+    pub fn load(&mut self, file: &Path) -> Result<()> {
+        let mut linears = self.llama.linears_mut();
+        frugal_models::weights::load_model(&mut self.vs, &mut linears, file)
+    }
+
+    /// Saves the weights to `file` (atomically): the variables and the quantized layers'
+    /// packed weights.
+    pub fn save(&self, file: &Path) -> Result<()> {
+        frugal_models::weights::save_model(&self.vs, &self.llama.linears(), file)
+    }
 }
 
 /// The weights a new run starts from: `model.from_pretrained`'s `model.safetensors`, if set.

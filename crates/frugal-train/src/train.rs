@@ -8,9 +8,10 @@ use crate::plot::{self, Series};
 use crate::progress::Progress;
 use crate::run;
 use crate::schedule::lr_at;
+use crate::step::{self, Groups, Plan};
 use frugal_core::memory::{self, human_bytes, Accounting};
 use frugal_core::{atomic, Error, Result};
-use frugal_optim::{clip_grad_norm, AdamW};
+use frugal_optim::clip_grad_norm;
 use serde::Serialize;
 use serde_json::json;
 use std::io::Write;
@@ -95,13 +96,21 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
         n_params as f64 / 1e6,
         cfg.train.dtype
     );
-    let mut opt = AdamW::new(params, cfg.optim.adamw(t.lr));
+    let names: Vec<String> = params.iter().map(|(n, _)| n.clone()).collect();
+    let groups = Groups::of(&names, shape.num_hidden_layers as usize)?;
+    let mut opt = crate::optimizers::build(cfg, params, t.lr)?;
+    let plan = Plan {
+        layerwise: cfg.optim.layerwise,
+        checkpointing: t.checkpointing,
+        ce_chunk: t.ce_chunk as i64,
+    };
 
     let mut state = TrainerState {
         step: 0,
         tokens: 0,
         sampler: Sampler::new(train_ds.num_sequences(), t.seed).state(),
         elapsed_s: 0.0,
+        prev_grad_norm: None,
     };
     if let Some(ck) = &checkpoint {
         opt.load(&ck.join("optimizer.safetensors"))?;
@@ -127,11 +136,40 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
         opt.set_lr(lr);
         let t0 = Instant::now();
         let mut loss_sum = 0.0;
-        for _ in 0..t.grad_accum {
+        // Per-layer updates clip by the previous step's norm (the first step is not clipped).
+        let clip = match state.prev_grad_norm {
+            Some(n) if plan.layerwise && t.max_grad_norm > 0.0 && n > t.max_grad_norm => {
+                t.max_grad_norm / (n + 1e-6)
+            }
+            _ => 1.0,
+        };
+        let mut micro_norms = 0.0;
+        for k in 0..t.grad_accum {
+            let last = k + 1 == t.grad_accum;
             let (x, y) = train_ds.batch(&sampler.next_indices(t.batch_size));
-            let loss = m.llama.loss(&x.to_device(device), &y.to_device(device));
-            loss_sum += loss.double_value(&[]);
-            (loss / t.grad_accum as f64).backward();
+            let mut sq = 0.0;
+            let mut sink = |idx: &[usize], grads: Vec<tch::Tensor>| -> Result<()> {
+                for g in &grads {
+                    sq += g.square().sum(tch::Kind::Double).double_value(&[]);
+                }
+                let grads = if clip < 1.0 {
+                    grads.into_iter().map(|g| g * clip).collect()
+                } else {
+                    grads
+                };
+                if last {
+                    opt.step_with_grads(idx, grads)
+                } else {
+                    opt.accumulate_with_grads(idx, grads)
+                }
+            };
+            let batch = step::Batch {
+                ids: &x.to_device(device),
+                targets: &y.to_device(device),
+                scale: 1.0 / t.grad_accum as f64,
+            };
+            loss_sum += step::micro_step(&m.llama, &tensors, &groups, &plan, &batch, &mut sink)?;
+            micro_norms += sq.sqrt();
         }
         let loss = loss_sum / t.grad_accum as f64;
         if !loss.is_finite() {
@@ -140,13 +178,19 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
                 t.lr
             )));
         }
-        let grad_norm = if t.max_grad_norm > 0.0 {
-            clip_grad_norm(&tensors, t.max_grad_norm)
+        let grad_norm = if plan.layerwise {
+            state.prev_grad_norm = Some(micro_norms);
+            micro_norms
         } else {
-            frugal_optim::grad_norm(&tensors)
+            let n = if t.max_grad_norm > 0.0 {
+                clip_grad_norm(&tensors, t.max_grad_norm)
+            } else {
+                frugal_optim::grad_norm(&tensors)
+            };
+            opt.step()?;
+            opt.zero_grad();
+            n
         };
-        opt.step();
-        opt.zero_grad();
         let step_time = t0.elapsed().as_secs_f64();
         state.step = step;
         state.tokens += tokens_per_step;
@@ -178,7 +222,7 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
             history.plot(&run_dir.join("loss.png"), unigram);
         }
         if (t.save_every > 0 && step % t.save_every == 0) || last || stop {
-            checkpoint::save(run_dir, &m.vs, &opt, &state, t.keep_checkpoints)?;
+            checkpoint::save(run_dir, &m, opt.as_ref(), &state, t.keep_checkpoints)?;
         }
         if stop && !last {
             progress.message(&format!(
@@ -197,9 +241,15 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
     history.plot(&run_dir.join("loss.png"), unigram);
 
     let peak = memory::peak_rss_bytes();
+    let (planned, adamw) = crate::memplan::plan(cfg, &shape);
     let mut acc = Accounting::default();
     acc.add_tensors("parameters", tensors.iter());
-    acc.add_tensors("gradients", tensors.iter());
+    if plan.layerwise {
+        // One group's gradients at a time, never kept in `.grad`.
+        acc.add("gradients", planned.get("gradients"));
+    } else {
+        acc.add_tensors("gradients", tensors.iter());
+    }
     acc.add("optimizer_state", opt.state_bytes());
     let by_tensor: Vec<serde_json::Value> = frugal_models::weights::named_variables(&m.vs)
         .iter()
@@ -216,6 +266,9 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
             "note": "baseline: resident memory after libtorch started and the data was loaded, before the model was built; activations and workspace are the measured peak above the baseline minus the accounted bytes",
         },
         "activations_and_workspace_bytes": peak.saturating_sub(baseline_rss).saturating_sub(acc.total()),
+        "plan": planned.to_json(),
+        "adamw_full_gradients": adamw.to_json(),
+        "plan_note": "plan: the accounting computed from shapes (activations and logits estimated), as `frugal train --dry-run` prints it; adamw_full_gradients: the same for plain AdamW with full gradients, no checkpointing, no chunking",
         "parameters": by_tensor,
     });
     atomic::write(

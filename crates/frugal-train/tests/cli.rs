@@ -120,6 +120,31 @@ fn train_writes_the_run_folder_and_eval_generate_inspect_read_it() {
         "loss {hf_loss}"
     );
 
+    // The same model quantized to NF4 by `frugal quantize` evaluates from its folder with
+    // frozen packed layers, and loses little.
+    let nf4 = dir.path().join("hf-nf4");
+    let mut c = frugal(dir.path());
+    c.arg("quantize")
+        .arg(&hf)
+        .arg(&nf4)
+        .args(["--format", "nf4"]);
+    assert!(run(c).status.success());
+    let out = run({
+        let mut c = frugal(dir.path());
+        c.args(["eval", "--model"])
+            .arg(&nf4)
+            .arg("--data")
+            .arg(&corpus);
+        c
+    });
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let nf4_loss = v["loss"].as_f64().unwrap();
+    assert!(
+        nf4_loss != hf_loss && (nf4_loss - hf_loss).abs() < 0.05 * hf_loss,
+        "nf4 loss {nf4_loss}, dense {hf_loss}"
+    );
+
     let out = run({
         let mut c = frugal(dir.path());
         c.args(["generate", "--run"]).arg(&runp).args([

@@ -25,22 +25,46 @@
 //!   or skip), and in the SIMD kernels bitnet.cpp's trick: multiply-add of the offset codes
 //!   c = q + 1 ∈ {0, 1, 2} with the activations (`vpmaddubsw` or `vpdpbusd`, the activations
 //!   reordered once to match the 2-bit packing), minus the sum of the activations.
+//!
+//! bf16 compute, as bitsandbytes' CPU kernel does it (activations rounded once to bf16, round
+//! to nearest even; products of bf16 values accumulated in f32): an AVX512-BF16 kernel
+//! (`vdpbf16ps`, 32 multiply-adds per instruction, bf16 weights looked up with one `vpermw` per
+//! 32 codes) where the CPU has AVX-512 F, BW and BF16 ([`bf16_available`]), else a portable
+//! kernel with the same arithmetic up to the order of the f32 additions.
+//!
+//! - [`nf4_matmul_bf16`]: the 16-entry table rounded to bf16 (NF4's values are not bf16
+//!   numbers: each moves by at most 2⁻⁹ relative), Σ x · code per block accumulated in f32,
+//!   then times the block's f32 absmax (the dequantized one for double quant). The absmax is
+//!   not rounded to bf16, so each weight is bf16(code) · absmax, not bf16(code · absmax).
+//! - [`int4_matmul_bf16`]: the codes 0..15 are exact in bf16, so per group
+//!   y += scale · Σ x q − scale · zero · Σ x, with Σ x q accumulated in f32 by `vdpbf16ps`
+//!   (each 32-bit lane a row's code pair (q[8k + j], q[8k + j + 4]) against the broadcast
+//!   activation pair) and Σ x of the rounded activations per group computed once. Any `g_idx`
+//!   (act-order) is honored: the portable kernel sums per group wherever its columns lie.
 
 // The SIMD kernels index arrays of registers by batch row and unrolled step on purpose.
 #![allow(clippy::needless_range_loop)]
 
+mod bf16;
 mod dense;
 mod int4;
+mod int4_bf16;
 mod int8;
 mod nf4;
+mod nf4_bf16;
 mod ternary;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_bf16;
 
+pub use bf16::bf16_available;
 pub use int4::{int4_matmul, int4_matmul_with};
+pub use int4_bf16::{int4_matmul_bf16, int4_matmul_bf16_with};
 pub use int8::{int8_matmul, int8_matmul_with};
 pub use nf4::{nf4_matmul, nf4_matmul_with};
+pub use nf4_bf16::{nf4_matmul_bf16, nf4_matmul_bf16_with};
 pub use ternary::{ternary_matmul, ternary_matmul_with};
 
 use crate::{QuantError, Result};
@@ -49,10 +73,11 @@ use rayon::prelude::*;
 /// Which kernels to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kernel {
-    /// The fastest the CPU runs: AVX-512 (F for NF4 and int4, VNNI for int8 and ternary),
-    /// else AVX2 + FMA, else scalar.
+    /// The fastest the CPU runs: AVX-512 (F for NF4 and int4, VNNI for int8 and ternary,
+    /// BF16 for the bf16 products), else AVX2 + FMA, else scalar.
     Auto,
-    /// The AVX2 + FMA kernels where the CPU has them (never AVX-512), else scalar.
+    /// The AVX2 + FMA kernels where the CPU has them (never AVX-512), else scalar (the bf16
+    /// products have no AVX2 kernel: their portable one).
     Avx2,
     /// The portable scalar kernels.
     Scalar,
@@ -72,6 +97,11 @@ impl Kernel {
     /// Whether this choice runs the AVX-512 VNNI (integer dot product) kernels on this CPU.
     pub(crate) fn vnni(self) -> bool {
         self == Kernel::Auto && vnni_available()
+    }
+
+    /// Whether this choice runs the AVX512-BF16 kernels on this CPU.
+    pub(crate) fn bf16(self) -> bool {
+        self == Kernel::Auto && bf16_available()
     }
 }
 
@@ -181,18 +211,19 @@ pub(crate) fn quantize_rows(x: &[f32], batch: usize, cols: usize, floor: f32) ->
     QuantRows { q, unscale }
 }
 
-/// Dispatches a runtime batch-chunk size `nb` (1..=8) to a const-generic call.
+/// Dispatches a runtime batch-chunk size `nb` (1..=8) to a const-generic call (`NB` the last
+/// const parameter, after any literal ones).
 macro_rules! dispatch_nb {
-    ($nb:expr, $f:ident :: <NB> ( $($arg:expr),* $(,)? )) => {
+    ($nb:expr, $f:ident :: <$($pre:literal ,)* NB> ( $($arg:expr),* $(,)? )) => {
         match $nb {
-            1 => $f::<1>($($arg),*),
-            2 => $f::<2>($($arg),*),
-            3 => $f::<3>($($arg),*),
-            4 => $f::<4>($($arg),*),
-            5 => $f::<5>($($arg),*),
-            6 => $f::<6>($($arg),*),
-            7 => $f::<7>($($arg),*),
-            _ => $f::<8>($($arg),*),
+            1 => $f::<$($pre,)* 1>($($arg),*),
+            2 => $f::<$($pre,)* 2>($($arg),*),
+            3 => $f::<$($pre,)* 3>($($arg),*),
+            4 => $f::<$($pre,)* 4>($($arg),*),
+            5 => $f::<$($pre,)* 5>($($arg),*),
+            6 => $f::<$($pre,)* 6>($($arg),*),
+            7 => $f::<$($pre,)* 7>($($arg),*),
+            _ => $f::<$($pre,)* 8>($($arg),*),
         }
     };
 }

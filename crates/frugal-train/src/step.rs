@@ -1,0 +1,389 @@
+//! One micro-batch's forward and backward pass, block by block when asked, so that:
+//! - with **per-layer updates** (`optim.layerwise`), each block's gradients are handed to the
+//!   optimizer the moment they exist and then dropped: they are computed with
+//!   `torch::autograd::grad` (never stored in `.grad`), so at most one block's gradients are
+//!   alive at a time;
+//! - with **activation checkpointing** (`train.checkpointing`), the forward pass keeps only each
+//!   block's input, and the block is recomputed (with its graph) during the backward pass;
+//! - with a **chunked cross-entropy** (`train.ce_chunk`), the logits exist for `ce_chunk` tokens
+//!   at a time, never for the whole batch.
+//!
+//! The backward pass runs from the output: the head (final norm and `lm_head`) chunk by chunk,
+//! then the blocks from last to first (for block i: the gradient of
+//! `sum(output_i · upstream)` with respect to its parameters and its input), then the
+//! embedding. Without any of the three options, it is the plain `loss.backward()`.
+
+use frugal_core::{Error, Result};
+use frugal_models::llama::Llama;
+use tch::{Kind, Tensor};
+
+/// How a micro-batch runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Plan {
+    /// Hand each group's gradients to the sink as soon as they exist (per-layer updates).
+    pub layerwise: bool,
+    /// Recompute each block in the backward pass instead of keeping its activations.
+    pub checkpointing: bool,
+    /// Tokens per cross-entropy chunk (0: all at once).
+    pub ce_chunk: i64,
+}
+
+impl Plan {
+    /// Whether the plain `loss.backward()` does.
+    fn plain(&self) -> bool {
+        !self.layerwise && !self.checkpointing && self.ce_chunk == 0
+    }
+}
+
+/// Parameter indices (positions in the optimizer's list) by where they sit in the model, in
+/// the order the backward pass reaches them: head, blocks last to first, embedding.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Groups {
+    /// `model.embed_tokens.*`.
+    pub embed: Vec<usize>,
+    /// `model.layers.I.*`, per block.
+    pub blocks: Vec<Vec<usize>>,
+    /// Everything else: `model.norm.*`, `lm_head.*`.
+    pub head: Vec<usize>,
+}
+
+impl Groups {
+    /// Sorts the parameter `names` of a model of `layers` blocks into groups.
+    pub fn of(names: &[String], layers: usize) -> Result<Self> {
+        let mut g = Groups {
+            embed: Vec::new(),
+            blocks: vec![Vec::new(); layers],
+            head: Vec::new(),
+        };
+        for (i, name) in names.iter().enumerate() {
+            if name.starts_with("model.embed_tokens.") {
+                g.embed.push(i);
+            } else if let Some(rest) = name.strip_prefix("model.layers.") {
+                let block: usize = rest
+                    .split('.')
+                    .next()
+                    .and_then(|b| b.parse().ok())
+                    .filter(|&b| b < layers)
+                    .ok_or_else(|| {
+                        Error::Msg(format!("parameter '{name}': no block of that number"))
+                    })?;
+                g.blocks[block].push(i);
+            } else {
+                g.head.push(i);
+            }
+        }
+        Ok(g)
+    }
+
+    /// Every group in backward order: head, blocks from last to first, embedding.
+    pub fn backward_order(&self) -> Vec<&[usize]> {
+        let mut v: Vec<&[usize]> = vec![&self.head];
+        v.extend(self.blocks.iter().rev().map(|b| b.as_slice()));
+        v.push(&self.embed);
+        v
+    }
+}
+
+/// One micro-batch: token ids and next-token targets `(B, T)`, and the factor on its loss
+/// (`1 / grad_accum`).
+#[derive(Debug)]
+pub struct Batch<'a> {
+    /// Input ids.
+    pub ids: &'a Tensor,
+    /// Target ids.
+    pub targets: &'a Tensor,
+    /// Factor on the loss before the backward pass.
+    pub scale: f64,
+}
+
+/// Receives a group's gradients (indices, and one gradient per index, in order) during a
+/// per-layer backward pass.
+pub type Sink<'a> = dyn FnMut(&[usize], Vec<Tensor>) -> Result<()> + 'a;
+
+/// Runs one micro-batch: forward, mean next-token cross-entropy of its targets, and backward of
+/// the loss times its scale. Returns the (unscaled) mean loss. With `plan.layerwise`, every
+/// group's gradients go to `sink` in backward order and none is kept; otherwise they
+/// accumulate in the parameters' `.grad` as `loss.backward()` would leave them.
+pub fn micro_step(
+    model: &Llama,
+    params: &[Tensor],
+    groups: &Groups,
+    plan: &Plan,
+    batch: &Batch<'_>,
+    sink: &mut Sink<'_>,
+) -> Result<f64> {
+    let (ids, targets, scale) = (batch.ids, batch.targets, batch.scale);
+    if plan.plain() {
+        let loss = model.loss(ids, targets);
+        let value = loss.double_value(&[]);
+        (loss * scale).backward();
+        return Ok(value);
+    }
+    let (b, t) = ids
+        .size2()
+        .map_err(|e| Error::Msg(format!("batch ids: {e}")))?;
+    let (cos, sin) = model.rope(0, t);
+
+    // Forward: keep each block's input (a leaf that takes a gradient), and its output graph
+    // unless the block is to be recomputed.
+    let embedded = model.embed(ids);
+    let mut inputs = Vec::with_capacity(model.layers.len());
+    let mut outputs = Vec::with_capacity(model.layers.len());
+    let mut h = embedded.detach();
+    for block in &model.layers {
+        let input = h.detach().set_requires_grad(true);
+        let out = if plan.checkpointing {
+            tch::no_grad(|| block.forward(&input, &cos, &sin, None))
+        } else {
+            block.forward(&input, &cos, &sin, None)
+        };
+        h = out.shallow_clone();
+        inputs.push(input);
+        outputs.push(Some(out));
+    }
+
+    // Head and loss, chunk by chunk.
+    let d = h.size()[2];
+    let rows = b * t;
+    let flat = h.detach().reshape([rows, d]);
+    let flat_targets = targets.reshape([rows]);
+    let chunk = if plan.ce_chunk > 0 {
+        plan.ce_chunk.min(rows)
+    } else {
+        rows
+    };
+    let head_params: Vec<&Tensor> = groups.head.iter().map(|&i| &params[i]).collect();
+    let mut head_grads: Vec<Option<Tensor>> = (0..head_params.len()).map(|_| None).collect();
+    let mut upstream_parts = Vec::new();
+    let mut loss_sum = 0.0;
+    let mut start = 0;
+    while start < rows {
+        let n = chunk.min(rows - start);
+        let leaf = flat.narrow(0, start, n).set_requires_grad(true);
+        let logits = model.head(&leaf);
+        let loss = logits.cross_entropy_loss::<Tensor>(
+            &flat_targets.narrow(0, start, n),
+            None,
+            tch::Reduction::Sum,
+            -100,
+            0.0,
+        );
+        loss_sum += loss.double_value(&[]);
+        let loss = loss * (scale / rows as f64);
+        if plan.layerwise {
+            let mut wrt: Vec<&Tensor> = head_params.clone();
+            wrt.push(&leaf);
+            let mut g = grads_of(&loss, &wrt)?;
+            upstream_parts.push(g.pop().expect("input gradient"));
+            for (acc, gi) in head_grads.iter_mut().zip(g) {
+                *acc = Some(match acc.take() {
+                    Some(a) => a + gi,
+                    None => gi,
+                });
+            }
+        } else {
+            loss.backward();
+            upstream_parts.push(leaf.grad());
+        }
+        start += n;
+    }
+    if plan.layerwise {
+        let g = head_grads
+            .into_iter()
+            .zip(&head_params)
+            .map(|(g, p)| g.unwrap_or_else(|| p.zeros_like()))
+            .collect();
+        sink(&groups.head, g)?;
+    }
+    let mut upstream = Tensor::cat(&upstream_parts, 0).reshape([b, t, d]);
+    drop(upstream_parts);
+
+    // Blocks, last to first.
+    for (i, block) in model.layers.iter().enumerate().rev() {
+        let input = &inputs[i];
+        let out = match outputs[i].take() {
+            Some(out) if !plan.checkpointing => out,
+            _ => block.forward(input, &cos, &sin, None),
+        };
+        let s = (&out * &upstream).sum(Kind::Float);
+        if plan.layerwise {
+            let mut wrt: Vec<&Tensor> = groups.blocks[i].iter().map(|&j| &params[j]).collect();
+            wrt.push(input);
+            let mut g = grads_of(&s, &wrt)?;
+            upstream = g.pop().expect("input gradient");
+            sink(&groups.blocks[i], g)?;
+        } else {
+            s.backward();
+            upstream = input.grad();
+        }
+    }
+    drop(inputs);
+
+    // Embedding.
+    let s = (&embedded * &upstream).sum(Kind::Float);
+    if plan.layerwise {
+        let wrt: Vec<&Tensor> = groups.embed.iter().map(|&j| &params[j]).collect();
+        let g = grads_of(&s, &wrt)?;
+        sink(&groups.embed, g)?;
+    } else {
+        s.backward();
+    }
+    Ok(loss_sum / rows as f64)
+}
+
+/// The gradients of scalar `y` with respect to `wrt` (zeros for a tensor `y` does not reach),
+/// without touching any `.grad`.
+fn grads_of(y: &Tensor, wrt: &[&Tensor]) -> Result<Vec<Tensor>> {
+    if wrt.is_empty() {
+        return Ok(Vec::new());
+    }
+    let g = Tensor::f_run_backward(&[y], wrt, false, false)?;
+    Ok(g.into_iter()
+        .zip(wrt)
+        .map(|(g, w)| if g.defined() { g } else { w.zeros_like() })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use frugal_models::llama::LlamaConfig;
+    use frugal_models::LinearKind;
+    use tch::{nn::VarStore, Device};
+
+    fn tiny() -> (VarStore, Llama, Vec<(String, Tensor)>) {
+        tch::manual_seed(3);
+        let mut cfg = LlamaConfig::preset("tiny").unwrap();
+        cfg.vocab_size = 96;
+        cfg.hidden_size = 32;
+        cfg.intermediate_size = 48;
+        cfg.num_hidden_layers = 3;
+        cfg.num_attention_heads = 4;
+        cfg.num_key_value_heads = 4;
+        let vs = VarStore::new(Device::Cpu);
+        let model = Llama::new(&vs.root(), &cfg, &LinearKind::Dense, Kind::Float).unwrap();
+        let params = frugal_models::weights::named_variables(&vs);
+        (vs, model, params)
+    }
+
+    fn batch() -> (Tensor, Tensor) {
+        let ids = Tensor::randint(96, [2, 10], (Kind::Int64, Device::Cpu));
+        (
+            ids.narrow(1, 0, 9).contiguous(),
+            ids.narrow(1, 1, 9).contiguous(),
+        )
+    }
+
+    fn take_grads(params: &[(String, Tensor)]) -> Vec<Tensor> {
+        params
+            .iter()
+            .map(|(_, p)| {
+                let g = p.grad().copy();
+                let mut p = p.shallow_clone();
+                p.zero_grad();
+                g
+            })
+            .collect()
+    }
+
+    fn max_diff(a: &[Tensor], b: &[Tensor]) -> f64 {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs().max().double_value(&[]))
+            .fold(0.0, f64::max)
+    }
+
+    /// Guarantee: every plan gives the gradients (and loss) of the plain `loss.backward()`:
+    /// checkpointing and chunking in `.grad`, per-layer updates through the sink, each group
+    /// once, in backward order.
+    #[test]
+    fn every_plan_gives_the_plain_gradients() {
+        let (_vs, model, params) = tiny();
+        let tensors: Vec<Tensor> = params.iter().map(|(_, t)| t.shallow_clone()).collect();
+        let names: Vec<String> = params.iter().map(|(n, _)| n.clone()).collect();
+        let groups = Groups::of(&names, 3).unwrap();
+        assert_eq!(groups.embed.len(), 1);
+        assert_eq!(groups.head.len(), 2);
+        assert!(groups.blocks.iter().all(|b| b.len() == 9));
+        let (x, y) = batch();
+        let b = Batch {
+            ids: &x,
+            targets: &y,
+            scale: 0.5,
+        };
+        let mut none = |_: &[usize], _: Vec<Tensor>| -> Result<()> { panic!("no sink") };
+        let plain = Plan::default();
+        let l0 = micro_step(&model, &tensors, &groups, &plain, &b, &mut none).unwrap();
+        let want = take_grads(&params);
+        assert!(want
+            .iter()
+            .all(|g| g.abs().sum(Kind::Float).double_value(&[]) > 0.0));
+        for plan in [
+            Plan {
+                checkpointing: true,
+                ..Plan::default()
+            },
+            Plan {
+                ce_chunk: 7,
+                ..Plan::default()
+            },
+            Plan {
+                checkpointing: true,
+                ce_chunk: 5,
+                ..Plan::default()
+            },
+        ] {
+            let l = micro_step(&model, &tensors, &groups, &plan, &b, &mut none).unwrap();
+            assert!((l - l0).abs() < 1e-6, "{plan:?}");
+            let got = take_grads(&params);
+            assert!(
+                max_diff(&got, &want) < 1e-6,
+                "{plan:?}: {}",
+                max_diff(&got, &want)
+            );
+        }
+        for plan in [
+            Plan {
+                layerwise: true,
+                ..Plan::default()
+            },
+            Plan {
+                layerwise: true,
+                checkpointing: true,
+                ce_chunk: 4,
+            },
+        ] {
+            let mut got: Vec<Option<Tensor>> = (0..params.len()).map(|_| None).collect();
+            let mut order = Vec::new();
+            let mut sink = |idx: &[usize], g: Vec<Tensor>| -> Result<()> {
+                order.push(idx.to_vec());
+                for (&i, g) in idx.iter().zip(g) {
+                    assert!(got[i].replace(g).is_none(), "parameter {i} twice");
+                }
+                Ok(())
+            };
+            let l = micro_step(&model, &tensors, &groups, &plan, &b, &mut sink).unwrap();
+            assert!((l - l0).abs() < 1e-6);
+            let order_want: Vec<Vec<usize>> = groups
+                .backward_order()
+                .into_iter()
+                .map(|g| g.to_vec())
+                .collect();
+            assert_eq!(order, order_want);
+            let got: Vec<Tensor> = got.into_iter().map(|g| g.unwrap()).collect();
+            assert!(
+                max_diff(&got, &want) < 1e-6,
+                "{plan:?}: {}",
+                max_diff(&got, &want)
+            );
+            // Nothing went into `.grad` (zeroed by the plain runs above).
+            for (n, p) in &params {
+                let g = p.grad();
+                assert!(
+                    g.abs().sum(Kind::Float).double_value(&[]) == 0.0,
+                    "{n} got a .grad"
+                );
+            }
+        }
+    }
+}
