@@ -65,4 +65,10 @@ pub trait GradientProjector: std::fmt::Debug + Send {
 
     /// Bytes held by the projector (its basis).
     fn state_bytes(&self) -> u64;
+
+    /// Wall-clock seconds this projector has spent computing bases (SVDs) since it was built,
+    /// so that a trainer can report the cost of the refreshes beside the step time.
+    fn basis_seconds(&self) -> f64 {
+        0.0
+    }
 }

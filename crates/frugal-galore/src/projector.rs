@@ -183,6 +183,8 @@ pub struct GaloreProjector {
     svd_used: Option<&'static str>,
     /// Attempts of the fallback chain made to fail (unit tests only set it).
     forced_failures: [bool; 3],
+    /// Seconds spent computing bases so far.
+    basis_seconds: f64,
 }
 
 impl GaloreProjector {
@@ -205,6 +207,7 @@ impl GaloreProjector {
             warned: false,
             svd_used: None,
             forced_failures: [false; 3],
+            basis_seconds: 0.0,
         })
     }
 
@@ -336,7 +339,10 @@ impl GaloreProjector {
 
     fn refresh(&mut self, g: &Tensor, side: Side, step: i64) -> Result<()> {
         self.last_refresh = Some(step);
-        let new = match self.compute_basis(g, side, step) {
+        let started = std::time::Instant::now();
+        let computed = self.compute_basis(g, side, step);
+        self.basis_seconds += started.elapsed().as_secs_f64();
+        let new = match computed {
             Ok((b, used)) => {
                 self.svd_used = Some(used);
                 b
@@ -647,6 +653,10 @@ impl GradientProjector for GaloreProjector {
 
     fn state_bytes(&self) -> u64 {
         self.basis.as_ref().map_or(0, Basis::bytes) + self.previous.as_ref().map_or(0, Basis::bytes)
+    }
+
+    fn basis_seconds(&self) -> f64 {
+        self.basis_seconds
     }
 }
 

@@ -58,6 +58,9 @@ pub trait Optimizer: Send + std::fmt::Debug {
     fn lr(&self) -> f64;
     /// Bytes of optimizer state: moments, projector bases and accumulation buffers.
     fn state_bytes(&self) -> u64;
+    /// Seconds the projectors have spent computing their bases since the optimizer was
+    /// built (0 without projectors).
+    fn projection_seconds(&self) -> f64;
     /// The state as named tensors (what [`Optimizer::save`] writes).
     fn state_tensors(&self) -> Vec<(String, Tensor)>;
     /// Saves the state to `path` atomically, with the hyper-parameters in the metadata.
@@ -506,6 +509,14 @@ macro_rules! impl_optimizer {
             }
             fn lr(&self) -> f64 {
                 self.config.lr
+            }
+            fn projection_seconds(&self) -> f64 {
+                self.slots
+                    .slots
+                    .iter()
+                    .filter_map(|s| s.projector.as_ref())
+                    .map(|p| p.basis_seconds())
+                    .sum()
             }
             fn state_bytes(&self) -> u64 {
                 self.slots.extra_bytes()

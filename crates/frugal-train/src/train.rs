@@ -130,6 +130,8 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
     let mut val_loss = f64::NAN;
     let mut interrupted = false;
     let tokens_per_step = (t.batch_size * t.seq_len * t.grad_accum) as u64;
+    let plan_has_projectors = cfg.optim.is_galore();
+    let mut svd_seen = 0.0;
     while state.step < t.max_steps {
         let step = state.step + 1;
         let lr = lr_at(step, t.lr, t.warmup_steps, t.max_steps, t.min_lr_ratio);
@@ -192,6 +194,9 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
             n
         };
         let step_time = t0.elapsed().as_secs_f64();
+        let svd_total = opt.projection_seconds();
+        let svd_s = svd_total - svd_seen;
+        svd_seen = svd_total;
         state.step = step;
         state.tokens += tokens_per_step;
         state.sampler = sampler.state();
@@ -201,6 +206,10 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
             "step": step, "loss": loss, "lr": lr, "tokens": state.tokens,
             "tokens_per_s": tps, "step_time_s": step_time, "grad_norm": grad_norm,
         });
+        if plan_has_projectors {
+            // Seconds of this step spent computing GaLore bases (part of step_time_s).
+            line["svd_s"] = json!(svd_s);
+        }
         progress.update(step, loss, tps);
 
         let last = step == t.max_steps;

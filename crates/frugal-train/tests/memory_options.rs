@@ -146,6 +146,15 @@ fn every_optimizer_trains_and_resumes_exactly() {
         });
         assert!(o.status.success(), "{name}: resume failed");
         assert_eq!(common::losses(&full), common::losses(&part), "{name}");
+        // GaLore runs log the time spent on bases: some at step 1 (the first refresh).
+        let metrics = std::fs::read_to_string(full.join("metrics.jsonl")).unwrap();
+        let first: serde_json::Value =
+            serde_json::from_str(metrics.lines().next().unwrap()).unwrap();
+        assert_eq!(
+            first["svd_s"].as_f64().is_some_and(|s| s > 0.0),
+            name.starts_with("galore"),
+            "{name}: {first}"
+        );
         assert_eq!(weight_diff(&full, &part), 0.0, "{name}");
         let mem: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(full.join("memory.json")).unwrap())
