@@ -446,10 +446,10 @@ impl Llama {
             .collect()
     }
 
-    /// The input embeddings `(B, T, d)` of token ids `(B, T)`: the residual stream the first
-    /// block reads.
+    /// The input embeddings `(B, T, d)` of token ids `(B, T)`, in f32 whatever the
+    /// parameters' kind: the residual stream the first block reads.
     pub fn embed(&self, ids: &Tensor) -> Tensor {
-        Tensor::embedding(&self.embed_tokens, ids, -1, false, false)
+        Tensor::embedding(&self.embed_tokens, ids, -1, false, false).to_kind(Kind::Float)
     }
 
     /// The rotary tables `(cos, sin)` for positions `start..start + len`, as

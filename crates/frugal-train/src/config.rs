@@ -129,6 +129,9 @@ pub struct TrainConfig {
     pub device: Device,
     /// `"f32"` or `"bf16"`.
     pub dtype: Dtype,
+    /// Number format of the stored parameters (and so of gradients and plain optimizer
+    /// moments): `"f32"` (master weights), or `"bf16"` (half the memory, pure-bf16 training).
+    pub param_dtype: Dtype,
     /// Seed of initialisation and data order.
     pub seed: u64,
     /// Sequences per micro-batch.
@@ -151,6 +154,9 @@ pub struct TrainConfig {
     pub eval_every: u64,
     /// Batches of the validation split per evaluation (0: all of it).
     pub eval_batches: usize,
+    /// Batches of the validation split of the last evaluation (0: all of it, as `frugal eval`
+    /// scores it).
+    pub final_eval_batches: usize,
     /// Save a checkpoint every N steps (0: only at the end).
     pub save_every: u64,
     /// Checkpoints to keep (the newest; 0: all).
@@ -170,6 +176,7 @@ impl Default for TrainConfig {
         Self {
             device: Device::Auto,
             dtype: Dtype::F32,
+            param_dtype: Dtype::F32,
             seed: 0,
             batch_size: 16,
             seq_len: 128,
@@ -181,6 +188,7 @@ impl Default for TrainConfig {
             max_grad_norm: 1.0,
             eval_every: 100,
             eval_batches: 16,
+            final_eval_batches: 0,
             save_every: 250,
             keep_checkpoints: 2,
             threads: 0,

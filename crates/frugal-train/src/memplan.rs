@@ -3,7 +3,9 @@
 //! beside its measurement, together with what plain AdamW with full gradients (no
 //! checkpointing, no chunking) would need for the same model and batch.
 //!
-//! Optimizer state per parameter tensor of `n` values (f32):
+//! Optimizer state per parameter tensor of `n` values (f32 parameters; with
+//! `train.param_dtype = "bf16"` the parameters, gradients and non-8-bit moments take 2 bytes
+//! per value instead of 4):
 //! - AdamW: two moments, `8n` bytes;
 //! - 8-bit AdamW: tensors of at least 4096 values keep two 1-byte moments and one f32 absmax
 //!   per block of 256 per moment, `2n + 8⌈n/256⌉`; smaller ones `8n`;
@@ -12,7 +14,7 @@
 //!   `4n` when `beta1` is on;
 //! - GaLore: a projected `(m, n)` weight keeps its optimizer's state of the projected gradient
 //!   (`r·max(m, n)` values for `std`, `r·min(m, n)` for `reverse_std`, `r·r` for `full`) and
-//!   the basis, `4r·min(m, n)` bytes (both factors for `full`).
+//!   the basis, `r·min(m, n)` values in the parameters' format (both factors for `full`).
 //!
 //! Activations are an estimate for the LLaMA block (per token and block: the two norm inputs
 //! in f32, and nine widths of `d` and four of the MLP width in the compute kind saved for the
@@ -63,31 +65,45 @@ fn numel(shape: &[i64]) -> u64 {
 }
 
 /// Bytes of optimizer state of `base` (`adamw`, `adamw8bit`, `adafactor`) for a tensor of
-/// `shape`.
-fn base_state(base: &str, shape: &[i64], beta1: bool) -> u64 {
+/// `shape`, whose moments (other than 8-bit ones) take `pb` bytes per value.
+fn base_state(base: &str, shape: &[i64], beta1: bool, pb: u64) -> u64 {
     let n = numel(shape);
     match base {
         "adamw8bit" if n >= 4096 => 2 * n + 8 * n.div_ceil(256),
+        "adamw8bit" => 8 * n,
         "adafactor" => {
             let second = if shape.len() >= 2 {
                 let cols = shape[shape.len() - 1] as u64;
                 let rows = n / cols.max(1);
-                4 * (rows + cols)
+                pb * (rows + cols)
             } else {
-                4 * n
+                pb * n
             };
-            second + if beta1 { 4 * n } else { 0 }
+            second + if beta1 { pb * n } else { 0 }
         }
-        _ => 8 * n,
+        _ => 2 * pb * n,
+    }
+}
+
+/// Bytes per stored parameter value.
+fn param_bytes(cfg: &Config) -> u64 {
+    match cfg.train.param_dtype {
+        Dtype::F32 => 4,
+        Dtype::Bf16 => 2,
     }
 }
 
 /// Bytes of optimizer state (projector included) for one parameter under `cfg.optim`.
 pub fn state_bytes(cfg: &Config, p: &Param) -> u64 {
     let o = &cfg.optim;
-    let beta1 = o.beta1 > 0.0;
+    let beta1 = if o.base() == "adafactor" {
+        o.adafactor.beta1.is_some()
+    } else {
+        o.beta1 > 0.0
+    };
+    let pb = param_bytes(cfg);
     if !o.projects(&p.name, &p.shape) {
-        return base_state(o.base(), &p.shape, beta1);
+        return base_state(o.base(), &p.shape, beta1, pb);
     }
     let (m, n) = (p.shape[0], p.shape[1]);
     let r = (o.galore.rank as i64).min(m.min(n));
@@ -98,7 +114,7 @@ pub fn state_bytes(cfg: &Config, p: &Param) -> u64 {
         "full" => (vec![r, r], r * (m + n)),
         _ => (vec![r, m.max(n)], r * m.min(n)),
     };
-    base_state(o.base(), &low, beta1) + 4 * basis as u64
+    base_state(o.base(), &low, beta1, pb) + pb * basis as u64
 }
 
 /// The accounting of a configuration, in bytes by category.
@@ -156,7 +172,8 @@ pub fn plan(cfg: &Config, shape: &LlamaConfig) -> (MemoryPlan, MemoryPlan) {
             !linear
         });
     }
-    let weights: u64 = params.iter().map(|p| 4 * numel(&p.shape)).sum();
+    let pb = param_bytes(cfg);
+    let weights: u64 = params.iter().map(|p| pb * numel(&p.shape)).sum();
     let full_grads = weights;
     let grads = if cfg.optim.layerwise {
         // One group at a time: the largest of embedding, a block, the head.
@@ -164,7 +181,7 @@ pub fn plan(cfg: &Config, shape: &LlamaConfig) -> (MemoryPlan, MemoryPlan) {
             params
                 .iter()
                 .filter(|p| pred(&p.name))
-                .map(|p| 4 * numel(&p.shape))
+                .map(|p| pb * numel(&p.shape))
                 .sum()
         };
         let embed = group(&|n| n.starts_with("model.embed_tokens."));

@@ -99,7 +99,11 @@ pub fn model(
     weights: Option<&Path>,
 ) -> Result<Model> {
     tch::manual_seed(cfg.train.seed as i64);
-    let vs = VarStore::new(device);
+    let mut vs = VarStore::new(device);
+    if cfg.train.param_dtype == Dtype::Bf16 {
+        // New variables are created in bf16 directly: never an f32 copy of the model.
+        vs.set_kind(tch::Kind::BFloat16);
+    }
     let compute = match cfg.train.dtype {
         Dtype::F32 => tch::Kind::Float,
         Dtype::Bf16 => tch::Kind::BFloat16,

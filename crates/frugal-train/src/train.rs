@@ -215,8 +215,12 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
         let last = step == t.max_steps;
         let stop = INTERRUPTED.load(Ordering::SeqCst);
         if (t.eval_every > 0 && step % t.eval_every == 0) || last {
-            // The last evaluation scores the whole split, as `frugal eval` does.
-            let batches = if last { 0 } else { t.eval_batches };
+            // The last evaluation scores the whole split (as `frugal eval` does) unless told.
+            let batches = if last {
+                t.final_eval_batches
+            } else {
+                t.eval_batches
+            };
             let (vl, _) = run::evaluate(&m.llama, &val_ds, t.batch_size, batches, device);
             val_loss = vl;
             line["val_loss"] = json!(vl);
@@ -245,7 +249,14 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
     progress.finish();
     if val_loss.is_nan() && !interrupted {
         // Nothing left to train (a resume at or past max_steps): still report the model.
-        val_loss = run::evaluate(&m.llama, &val_ds, t.batch_size, 0, device).0;
+        val_loss = run::evaluate(
+            &m.llama,
+            &val_ds,
+            t.batch_size,
+            t.final_eval_batches,
+            device,
+        )
+        .0;
     }
     history.plot(&run_dir.join("loss.png"), unigram);
 
