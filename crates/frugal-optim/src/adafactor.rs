@@ -14,7 +14,6 @@
 
 use crate::optimizer::{back, impl_optimizer, Reader, Slot, Slots};
 use frugal_core::{Error, Result};
-use frugal_galore::GradientProjector;
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
@@ -107,25 +106,6 @@ impl Adafactor {
             config,
             slots: Slots::new(params),
         })
-    }
-
-    /// Attaches `projector` to the 2-D parameter named `name` (before its first step).
-    pub fn with_projector(
-        mut self,
-        name: &str,
-        projector: Box<dyn GradientProjector>,
-    ) -> Result<Self> {
-        let i = self.slots.index_of(name)?;
-        self.slots.set_projector(i, projector)?;
-        Ok(self)
-    }
-
-    /// Sets the weight decay of the parameter `name`, overriding the configured one (which
-    /// applies to tensors of two or more dimensions only), e.g. to decay a bias as
-    /// galore-torch's parameter groups do.
-    pub fn with_weight_decay(mut self, name: &str, weight_decay: f64) -> Result<Self> {
-        self.slots.set_decay(name, weight_decay)?;
-        Ok(self)
     }
 
     fn step_impl(&mut self, indices: &[usize]) -> Result<()> {

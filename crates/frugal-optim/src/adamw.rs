@@ -89,26 +89,6 @@ impl AdamW {
         }
     }
 
-    /// Attaches `projector` to the 2-D parameter named `name` (before its first step): its
-    /// moments then live in the projected space.
-    pub fn with_projector(
-        mut self,
-        name: &str,
-        projector: Box<dyn GradientProjector>,
-    ) -> Result<Self> {
-        let i = self.slots.index_of(name)?;
-        self.slots.set_projector(i, projector)?;
-        Ok(self)
-    }
-
-    /// Sets the weight decay of the parameter `name`, overriding the configured one (which
-    /// applies to tensors of two or more dimensions only), e.g. to decay a bias as
-    /// galore-torch's parameter groups do.
-    pub fn with_weight_decay(mut self, name: &str, weight_decay: f64) -> Result<Self> {
-        self.slots.set_decay(name, weight_decay)?;
-        Ok(self)
-    }
-
     /// Sets the learning rate for the next steps.
     pub fn set_lr(&mut self, lr: f64) {
         self.config.lr = lr;

@@ -465,11 +465,37 @@ pub(crate) fn back(projector: Option<&dyn GradientProjector>, t: &Tensor) -> Res
     }
 }
 
-/// Implements [`Optimizer`] for a type with fields `config` (with `lr`) and `slots`, and
-/// inherent methods `step_impl`, `rule_tensors`, `load_rule`, `rule_bytes`, and a constant
-/// `META_KEY`.
+/// Implements [`Optimizer`] (and the builders `with_projector`, `with_weight_decay`) for a type
+/// with fields `config` (with `lr`) and `slots`, and inherent methods `step_impl`,
+/// `rule_tensors`, `load_rule`, `rule_bytes`, and a constant `META_KEY`.
 macro_rules! impl_optimizer {
     ($ty:ty) => {
+        impl $ty {
+            /// Attaches `projector` to the 2-D parameter named `name` (before its first step):
+            /// its state then lives in the projected space.
+            pub fn with_projector(
+                mut self,
+                name: &str,
+                projector: Box<dyn frugal_galore::GradientProjector>,
+            ) -> frugal_core::Result<Self> {
+                let i = self.slots.index_of(name)?;
+                self.slots.set_projector(i, projector)?;
+                Ok(self)
+            }
+
+            /// Sets the weight decay of the parameter `name`, overriding the configured one
+            /// (which applies to tensors of two or more dimensions only), e.g. to decay a bias
+            /// as galore-torch's parameter groups do.
+            pub fn with_weight_decay(
+                mut self,
+                name: &str,
+                weight_decay: f64,
+            ) -> frugal_core::Result<Self> {
+                self.slots.set_decay(name, weight_decay)?;
+                Ok(self)
+            }
+        }
+
         impl $crate::optimizer::Optimizer for $ty {
             fn names(&self) -> Vec<String> {
                 self.slots.names()
