@@ -4,13 +4,15 @@ use crate::setup::TorchEnv;
 use crate::{Failure, Result};
 
 /// The benchmarks this command knows.
-pub const NAMES: &[&str] = &["train-step", "quant"];
+pub const NAMES: &[&str] = &["train-step", "quant", "galore", "galore-quality"];
 
 /// Runs benchmark `name` with extra arguments `args`.
 pub fn run(env: &TorchEnv, name: &str, args: &[String]) -> Result<()> {
     match name {
         "train-step" => crate::bench_train_step::run(env, args),
         "quant" => crate::bench_quant::run(env, args),
+        "galore" => crate::bench_galore::run(env, args),
+        "galore-quality" => crate::bench_galore_quality::run(env, args),
         other => Err(Failure::new(format!(
             "unknown benchmark '{other}'; benchmarks: {}",
             NAMES.join(", ")

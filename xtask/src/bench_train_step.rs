@@ -10,11 +10,13 @@
 //! cargo xtask bench train-step [-- --steps 8 --warmup 2]
 //! ```
 
-use crate::report::{find_key, json_number, utc_date, Machine};
+use crate::report::{
+    frugal_train, json_num as num, json_number, json_str as string, last_json_line, mean_step_time,
+    mib, parse_memory, python_json, utc_date, Machine,
+};
 use crate::setup::TorchEnv;
 use crate::{Failure, Result};
 use std::path::Path;
-use std::process::{Command, Stdio};
 
 const BATCH: u64 = 4;
 const SEQ: u64 = 256;
@@ -144,32 +146,20 @@ fn run_pytorch(
     root: &Path,
     opts: Options,
 ) -> Result<(Row, PytorchExtra)> {
-    let mut c = Command::new(python);
-    c.current_dir(root).arg(root.join(SCRIPT));
-    c.args([
+    let args: Vec<String> = [
         "--steps",
         &opts.steps.to_string(),
         "--warmup",
         &opts.warmup.to_string(),
-    ]);
-    c.args(["--batch", &BATCH.to_string(), "--seq", &SEQ.to_string()]);
-    c.envs(vars.iter().map(|(k, v)| (k, v)));
-    c.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
-    let out = c.output().map_err(|e| {
-        Failure::new(format!(
-            "could not start {} {SCRIPT}: {e}",
-            python.display()
-        ))
-    })?;
-    if !out.status.success() {
-        return Err(Failure::new(format!(
-            "the PyTorch reference {SCRIPT} failed ({})",
-            out.status
-        )));
-    }
-    let stdout = String::from_utf8_lossy(&out.stdout);
+        "--batch",
+        &BATCH.to_string(),
+        "--seq",
+        &SEQ.to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let stdout = python_json(python, vars, root, SCRIPT, &args)?;
     parse_pytorch(&stdout).ok_or_else(|| {
         Failure::new(format!(
             "{SCRIPT} printed no usable JSON line; its stdout was:\n{stdout}"
@@ -179,11 +169,7 @@ fn run_pytorch(
 
 /// The row and extras from the script's stdout: its last line that is a JSON object.
 fn parse_pytorch(stdout: &str) -> Option<(Row, PytorchExtra)> {
-    let line = stdout
-        .lines()
-        .map(str::trim)
-        .rev()
-        .find(|l| l.starts_with('{'))?;
+    let line = last_json_line(stdout)?;
     let row = Row {
         step_s: json_number(line, "step_s")?,
         baseline_rss_bytes: json_number(line, "baseline_rss_bytes")? as u64,
@@ -197,11 +183,6 @@ fn parse_pytorch(stdout: &str) -> Option<(Row, PytorchExtra)> {
 }
 
 fn run_frugal(vars: &[(String, String)], root: &Path, bin: &Path, opts: Options) -> Result<Row> {
-    let out_dir = root.join(FRUGAL_OUT);
-    if out_dir.exists() {
-        std::fs::remove_dir_all(&out_dir)
-            .map_err(|e| Failure::new(format!("cannot remove {FRUGAL_OUT}: {e}")))?;
-    }
     let total = opts.warmup + opts.steps;
     let sets = [
         "model.size=\"60m\"".to_string(),
@@ -212,22 +193,12 @@ fn run_frugal(vars: &[(String, String)], root: &Path, bin: &Path, opts: Options)
         format!("train.max_steps={total}"),
         "train.warmup_steps=0".into(),
         "train.eval_every=0".into(),
+        "train.eval_batches=1".into(),
+        "train.final_eval_batches=1".into(),
         "train.save_every=0".into(),
         "train.lr=0.001".into(),
     ];
-    let mut c = Command::new(bin);
-    c.current_dir(root)
-        .args(["train", "--config", "configs/default.toml"]);
-    for s in &sets {
-        c.arg("--set").arg(s);
-    }
-    c.arg("--out").arg(FRUGAL_OUT);
-    c.envs(vars.iter().map(|(k, v)| (k, v)));
-    // Its own output goes to our stderr, so that our stdout holds only the table.
-    c.stdin(Stdio::null())
-        .stdout(Stdio::from(std::io::stderr()))
-        .stderr(Stdio::inherit());
-    crate::status(c, "frugal train")?;
+    let out_dir = frugal_train(bin, vars, root, FRUGAL_OUT, &sets)?;
 
     let read = |name: &str| {
         let p = out_dir.join(name);
@@ -251,42 +222,6 @@ fn run_frugal(vars: &[(String, String)], root: &Path, bin: &Path, opts: Options)
         baseline_rss_bytes,
         peak_rss_bytes,
     })
-}
-
-/// Mean `step_time_s` of the training lines of `metrics.jsonl` after the first `warmup` ones.
-///
-/// Lines without `step_time_s` (evaluations) are skipped; None when no timed step is left.
-fn mean_step_time(metrics: &str, warmup: u64) -> Option<f64> {
-    let mut steps: Vec<(f64, f64)> = metrics
-        .lines()
-        .map(str::trim)
-        .filter(|l| l.starts_with('{'))
-        .filter_map(|l| Some((json_number(l, "step")?, json_number(l, "step_time_s")?)))
-        .collect();
-    // Stable: lines of equal step (should there be any) keep their order.
-    steps.sort_by(|a, b| a.0.total_cmp(&b.0));
-    let timed: Vec<f64> = steps.iter().skip(warmup as usize).map(|s| s.1).collect();
-    if timed.is_empty() {
-        return None;
-    }
-    Some(timed.iter().sum::<f64>() / timed.len() as f64)
-}
-
-/// `(baseline_rss_bytes, peak_rss_bytes)` from `memory.json`, preferring the `"measured"` object.
-fn parse_memory(text: &str) -> Option<(u64, u64)> {
-    let from = find_key(text, "measured")
-        .map(|(_, after)| after)
-        .unwrap_or(0);
-    let scoped = &text[from..];
-    let get = |key| json_number(scoped, key).or_else(|| json_number(text, key));
-    Some((
-        get("baseline_rss_bytes")? as u64,
-        get("peak_rss_bytes")? as u64,
-    ))
-}
-
-fn mib(bytes: u64) -> String {
-    format!("{:.0}", bytes as f64 / (1024.0 * 1024.0))
 }
 
 /// How a table row shows one side.
@@ -336,31 +271,6 @@ fn table(opts: Options, torch: &Row, frugal: Option<&Row>, extra: &PytorchExtra)
         extra.params, opts.steps, opts.warmup, extra.threads
     ));
     s
-}
-
-/// `x` as a JSON number (`null` when not finite).
-fn num(x: f64) -> String {
-    if x.is_finite() {
-        format!("{x}")
-    } else {
-        "null".into()
-    }
-}
-
-/// `s` as a JSON string.
-fn string(s: &str) -> String {
-    let mut out = String::from("\"");
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
 }
 
 fn row_json(r: &Row) -> String {

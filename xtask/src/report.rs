@@ -1,7 +1,10 @@
-//! What the benchmarks share: reading numbers out of one-line JSON by key (xtask has no JSON
-//! dependency), and describing the machine and the date of a run.
+//! What the benchmarks share: reading numbers and objects out of JSON by key and writing JSON
+//! values (xtask has no JSON dependency), running `frugal train` and Python scripts as child
+//! processes and reading their reports back, and describing the machine and the date of a run.
 
-use std::process::Command;
+use crate::{Failure, Result};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 
 /// Where `"key"` occurs as an object key in `text`: its start and the index just after its `:`.
 pub fn find_key(text: &str, key: &str) -> Option<(usize, usize)> {
@@ -69,4 +72,238 @@ pub fn utc_date() -> String {
         .filter(|o| o.status.success())
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_else(|| "unknown".into())
+}
+
+/// `x` as a JSON number (`null` when not finite).
+pub fn json_num(x: f64) -> String {
+    if x.is_finite() {
+        format!("{x}")
+    } else {
+        "null".into()
+    }
+}
+
+/// `x` as a JSON number, `null` when absent or not finite.
+pub fn json_opt(x: Option<f64>) -> String {
+    x.map_or_else(|| "null".into(), json_num)
+}
+
+/// `s` as a JSON string.
+pub fn json_str(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// Bytes as whole MiB, for tables.
+pub fn mib(bytes: u64) -> String {
+    format!("{:.0}", bytes as f64 / (1024.0 * 1024.0))
+}
+
+/// The text of the JSON object that is the value of the first key `key` in `text` (braces
+/// included), if that value is an object. Braces inside strings are skipped.
+pub fn json_object<'a>(text: &'a str, key: &str) -> Option<&'a str> {
+    let (_, after) = find_key(text, key)?;
+    let start = after + text[after..].find(|c: char| !c.is_whitespace())?;
+    if !text[start..].starts_with('{') {
+        return None;
+    }
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for (i, c) in text[start..].char_indices() {
+        if in_string {
+            match c {
+                _ if escaped => escaped = false,
+                '\\' => escaped = true,
+                '"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match c {
+            '"' => in_string = true,
+            '{' => depth += 1,
+            '}' => {
+                depth -= 1;
+                if depth == 0 {
+                    return Some(&text[start..start + i + 1]);
+                }
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+/// The last line of a child's stdout that is a JSON object.
+pub fn last_json_line(stdout: &str) -> Option<&str> {
+    stdout
+        .lines()
+        .map(str::trim)
+        .rev()
+        .find(|l| l.starts_with('{'))
+}
+
+/// `(step, value of key)` of every line of `metrics.jsonl` that has both, in file order.
+pub fn metric_points(metrics: &str, key: &str) -> Vec<(f64, f64)> {
+    metrics
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with('{'))
+        .filter_map(|l| Some((json_number(l, "step")?, json_number(l, key)?)))
+        .collect()
+}
+
+/// Mean `step_time_s` of the training lines of `metrics.jsonl` after the first `warmup` ones.
+///
+/// Lines without `step_time_s` (evaluations) are skipped; None when no timed step is left.
+pub fn mean_step_time(metrics: &str, warmup: u64) -> Option<f64> {
+    let mut steps = metric_points(metrics, "step_time_s");
+    // Stable: lines of equal step (should there be any) keep their order.
+    steps.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let timed: Vec<f64> = steps.iter().skip(warmup as usize).map(|s| s.1).collect();
+    if timed.is_empty() {
+        return None;
+    }
+    Some(timed.iter().sum::<f64>() / timed.len() as f64)
+}
+
+/// `(baseline_rss_bytes, peak_rss_bytes)` from a run's `memory.json`, preferring the
+/// `"measured"` object.
+pub fn parse_memory(text: &str) -> Option<(u64, u64)> {
+    let scoped = json_object(text, "measured").unwrap_or(text);
+    let get = |key| json_number(scoped, key).or_else(|| json_number(text, key));
+    Some((
+        get("baseline_rss_bytes")? as u64,
+        get("peak_rss_bytes")? as u64,
+    ))
+}
+
+/// `frugal train --config configs/default.toml --set S... --out OUT` in `root`, with `vars` in
+/// its environment, after removing a stale `OUT`; its output goes to our stderr, so that our
+/// stdout holds only the benchmark's table. Returns the run folder.
+pub fn frugal_train(
+    bin: &Path,
+    vars: &[(String, String)],
+    root: &Path,
+    out: &str,
+    sets: &[String],
+) -> Result<PathBuf> {
+    let out_dir = root.join(out);
+    if out_dir.exists() {
+        std::fs::remove_dir_all(&out_dir)
+            .map_err(|e| Failure::new(format!("cannot remove {out}: {e}")))?;
+    }
+    let mut c = Command::new(bin);
+    c.current_dir(root)
+        .args(["train", "--config", "configs/default.toml"]);
+    for s in sets {
+        c.arg("--set").arg(s);
+    }
+    c.arg("--out").arg(out);
+    c.envs(vars.iter().map(|(k, v)| (k, v)));
+    c.stdin(Stdio::null())
+        .stdout(Stdio::from(std::io::stderr()))
+        .stderr(Stdio::inherit());
+    crate::status(c, "frugal train")?;
+    Ok(out_dir)
+}
+
+/// `frugal train --dry-run` with the same arguments as [`frugal_train`]: its stdout (the
+/// accounting).
+pub fn frugal_dry_run(
+    bin: &Path,
+    vars: &[(String, String)],
+    root: &Path,
+    sets: &[String],
+) -> Result<String> {
+    let mut c = Command::new(bin);
+    c.current_dir(root)
+        .args(["train", "--dry-run", "--config", "configs/default.toml"]);
+    for s in sets {
+        c.arg("--set").arg(s);
+    }
+    c.envs(vars.iter().map(|(k, v)| (k, v)));
+    c.stdin(Stdio::null()).stderr(Stdio::inherit());
+    let out = c
+        .output()
+        .map_err(|e| Failure::new(format!("could not start frugal train --dry-run: {e}")))?;
+    if !out.status.success() {
+        return Err(Failure::new(format!(
+            "frugal train --dry-run failed ({})",
+            out.status
+        )));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Runs `python script args...` in `root` and returns the last JSON line of its stdout (its
+/// stderr passes through).
+pub fn python_json(
+    python: &Path,
+    vars: &[(String, String)],
+    root: &Path,
+    script: &str,
+    args: &[String],
+) -> Result<String> {
+    let mut c = Command::new(python);
+    c.current_dir(root).arg(root.join(script)).args(args);
+    c.envs(vars.iter().map(|(k, v)| (k, v)));
+    c.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    let out = c.output().map_err(|e| {
+        Failure::new(format!(
+            "could not start {} {script}: {e}",
+            python.display()
+        ))
+    })?;
+    if !out.status.success() {
+        return Err(Failure::new(format!("{script} failed ({})", out.status)));
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    last_json_line(&stdout).map(str::to_string).ok_or_else(|| {
+        Failure::new(format!(
+            "{script} printed no JSON line; its stdout was:\n{stdout}"
+        ))
+    })
+}
+
+/// Memory available to new processes now (`MemAvailable` of `/proc/meminfo`), if known.
+pub fn mem_available_bytes() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Parses a size as `frugal_core::memory::human_bytes` prints it (`1.23 GB`, `456.0 MB`,
+/// `12.0 kB`, decimal units) back to bytes (to its printed precision).
+pub fn parse_human_bytes(s: &str) -> Option<u64> {
+    let mut parts = s.split_whitespace();
+    let value: f64 = parts.next()?.parse().ok()?;
+    let unit = match parts.next()? {
+        "B" => 1.0,
+        "kB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        "TB" => 1e12,
+        _ => return None,
+    };
+    (value >= 0.0).then(|| (value * unit).round() as u64)
+}
+
+/// The 1-minute load average (`/proc/loadavg`), if known: how busy the machine was when a timed
+/// child started.
+pub fn load_average() -> Option<f64> {
+    let text = std::fs::read_to_string("/proc/loadavg").ok()?;
+    text.split_whitespace().next()?.parse().ok()
 }

@@ -31,6 +31,7 @@ fn points(text: &str, key: &str) -> Vec<(f64, f64)> {
         .collect()
 }
 
+/// Reads each NAME=METRICS.jsonl series and writes the chart.
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.len() < 4 {
