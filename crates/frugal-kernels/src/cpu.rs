@@ -5,25 +5,7 @@ use crate::error::{KernelError, Result};
 
 /// The 16 NF4 code values (QLoRA / bitsandbytes), indexed by the 4-bit code; the same table as
 /// `FRUGAL_NF4_CODES` in `kernels/quant.cu`.
-#[allow(clippy::excessive_precision)]
-pub const NF4_CODES: [f32; 16] = [
-    -1.0,
-    -0.6961928009986877,
-    -0.5250730514526367,
-    -0.39491748809814453,
-    -0.28444138169288635,
-    -0.18477343022823334,
-    -0.09105003625154495,
-    0.0,
-    0.07958029955625534,
-    0.16093020141124725,
-    0.24611230194568634,
-    0.33791524171829224,
-    0.44070982933044434,
-    0.5626170039176941,
-    0.7229568362236023,
-    1.0,
-];
+pub const NF4_CODES: [f32; 16] = frugal_quant::codebook::NF4;
 
 fn check(cond: bool, msg: impl FnOnce() -> String) -> Result<()> {
     if cond {
@@ -171,6 +153,23 @@ fn check_gptq(
     })
 }
 
+/// Element `(o, i)` of a GPTQ int4 weight in the layout of [`dequant_int4_gptq`]:
+/// `scales[g,o] * (q[i,o] - z[g,o])`, `g = i / group_size`.
+fn gptq_weight(
+    qweight: &[i32],
+    qzeros: &[i32],
+    scales: &[f32],
+    out_features: usize,
+    group_size: usize,
+    i: usize,
+    o: usize,
+) -> f32 {
+    let g = i / group_size;
+    let q = (qweight[i / 8 * out_features + o] as u32 >> (4 * (i % 8))) & 0xF;
+    let z = (qzeros[g * (out_features / 8) + o / 8] as u32 >> (4 * (o % 8))) & 0xF;
+    scales[g * out_features + o] * (q as i32 - z as i32) as f32
+}
+
 /// Dequantizes a GPTQ int4 weight to `W` of shape `(out_features, in_features)` row-major:
 /// `W[o,i] = scales[g,o] * (q[i,o] - z[g,o])`, `g = i / group_size`, with `qweight` int32
 /// `(in/8, out)`, `qzeros` int32 `(groups, out/8)`, `scales` `(groups, out)` and
@@ -194,10 +193,8 @@ pub fn dequant_int4_gptq(
     let mut w = vec![0f32; in_features * out_features];
     for o in 0..out_features {
         for i in 0..in_features {
-            let g = i / group_size;
-            let q = (qweight[i / 8 * out_features + o] as u32 >> (4 * (i % 8))) & 0xF;
-            let z = (qzeros[g * (out_features / 8) + o / 8] as u32 >> (4 * (o % 8))) & 0xF;
-            w[o * in_features + i] = scales[g * out_features + o] * (q as i32 - z as i32) as f32;
+            w[o * in_features + i] =
+                gptq_weight(qweight, qzeros, scales, out_features, group_size, i, o);
         }
     }
     Ok(w)
@@ -229,10 +226,7 @@ pub fn gemv_int4_gptq(
                 .iter()
                 .enumerate()
                 .map(|(i, &xi)| {
-                    let g = i / group_size;
-                    let q = (qweight[i / 8 * out_features + o] as u32 >> (4 * (i % 8))) & 0xF;
-                    let z = (qzeros[g * (out_features / 8) + o / 8] as u32 >> (4 * (o % 8))) & 0xF;
-                    let w = scales[g * out_features + o] * (q as i32 - z as i32) as f32;
+                    let w = gptq_weight(qweight, qzeros, scales, out_features, group_size, i, o);
                     f64::from(w) * f64::from(xi)
                 })
                 .sum();

@@ -108,6 +108,20 @@ fn to_i64(v: usize, name: &str) -> Result<i64> {
     i64::try_from(v).map_err(|_| KernelError::Invalid(format!("{name} too large")))
 }
 
+/// `blocks` blocks of [`THREADS`] threads, for the matrix-vector kernels (which give each output
+/// row a block, or a warp); errors when the grid would be too large.
+fn gemv_config(blocks: usize) -> Result<LaunchConfig> {
+    let blocks = u32::try_from(blocks)
+        .ok()
+        .filter(|&b| b < i32::MAX as u32)
+        .ok_or_else(|| KernelError::Invalid("out_features too large".into()))?;
+    Ok(LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
 fn elementwise(n: usize) -> LaunchConfig {
     let blocks = (n as u64).div_ceil(u64::from(THREADS)).clamp(1, MAX_BLOCKS);
     LaunchConfig {
@@ -239,10 +253,7 @@ impl Kernels {
         if out_features == 0 || in_features == 0 {
             return Ok(y);
         }
-        let blocks = u32::try_from(out_features)
-            .ok()
-            .filter(|&b| b < i32::MAX as u32)
-            .ok_or_else(|| KernelError::Invalid("out_features too large".into()))?;
+        let cfg = gemv_config(out_features)?;
         let (ctx, func) = self.function(ordinal, &QUANT, "gemv_nf4_f32")?;
         let stream = ctx.default_stream();
         let (p, a) = (packed.data_ptr() as u64, absmax.data_ptr() as u64);
@@ -261,11 +272,6 @@ impl Kernels {
             .arg(&o64)
             .arg(&i64_)
             .arg(&bs);
-        let cfg = LaunchConfig {
-            grid_dim: (blocks, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
         // SAFETY: arguments match the kernel's signature (four device pointers, three i64);
         // buffer sizes were checked above; THREADS is a multiple of 32 as the kernel requires;
         // all memory is torch's and stays alive while the launch runs on torch's default stream.
@@ -411,10 +417,7 @@ impl Kernels {
             return Ok(y);
         }
         // One warp per output, THREADS / 32 outputs per block.
-        let blocks = u32::try_from(out_features.div_ceil((THREADS / 32) as usize))
-            .ok()
-            .filter(|&b| b < i32::MAX as u32)
-            .ok_or_else(|| KernelError::Invalid("out_features too large".into()))?;
+        let cfg = gemv_config(out_features.div_ceil((THREADS / 32) as usize))?;
         let (ctx, func) = self.function(ordinal, &QUANT, "gemv_int4_gptq_f32")?;
         let stream = ctx.default_stream();
         let (qw, qz) = (qweight.data_ptr() as u64, qzeros.data_ptr() as u64);
@@ -438,11 +441,6 @@ impl Kernels {
             .arg(&in64)
             .arg(&out64)
             .arg(&gs);
-        let cfg = LaunchConfig {
-            grid_dim: (blocks, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
         // SAFETY: arguments match the kernel's signature (five device pointers, three i64);
         // buffer sizes were checked above; THREADS is a multiple of 32 and the grid covers every
         // output at one warp each, as the kernel requires; all memory is torch's and stays alive
@@ -479,10 +477,7 @@ impl Kernels {
         if out_features == 0 || in_features == 0 {
             return Ok(y);
         }
-        let blocks = u32::try_from(out_features)
-            .ok()
-            .filter(|&b| b < i32::MAX as u32)
-            .ok_or_else(|| KernelError::Invalid("out_features too large".into()))?;
+        let cfg = gemv_config(out_features)?;
         let (ctx, func) = self.function(ordinal, &QUANT, "gemv_ternary_f32")?;
         let stream = ctx.default_stream();
         let (p, xp, yp) = (
@@ -502,11 +497,6 @@ impl Kernels {
             .arg(&yp)
             .arg(&o64)
             .arg(&i64_);
-        let cfg = LaunchConfig {
-            grid_dim: (blocks, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
         // SAFETY: arguments match the kernel's signature (pointer, f32, two pointers, two i64);
         // buffer sizes were checked above; THREADS is a multiple of 32 as the kernel requires;
         // all memory is torch's and stays alive while the launch runs on torch's default stream.

@@ -15,7 +15,7 @@ use crate::QuantError;
 const BATCHES: [usize; 4] = [1, 3, 8, 11];
 
 /// Deterministic pseudo-random values in about [-1, 1] (a 64-bit LCG), with a few larger ones.
-fn data(n: usize, seed: u64) -> Vec<f32> {
+pub(super) fn data(n: usize, seed: u64) -> Vec<f32> {
     let mut s = seed
         .wrapping_mul(6364136223846793005)
         .wrapping_add(1442695040888963407);
@@ -100,6 +100,23 @@ fn nf4_matches_dequantized() {
     }
 }
 
+/// A GPTQ int4 quantization of a (rows, cols) weight with group size `gs` in three forms:
+/// integer zeros, float zeros, and an act-order `g_idx`.
+pub(super) fn int4_variants(rows: usize, cols: usize, gs: usize) -> [(&'static str, Int4Gptq); 3] {
+    let wf = data(rows * cols, 3);
+    let q = Int4Gptq::quantize(&wf, rows, cols, gs).unwrap();
+    let mut fz = q.clone();
+    fz.zeros_f32 = Some(
+        (0..q.groups() * rows)
+            .map(|k| 7.0 + (k % 7) as f32 * 0.13)
+            .collect(),
+    );
+    let mut act = q.clone();
+    let groups = q.groups() as i32;
+    act.g_idx = (0..cols as i32).map(|i| (i * 7 + 3) % groups).collect();
+    [("int", q), ("float zeros", fz), ("act-order", act)]
+}
+
 /// GPTQ int4 with groups 32, 64, 128 and one group of 40, integer and float zeros, and an
 /// act-order `g_idx` (scalar kernel), against dequantize-then-matmul; AVX-512 (where the CPU
 /// has it: 16-row tiles for row counts that are multiples of 16, 128-row passes at batch 1
@@ -114,18 +131,7 @@ fn int4_matches_dequantized() {
         (256, 384, 128),
     ];
     for (rows, cols, gs) in cases {
-        let wf = data(rows * cols, 3);
-        let q = Int4Gptq::quantize(&wf, rows, cols, gs).unwrap();
-        let mut fz = q.clone();
-        fz.zeros_f32 = Some(
-            (0..q.groups() * rows)
-                .map(|k| 7.0 + (k % 7) as f32 * 0.13)
-                .collect(),
-        );
-        let mut act = q.clone();
-        let groups = q.groups() as i32;
-        act.g_idx = (0..cols as i32).map(|i| (i * 7 + 3) % groups).collect();
-        for (name, w) in [("int", &q), ("float zeros", &fz), ("act-order", &act)] {
+        for (name, w) in &int4_variants(rows, cols, gs) {
             let dense = w.dequantize();
             for batch in BATCHES {
                 let x = data(batch * cols, 4 + batch as u64);

@@ -3,25 +3,10 @@
 //! AVX512-BF16 kernels (where the CPU has them) against the portable ones.
 
 use super::bf16::round_bf16;
+use super::tests::{data, int4_variants};
 use super::*;
 use crate::fourbit::{FourBit, FourBitConfig, FourBitKind};
 use crate::int4::Int4Gptq;
-
-/// Deterministic pseudo-random values in about [-1, 1] (a 64-bit LCG), with a few larger ones.
-fn data(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    (0..n)
-        .map(|k| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            let u = ((s >> 40) as f64 / (1u64 << 24) as f64) * 2.0 - 1.0;
-            (if k % 97 == 5 { u * 4.0 } else { u }) as f32
-        })
-        .collect()
-}
 
 /// ‖y − want‖₂ / ‖want‖₂.
 fn rel_l2(y: &[f32], want: &[f64]) -> f64 {
@@ -154,18 +139,7 @@ fn int4_bf16_matches_reference() {
         (48, 1024, 64),
     ];
     for (rows, cols, gs) in cases {
-        let wf = data(rows * cols, 3);
-        let q = Int4Gptq::quantize(&wf, rows, cols, gs).unwrap();
-        let mut fz = q.clone();
-        fz.zeros_f32 = Some(
-            (0..q.groups() * rows)
-                .map(|k| 7.0 + (k % 7) as f32 * 0.13)
-                .collect(),
-        );
-        let mut act = q.clone();
-        let groups = q.groups() as i32;
-        act.g_idx = (0..cols as i32).map(|i| (i * 7 + 3) % groups).collect();
-        for (name, w) in [("int", &q), ("float zeros", &fz), ("act-order", &act)] {
+        for (name, w) in &int4_variants(rows, cols, gs) {
             for batch in 1..=9 {
                 let x = data(batch * cols, 4 + batch as u64);
                 let want = int4_reference(w, &x, batch);
