@@ -554,11 +554,16 @@ fn measure_frugal(
     let step_s = mean_step_time(&metrics, warmup)
         .ok_or_else(|| Failure::new(format!("{out}/metrics.jsonl has too few timed steps")))?;
     let memory = read("memory.json")?;
-    let (baseline_rss_bytes, peak_rss_bytes) = parse_memory(&memory).ok_or_else(|| {
+    let (baseline_rss_bytes, whole_run_peak) = parse_memory(&memory).ok_or_else(|| {
         Failure::new(format!(
             "{out}/memory.json lacks baseline_rss_bytes and peak_rss_bytes"
         ))
     })?;
+    // The peak of the training steps, before the final evaluation and checkpoint, as
+    // galore-torch's script measures it.
+    let peak_rss_bytes = json_object(&memory, "measured")
+        .and_then(|m| json_number(m, "steps_peak_rss_bytes"))
+        .map_or(whole_run_peak, |v| v as u64);
     let measured = Measured {
         step_s,
         baseline_rss_bytes,

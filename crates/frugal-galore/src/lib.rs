@@ -55,6 +55,13 @@ pub trait GradientProjector: std::fmt::Debug + Send {
     /// (element-wise, of the projected gradient's shape); the result is non-negative too.
     fn reproject_second_moment(&self, moment: &Tensor) -> Option<Tensor>;
 
+    /// Whether [`GradientProjector::reproject_first_moment`] would move a moment of the
+    /// projected shape now (so that an optimizer keeping its moments in another form can skip
+    /// materializing them when it would not).
+    fn moments_need_reprojection(&self) -> bool {
+        false
+    }
+
     /// The projector's state (basis and counters) as named tensors under `prefix`
     /// (`{prefix}.ortho`, ...), for checkpoints.
     fn state_tensors(&self, prefix: &str) -> Vec<(String, Tensor)>;

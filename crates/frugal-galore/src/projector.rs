@@ -511,6 +511,14 @@ impl GradientProjector for GaloreProjector {
             .f_reshape(&self.shape)?)
     }
 
+    fn moments_need_reprojection(&self) -> bool {
+        self.config.reproject_moments
+            && self.changed_at.is_some()
+            && self.changed_at == self.last_step
+            && self.previous.is_some()
+            && self.basis.is_some()
+    }
+
     fn reproject_first_moment(&self, moment: &Tensor) -> Option<Tensor> {
         self.reproject(moment, false).ok().flatten()
     }

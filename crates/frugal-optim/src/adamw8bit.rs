@@ -23,12 +23,15 @@
 //! weight decay `w -= lr wd w` comes after.
 //!
 //! The moments live on the CPU (as `Vec`s); a GPU parameter's state is copied to the device and
-//! back at every step.
+//! back at every step. On the CPU, a step of 8-bit state is one fused pass over each 256-value
+//! block (dequantize, update, requantize, emit the update), in parallel over blocks; it rounds
+//! as the tensor formulas above, operation by operation in f32.
 
 use crate::adamw::reproject;
 use crate::optimizer::{impl_optimizer, Reader, Slot, Slots};
 use frugal_core::Result;
 use frugal_quant::dynamic::{Blockwise8, DynamicMap};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
@@ -126,7 +129,7 @@ impl AdamW8bit {
                 let Some(g) = self.slots.take_gradient(i)? else {
                     continue;
                 };
-                update(&c, &mut self.slots.slots[i], &g)?;
+                update(&c, &mut self.slots.slots[i], &g, true)?;
             }
             Ok(())
         })
@@ -209,12 +212,181 @@ impl AdamW8bit {
 
 impl_optimizer!(AdamW8bit);
 
-/// One step of `slot` with gradient `g` (projected already when it has a projector).
-fn update(c: &AdamW8bitConfig, slot: &mut Slot<State>, g: &Tensor) -> Result<()> {
+/// Values per chunk of the fused pass (whole blocks): bounds its temporary buffers.
+const CHUNK: usize = 4096 * BLOCK_SIZE;
+
+/// Moments' codes and absmax values of one chunk.
+struct Q8Chunk<'a> {
+    codes: &'a mut [u8],
+    absmax: &'a mut [f32],
+}
+
+/// One step of block-wise 8-bit moments `m`, `v` in place with gradient `g` (f32, their
+/// length), at step `t` (counted from 1): writes to `delta` what bitsandbytes adds to the
+/// weight before decay, `-lr / c1 · m / (sqrt(v) / c2 + eps)`.
+fn fused_q8(c: &AdamW8bitConfig, t: f64, g: &[f32], m: Q8Chunk, v: Q8Chunk, delta: &mut [f32]) {
+    let (b1, b2) = (c.beta1 as f32, c.beta2 as f32);
+    let (one_b1, one_b2) = ((1.0 - c.beta1) as f32, (1.0 - c.beta2) as f32);
+    let c1 = 1.0 - c.beta1.powf(t);
+    let c2 = ((1.0 - c.beta2.powf(t)).sqrt()) as f32;
+    let step = (-c.lr / c1) as f32;
+    let eps = c.eps as f32;
+    let (sm, sv) = (DynamicMap::Signed.lookup(), DynamicMap::Unsigned.lookup());
+    let bs = BLOCK_SIZE;
+    delta
+        .par_chunks_mut(bs)
+        .zip(g.par_chunks(bs))
+        .zip(m.codes.par_chunks_mut(bs).zip(m.absmax.par_iter_mut()))
+        .zip(v.codes.par_chunks_mut(bs).zip(v.absmax.par_iter_mut()))
+        .for_each(|(((d, g), (qm, am)), (qv, av))| {
+            let mut mb = [0f32; BLOCK_SIZE];
+            let mut vb = [0f32; BLOCK_SIZE];
+            let n = g.len();
+            let (mut mmax, mut vmax) = (0f32, 0f32);
+            for j in 0..n {
+                let mj = sm.codes()[qm[j] as usize] * *am * b1 + g[j] * one_b1;
+                let vj = sv.codes()[qv[j] as usize] * *av * b2 + g[j] * one_b2 * g[j];
+                d[j] = (mj * step) / (vj.sqrt() / c2 + eps);
+                mmax = mmax.max(mj.abs());
+                vmax = vmax.max(vj.abs());
+                mb[j] = mj;
+                vb[j] = vj;
+            }
+            let (dm, dv) = (mmax.max(f32::MIN_POSITIVE), vmax.max(f32::MIN_POSITIVE));
+            for j in 0..n {
+                qm[j] = sm.index((mb[j] / dm).clamp(-1.0, 1.0));
+                qv[j] = sv.index((vb[j] / dv).clamp(-1.0, 1.0));
+            }
+            *am = mmax;
+            *av = vmax;
+        });
+}
+
+/// Zero moments of `n` values in block-wise 8-bit form.
+fn zero_q8(n: usize, map: DynamicMap) -> Blockwise8 {
+    Blockwise8 {
+        codes: vec![map.lookup().index(0.0); n],
+        absmax: vec![0.0; n.div_ceil(BLOCK_SIZE)],
+        block_size: BLOCK_SIZE,
+        map,
+    }
+}
+
+/// The fused CPU step of 8-bit state, chunk by chunk, so that besides the state only a chunk's
+/// buffers (and, with a projector, the projected update) are allocated.
+fn fused_update(c: &AdamW8bitConfig, slot: &mut Slot<State>, g: &Tensor, wd: f64) -> Result<()> {
+    let shape = g.size();
+    let flat = g.contiguous().view([-1]);
+    let n = flat.numel();
+    let (mut m, mut v) = match slot.state.take() {
+        Some(State::Q8 { m, v, .. }) => (m, v),
+        _ => (
+            zero_q8(n, DynamicMap::Signed),
+            zero_q8(n, DynamicMap::Unsigned),
+        ),
+    };
+    if m.codes.len() != n {
+        return Err(frugal_core::Error::Msg(format!(
+            "{}: 8-bit AdamW state holds {} values, the gradient {shape:?}",
+            slot.name,
+            m.codes.len()
+        )));
+    }
+    slot.step += 1;
+    let t = slot.step as f64;
+    let projected = slot.projector.is_some();
+    // Without a projector the update goes straight into the weight, after its decay.
+    let w = slot.tensor.view([-1]);
+    if !projected && wd != 0.0 {
+        let _ = w.shallow_clone().g_mul_scalar_(1.0 - c.lr * wd);
+    }
+    let delta = projected.then(|| Tensor::empty([n as i64], (Kind::Float, Device::Cpu)));
+    let mut buf = vec![0f32; CHUNK.min(n)];
+    for start in (0..n).step_by(CHUNK) {
+        let len = CHUNK.min(n - start);
+        let gv = Vec::<f32>::try_from(&flat.narrow(0, start as i64, len as i64))?;
+        let blocks = start / BLOCK_SIZE..(start + len).div_ceil(BLOCK_SIZE);
+        let d = &mut buf[..len];
+        fused_q8(
+            c,
+            t,
+            &gv,
+            Q8Chunk {
+                codes: &mut m.codes[start..start + len],
+                absmax: &mut m.absmax[blocks.clone()],
+            },
+            Q8Chunk {
+                codes: &mut v.codes[start..start + len],
+                absmax: &mut v.absmax[blocks],
+            },
+            d,
+        );
+        let dt = Tensor::from_slice(d);
+        let target = delta
+            .as_ref()
+            .unwrap_or(&w)
+            .narrow(0, start as i64, len as i64);
+        if projected {
+            target.shallow_clone().copy_(&dt);
+        } else {
+            let _ = target.shallow_clone().g_add_(&dt.to_kind(w.kind()));
+        }
+    }
+    slot.state = Some(State::Q8 {
+        shape: shape.clone(),
+        m,
+        v,
+    });
+    match delta {
+        Some(d) => apply(slot, &d.reshape(&shape), c.lr, wd),
+        None => Ok(()),
+    }
+}
+
+/// Applies `delta` (in the moments' shape) to the slot's weight, with decay `wd`: before the
+/// update without a projector, after the mapped-back update with one (galore-torch's order).
+fn apply(slot: &Slot<State>, delta: &Tensor, lr: f64, wd: f64) -> Result<()> {
+    let mut w = slot.tensor.shallow_clone();
+    let decay = wd != 0.0;
+    match slot.projector.as_deref() {
+        None => {
+            if decay {
+                let _ = w.g_mul_scalar_(1.0 - lr * wd);
+            }
+            let d = delta.to_kind(w.kind());
+            let _ = w.g_add_(&d);
+        }
+        Some(p) => {
+            let full = p.project_back(delta)?;
+            let _ = w.g_add_(&full.to_kind(w.kind()));
+            if decay {
+                let d = &w * (-lr * wd);
+                let _ = w.g_add_(&d);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One step of `slot` with gradient `g` (projected already when it has a projector); `fuse`
+/// allows the fused CPU pass for 8-bit state (the tensor formulas otherwise).
+fn update(c: &AdamW8bitConfig, slot: &mut Slot<State>, g: &Tensor, fuse: bool) -> Result<()> {
     let wd = slot.weight_decay(c.weight_decay);
     let proj = slot.projector.as_deref();
     let g = g.to_kind(Kind::Float);
     let device = g.device();
+    let fused = fuse
+        && device == Device::Cpu
+        && slot.tensor.is_contiguous()
+        && !proj.is_some_and(|p| p.moments_need_reprojection())
+        && match &slot.state {
+            None => g.numel() as i64 >= c.min_8bit_size,
+            Some(State::Q8 { .. }) => true,
+            Some(State::F32 { .. }) => false,
+        };
+    if fused {
+        return fused_update(c, slot, &g, wd);
+    }
     let (mut m, mut v, eight) = match &slot.state {
         None => (
             g.zeros_like(),
@@ -249,25 +421,7 @@ fn update(c: &AdamW8bitConfig, slot: &mut Slot<State>, g: &Tensor) -> Result<()>
         let denom = v.sqrt() + c.eps * c2;
         (&m / &denom) * step_size
     };
-    let mut w = slot.tensor.shallow_clone();
-    let decay = wd != 0.0;
-    match proj {
-        None => {
-            if decay {
-                let _ = w.g_mul_scalar_(1.0 - c.lr * wd);
-            }
-            let d = delta.to_kind(w.kind());
-            let _ = w.g_add_(&d);
-        }
-        Some(p) => {
-            let full = p.project_back(&delta)?;
-            let _ = w.g_add_(&full.to_kind(w.kind()));
-            if decay {
-                let d = &w * (-c.lr * wd);
-                let _ = w.g_add_(&d);
-            }
-        }
-    }
+    apply(slot, &delta, c.lr, wd)?;
     slot.state = Some(if eight {
         State::Q8 {
             shape: m.size(),
@@ -278,4 +432,67 @@ fn update(c: &AdamW8bitConfig, slot: &mut Slot<State>, g: &Tensor) -> Result<()>
         State::F32 { m, v }
     });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fused CPU pass and the tensor formulas give the same state and weights: within one
+    /// chunk (4 full blocks and a partial one) and over several chunks.
+    #[test]
+    fn fused_pass_matches_the_tensor_formulas() {
+        compare_fused([9, 127]);
+        compare_fused([1100, 1001]);
+    }
+
+    fn compare_fused(shape: [i64; 2]) {
+        tch::manual_seed(3);
+        let c = AdamW8bitConfig {
+            lr: 1e-2,
+            weight_decay: 0.1,
+            min_8bit_size: 256,
+            ..Default::default()
+        };
+        // One all-zero block in the gradient.
+        let w0 = Tensor::randn(shape, (Kind::Float, Device::Cpu));
+        let mut slots: Vec<Slot<State>> = (0..2)
+            .map(|_| Slots::new(vec![("w".into(), w0.copy())]).slots.remove(0))
+            .collect();
+        for step in 0..6 {
+            let g = Tensor::randn(shape, (Kind::Float, Device::Cpu)) * (0.1 * (step + 1) as f64);
+            let _ = g.view([-1]).narrow(0, 256, 256).fill_(0.0);
+            for (k, slot) in slots.iter_mut().enumerate() {
+                tch::no_grad(|| update(&c, slot, &g, k == 0)).unwrap();
+            }
+            let (Some(State::Q8 { m: m0, v: v0, .. }), Some(State::Q8 { m: m1, v: v1, .. })) =
+                (&slots[0].state, &slots[1].state)
+            else {
+                panic!("8-bit state expected");
+            };
+            for (a, b) in [(m0, m1), (v0, v1)] {
+                let off = a.codes.iter().zip(&b.codes).filter(|(x, y)| x != y).count();
+                assert!(
+                    off <= 2 + a.codes.len() / 100_000,
+                    "step {step}: {off} codes differ"
+                );
+                for (x, y) in a.absmax.iter().zip(&b.absmax) {
+                    assert!(
+                        (x - y).abs() <= 1e-6 * y.abs(),
+                        "step {step}: absmax {x} vs {y}"
+                    );
+                }
+            }
+            // A code one step apart (rounding of the last bit) moves its weight a little.
+            let dw = (&slots[0].tensor - &slots[1].tensor).abs();
+            let apart = dw.gt(1e-6).sum(Kind::Int64).int64_value(&[]);
+            let worst = dw.max().double_value(&[]);
+            assert!(
+                apart as usize <= 2 + w0.numel() / 100_000 && worst < 0.05 * c.lr,
+                "step {step}: {apart} weights differ, by up to {worst}"
+            );
+        }
+        let moved = (&slots[0].tensor - &w0).abs().max().double_value(&[]);
+        assert!(moved > 1e-3, "the steps must move the weights ({moved})");
+    }
 }

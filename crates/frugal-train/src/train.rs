@@ -132,6 +132,7 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
     let tokens_per_step = (t.batch_size * t.seq_len * t.grad_accum) as u64;
     let plan_has_projectors = cfg.optim.is_galore();
     let mut svd_seen = 0.0;
+    let mut steps_peak = 0;
     while state.step < t.max_steps {
         let step = state.step + 1;
         let lr = lr_at(step, t.lr, t.warmup_steps, t.max_steps, t.min_lr_ratio);
@@ -152,13 +153,16 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
             let mut sq = 0.0;
             let mut sink = |idx: &[usize], grads: Vec<tch::Tensor>| -> Result<()> {
                 for g in &grads {
-                    sq += g.square().sum(tch::Kind::Double).double_value(&[]);
+                    // As `grad_norm`: each tensor's norm in f32, squares summed.
+                    let n = g.to_kind(tch::Kind::Float).norm().double_value(&[]);
+                    sq += n * n;
                 }
-                let grads = if clip < 1.0 {
-                    grads.into_iter().map(|g| g * clip).collect()
-                } else {
-                    grads
-                };
+                if clip < 1.0 {
+                    // In place: these gradients are this step's own, held nowhere else.
+                    for g in &grads {
+                        let _ = g.shallow_clone().g_mul_scalar_(clip);
+                    }
+                }
                 if last {
                     opt.step_with_grads(idx, grads)
                 } else {
@@ -194,6 +198,8 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
             n
         };
         let step_time = t0.elapsed().as_secs_f64();
+        // The process's peak so far, before this step's evaluation and checkpoint.
+        steps_peak = memory::peak_rss_bytes();
         let svd_total = opt.projection_seconds();
         let svd_s = svd_total - svd_seen;
         svd_seen = svd_total;
@@ -205,6 +211,7 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
         let mut line = json!({
             "step": step, "loss": loss, "lr": lr, "tokens": state.tokens,
             "tokens_per_s": tps, "step_time_s": step_time, "grad_norm": grad_norm,
+            "rss_peak_bytes": steps_peak,
         });
         if plan_has_projectors {
             // Seconds of this step spent computing GaLore bases (part of step_time_s).
@@ -283,7 +290,9 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
             "baseline_rss_bytes": baseline_rss,
             "peak_rss_bytes": peak,
             "peak_above_baseline_bytes": peak.saturating_sub(baseline_rss),
-            "note": "baseline: resident memory after libtorch started and the data was loaded, before the model was built; activations and workspace are the measured peak above the baseline minus the accounted bytes",
+            "steps_peak_rss_bytes": steps_peak,
+            "steps_peak_above_baseline_bytes": steps_peak.saturating_sub(baseline_rss),
+            "note": "baseline: resident memory after libtorch started and the data was loaded, before the model was built; peak: the whole run's (evaluations and checkpoints included); steps_peak: the peak when the last training step ended, before its evaluation and checkpoint; activations and workspace are the measured peak above the baseline minus the accounted bytes",
         },
         "activations_and_workspace_bytes": peak.saturating_sub(baseline_rss).saturating_sub(acc.total()),
         "plan": planned.to_json(),
