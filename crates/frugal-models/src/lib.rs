@@ -18,8 +18,10 @@
 //! # Ok::<(), frugal_core::Error>(())
 //! ```
 
+pub mod encoder;
 pub mod linear;
 pub mod llama;
 pub mod weights;
 
+pub use encoder::{Encoder, EncoderConfig, EncoderForClassification, EncoderForMaskedLm};
 pub use linear::LinearKind;
