@@ -15,6 +15,7 @@ mod bench_galore;
 mod bench_galore_quality;
 mod bench_quant;
 mod bench_train_step;
+mod bench_tt;
 mod report;
 mod setup;
 

@@ -4,11 +4,12 @@
 use frugal_core::{Error, Result};
 use frugal_quant::convert::Format;
 use frugal_quant::layer::QuantizedLinear;
+use frugal_tt::{balanced_modes, TtLinear};
 use serde::{Deserialize, Serialize};
 use tch::{nn, Device, Kind, Tensor};
 
 /// Which linear layer to build, from the config's `model.linear`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase", tag = "kind", deny_unknown_fields)]
 pub enum LinearKind {
     /// A dense weight `(out, in)`, no bias.
@@ -31,6 +32,36 @@ pub enum LinearKind {
         #[serde(default)]
         double_quant: bool,
     },
+    /// A tensor-train weight (CoMERA, `frugal_tt::TtLinear`), bias-free like `dense`: the input
+    /// dimension is factored into `order` balanced modes in descending order, the output
+    /// dimension into `order` modes in ascending order (768 -> 768 at order 3 is
+    /// [12, 8, 8 | 8, 8, 12], 768 -> 3072 is [12, 8, 8 | 12, 16, 16]); every inner rank is `rank`
+    /// capped by what the modes allow, with one trainable rank variable per rank (variables
+    /// `{layer}.cores.{k}` and `{layer}.rank_vars.{i}`). Loading a dense checkpoint converts its
+    /// weights by TT-SVD at these ranks; loading a TT checkpoint (also a pruned one, with
+    /// smaller ranks) takes its cores as stored.
+    Tt {
+        /// The largest TT rank of every inner bond (CoMERA: 30).
+        #[serde(default = "default_tt_rank")]
+        rank: i64,
+        /// Modes per side: the input and the output dimension are each factored into this many
+        /// modes, at least 2 (CoMERA: 3).
+        #[serde(default = "default_tt_order")]
+        order: usize,
+        /// Relative accuracy of the TT-SVD that converts a dense checkpoint's weights when they
+        /// are loaded into this model (ranks may then be smaller than `rank`); unset: truncate
+        /// by `rank` only.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        eps: Option<f64>,
+    },
+}
+
+fn default_tt_rank() -> i64 {
+    30
+}
+
+fn default_tt_order() -> usize {
+    3
 }
 
 fn default_block_size() -> usize {
@@ -42,11 +73,11 @@ fn default_group_size() -> usize {
 }
 
 impl LinearKind {
-    /// The quantization format of a [`LinearKind::Quantized`] kind (None for dense); errors
+    /// The quantization format of a [`LinearKind::Quantized`] kind (None for dense and TT); errors
     /// name `model.linear.format` when the format or its options are unknown.
     pub fn quant_format(&self) -> Result<Option<Format>> {
         match self {
-            LinearKind::Dense => Ok(None),
+            LinearKind::Dense | LinearKind::Tt { .. } => Ok(None),
             LinearKind::Quantized {
                 format,
                 block_size,
@@ -60,6 +91,47 @@ impl LinearKind {
                 }),
         }
     }
+
+    /// Checks the options: a quantized kind's format (as [`LinearKind::quant_format`]), a TT
+    /// kind's rank (at least 1), order (at least 2) and eps (finite, in [0, 1)); errors name
+    /// the key (`model.linear.rank`...).
+    pub fn validate(&self) -> Result<()> {
+        self.quant_format()?;
+        if let LinearKind::Tt { rank, order, eps } = self {
+            let bad = |key: &str, reason: String| Error::Config {
+                key: format!("model.linear.{key}"),
+                reason,
+            };
+            if *rank < 1 {
+                return Err(bad("rank", format!("{rank}: a TT rank must be at least 1")));
+            }
+            if *order < 2 {
+                return Err(bad(
+                    "order",
+                    format!("{order}: a TT layer needs at least 2 modes per side"),
+                ));
+            }
+            if let Some(e) = eps {
+                if !(e.is_finite() && (0.0..1.0).contains(e)) {
+                    return Err(bad(
+                        "eps",
+                        format!("{e}: the relative accuracy must be in [0, 1)"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The TT modes of a `in_dim -> out_dim` layer at `order` modes per side, as
+/// [`LinearKind::Tt`] picks them: `(input modes descending, output modes ascending)`, so that
+/// the largest modes sit at the two ends of the chain and the middle bond is the widest.
+pub fn tt_layer_modes(in_dim: i64, out_dim: i64, order: usize) -> Result<(Vec<i64>, Vec<i64>)> {
+    let mut in_modes = balanced_modes(in_dim, order)?;
+    in_modes.reverse();
+    let out_modes = balanced_modes(out_dim, order)?;
+    Ok((in_modes, out_modes))
 }
 
 /// A linear map `x -> x W^T` over the last dimension.
@@ -74,6 +146,22 @@ pub trait Linear: std::fmt::Debug + Send {
 
     /// The frozen quantized weight, to replace it when loading.
     fn quantized_mut(&mut self) -> Option<&mut QuantizedLinear> {
+        None
+    }
+
+    /// The tensor-train layer, for a TT layer (ranks, penalty, pruning).
+    fn tt(&self) -> Option<&TtLinear> {
+        None
+    }
+
+    /// The tensor-train layer, to prune it or replace its cores when loading.
+    fn tt_mut(&mut self) -> Option<&mut TtLinear> {
+        None
+    }
+
+    /// The relative accuracy at which a dense weight loaded into this TT layer is converted
+    /// (`model.linear.eps`); None for other layers and when only the rank truncates.
+    fn tt_eps(&self) -> Option<f64> {
         None
     }
 }
@@ -123,8 +211,38 @@ impl Linear for Quantized {
     }
 }
 
-/// Builds a linear layer of kind `kind` under `path` (its weight is `path.weight`). A
-/// quantized layer starts from a quantized N(0, 0.02) weight, like a dense one, until loaded.
+/// A tensor-train linear layer (bias-free in the models): the layer and the accuracy at which a
+/// dense weight loaded into it is converted.
+#[derive(Debug)]
+pub struct TensorTrain {
+    /// The layer: cores, rank variables, compute kind.
+    pub layer: TtLinear,
+    /// `model.linear.eps`.
+    pub eps: Option<f64>,
+}
+
+impl Linear for TensorTrain {
+    fn forward(&self, x: &Tensor) -> Tensor {
+        self.layer.forward(x)
+    }
+
+    fn tt(&self) -> Option<&TtLinear> {
+        Some(&self.layer)
+    }
+
+    fn tt_mut(&mut self) -> Option<&mut TtLinear> {
+        Some(&mut self.layer)
+    }
+
+    fn tt_eps(&self) -> Option<f64> {
+        self.eps
+    }
+}
+
+/// Builds a linear layer of kind `kind` under `path` (a dense weight is `path.weight`, TT
+/// cores `path.cores.{k}`). A quantized layer starts from a quantized N(0, 0.02) weight, like a
+/// dense one, until loaded; a TT layer from CoMERA's initialisation
+/// ([`frugal_tt::published_init`]).
 pub fn build(
     path: &nn::Path,
     in_dim: i64,
@@ -136,6 +254,23 @@ pub fn build(
         mean: 0.0,
         stdev: 0.02,
     };
+    kind.validate()?;
+    if let LinearKind::Tt { rank, order, eps } = kind {
+        let name = path.components().collect::<Vec<_>>().join(".");
+        let (in_modes, out_modes) =
+            tt_layer_modes(in_dim, out_dim, *order).map_err(|e| Error::Config {
+                key: "model.linear.order".into(),
+                reason: format!("{name} ({out_dim}, {in_dim}): {e}"),
+            })?;
+        let layer = TtLinear::new(
+            path, in_dim, out_dim, &in_modes, &out_modes, *rank, false, compute,
+        )
+        .map_err(|e| Error::Config {
+            key: "model.linear".into(),
+            reason: format!("{name} ({out_dim}, {in_dim}): {e}"),
+        })?;
+        return Ok(Box::new(TensorTrain { layer, eps: *eps }));
+    }
     Ok(match kind.quant_format()? {
         None => {
             let weight = path.var("weight", &[out_dim, in_dim], init);

@@ -39,12 +39,23 @@ pub fn save(
     state: &TrainerState,
     keep: usize,
 ) -> Result<PathBuf> {
+    save_with(run, &|file: &Path| model.save(file), opt, state, keep)
+}
+
+/// [`save`] for any model: `write_model` writes its `model.safetensors` to the path it gets.
+pub fn save_with(
+    run: &Path,
+    write_model: &dyn Fn(&Path) -> Result<()>,
+    opt: &dyn Optimizer,
+    state: &TrainerState,
+    keep: usize,
+) -> Result<PathBuf> {
     let root = dir(run);
     std::fs::create_dir_all(&root).map_err(|e| Error::io(&root, e))?;
     let name = format!("step-{}", state.step);
     let target = root.join(&name);
     atomic::write_dir(&target, |tmp| {
-        model.save(&tmp.join("model.safetensors"))?;
+        write_model(&tmp.join("model.safetensors"))?;
         opt.save(&tmp.join("optimizer.safetensors"))?;
         let json = serde_json::to_vec_pretty(state).expect("plain struct");
         atomic::write(&tmp.join("trainer_state.json"), &json)

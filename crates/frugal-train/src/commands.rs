@@ -176,6 +176,15 @@ fn load_model_dir(dir: &Path) -> Result<Loaded> {
             double_quant,
         };
     }
+    // A folder written by `frugal compress` holds TT cores: its linear layers load as TT layers
+    // of the file's modes and ranks.
+    if let Some(tt) = hf.get(crate::compress_cmd::TT_CONFIG_KEY) {
+        cfg.model.linear = frugal_models::LinearKind::Tt {
+            rank: tt.get("tt_rank").and_then(|r| r.as_i64()).unwrap_or(30),
+            order: tt.get("order").and_then(|o| o.as_u64()).unwrap_or(3) as usize,
+            eps: None,
+        };
+    }
     let device = cfg.train.device.resolve()?;
     let model = run::model(&cfg, &shape, device, Some(&dir.join("model.safetensors")))?;
     Ok(Loaded {
@@ -194,12 +203,20 @@ fn load(run_dir: Option<PathBuf>, model: Option<PathBuf>) -> Result<Loaded> {
     }
 }
 
-/// `frugal eval`: prints `{"loss", "perplexity", "tokens"}`.
+/// `frugal eval`: prints `{"loss", "perplexity", "tokens"}` (a classifier: `{"loss",
+/// "accuracy", "examples", "tokens"}`).
 pub fn eval(
     run_dir: Option<PathBuf>,
     model: Option<PathBuf>,
     data_spec: Option<String>,
 ) -> Result<u8> {
+    // Encoder runs (masked-LM or classification): their own evaluation.
+    if let Some(dir) = &run_dir {
+        if let Some(out) = crate::encoder_train::eval_command(dir, data_spec.as_deref())? {
+            println!("{out}");
+            return Ok(0);
+        }
+    }
     let from_model = model.is_some();
     let l = load(run_dir, model)?;
     let docs = match &data_spec {
@@ -365,7 +382,9 @@ pub fn inspect(path: &Path) -> Result<u8> {
     for file in files {
         let st = SafetensorsFile::open(&file)?;
         println!("{}", file.display());
-        let meta = st.metadata();
+        let mut meta = st.metadata();
+        // The TT description is a JSON object per layer: shown as a table below.
+        meta.remove(frugal_models::weights::TT_METADATA_KEY);
         if !meta.is_empty() {
             let mut m: Vec<_> = meta.into_iter().collect();
             m.sort();
@@ -406,6 +425,7 @@ pub fn inspect(path: &Path) -> Result<u8> {
                 );
             }
         }
+        crate::compress_cmd::print_tt_layers(&st, width)?;
         println!(
             "  {} tensors, {} elements, {} ({total_bytes} bytes)",
             names.len(),

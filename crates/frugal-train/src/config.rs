@@ -29,11 +29,13 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelConfig {
-    /// `"llama"` (later issues add `"encoder"` and `"hgrn-bit"`).
+    /// `"llama"` or `"encoder"` (a later issue adds `"hgrn-bit"`).
     pub kind: String,
-    /// A preset: `tiny`, `60m`, `130m`, `350m`, `1b`, `7b`.
+    /// A preset: `tiny`, `60m`, `130m`, `350m`, `1b`, `7b` (llama); `encoder-tiny`,
+    /// `encoder-small`, `encoder-6` (encoder).
     pub size: String,
-    /// A Hugging Face style model folder to start from (empty: random initialisation).
+    /// A Hugging Face style model folder to start from (empty: random initialisation); for an
+    /// encoder also a run folder (its latest checkpoint).
     pub from_pretrained: String,
     /// The kind of every linear layer but the output head.
     pub linear: LinearKind,
@@ -50,6 +52,9 @@ pub struct ModelConfig {
     pub vocab_size: i64,
     /// Longest sequence override.
     pub max_seq_len: i64,
+    /// Classes of the classification head (`train.objective = "classification"`; 0: the
+    /// number of distinct labels of `data.task_path`).
+    pub num_labels: i64,
 }
 
 impl Default for ModelConfig {
@@ -65,6 +70,7 @@ impl Default for ModelConfig {
             num_heads: 0,
             vocab_size: 0,
             max_seq_len: 0,
+            num_labels: 0,
         }
     }
 }
@@ -78,8 +84,14 @@ pub struct DataConfig {
     pub path: String,
     /// Validation text (same forms); empty: every `val_every`-th document of `path`.
     pub val_path: String,
-    /// With no `val_path`, document i goes to validation when i % val_every == val_every - 1.
+    /// With no `val_path`, document i goes to validation when i % val_every == val_every - 1
+    /// (with no `task_val_path`, the same for the rows of `task_path`).
     pub val_every: usize,
+    /// Classification examples (`train.objective = "classification"`): a TSV file, rows
+    /// `text<TAB>label` or `text<TAB>text2<TAB>label`, header optional.
+    pub task_path: String,
+    /// Validation examples (same form); empty: every `val_every`-th row of `task_path`.
+    pub task_val_path: String,
 }
 
 impl Default for DataConfig {
@@ -88,6 +100,8 @@ impl Default for DataConfig {
             path: String::new(),
             val_path: String::new(),
             val_every: 20,
+            task_path: String::new(),
+            task_val_path: String::new(),
         }
     }
 }
@@ -169,6 +183,12 @@ pub struct TrainConfig {
     /// Tokens per chunk of the cross-entropy over the vocabulary, so that the logits never
     /// exist for the whole batch at once (0: no chunking).
     pub ce_chunk: usize,
+    /// What the model learns: `"auto"` (the model's own: `"lm"` for llama, `"mlm"` for an
+    /// encoder), `"lm"` (next token), `"mlm"` (masked tokens), `"classification"` (labels of
+    /// `data.task_path`).
+    pub objective: String,
+    /// `"mlm"`: share of the tokens selected for prediction (BERT's 80/10/10 rule).
+    pub mlm_probability: f64,
 }
 
 impl Default for TrainConfig {
@@ -194,6 +214,8 @@ impl Default for TrainConfig {
             threads: 0,
             checkpointing: false,
             ce_chunk: 0,
+            objective: "auto".into(),
+            mlm_probability: 0.15,
         }
     }
 }
@@ -276,6 +298,11 @@ pub struct GaloreSettings {
     pub reproject_moments: bool,
 }
 
+/// The default of `optim.galore.target_modules`: the attention and feed-forward weights of
+/// both models (llama `model.layers.N.{self_attn,mlp}.*`, encoder
+/// `bert.encoder.layer.N.{attention,intermediate,output}.*`); embeddings and heads never match.
+pub const DEFAULT_TARGET_MODULES: &str = r"\.(self_attn|mlp|attention|intermediate|output)\.";
+
 impl Default for GaloreSettings {
     fn default() -> Self {
         Self {
@@ -284,7 +311,7 @@ impl Default for GaloreSettings {
             scale: 0.25,
             proj_type: "std".into(),
             svd: "exact".into(),
-            target_modules: r"\.(self_attn|mlp)\.".into(),
+            target_modules: DEFAULT_TARGET_MODULES.into(),
             lazy_refresh: false,
             reproject_moments: false,
         }
@@ -470,25 +497,7 @@ impl Config {
                 ));
             }
         }
-        if self.model.kind != "llama" {
-            return Err(Error::config(
-                "model.kind",
-                format!(
-                    "'{}' is not available yet (available: \"llama\")",
-                    self.model.kind
-                ),
-            ));
-        }
-        if frugal_models::llama::LlamaConfig::preset(&self.model.size).is_none() {
-            return Err(Error::config(
-                "model.size",
-                format!(
-                    "unknown preset '{}' (presets: {})",
-                    self.model.size,
-                    frugal_models::llama::PRESETS.join(", ")
-                ),
-            ));
-        }
+        self.validate_model()?;
         if self.tokenizer.vocab_size < 300 {
             return Err(Error::config(
                 "tokenizer.vocab_size",
@@ -498,10 +507,208 @@ impl Config {
         Ok(())
     }
 
+    /// The objective `train.objective` resolves to: `"lm"`, `"mlm"` or `"classification"`.
+    pub fn objective(&self) -> &str {
+        match (self.train.objective.as_str(), self.model.kind.as_str()) {
+            ("auto", "encoder") => "mlm",
+            ("auto", _) => "lm",
+            (o, _) => o,
+        }
+    }
+
+    /// Whether the model is an encoder.
+    pub fn is_encoder(&self) -> bool {
+        self.model.kind == "encoder"
+    }
+
+    /// Checks `model.kind`, `model.size` and the keys that depend on them.
+    fn validate_model(&self) -> Result<()> {
+        use frugal_models::encoder::PRESETS as ENCODER_PRESETS;
+        use frugal_models::llama::PRESETS as LLAMA_PRESETS;
+        let m = &self.model;
+        let t = &self.train;
+        let objectives = ["auto", "lm", "mlm", "classification"];
+        if !objectives.contains(&t.objective.as_str()) {
+            return Err(Error::config(
+                "train.objective",
+                format!("unknown '{}' ({})", t.objective, objectives.join(", ")),
+            ));
+        }
+        match m.kind.as_str() {
+            "llama" => {
+                if frugal_models::llama::LlamaConfig::preset(&m.size).is_none() {
+                    let reason = if ENCODER_PRESETS.contains(&m.size.as_str()) {
+                        format!(
+                            "'{}' is an encoder preset: set model.kind = \"encoder\" (llama presets: {})",
+                            m.size,
+                            LLAMA_PRESETS.join(", ")
+                        )
+                    } else {
+                        format!(
+                            "unknown preset '{}' (presets: {})",
+                            m.size,
+                            LLAMA_PRESETS.join(", ")
+                        )
+                    };
+                    return Err(Error::config("model.size", reason));
+                }
+                if self.objective() != "lm" {
+                    return Err(Error::config(
+                        "train.objective",
+                        format!(
+                            "'{}' needs model.kind = \"encoder\" (llama: \"lm\")",
+                            t.objective
+                        ),
+                    ));
+                }
+            }
+            "encoder" => {
+                if frugal_models::encoder::EncoderConfig::preset(&m.size).is_none() {
+                    let what = if LLAMA_PRESETS.contains(&m.size.as_str()) {
+                        "is a llama preset, not an encoder one"
+                    } else {
+                        "is not an encoder preset"
+                    };
+                    return Err(Error::config(
+                        "model.size",
+                        format!(
+                            "'{}' {what} (encoder presets: {})",
+                            m.size,
+                            ENCODER_PRESETS.join(", ")
+                        ),
+                    ));
+                }
+                if self.objective() == "lm" {
+                    return Err(Error::config(
+                        "train.objective",
+                        "an encoder learns \"mlm\" or \"classification\", not \"lm\"",
+                    ));
+                }
+                // Block-by-block passes exist for the llama decoder only.
+                let refused = [
+                    ("optim.layerwise", self.optim.layerwise),
+                    ("train.checkpointing", t.checkpointing),
+                    ("train.ce_chunk", t.ce_chunk > 0),
+                ];
+                for (key, on) in refused {
+                    if on {
+                        return Err(Error::config(
+                            key,
+                            "is not available for model.kind = \"encoder\" yet (llama only)",
+                        ));
+                    }
+                }
+            }
+            other => {
+                return Err(Error::config(
+                    "model.kind",
+                    format!("'{other}' is not available yet (available: \"llama\", \"encoder\")"),
+                ))
+            }
+        }
+        if !(t.mlm_probability > 0.0 && t.mlm_probability < 1.0) {
+            return Err(Error::config(
+                "train.mlm_probability",
+                format!("must be between 0 and 1, got {}", t.mlm_probability),
+            ));
+        }
+        if m.num_labels < 0 {
+            return Err(Error::config(
+                "model.num_labels",
+                "must be >= 0 (0: from the data)",
+            ));
+        }
+        let classification = self.objective() == "classification";
+        if classification && self.data.task_path.is_empty() {
+            return Err(Error::config(
+                "data.task_path",
+                "train.objective = \"classification\" needs a TSV file of examples",
+            ));
+        }
+        if !classification {
+            for (key, v) in [
+                ("data.task_path", &self.data.task_path),
+                ("data.task_val_path", &self.data.task_val_path),
+            ] {
+                if !v.is_empty() {
+                    return Err(Error::config(
+                        key,
+                        "is read only with train.objective = \"classification\"",
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The encoder's shape: the preset with the config's overrides, its vocabulary the
+    /// tokenizer's (`tokenizer_vocab`) unless `model.vocab_size` says more.
+    pub fn encoder_config(
+        &self,
+        tokenizer_vocab: i64,
+    ) -> Result<frugal_models::encoder::EncoderConfig> {
+        let m = &self.model;
+        let mut c = frugal_models::encoder::EncoderConfig::preset(&m.size)
+            .ok_or_else(|| {
+                Error::config(
+                    "model.size",
+                    format!("'{}' is not an encoder preset", m.size),
+                )
+            })?
+            .with_vocab_size(tokenizer_vocab);
+        let set = |v: i64, field: &mut i64| {
+            if v > 0 {
+                *field = v;
+            }
+        };
+        set(m.hidden_size, &mut c.hidden_size);
+        set(m.intermediate_size, &mut c.intermediate_size);
+        set(m.num_layers, &mut c.num_hidden_layers);
+        set(m.num_heads, &mut c.num_attention_heads);
+        set(m.vocab_size, &mut c.vocab_size);
+        set(m.max_seq_len, &mut c.max_position_embeddings);
+        c.validate()?;
+        self.check_encoder_fits(&c, tokenizer_vocab)?;
+        Ok(c)
+    }
+
+    /// Checks that an encoder of shape `c` takes the tokenizer's ids and `train.seq_len`.
+    pub fn check_encoder_fits(
+        &self,
+        c: &frugal_models::encoder::EncoderConfig,
+        tokenizer_vocab: i64,
+    ) -> Result<()> {
+        if c.vocab_size < tokenizer_vocab {
+            return Err(Error::config(
+                "model.vocab_size",
+                format!(
+                    "{} is smaller than the tokenizer's vocabulary ({tokenizer_vocab})",
+                    c.vocab_size
+                ),
+            ));
+        }
+        if self.train.seq_len as i64 > c.max_position_embeddings {
+            return Err(Error::config(
+                "train.seq_len",
+                format!(
+                    "{} is longer than the model allows ({} positions; raise model.max_seq_len)",
+                    self.train.seq_len, c.max_position_embeddings
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// The model shape: the preset with the config's overrides; `tokenizer_vocab` sizes the
     /// vocabulary when the preset is `tiny` and no override is given.
     pub fn llama_config(&self, tokenizer_vocab: i64) -> Result<frugal_models::llama::LlamaConfig> {
         let m = &self.model;
+        if m.kind != "llama" {
+            return Err(Error::config(
+                "model.kind",
+                format!("this needs a llama model, the run's is '{}'", m.kind),
+            ));
+        }
         let mut c = frugal_models::llama::LlamaConfig::preset(&m.size).expect("validated");
         if m.size == "tiny" {
             c.vocab_size = tokenizer_vocab;

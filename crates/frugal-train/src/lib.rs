@@ -1,5 +1,6 @@
 //! Frugal's trainer: configuration, data, the training loop, schedules, checkpoints, metrics,
-//! and the commands behind the `frugal` binary (`train`, `eval`, `generate`, `inspect`).
+//! and the commands behind the `frugal` binary (`train`, `eval`, `generate`, `quantize`,
+//! `compress`, `inspect`...).
 //!
 //! ```no_run
 //! let cfg = frugal_train::config::load(std::path::Path::new("configs/default.toml"),
@@ -11,8 +12,10 @@
 
 pub mod checkpoint;
 pub mod commands;
+pub mod compress_cmd;
 pub mod config;
 pub mod data;
+pub mod encoder_train;
 pub mod memplan;
 pub mod optimizers;
 pub mod plot;
@@ -23,3 +26,4 @@ pub mod schedule;
 pub mod step;
 pub mod tokenize;
 pub mod train;
+pub mod tsv;

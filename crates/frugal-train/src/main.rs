@@ -1,10 +1,11 @@
-//! The `frugal` command line: `train`, `eval`, `generate`, `quantize`, `dequantize`, `inspect`.
+//! The `frugal` command line: `train`, `eval`, `generate`, `quantize`, `dequantize`, `compress`,
+//! `decompress`, `inspect`.
 //!
 //! Errors print one line and exit with code 2; Ctrl-C during training saves a checkpoint and
 //! exits with code 130.
 
 use clap::{Parser, Subcommand};
-use frugal_train::{commands, quantize_cmd};
+use frugal_train::{commands, compress_cmd, quantize_cmd};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -111,7 +112,35 @@ enum Command {
         /// Output file or folder.
         output: PathBuf,
     },
-    /// List the tensors of a safetensors file (or of every one in a folder).
+    /// Compress the 2-D weights of a safetensors file or model folder to tensor-train cores
+    /// (TT-SVD); prints each tensor's modes, ranks, compression and relative error.
+    Compress {
+        /// Input: a .safetensors file or a Hugging Face model folder.
+        input: PathBuf,
+        /// Output: a .safetensors file or a folder (then config.json gets tt_config).
+        output: PathBuf,
+        /// The largest TT rank of every bond.
+        #[arg(long, value_name = "R", required_unless_present = "tt_eps")]
+        tt_rank: Option<i64>,
+        /// The relative Frobenius accuracy of each weight's TT-SVD, in (0, 1).
+        #[arg(long, value_name = "E", conflicts_with = "tt_rank")]
+        tt_eps: Option<f64>,
+        /// Modes per side (fewer, down to 2, for a dimension with too few prime factors).
+        #[arg(long, value_name = "K", default_value_t = 3)]
+        order: usize,
+        /// Also compress embeddings and the output head.
+        #[arg(long)]
+        include_embeddings: bool,
+    },
+    /// Restore dense weights from TT cores and from quantized weights (file or folder).
+    Decompress {
+        /// Input: a .safetensors file or model folder with TT cores or quantized weights.
+        input: PathBuf,
+        /// Output file or folder.
+        output: PathBuf,
+    },
+    /// List the tensors of a safetensors file (or of every one in a folder), with quantized
+    /// weights' formats and TT layers' modes, ranks and compression.
     Inspect {
         /// A .safetensors file or a folder.
         path: PathBuf,
@@ -181,6 +210,23 @@ fn main() -> ExitCode {
             quantize_cmd::quantize(&input, &output, &o)
         }
         Command::Dequantize { input, output } => quantize_cmd::dequantize(&input, &output),
+        Command::Compress {
+            input,
+            output,
+            tt_rank,
+            tt_eps,
+            order,
+            include_embeddings,
+        } => {
+            let o = compress_cmd::CompressOptions {
+                tt_rank,
+                tt_eps,
+                order,
+                include_embeddings,
+            };
+            compress_cmd::compress(&input, &output, &o)
+        }
+        Command::Decompress { input, output } => compress_cmd::decompress(&input, &output),
         Command::Inspect { path } => commands::inspect(&path),
     };
     match result {

@@ -40,7 +40,7 @@ fn regex(flag: &str, r: &Option<String>) -> Result<Option<regex::Regex>> {
 }
 
 /// The model file of a folder (single file; sharded checkpoints are refused by name).
-fn model_file(dir: &Path) -> Result<PathBuf> {
+pub(crate) fn model_file(dir: &Path) -> Result<PathBuf> {
     if dir.join("model.safetensors.index.json").exists() {
         return Err(Error::Msg(format!(
             "{}: sharded checkpoints (model.safetensors.index.json) are not supported yet",
@@ -58,7 +58,7 @@ fn model_file(dir: &Path) -> Result<PathBuf> {
 }
 
 /// Copies every file of `from` but the model and config into `to`.
-fn copy_side_files(from: &Path, to: &Path) -> Result<()> {
+pub(crate) fn copy_side_files(from: &Path, to: &Path) -> Result<()> {
     for e in std::fs::read_dir(from)
         .map_err(|e| Error::io(from, e))?
         .flatten()
@@ -78,7 +78,7 @@ fn copy_side_files(from: &Path, to: &Path) -> Result<()> {
 }
 
 /// Rewrites `config.json` from `from` into `to` with `edit` applied (nothing when absent).
-fn edit_config(
+pub(crate) fn edit_config(
     from: &Path,
     to: &Path,
     edit: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>),

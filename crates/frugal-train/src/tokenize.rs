@@ -163,6 +163,65 @@ pub fn eos_id(tok: &Tokenizer) -> u32 {
     find_eos_id(tok).unwrap_or(0)
 }
 
+/// The encoder's mask token, added to the trained BPE for encoder runs (after the learned
+/// vocabulary: ids 0 and 1 and every merge keep their ids, so a cached tokenizer still loads).
+pub const MASK_TOKEN: &str = "<|mask|>";
+/// The encoder's summary token, first in every sequence (BERT's `[CLS]`).
+pub const CLS_TOKEN: &str = "<|cls|>";
+/// The encoder's separator, after each text of a classification example (BERT's `[SEP]`).
+pub const SEP_TOKEN: &str = "<|sep|>";
+
+/// The special ids an encoder run uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EncoderTokens {
+    /// Replaces selected tokens in masked-LM inputs.
+    pub mask: u32,
+    /// First token of every sequence.
+    pub cls: u32,
+    /// After each text of an example.
+    pub sep: u32,
+    /// Padding (the tokenizer's pad token, else end-of-text).
+    pub pad: u32,
+    /// End of a document in the packed pre-training stream.
+    pub eos: u32,
+}
+
+impl EncoderTokens {
+    /// Ids that are never selected for masked-LM prediction.
+    pub fn special(&self) -> [u32; 5] {
+        [self.mask, self.cls, self.sep, self.pad, self.eos]
+    }
+}
+
+/// Finds (or adds as special tokens) what an encoder needs: a mask, a summary and a separator
+/// token. A tokenizer that has BERT's `[MASK]`/`[CLS]`/`[SEP]` or RoBERTa's
+/// `<mask>`/`<s>`/`</s>` keeps them; otherwise `<|mask|>`, `<|cls|>`, `<|sep|>` are appended
+/// after the existing vocabulary, so that no existing id changes. Idempotent.
+pub fn add_encoder_tokens(tok: &mut Tokenizer) -> EncoderTokens {
+    let mut find_or_add = |names: &[&str], ours: &str| -> u32 {
+        if let Some(id) = names.iter().find_map(|t| tok.token_to_id(t)) {
+            return id;
+        }
+        tok.add_special_tokens(&[AddedToken::from(ours, true)]);
+        tok.token_to_id(ours).expect("just added")
+    };
+    let mask = find_or_add(&[MASK_TOKEN, "[MASK]", "<mask>"], MASK_TOKEN);
+    let cls = find_or_add(&[CLS_TOKEN, "[CLS]", "<s>"], CLS_TOKEN);
+    let sep = find_or_add(&[SEP_TOKEN, "[SEP]", "</s>"], SEP_TOKEN);
+    let eos = find_eos_id(tok).unwrap_or(sep);
+    let pad = [PAD_TOKEN, "[PAD]", "<pad>"]
+        .iter()
+        .find_map(|t| tok.token_to_id(t))
+        .unwrap_or(eos);
+    EncoderTokens {
+        mask,
+        cls,
+        sep,
+        pad,
+        eos,
+    }
+}
+
 /// Encodes documents (no special tokens added, truncation and padding of a user tokenizer
 /// ignored) and concatenates them, with the end-of-text id after each.
 pub fn encode_documents(tok: &Tokenizer, docs: &[Document]) -> Result<Vec<u32>, DataError> {
@@ -355,6 +414,44 @@ mod tests {
             err.starts_with(&format!("{}: ", missing.display())),
             "{err}"
         );
+    }
+
+    /// Guarantee: the encoder's tokens are appended after the vocabulary: ids 0 and 1 and
+    /// every learned token keep their ids, the text encodes as before, adding twice changes
+    /// nothing, and a saved tokenizer of an older run (without them) loads and gets them.
+    #[test]
+    fn encoder_tokens_keep_existing_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = train_bpe(&[SAMPLE; 4], 300).unwrap();
+        let path = dir.path().join("tokenizer.json");
+        old.save(&path, false).unwrap();
+        let mut tok = load_tokenizer_file(&path).unwrap();
+        let before = tok.get_vocab_size(true) as u32;
+        let t = add_encoder_tokens(&mut tok);
+        assert_eq!(tok.token_to_id(EOS_TOKEN), Some(0));
+        assert_eq!(tok.token_to_id(PAD_TOKEN), Some(1));
+        assert_eq!((t.eos, t.pad), (0, 1));
+        let mut new_ids = [t.mask, t.cls, t.sep];
+        new_ids.sort();
+        assert_eq!(new_ids, [before, before + 1, before + 2]);
+        assert_eq!(tok.get_vocab_size(true) as u32, before + 3);
+        assert_eq!(old.get_vocab(true).len() + 3, tok.get_vocab(true).len());
+        for (token, id) in old.get_vocab(true) {
+            assert_eq!(tok.token_to_id(&token), Some(id), "{token}");
+        }
+        assert_eq!(
+            tok.encode(SAMPLE, false).unwrap().get_ids(),
+            old.encode(SAMPLE, false).unwrap().get_ids()
+        );
+        let enc = tok.encode(format!("a{MASK_TOKEN}b"), false).unwrap();
+        assert!(enc.get_ids().contains(&t.mask));
+        assert_eq!(add_encoder_tokens(&mut tok), t);
+        assert_eq!(tok.get_vocab_size(true) as u32, before + 3);
+        // Through a file and back, as a run folder keeps it.
+        let saved = dir.path().join("run-tokenizer.json");
+        tok.save(&saved, false).unwrap();
+        let mut again = load_tokenizer_file(&saved).unwrap();
+        assert_eq!(add_encoder_tokens(&mut again), t);
     }
 
     #[test]

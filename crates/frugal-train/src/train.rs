@@ -43,11 +43,21 @@ pub struct Summary {
     pub baseline_rss_bytes: u64,
     /// True when Ctrl-C stopped the run early (a checkpoint was saved).
     pub interrupted: bool,
+    /// Validation accuracy at the end (classification runs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub val_accuracy: Option<f64>,
+    /// What `unigram_val_loss` is, when not the unigram model (classification: the loss of
+    /// predicting the training label frequencies).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub baseline_name: Option<String>,
 }
 
 /// Trains as `cfg` says into `run_dir`. With `resume`, continues from the run's latest
 /// checkpoint (exactly: on CPU the losses and weights equal those of an uninterrupted run).
 pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
+    if cfg.is_encoder() {
+        return crate::encoder_train::train(cfg, run_dir, resume);
+    }
     std::fs::create_dir_all(run_dir).map_err(|e| Error::io(run_dir, e))?;
     if cfg.train.threads > 0 {
         tch::set_num_threads(cfg.train.threads as i32);
@@ -317,23 +327,25 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
         peak_rss_bytes: peak,
         baseline_rss_bytes: baseline_rss,
         interrupted,
+        val_accuracy: None,
+        baseline_name: None,
     })
 }
 
-fn line_has_val(m: &Metrics) -> bool {
+pub(crate) fn line_has_val(m: &Metrics) -> bool {
     m.lines.last().is_some_and(|l| l.get("val_loss").is_some())
 }
 
 /// `metrics.jsonl`, kept in memory for the plot; on resume, lines past the checkpoint's step
 /// are dropped so that the file reads as one uninterrupted run.
-struct Metrics {
+pub(crate) struct Metrics {
     path: PathBuf,
     lines: Vec<serde_json::Value>,
     file: std::fs::File,
 }
 
 impl Metrics {
-    fn open(path: &Path, upto_step: u64) -> Result<Self> {
+    pub(crate) fn open(path: &Path, upto_step: u64) -> Result<Self> {
         let mut lines = Vec::new();
         if upto_step > 0 {
             if let Ok(text) = std::fs::read_to_string(path) {
@@ -359,13 +371,13 @@ impl Metrics {
         })
     }
 
-    fn push(&mut self, line: serde_json::Value) -> Result<()> {
+    pub(crate) fn push(&mut self, line: serde_json::Value) -> Result<()> {
         writeln!(self.file, "{line}").map_err(|e| Error::io(&self.path, e))?;
         self.lines.push(line);
         Ok(())
     }
 
-    fn recent_loss(&self, n: usize) -> f64 {
+    pub(crate) fn recent_loss(&self, n: usize) -> f64 {
         let tail: Vec<f64> = self
             .lines
             .iter()
@@ -377,6 +389,11 @@ impl Metrics {
     }
 
     fn plot(&self, path: &Path, unigram: f64) {
+        self.plot_with(path, unigram, "unigram (val)");
+    }
+
+    /// The loss curve with a horizontal `baseline` line named `baseline_name`.
+    pub(crate) fn plot_with(&self, path: &Path, unigram: f64, baseline_name: &str) {
         let pick = |key: &str| -> Vec<(f64, f64)> {
             self.lines
                 .iter()
@@ -401,7 +418,7 @@ impl Metrics {
                 rgb: [214, 39, 40],
             },
             Series {
-                name: "unigram (val)",
+                name: baseline_name,
                 points: &base,
                 rgb: [150, 150, 150],
             },
@@ -436,11 +453,17 @@ pub fn print_summary(s: &Summary) {
         s.val_loss,
         ppl(s.val_loss)
     );
-    println!(
-        "  unigram val loss     {:.4} (ppl {:.2}), the loss of a model that ignores context",
-        s.unigram_val_loss,
-        ppl(s.unigram_val_loss)
-    );
+    if let Some(acc) = s.val_accuracy {
+        println!("  validation accuracy  {acc:.4}");
+    }
+    match &s.baseline_name {
+        Some(name) => println!("  {name:<20} {:.4}", s.unigram_val_loss),
+        None => println!(
+            "  unigram val loss     {:.4} (ppl {:.2}), the loss of a model that ignores context",
+            s.unigram_val_loss,
+            ppl(s.unigram_val_loss)
+        ),
+    }
     println!(
         "  peak memory          {} resident ({} above the {} baseline)",
         human_bytes(s.peak_rss_bytes),
