@@ -1,12 +1,14 @@
-//! Frugal's models. Now: a LLaMA-style decoder (RMSNorm, rotary embeddings, SwiGLU, no biases,
-//! causal attention through libtorch's fused scaled-dot-product attention) whose weights carry
-//! Hugging Face's names, so that a HF LLaMA checkpoint loads as it is.
+//! Frugal's models: a LLaMA-style decoder (RMSNorm, rotary embeddings, SwiGLU, no biases,
+//! causal attention through libtorch's fused scaled-dot-product attention) and a BERT-style
+//! encoder ([`encoder`]: post-LN blocks, masked-LM and sequence-classification heads), both with
+//! Hugging Face's weight names, so that HF checkpoints load as they are.
 //!
 //! Every linear layer is built by one factory, [`linear::build`], from a [`LinearKind`], so that
-//! tensor-train, LoRA and BitLinear layers slot in later without touching the models. Now:
-//! dense layers, and frozen quantized ones (`LinearKind::Quantized`: int8, int4, NF4, FP4,
-//! ternary from `frugal-quant`), which [`weights::load_model`] fills from a dense checkpoint
-//! (quantizing it) or a quantized one (as stored).
+//! LoRA and BitLinear layers slot in later without touching the models. Now: dense layers,
+//! frozen quantized ones (`LinearKind::Quantized`: int8, int4, NF4, FP4, ternary from
+//! `frugal-quant`), and tensor-train layers (`LinearKind::Tt`, `frugal_tt::TtLinear`), which
+//! [`weights::load_model`] fills from a dense checkpoint (quantizing it or decomposing it by
+//! TT-SVD) or from one in their own form (as stored, at the file's ranks).
 //!
 //! ```no_run
 //! use frugal_models::{llama::{Llama, LlamaConfig}, LinearKind};

@@ -12,7 +12,7 @@
 //! `min(1e-2, 1/sqrt(t))` (`min(1e-6 t, 1/sqrt(t))` with `warmup_init`); with
 //! `scale_parameter` it is multiplied by `max(eps2, rms(w))`, computed in f32 like transformers.
 
-use crate::optimizer::{back, impl_optimizer, Reader, Slot, Slots};
+use crate::optimizer::{back, impl_optimizer, Reader, Slicer, Slot, Slots};
 use frugal_core::{Error, Result};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
@@ -134,6 +134,11 @@ impl Adafactor {
             Second::Full(v) => out.push((format!("{name}.exp_avg_sq"), v.shallow_clone())),
         }
         out
+    }
+
+    /// The factored second moment does not slice: the parameter starts afresh.
+    fn rule_slice(_: &State, _: &Slicer, _: &[i64]) -> Result<Option<State>> {
+        Ok(None)
     }
 
     fn rule_bytes(s: &State) -> u64 {

@@ -11,7 +11,7 @@
 //! With a GaLore projector the moments live in the projected space and `back` maps the
 //! normalized update to the weight's shape (galore-torch's `GaLoreAdamW` is the Hf variant).
 
-use crate::optimizer::{back, impl_optimizer, Reader, Slot, Slots};
+use crate::optimizer::{back, impl_optimizer, slice_to, Reader, Slicer, Slot, Slots};
 use frugal_core::Result;
 use frugal_galore::GradientProjector;
 use serde::{Deserialize, Serialize};
@@ -156,6 +156,13 @@ impl AdamW {
             (format!("{name}.exp_avg"), s.exp_avg.shallow_clone()),
             (format!("{name}.exp_avg_sq"), s.exp_avg_sq.shallow_clone()),
         ]
+    }
+
+    fn rule_slice(s: &State, slice: &Slicer, shape: &[i64]) -> Result<Option<State>> {
+        Ok(Some(State {
+            exp_avg: slice_to(slice, &s.exp_avg, shape, "first moment")?,
+            exp_avg_sq: slice_to(slice, &s.exp_avg_sq, shape, "second moment")?,
+        }))
     }
 
     fn rule_bytes(s: &State) -> u64 {

@@ -28,7 +28,7 @@
 //! as the tensor formulas above, operation by operation in f32.
 
 use crate::adamw::reproject;
-use crate::optimizer::{impl_optimizer, Reader, Slot, Slots};
+use crate::optimizer::{impl_optimizer, slice_to, Reader, Slicer, Slot, Slots};
 use frugal_core::Result;
 use frugal_quant::dynamic::{Blockwise8, DynamicMap};
 use rayon::prelude::*;
@@ -157,6 +157,35 @@ impl AdamW8bit {
                 ),
             ],
         }
+    }
+
+    /// 8-bit moments are dequantized, sliced and quantized again (fresh absmax values).
+    fn rule_slice(s: &State, slice: &Slicer, shape: &[i64]) -> Result<Option<State>> {
+        Ok(Some(match s {
+            State::F32 { m, v } => State::F32 {
+                m: slice_to(slice, m, shape, "first moment")?,
+                v: slice_to(slice, v, shape, "second moment")?,
+            },
+            State::Q8 { shape: old, m, v } => {
+                let m = slice_to(
+                    slice,
+                    &to_tensor(m, old, Device::Cpu),
+                    shape,
+                    "first moment",
+                )?;
+                let v = slice_to(
+                    slice,
+                    &to_tensor(v, old, Device::Cpu),
+                    shape,
+                    "second moment",
+                )?;
+                State::Q8 {
+                    shape: shape.to_vec(),
+                    m: quantize(&m, DynamicMap::Signed)?,
+                    v: quantize(&v, DynamicMap::Unsigned)?,
+                }
+            }
+        }))
     }
 
     fn rule_bytes(s: &State) -> u64 {

@@ -35,4 +35,4 @@ pub use adafactor::{Adafactor, AdafactorConfig};
 pub use adamw::{AdamW, AdamWConfig, AdamWVariant};
 pub use adamw8bit::{AdamW8bit, AdamW8bitConfig, BLOCK_SIZE};
 pub use clip::{clip_grad_norm, grad_norm};
-pub use optimizer::Optimizer;
+pub use optimizer::{Optimizer, Slicer};

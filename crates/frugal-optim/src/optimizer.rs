@@ -68,6 +68,29 @@ pub trait Optimizer: Send + std::fmt::Debug {
     /// Loads a state written by [`Optimizer::save`]; shapes are checked and errors name the file
     /// and the tensor.
     fn load(&mut self, path: &Path) -> Result<()>;
+    /// Replaces the parameter `name` by `tensor`, a smaller version of it (for example a
+    /// tensor-train core sliced to its live ranks), keeping its step count: `slice` maps a
+    /// tensor of the old parameter's shape (a moment, an accumulated gradient) to the new
+    /// shape. AdamW and 8-bit AdamW slice their moments; Adafactor, whose factored second
+    /// moment does not slice, starts the parameter's state afresh. A parameter with a
+    /// gradient projector cannot be replaced.
+    fn replace_parameter(&mut self, name: &str, tensor: Tensor, slice: &Slicer) -> Result<()>;
+}
+
+/// Maps a tensor of a parameter's old shape to its new shape (see
+/// [`Optimizer::replace_parameter`]).
+pub type Slicer<'a> = dyn Fn(&Tensor) -> Result<Tensor> + 'a;
+
+/// `slice(t)`, checked to have `shape` (errors name `what`).
+pub(crate) fn slice_to(slice: &Slicer, t: &Tensor, shape: &[i64], what: &str) -> Result<Tensor> {
+    let out = slice(t)?;
+    if out.size() != shape {
+        return Err(Error::Msg(format!(
+            "the sliced {what} has shape {:?}, the new parameter {shape:?}",
+            out.size()
+        )));
+    }
+    Ok(out)
 }
 
 /// One parameter with what every optimizer keeps for it.
@@ -154,6 +177,50 @@ impl<S> Slots<S> {
             )));
         }
         slot.projector = Some(p);
+        Ok(())
+    }
+
+    /// Swaps the parameter `name` for `tensor`, its state through `rule` (which gets the old
+    /// state, the slicer and the new shape) and its accumulated gradient through `slice`.
+    pub fn replace(
+        &mut self,
+        name: &str,
+        tensor: Tensor,
+        slice: &Slicer,
+        rule: impl Fn(&S, &Slicer, &[i64]) -> Result<Option<S>>,
+    ) -> Result<()> {
+        let i = self.index_of(name)?;
+        let slot = &mut self.slots[i];
+        if slot.projector.is_some() {
+            return Err(Error::Msg(format!(
+                "'{name}': a parameter with a gradient projector cannot be replaced"
+            )));
+        }
+        let shape = tensor.size();
+        let checked = |t: Tensor, what: &str| -> Result<Tensor> {
+            if t.size() != shape {
+                return Err(Error::Msg(format!(
+                    "'{name}': the sliced {what} has shape {:?}, the new parameter {shape:?}",
+                    t.size()
+                )));
+            }
+            Ok(t)
+        };
+        // Everything is computed before anything changes: a failure leaves the slot as it was.
+        let accum = match &slot.accum {
+            Some(a) => Some(checked(slice(a)?, "accumulated gradient")?),
+            None => None,
+        };
+        let state = match &slot.state {
+            Some(st) => {
+                rule(st, slice, &shape).map_err(|e| Error::Msg(format!("'{name}': {e}")))?
+            }
+            None => None,
+        };
+        slot.tensor = tensor;
+        slot.accum = accum;
+        slot.state = state;
+        slot.given = None;
         Ok(())
     }
 
@@ -561,6 +628,14 @@ macro_rules! impl_optimizer {
                 let config = serde_json::to_string(&self.config)
                     .map_err(|e| frugal_core::Error::Msg(format!("config to JSON: {e}")))?;
                 $crate::optimizer::save_state(path, &self.state_tensors(), Self::META_KEY, config)
+            }
+            fn replace_parameter(
+                &mut self,
+                name: &str,
+                tensor: tch::Tensor,
+                slice: &$crate::optimizer::Slicer,
+            ) -> frugal_core::Result<()> {
+                self.slots.replace(name, tensor, slice, Self::rule_slice)
             }
             fn load(&mut self, path: &std::path::Path) -> frugal_core::Result<()> {
                 let meta = self.slots.load(path, Self::load_rule)?;

@@ -309,3 +309,82 @@ fn step_indices_touches_only_the_subset() {
         assert!(opt.state_bytes() > 0);
     }
 }
+
+/// Replacing a parameter by a slice of itself slices its moments: the next step of the
+/// replaced parameter equals the same columns of a step of the whole one (AdamW is
+/// element-wise); a slicer that gives the wrong shape is an error naming the parameter.
+#[test]
+fn replaced_parameter_keeps_its_sliced_state() {
+    use frugal_optim::{AdamW, AdamW8bit, AdamW8bitConfig, AdamWConfig, Optimizer};
+    use tch::{Device, Kind, Tensor};
+    type Build = Box<dyn Fn(Tensor) -> Box<dyn Optimizer>>;
+    let keep = Tensor::from_slice(&[0i64, 2, 5]);
+    let slice = |t: &Tensor| Ok(t.index_select(1, &keep));
+    let cases: Vec<(&str, Build, f64)> = vec![
+        (
+            "adamw",
+            Box::new(|w| Box::new(AdamW::new(vec![("w".into(), w)], AdamWConfig::default()))),
+            1e-7,
+        ),
+        (
+            "adamw8bit",
+            Box::new(|w| {
+                Box::new(AdamW8bit::new(
+                    vec![("w".into(), w)],
+                    AdamW8bitConfig {
+                        min_8bit_size: 16,
+                        ..Default::default()
+                    },
+                ))
+            }),
+            // Requantizing in new blocks moves the moments by about a code step.
+            5e-5,
+        ),
+    ];
+    for (name, build, tol) in cases {
+        tch::manual_seed(0);
+        let w = Tensor::randn([64, 6], (Kind::Float, Device::Cpu));
+        let whole_w = w.copy().set_requires_grad(true);
+        let other_w = w.copy().set_requires_grad(true);
+        let mut whole = build(whole_w.shallow_clone());
+        let mut other = build(other_w.shallow_clone());
+        let grads: Vec<Tensor> = (0..3)
+            .map(|_| Tensor::randn([64, 6], (Kind::Float, Device::Cpu)))
+            .collect();
+        for g in &grads[..2] {
+            whole.step_with_grads(&[0], vec![g.copy()]).unwrap();
+            other.step_with_grads(&[0], vec![g.copy()]).unwrap();
+        }
+        let bad = |t: &Tensor| Ok(t.narrow(0, 0, 2));
+        let small_bad = tch::no_grad(|| other_w.index_select(1, &keep));
+        let err = other
+            .replace_parameter("w", small_bad, &bad)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("'w'") && err.contains("shape"),
+            "{name}: {err}"
+        );
+
+        let small = tch::no_grad(|| whole_w.index_select(1, &keep)).set_requires_grad(true);
+        whole
+            .replace_parameter("w", small.shallow_clone(), &slice)
+            .unwrap();
+        whole
+            .step_with_grads(&[0], vec![grads[2].index_select(1, &keep)])
+            .unwrap();
+        // `other` kept the whole parameter (its failed replacement changed nothing): step it.
+        other.step_with_grads(&[0], vec![grads[2].copy()]).unwrap();
+        let expected = other_w.index_select(1, &keep);
+        let diff = (&small - &expected).abs().max().double_value(&[]);
+        assert!(diff <= tol, "{name}: replaced step differs by {diff}");
+        let moved = (&small - &w.index_select(1, &keep))
+            .abs()
+            .max()
+            .double_value(&[]);
+        assert!(
+            moved > 1e-3,
+            "{name}: the steps must move the weights ({moved})"
+        );
+    }
+}
