@@ -137,31 +137,69 @@ pub fn load(path: &Path, device: tch::Device) -> Result<Vec<(String, Tensor)>> {
         .collect()
 }
 
-/// A CPU, contiguous tensor lent to the safetensors writer without another copy.
-struct TensorView {
-    t: Tensor,
-    dtype: Dtype,
-    shape: Vec<usize>,
+/// One tensor to save: a tch tensor, or bytes lent by their owner (so that state kept outside
+/// tch, like 8-bit optimizer codes, is written without a copy).
+#[derive(Debug)]
+pub enum SavePart<'a> {
+    /// A tensor (moved to the CPU and made contiguous if it is not).
+    Tensor(Tensor),
+    /// Raw little-endian bytes of `kind` elements with `shape`.
+    Bytes {
+        /// The elements' bytes.
+        data: &'a [u8],
+        /// The element kind.
+        kind: Kind,
+        /// The shape.
+        shape: Vec<i64>,
+    },
 }
 
-impl View for &TensorView {
+/// A CPU, contiguous tensor or borrowed bytes, lent to the safetensors writer without another
+/// copy.
+enum PartView<'a> {
+    Tensor {
+        t: Tensor,
+        dtype: Dtype,
+        shape: Vec<usize>,
+    },
+    Bytes {
+        data: &'a [u8],
+        dtype: Dtype,
+        shape: Vec<usize>,
+    },
+}
+
+impl View for &PartView<'_> {
     fn dtype(&self) -> Dtype {
-        self.dtype
+        match self {
+            PartView::Tensor { dtype, .. } | PartView::Bytes { dtype, .. } => *dtype,
+        }
     }
     fn shape(&self) -> &[usize] {
-        &self.shape
+        match self {
+            PartView::Tensor { shape, .. } | PartView::Bytes { shape, .. } => shape,
+        }
     }
     fn data(&self) -> Cow<'_, [u8]> {
-        let len = self.data_len();
-        if len == 0 {
-            return Cow::Borrowed(&[]);
+        match self {
+            PartView::Bytes { data, .. } => Cow::Borrowed(data),
+            PartView::Tensor { t, .. } => {
+                let len = self.data_len();
+                if len == 0 {
+                    return Cow::Borrowed(&[]);
+                }
+                // SAFETY: `t` is a contiguous CPU tensor that lives as long as `self`; its
+                // storage holds `len` bytes from `data_ptr`, and nothing writes to it while
+                // the writer reads.
+                Cow::Borrowed(unsafe { std::slice::from_raw_parts(t.data_ptr() as *const u8, len) })
+            }
         }
-        // SAFETY: `t` is a contiguous CPU tensor that lives as long as `self`; its storage holds
-        // `len` bytes from `data_ptr`, and nothing writes to it while the writer reads.
-        Cow::Borrowed(unsafe { std::slice::from_raw_parts(self.t.data_ptr() as *const u8, len) })
     }
     fn data_len(&self) -> usize {
-        self.t.numel() * self.t.kind().elt_size_in_bytes()
+        match self {
+            PartView::Bytes { data, .. } => data.len(),
+            PartView::Tensor { t, .. } => t.numel() * t.kind().elt_size_in_bytes(),
+        }
     }
 }
 
@@ -171,13 +209,46 @@ pub fn save(
     tensors: &[(String, Tensor)],
     metadata: Option<HashMap<String, String>>,
 ) -> Result<()> {
-    let mut views = Vec::with_capacity(tensors.len());
-    for (name, t) in tensors {
-        let dtype = dtype_of(t.kind())
-            .ok_or_else(|| Error::Msg(format!("{name}: dtype {:?} cannot be saved", t.kind())))?;
-        let t = t.detach().to_device(tch::Device::Cpu).contiguous();
-        let shape = t.size().iter().map(|&d| d as usize).collect();
-        views.push((name.clone(), TensorView { t, dtype, shape }));
+    let parts: Vec<(String, SavePart)> = tensors
+        .iter()
+        .map(|(n, t)| (n.clone(), SavePart::Tensor(t.shallow_clone())))
+        .collect();
+    save_parts(path, &parts, metadata)
+}
+
+/// [`save`] for tensors and borrowed bytes; errors name the part whose dtype cannot be saved
+/// or whose bytes do not fill its shape.
+pub fn save_parts(
+    path: &Path,
+    parts: &[(String, SavePart)],
+    metadata: Option<HashMap<String, String>>,
+) -> Result<()> {
+    let mut views = Vec::with_capacity(parts.len());
+    let dtype = |name: &str, kind: Kind| {
+        dtype_of(kind).ok_or_else(|| Error::Msg(format!("{name}: dtype {kind:?} cannot be saved")))
+    };
+    for (name, part) in parts {
+        let view = match part {
+            SavePart::Tensor(t) => {
+                let dtype = dtype(name, t.kind())?;
+                let t = t.detach().to_device(tch::Device::Cpu).contiguous();
+                let shape = t.size().iter().map(|&d| d as usize).collect();
+                PartView::Tensor { t, dtype, shape }
+            }
+            SavePart::Bytes { data, kind, shape } => {
+                let dtype = dtype(name, *kind)?;
+                let n: i64 = shape.iter().product();
+                if n < 0 || n as usize * kind.elt_size_in_bytes() != data.len() {
+                    return Err(Error::Msg(format!(
+                        "{name}: {} bytes do not hold a {kind:?} tensor of shape {shape:?}",
+                        data.len()
+                    )));
+                }
+                let shape = shape.iter().map(|&d| d as usize).collect();
+                PartView::Bytes { data, dtype, shape }
+            }
+        };
+        views.push((name.clone(), view));
     }
     let mut meta = metadata.unwrap_or_default();
     meta.insert("format".into(), "pt".into());
@@ -227,6 +298,41 @@ mod tests {
             back[2].1.equal(&c),
             "transposed (non-contiguous) tensor saved in logical order"
         );
+    }
+
+    #[test]
+    fn borrowed_bytes_save_as_tensors() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("b.safetensors");
+        let codes: Vec<u8> = (0..12).collect();
+        let parts = [
+            (
+                "codes".to_string(),
+                SavePart::Bytes {
+                    data: &codes,
+                    kind: Kind::Uint8,
+                    shape: vec![3, 4],
+                },
+            ),
+            (
+                "x".to_string(),
+                SavePart::Tensor(Tensor::from_slice(&[1.5f32])),
+            ),
+        ];
+        save_parts(&p, &parts, None).unwrap();
+        let back = load(&p, tch::Device::Cpu).unwrap();
+        let expect = Tensor::from_slice(&codes).reshape([3, 4]);
+        assert!(back[0].1.equal(&expect) && back[0].1.kind() == Kind::Uint8);
+        let short = [(
+            "codes".to_string(),
+            SavePart::Bytes {
+                data: &codes[..5],
+                kind: Kind::Uint8,
+                shape: vec![3, 4],
+            },
+        )];
+        let err = save_parts(&p, &short, None).unwrap_err().to_string();
+        assert!(err.contains("codes") && err.contains("[3, 4]"), "{err}");
     }
 
     #[test]

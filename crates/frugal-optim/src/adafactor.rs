@@ -12,7 +12,8 @@
 //! `min(1e-2, 1/sqrt(t))` (`min(1e-6 t, 1/sqrt(t))` with `warmup_init`); with
 //! `scale_parameter` it is multiplied by `max(eps2, rms(w))`, computed in f32 like transformers.
 
-use crate::optimizer::{back, impl_optimizer, Reader, Slicer, Slot, Slots};
+use crate::optimizer::{back, impl_optimizer, tensor_parts, Reader, Slicer, Slot, Slots};
+use frugal_core::safetensors_io::SavePart;
 use frugal_core::{Error, Result};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
@@ -119,6 +120,10 @@ impl Adafactor {
             }
             Ok(())
         })
+    }
+
+    fn rule_parts<'a>(name: &str, s: &'a State) -> Vec<(String, SavePart<'a>)> {
+        tensor_parts(Self::rule_tensors(name, s))
     }
 
     fn rule_tensors(name: &str, s: &State) -> Vec<(String, Tensor)> {

@@ -11,7 +11,8 @@
 //! With a GaLore projector the moments live in the projected space and `back` maps the
 //! normalized update to the weight's shape (galore-torch's `GaLoreAdamW` is the Hf variant).
 
-use crate::optimizer::{back, impl_optimizer, slice_to, Reader, Slicer, Slot, Slots};
+use crate::optimizer::{back, impl_optimizer, slice_to, tensor_parts, Reader, Slicer, Slot, Slots};
+use frugal_core::safetensors_io::SavePart;
 use frugal_core::Result;
 use frugal_galore::GradientProjector;
 use serde::{Deserialize, Serialize};
@@ -149,6 +150,10 @@ impl AdamW {
             }
             Ok(())
         })
+    }
+
+    fn rule_parts<'a>(name: &str, s: &'a State) -> Vec<(String, SavePart<'a>)> {
+        tensor_parts(Self::rule_tensors(name, s))
     }
 
     fn rule_tensors(name: &str, s: &State) -> Vec<(String, Tensor)> {

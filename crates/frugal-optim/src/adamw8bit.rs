@@ -29,6 +29,7 @@
 
 use crate::adamw::reproject;
 use crate::optimizer::{impl_optimizer, slice_to, Reader, Slicer, Slot, Slots};
+use frugal_core::safetensors_io::SavePart;
 use frugal_core::Result;
 use frugal_quant::dynamic::{Blockwise8, DynamicMap};
 use rayon::prelude::*;
@@ -107,10 +108,6 @@ fn quantize(t: &Tensor, map: DynamicMap) -> Result<Blockwise8> {
     Ok(Blockwise8::quantize(&v, BLOCK_SIZE, map))
 }
 
-fn u8_tensor(codes: &[u8], shape: &[i64]) -> Tensor {
-    Tensor::from_slice(codes).reshape(shape)
-}
-
 impl AdamW8bit {
     const META_KEY: &'static str = "adamw8bit";
 
@@ -135,25 +132,34 @@ impl AdamW8bit {
         })
     }
 
-    fn rule_tensors(name: &str, s: &State) -> Vec<(String, Tensor)> {
+    /// The codes are lent to the checkpoint writer as they are (no copy of the state).
+    fn rule_parts<'a>(name: &str, s: &'a State) -> Vec<(String, SavePart<'a>)> {
+        let codes = |data: &'a [u8], shape: &[i64]| SavePart::Bytes {
+            data,
+            kind: Kind::Uint8,
+            shape: shape.to_vec(),
+        };
         match s {
             State::F32 { m, v } => vec![
-                (format!("{name}.exp_avg"), m.shallow_clone()),
-                (format!("{name}.exp_avg_sq"), v.shallow_clone()),
+                (
+                    format!("{name}.exp_avg"),
+                    SavePart::Tensor(m.shallow_clone()),
+                ),
+                (
+                    format!("{name}.exp_avg_sq"),
+                    SavePart::Tensor(v.shallow_clone()),
+                ),
             ],
             State::Q8 { shape, m, v } => vec![
-                (format!("{name}.exp_avg.codes"), u8_tensor(&m.codes, shape)),
+                (format!("{name}.exp_avg.codes"), codes(&m.codes, shape)),
                 (
                     format!("{name}.exp_avg.absmax"),
-                    Tensor::from_slice(&m.absmax),
+                    SavePart::Tensor(Tensor::from_slice(&m.absmax)),
                 ),
-                (
-                    format!("{name}.exp_avg_sq.codes"),
-                    u8_tensor(&v.codes, shape),
-                ),
+                (format!("{name}.exp_avg_sq.codes"), codes(&v.codes, shape)),
                 (
                     format!("{name}.exp_avg_sq.absmax"),
-                    Tensor::from_slice(&v.absmax),
+                    SavePart::Tensor(Tensor::from_slice(&v.absmax)),
                 ),
             ],
         }

@@ -2,7 +2,7 @@
 //! share: named parameters, optional GaLore projectors, gradient accumulation buffers, and the
 //! state file format.
 
-use frugal_core::safetensors_io::{self, SafetensorsFile};
+use frugal_core::safetensors_io::{self, SafetensorsFile, SavePart};
 use frugal_core::{Error, Result};
 use frugal_galore::GradientProjector;
 use std::collections::HashMap;
@@ -352,26 +352,51 @@ impl<S> Slots<S> {
             .sum()
     }
 
-    /// State tensors: for each parameter with state, `rule(name, state)`, `{name}.step`, the
+    /// State parts: for each parameter with state, `rule(name, state)`, `{name}.step`, the
     /// projector's under `{name}.projector`; and `{name}.grad_accum` for pending buffers.
-    pub fn state_tensors(
-        &self,
-        rule: impl Fn(&str, &S) -> Vec<(String, Tensor)>,
-    ) -> Vec<(String, Tensor)> {
+    pub fn state_parts<'a>(
+        &'a self,
+        rule: impl Fn(&str, &'a S) -> Vec<(String, SavePart<'a>)>,
+    ) -> Vec<(String, SavePart<'a>)> {
         let mut out = Vec::new();
+        let tensor = |n: String, t: Tensor| (n, SavePart::Tensor(t));
         for s in &self.slots {
             if let Some(st) = &s.state {
                 out.extend(rule(&s.name, st));
-                out.push((format!("{}.step", s.name), Tensor::from(s.step)));
+                out.push(tensor(format!("{}.step", s.name), Tensor::from(s.step)));
             }
             if let Some(p) = &s.projector {
-                out.extend(p.state_tensors(&format!("{}.projector", s.name)));
+                let prefix = format!("{}.projector", s.name);
+                out.extend(
+                    p.state_tensors(&prefix)
+                        .into_iter()
+                        .map(|(n, t)| tensor(n, t)),
+                );
             }
             if let Some(a) = &s.accum {
-                out.push((format!("{}.grad_accum", s.name), a.shallow_clone()));
+                out.push(tensor(format!("{}.grad_accum", s.name), a.shallow_clone()));
             }
         }
         out
+    }
+
+    /// [`Slots::state_parts`] as tensors (borrowed bytes are copied into tensors).
+    pub fn state_tensors<'a>(
+        &'a self,
+        rule: impl Fn(&str, &'a S) -> Vec<(String, SavePart<'a>)>,
+    ) -> Vec<(String, Tensor)> {
+        self.state_parts(rule)
+            .into_iter()
+            .map(|(n, p)| {
+                let t = match p {
+                    SavePart::Tensor(t) => t,
+                    SavePart::Bytes { data, kind, shape } => {
+                        Tensor::from_data_size(data, &shape, kind)
+                    }
+                };
+                (n, t)
+            })
+            .collect()
     }
 
     /// Loads every parameter's state from `path`: `rule(reader, slot)` reads the rule's state
@@ -446,12 +471,20 @@ impl<S> Slots<S> {
 /// Saves `tensors` with the hyper-parameters `config` under metadata key `key`.
 pub(crate) fn save_state(
     path: &Path,
-    tensors: &[(String, Tensor)],
+    parts: &[(String, SavePart)],
     key: &str,
     config: String,
 ) -> Result<()> {
     let meta: HashMap<String, String> = [(key.to_string(), config)].into_iter().collect();
-    safetensors_io::save(path, tensors, Some(meta))
+    safetensors_io::save_parts(path, parts, Some(meta))
+}
+
+/// Tensors as save parts (for optimizers whose state is all tch tensors).
+pub(crate) fn tensor_parts<'a>(tensors: Vec<(String, Tensor)>) -> Vec<(String, SavePart<'a>)> {
+    tensors
+        .into_iter()
+        .map(|(n, t)| (n, SavePart::Tensor(t)))
+        .collect()
 }
 
 /// Reads named tensors of a state file, with errors that name the file and the tensor.
@@ -622,12 +655,14 @@ macro_rules! impl_optimizer {
                         .sum::<u64>()
             }
             fn state_tensors(&self) -> Vec<(String, tch::Tensor)> {
-                self.slots.state_tensors(Self::rule_tensors)
+                self.slots.state_tensors(Self::rule_parts)
             }
             fn save(&self, path: &std::path::Path) -> frugal_core::Result<()> {
                 let config = serde_json::to_string(&self.config)
                     .map_err(|e| frugal_core::Error::Msg(format!("config to JSON: {e}")))?;
-                $crate::optimizer::save_state(path, &self.state_tensors(), Self::META_KEY, config)
+                // The state is lent to the writer, not copied (8-bit codes included).
+                let parts = self.slots.state_parts(Self::rule_parts);
+                $crate::optimizer::save_state(path, &parts, Self::META_KEY, config)
             }
             fn replace_parameter(
                 &mut self,
