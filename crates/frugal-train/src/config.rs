@@ -807,6 +807,74 @@ mod tests {
         assert!(err.starts_with("train.seq_len:"), "{err}");
     }
 
+    /// Guarantee: GaLore's default targets are the attention and feed-forward weights of both
+    /// models, never embeddings, norms or heads.
+    #[test]
+    fn galore_default_targets_both_models() {
+        let o = OptimConfig {
+            name: "galore-adamw".into(),
+            ..OptimConfig::default()
+        };
+        for n in [
+            "model.layers.0.self_attn.q_proj.weight",
+            "model.layers.1.mlp.down_proj.weight",
+            "bert.encoder.layer.0.attention.self.query.weight",
+            "bert.encoder.layer.0.attention.output.dense.weight",
+            "bert.encoder.layer.3.intermediate.dense.weight",
+            "bert.encoder.layer.3.output.dense.weight",
+        ] {
+            assert!(o.projects(n, &[8, 8]), "{n}");
+        }
+        for n in [
+            "model.embed_tokens.weight",
+            "lm_head.weight",
+            "bert.embeddings.word_embeddings.weight",
+            "bert.embeddings.position_embeddings.weight",
+            "cls.predictions.transform.dense.weight",
+            "bert.pooler.dense.weight",
+            "classifier.weight",
+        ] {
+            assert!(!o.projects(n, &[8, 8]), "{n}");
+        }
+        assert!(!o.projects("bert.encoder.layer.0.output.LayerNorm.weight", &[8]));
+    }
+
+    /// Guarantee: `train.objective = "auto"` is the model's own; the encoder keys are checked
+    /// against the model kind.
+    #[test]
+    fn objective_follows_the_model() {
+        let mut c = Config::default();
+        assert_eq!(c.objective(), "lm");
+        c.model.kind = "encoder".into();
+        c.model.size = "encoder-tiny".into();
+        c.validate().unwrap();
+        assert_eq!(c.objective(), "mlm");
+        c.train.objective = "classification".into();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.starts_with("data.task_path:"), "{err}");
+        c.data.task_path = "x.tsv".into();
+        c.validate().unwrap();
+        c.train.objective = "mlm".into();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.starts_with("data.task_path:"), "{err}");
+        c.data.task_path.clear();
+        c.train.mlm_probability = 1.5;
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.starts_with("train.mlm_probability:"), "{err}");
+        c.train.mlm_probability = 0.15;
+        c.train.ce_chunk = 64;
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.starts_with("train.ce_chunk:"), "{err}");
+        c.train.ce_chunk = 0;
+        let err = c.llama_config(100).unwrap_err().to_string();
+        assert!(err.starts_with("model.kind:"), "{err}");
+        let shape = c.encoder_config(500).unwrap();
+        assert_eq!((shape.vocab_size, shape.hidden_size), (500, 128));
+        c.model.vocab_size = 400;
+        let err = c.encoder_config(500).unwrap_err().to_string();
+        assert!(err.starts_with("model.vocab_size:"), "{err}");
+    }
+
     #[test]
     fn resolved_config_round_trips_through_toml() {
         let c = Config::default();

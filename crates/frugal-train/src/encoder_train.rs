@@ -615,7 +615,7 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
         );
     }
     let mut history = Metrics::open(&run_dir.join("metrics.jsonl"), state.step)?;
-    let mut sampler = Sampler::from_state(num_examples, state.sampler.clone());
+    let mut sampler = Sampler::from_state(num_examples, state.sampler);
     let baseline_name = match &data {
         Data::Mlm { .. } => "unigram (val)",
         Data::Cls { .. } => "label prior (val)",
@@ -741,7 +741,7 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
 
         let last = step == t.max_steps;
         let stop = INTERRUPTED.load(Ordering::SeqCst);
-        if (t.eval_every > 0 && step % t.eval_every == 0) || last {
+        if (t.eval_every > 0 && step.is_multiple_of(t.eval_every)) || last {
             let batches = if last {
                 t.final_eval_batches
             } else {
@@ -771,7 +771,7 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
         if line_has_val(&history) {
             history.plot_with(&run_dir.join("loss.png"), baseline, baseline_name);
         }
-        if (t.save_every > 0 && step % t.save_every == 0) || last || stop {
+        if (t.save_every > 0 && step.is_multiple_of(t.save_every)) || last || stop {
             checkpoint::save_with(
                 run_dir,
                 &|file: &Path| m.save(file),
