@@ -1,6 +1,8 @@
 //! Checkpoints: `checkpoints/step-N/` with `model.safetensors`, `optimizer.safetensors` and
 //! `trainer_state.json`, built in a temporary folder and renamed into place; then
 //! `checkpoints/latest` names it. An interrupted write leaves the previous checkpoint intact.
+//! Runs with more than one optimizer write the others beside `optimizer.safetensors` under
+//! their own names (rank adaptation: [`crate::comera::TT_OPTIMIZER_FILE`]).
 
 use crate::data::SamplerState;
 use frugal_core::{atomic, Error, Result};
@@ -23,6 +25,10 @@ pub struct TrainerState {
     /// With per-layer updates: the previous step's gradient norm, which clips the next step.
     #[serde(default)]
     pub prev_grad_norm: Option<f64>,
+    /// With rank adaptation (`tt.rank_adapt`): the live TT size latched at the late stage's
+    /// start (its target is `tt.compression_target` times it); absent before the late stage.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tt_late_start_size: Option<f64>,
 }
 
 /// The checkpoints folder of a run.
@@ -50,6 +56,18 @@ pub fn save_with(
     state: &TrainerState,
     keep: usize,
 ) -> Result<PathBuf> {
+    save_with_extra(run, write_model, opt, &[], state, keep)
+}
+
+/// [`save_with`] plus further optimizers, each saved to the file name it comes with.
+pub fn save_with_extra(
+    run: &Path,
+    write_model: &dyn Fn(&Path) -> Result<()>,
+    opt: &dyn Optimizer,
+    extra: &[(&str, &dyn Optimizer)],
+    state: &TrainerState,
+    keep: usize,
+) -> Result<PathBuf> {
     let root = dir(run);
     std::fs::create_dir_all(&root).map_err(|e| Error::io(&root, e))?;
     let name = format!("step-{}", state.step);
@@ -57,6 +75,9 @@ pub fn save_with(
     atomic::write_dir(&target, |tmp| {
         write_model(&tmp.join("model.safetensors"))?;
         opt.save(&tmp.join("optimizer.safetensors"))?;
+        for (file, o) in extra {
+            o.save(&tmp.join(file))?;
+        }
         let json = serde_json::to_vec_pretty(state).expect("plain struct");
         atomic::write(&tmp.join("trainer_state.json"), &json)
     })?;

@@ -1,4 +1,4 @@
-//! The run configuration: TOML tables `model`, `data`, `tokenizer`, `train`, `optim`, with
+//! The run configuration: TOML tables `model`, `data`, `tokenizer`, `train`, `optim`, `tt`, with
 //! `--set key=value` overrides. Unknown keys and wrong types are errors that name the key.
 //! Every key and its default is documented in `docs/config.md`; later issues add keys, never
 //! rename them.
@@ -23,6 +23,76 @@ pub struct Config {
     pub train: TrainConfig,
     /// The optimizer.
     pub optim: OptimConfig,
+    /// Tensor-train rank adaptation (CoMERA's two-stage schedule).
+    pub tt: TtConfig,
+}
+
+/// `[tt]`: CoMERA's rank-adaptive two-stage training of the TT layers (`model.linear.kind =
+/// "tt"`), see `docs/comera.md`. The schedule's keys and defaults are
+/// [`frugal_tt::ComeraConfig`]'s (one source of the published defaults); `rank_lr` and
+/// `prune_every` are the trainer's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TtConfig {
+    /// Train the rank variables with CoMERA's schedule and prune physically (default false:
+    /// the TT layers train at fixed ranks, rank variables with the other parameters).
+    pub rank_adapt: bool,
+    /// Optimizer steps of the early stage (steps `1..=early_steps`: loss + penalty).
+    pub early_steps: u64,
+    /// Weight of the rank penalty in the early stage.
+    pub penalty_weight: f64,
+    /// The late stage's loss target.
+    pub loss_target: f64,
+    /// The late stage's size target, a fraction in (0, 1] of the live TT size when the late
+    /// stage starts.
+    pub compression_target: f64,
+    /// Rank-variable entries with `|D| <= threshold` count as pruned.
+    pub threshold: f64,
+    /// Learning rate of the rank variables (their own AdamW, no weight decay, constant).
+    pub rank_lr: f64,
+    /// Late-stage steps between physical prunings (0: only at the end of each stage).
+    pub prune_every: u64,
+}
+
+impl Default for TtConfig {
+    fn default() -> Self {
+        let c = frugal_tt::ComeraConfig::default();
+        Self {
+            rank_adapt: false,
+            early_steps: c.early_steps,
+            penalty_weight: c.penalty_weight,
+            loss_target: c.loss_target,
+            compression_target: c.compression_target,
+            threshold: c.threshold,
+            rank_lr: 1e-3,
+            prune_every: 0,
+        }
+    }
+}
+
+impl TtConfig {
+    /// The schedule's settings.
+    pub fn comera(&self) -> frugal_tt::ComeraConfig {
+        frugal_tt::ComeraConfig {
+            early_steps: self.early_steps,
+            penalty_weight: self.penalty_weight,
+            loss_target: self.loss_target,
+            compression_target: self.compression_target,
+            threshold: self.threshold,
+        }
+    }
+
+    /// Checks the values (errors name the key, `tt.compression_target`...).
+    pub fn validate(&self) -> Result<()> {
+        self.comera().validate()?;
+        if !(self.rank_lr.is_finite() && self.rank_lr > 0.0) {
+            return Err(Error::config(
+                "tt.rank_lr",
+                format!("{} must be finite and > 0", self.rank_lr),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// `[model]`: which model, which size, which linear layers.
@@ -498,11 +568,34 @@ impl Config {
             }
         }
         self.validate_model()?;
+        self.validate_tt()?;
         if self.tokenizer.vocab_size < 300 {
             return Err(Error::config(
                 "tokenizer.vocab_size",
                 "must be at least 300 (256 bytes plus merges)",
             ));
+        }
+        Ok(())
+    }
+
+    /// Checks the `tt` table and what it needs of the model: rank adaptation needs TT linear
+    /// layers (`model.linear.kind = "tt"`) in an encoder.
+    fn validate_tt(&self) -> Result<()> {
+        let tt = &self.tt;
+        tt.validate()?;
+        if tt.rank_adapt {
+            if !matches!(self.model.linear, LinearKind::Tt { .. }) {
+                return Err(Error::config(
+                    "model.linear",
+                    "tt.rank_adapt = true needs tensor-train layers: set model.linear.kind = \"tt\"",
+                ));
+            }
+            if !self.is_encoder() {
+                return Err(Error::config(
+                    "tt.rank_adapt",
+                    "is available for model.kind = \"encoder\" only (llama: not yet)",
+                ));
+            }
         }
         Ok(())
     }

@@ -19,31 +19,42 @@
 //! updates, activation checkpointing and the chunked cross-entropy are llama-only (refused by
 //! the config). The run folder also holds `config.json` (the shape, Hugging Face `BertConfig`
 //! names) and, for classification, `labels.json` (labels by class id).
+//!
+//! With TT linear layers and `tt.rank_adapt`, the loop runs CoMERA's two-stage rank adaptation
+//! through [`crate::comera`] (loss term per micro-batch, the rank variables' step and physical
+//! pruning after the main step, `tt_*` metrics, `ranks.png`, `optimizer_tt.safetensors`). Data,
+//! tokenizer and shape live in `encoder_io`, evaluation in [`crate::encoder_eval`].
 
 use crate::checkpoint::{self, TrainerState};
+use crate::comera::{self, Comera};
 use crate::config::{Config, Dtype};
-use crate::data::{Document, Sampler, SplitMix64, TokenDataset};
+use crate::data::{Document, Sampler};
+use crate::encoder_io::{
+    example_texts, label_map, pretrained_dir, pretrained_weights, prior_loss, shape, task_examples,
+    tokenizer, train_mask_seed, write_shape, Data,
+};
 use crate::progress::Progress;
 use crate::run;
 use crate::schedule::lr_at;
-use crate::tokenize::{self, EncoderTokens};
 use crate::train::{line_has_val, Metrics, Summary, INTERRUPTED};
-use crate::tsv::{self, EncodedSet, LabelMap};
+use crate::tsv;
 use frugal_core::memory::{self, Accounting};
 use frugal_core::safetensors_io::SafetensorsFile;
 use frugal_core::{atomic, Error, Result};
 use frugal_models::encoder::{
-    mask_tokens, Encoder, EncoderConfig, EncoderForClassification, EncoderForMaskedLm, IGNORE_INDEX,
+    Encoder, EncoderConfig, EncoderForClassification, EncoderForMaskedLm, IGNORE_INDEX,
 };
 use frugal_models::linear::Linear;
 use frugal_optim::clip_grad_norm;
 use serde_json::json;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 use tch::nn::VarStore;
 use tch::{Kind, Reduction, Tensor};
-use tokenizers::Tokenizer;
+
+pub use crate::encoder_eval::{eval_command, evaluate_cls, evaluate_mlm};
+pub use crate::encoder_io::mlm_inputs;
 
 /// The network of an encoder run.
 #[derive(Debug)]
@@ -148,337 +159,6 @@ impl EncoderModel {
         let mut linears = linears_mut_of(&mut self.net);
         frugal_models::weights::load_model(&mut body, &mut linears, file)
     }
-}
-
-/// The folder `model.from_pretrained` names, if set.
-fn pretrained_dir(cfg: &Config) -> Option<PathBuf> {
-    (!cfg.model.from_pretrained.is_empty()).then(|| PathBuf::from(&cfg.model.from_pretrained))
-}
-
-/// The weights of a pre-trained encoder folder: its `model.safetensors`, or for a run folder
-/// its latest checkpoint's.
-fn pretrained_weights(dir: &Path) -> Result<PathBuf> {
-    let file = dir.join("model.safetensors");
-    if file.is_file() {
-        return Ok(file);
-    }
-    if checkpoint::dir(dir).join("latest").is_file() {
-        return Ok(checkpoint::latest(dir)?.join("model.safetensors"));
-    }
-    Err(Error::config(
-        "model.from_pretrained",
-        format!(
-            "{}: neither model.safetensors nor a run checkpoint",
-            dir.display()
-        ),
-    ))
-}
-
-/// Reads an encoder shape from a `config.json` (`key` names what pointed there).
-fn read_shape(dir: &Path, key: &str) -> Result<EncoderConfig> {
-    let path = dir.join("config.json");
-    let text = std::fs::read_to_string(&path)
-        .map_err(|e| Error::config(key, format!("cannot read {}: {e}", path.display())))?;
-    EncoderConfig::from_hf_json(&text).map_err(|e| Error::Msg(format!("{}: {e}", path.display())))
-}
-
-/// Writes the run's `config.json`: the shape with `BertConfig` names, and for a classifier
-/// its labels.
-fn write_shape(
-    run_dir: &Path,
-    shape: &EncoderConfig,
-    t: &EncoderTokens,
-    labels: Option<&LabelMap>,
-) -> Result<()> {
-    let mut v = serde_json::to_value(shape).expect("plain struct");
-    v["model_type"] = json!("bert");
-    v["pad_token_id"] = json!(t.pad);
-    match labels {
-        None => v["architectures"] = json!(["BertForMaskedLM"]),
-        Some(l) => {
-            v["architectures"] = json!(["BertForSequenceClassification"]);
-            v["num_labels"] = json!(l.labels.len());
-            let id2label: serde_json::Map<String, serde_json::Value> = l
-                .labels
-                .iter()
-                .enumerate()
-                .map(|(i, s)| (i.to_string(), json!(s)))
-                .collect();
-            let label2id: serde_json::Map<String, serde_json::Value> = l
-                .labels
-                .iter()
-                .enumerate()
-                .map(|(i, s)| (s.clone(), json!(i)))
-                .collect();
-            v["id2label"] = json!(id2label);
-            v["label2id"] = json!(label2id);
-        }
-    }
-    atomic::write(
-        &run_dir.join("config.json"),
-        serde_json::to_string_pretty(&v).expect("json").as_bytes(),
-    )
-}
-
-/// The run's tokenizer with the encoder's tokens. Resuming: the run's own. Otherwise
-/// `tokenizer.path`, else the pre-trained model's `tokenizer.json`, else a BPE trained on
-/// `texts` (cached as for llama runs); written to the run folder.
-fn tokenizer(
-    cfg: &Config,
-    run_dir: &Path,
-    resume: bool,
-    texts: &dyn Fn() -> Vec<String>,
-) -> Result<(Tokenizer, EncoderTokens)> {
-    let saved = run_dir.join("tokenizer.json");
-    let mut tok = if resume {
-        tokenize::load_tokenizer_file(&saved)?
-    } else if !cfg.tokenizer.path.is_empty() {
-        tokenize::load_tokenizer_file(Path::new(&cfg.tokenizer.path))?
-    } else if let Some(dir) = pretrained_dir(cfg) {
-        let file = dir.join("tokenizer.json");
-        if !file.is_file() {
-            return Err(Error::config(
-                "model.from_pretrained",
-                format!(
-                    "{}: no tokenizer.json (or set tokenizer.path)",
-                    dir.display()
-                ),
-            ));
-        }
-        tokenize::load_tokenizer_file(&file)?
-    } else {
-        let owned = texts();
-        let refs: Vec<&str> = owned.iter().map(|s| s.as_str()).collect();
-        tokenize::load_or_train_tokenizer(
-            None,
-            &refs,
-            cfg.tokenizer.vocab_size,
-            &run::tokenizer_cache(),
-        )?
-    };
-    let tokens = tokenize::add_encoder_tokens(&mut tok);
-    if !resume {
-        let json = tok
-            .to_string(false)
-            .map_err(|e| Error::Msg(format!("cannot serialize tokenizer: {e}")))?;
-        atomic::write(&saved, json.as_bytes())?;
-    }
-    Ok((tok, tokens))
-}
-
-/// The shape of the run's encoder: resuming, the run's `config.json`; from a pre-trained
-/// model, its `config.json`; otherwise the preset with the config's overrides.
-fn shape(cfg: &Config, run_dir: &Path, resume: bool, vocab: i64) -> Result<EncoderConfig> {
-    let s = if resume {
-        read_shape(run_dir, "--resume")?
-    } else if let Some(dir) = pretrained_dir(cfg) {
-        read_shape(&dir, "model.from_pretrained")?
-    } else {
-        return cfg.encoder_config(vocab);
-    };
-    cfg.check_encoder_fits(&s, vocab)?;
-    Ok(s)
-}
-
-/// Masked-LM inputs and labels of packed windows `x` `(B, S)`: `<|cls|>` and the first
-/// `S - 1` tokens, masked with BERT's rule from `seed`; special tokens are never selected.
-pub fn mlm_inputs(
-    x: &Tensor,
-    t: &EncoderTokens,
-    vocab: i64,
-    prob: f64,
-    seed: u64,
-) -> Result<(Tensor, Tensor)> {
-    let (b, s) = x.size2().map_err(|e| Error::Msg(format!("batch: {e}")))?;
-    let cls = Tensor::full([b, 1], i64::from(t.cls), (Kind::Int64, x.device()));
-    let ids = Tensor::cat(&[cls, x.narrow(1, 0, s - 1)], 1);
-    let mut never = ids.zeros_like().to_kind(Kind::Bool);
-    for sp in t.special() {
-        never = never.logical_or(&ids.eq(i64::from(sp)));
-    }
-    mask_tokens(&ids, &never, i64::from(t.mask), vocab, prob, seed)
-}
-
-/// The mask seed of micro-batch `micro` of step `step`.
-fn train_mask_seed(seed: u64, step: u64, micro: usize) -> u64 {
-    let base = SplitMix64::new(seed ^ 0x6d6c_6d5f_7472_6169).next_u64();
-    SplitMix64::new(
-        base ^ step.wrapping_mul(0x9e37_79b9_7f4a_7c15)
-            ^ (micro as u64).wrapping_mul(0xc2b2_ae3d_27d4_eb4f),
-    )
-    .next_u64()
-}
-
-/// The mask seed of validation batch `batch`: fixed, so every evaluation scores the same masks.
-fn val_mask_seed(batch: usize) -> u64 {
-    SplitMix64::new(0x7661_6c5f_6d61_736b ^ (batch as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15))
-        .next_u64()
-}
-
-/// Masked-LM validation: mean cross-entropy over the masked tokens of up to `max_batches`
-/// batches (all when 0), with the fixed validation masks; and the masked tokens scored.
-#[allow(clippy::too_many_arguments)]
-pub fn evaluate_mlm(
-    model: &EncoderForMaskedLm,
-    ds: &TokenDataset,
-    t: &EncoderTokens,
-    vocab: i64,
-    prob: f64,
-    batch_size: usize,
-    max_batches: usize,
-    device: tch::Device,
-) -> Result<(f64, u64)> {
-    tch::no_grad(|| {
-        let (mut total, mut n) = (0.0, 0u64);
-        for (i, (x, _)) in ds.sequential_batches(batch_size).enumerate() {
-            if max_batches > 0 && i >= max_batches {
-                break;
-            }
-            let (ids, labels) = mlm_inputs(&x, t, vocab, prob, val_mask_seed(i))?;
-            let k = labels.ne(IGNORE_INDEX).sum(Kind::Int64).int64_value(&[]) as u64;
-            if k == 0 {
-                continue;
-            }
-            let loss = model
-                .mlm_loss(
-                    &ids.to_device(device),
-                    None,
-                    None,
-                    &labels.to_device(device),
-                )
-                .double_value(&[]);
-            total += loss * k as f64;
-            n += k;
-        }
-        Ok((total / n.max(1) as f64, n))
-    })
-}
-
-/// Classification validation: mean cross-entropy and accuracy over up to `max_batches`
-/// batches (all when 0); and the examples scored.
-pub fn evaluate_cls(
-    model: &EncoderForClassification,
-    set: &EncodedSet,
-    batch_size: usize,
-    max_batches: usize,
-    device: tch::Device,
-) -> (f64, f64, u64) {
-    tch::no_grad(|| {
-        let (mut loss, mut correct, mut n) = (0.0, 0i64, 0u64);
-        let all: Vec<usize> = (0..set.len()).collect();
-        for (i, idx) in all.chunks(batch_size.max(1)).enumerate() {
-            if max_batches > 0 && i >= max_batches {
-                break;
-            }
-            let b = set.batch(idx);
-            let logits = model.classify_logits(
-                &b.ids.to_device(device),
-                Some(&b.types.to_device(device)),
-                Some(&b.mask.to_device(device)),
-            );
-            let labels = b.labels.to_device(device);
-            loss += logits
-                .cross_entropy_loss::<Tensor>(&labels, None, Reduction::Sum, IGNORE_INDEX, 0.0)
-                .double_value(&[]);
-            correct += logits
-                .argmax(1, false)
-                .eq_tensor(&labels)
-                .sum(Kind::Int64)
-                .int64_value(&[]);
-            n += idx.len() as u64;
-        }
-        let d = n.max(1) as f64;
-        (loss / d, correct as f64 / d, n)
-    })
-}
-
-/// Cross-entropy of `val` labels under the training label frequencies (add-one): the loss of
-/// a classifier that ignores the text.
-fn prior_loss(train: &[i64], val: &[i64], classes: usize) -> f64 {
-    let mut counts = vec![1.0f64; classes.max(1)];
-    for &l in train {
-        counts[l as usize] += 1.0;
-    }
-    let total: f64 = counts.iter().sum();
-    val.iter()
-        .map(|&l| -(counts[l as usize] / total).ln())
-        .sum::<f64>()
-        / val.len().max(1) as f64
-}
-
-/// The data of a run.
-enum Data {
-    Mlm {
-        train: TokenDataset,
-        val: TokenDataset,
-    },
-    Cls {
-        train: EncodedSet,
-        val: EncodedSet,
-        labels: LabelMap,
-    },
-}
-
-/// Training and validation examples of a classification run (unencoded).
-fn task_examples(cfg: &Config) -> Result<(Vec<tsv::Example>, Vec<tsv::Example>)> {
-    let rows = tsv::read("data.task_path", Path::new(&cfg.data.task_path))?;
-    if cfg.data.task_val_path.is_empty() {
-        let (train, val) = tsv::split(rows, cfg.data.val_every);
-        if val.is_empty() {
-            return Err(Error::config(
-                "data.task_path",
-                format!(
-                    "{}: too few rows for a validation split (every {}th; or set data.task_val_path)",
-                    cfg.data.task_path, cfg.data.val_every
-                ),
-            ));
-        }
-        Ok((train, val))
-    } else {
-        let val = tsv::read("data.task_val_path", Path::new(&cfg.data.task_val_path))?;
-        Ok((rows, val))
-    }
-}
-
-fn example_texts(rows: &[tsv::Example]) -> Vec<String> {
-    rows.iter()
-        .flat_map(|e| std::iter::once(e.text.clone()).chain(e.text2.clone()))
-        .collect()
-}
-
-/// The labels of a classification run: resuming, the run's `labels.json`; otherwise those of
-/// the training examples, checked against `model.num_labels`.
-fn label_map(
-    cfg: &Config,
-    run_dir: &Path,
-    resume: bool,
-    train: &[tsv::Example],
-) -> Result<LabelMap> {
-    if resume {
-        return LabelMap::read(&run_dir.join("labels.json"));
-    }
-    let map = LabelMap::from_examples(train);
-    if map.labels.len() < 2 {
-        return Err(Error::config(
-            "data.task_path",
-            format!(
-                "{}: needs at least 2 distinct labels, found {:?}",
-                cfg.data.task_path, map.labels
-            ),
-        ));
-    }
-    let n = cfg.model.num_labels;
-    if n > 0 && (n as usize) < map.labels.len() {
-        return Err(Error::config(
-            "model.num_labels",
-            format!(
-                "{n} is fewer than the {} labels of {}",
-                map.labels.len(),
-                cfg.data.task_path
-            ),
-        ));
-    }
-    Ok(map)
 }
 
 /// Trains an encoder as `cfg` says into `run_dir` (see the module documentation).
@@ -587,7 +267,7 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
         (None, None) => {}
     }
     let params = frugal_models::weights::named_variables(&m.vs);
-    let tensors: Vec<Tensor> = params.iter().map(|(_, t)| t.shallow_clone()).collect();
+    let mut tensors: Vec<Tensor> = params.iter().map(|(_, t)| t.shallow_clone()).collect();
     let n_params: i64 = tensors.iter().map(|t| t.numel() as i64).sum();
     eprintln!(
         "frugal: encoder {} ({}, {:.2}M parameters) on {device:?}, {:?}",
@@ -596,6 +276,14 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
         n_params as f64 / 1e6,
         t.dtype
     );
+    // Rank adaptation: the rank variables get their own optimizer.
+    let (mut tt, params) = if cfg.tt.rank_adapt {
+        let mut layers = comera::tt_layers_mut(linears_mut_of(&mut m.net));
+        let (c, main) = Comera::new(cfg, &mut layers, params)?;
+        (Some(c), main)
+    } else {
+        (None, params)
+    };
     let mut opt = crate::optimizers::build(cfg, params, t.lr)?;
 
     let mut state = TrainerState {
@@ -604,10 +292,14 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
         sampler: Sampler::new(num_examples, t.seed).state(),
         elapsed_s: 0.0,
         prev_grad_norm: None,
+        tt_late_start_size: None,
     };
     if let Some(ck) = &checkpoint {
         opt.load(&ck.join("optimizer.safetensors"))?;
         state = checkpoint::read_state(ck)?;
+        if let Some(c) = &mut tt {
+            c.restore(ck, &state)?;
+        }
         eprintln!(
             "frugal: resuming from {} (step {})",
             ck.display(),
@@ -656,6 +348,7 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
         opt.set_lr(lr);
         let t0 = Instant::now();
         let (mut loss_sum, mut tokens, mut correct, mut seen) = (0.0, 0u64, 0i64, 0i64);
+        let mut micro = 0;
         let scale = 1.0 / t.grad_accum as f64;
         for k in 0..t.grad_accum {
             let idx = sampler.next_indices(t.batch_size);
@@ -700,22 +393,49 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
                 _ => unreachable!("model and data of one objective"),
             };
             loss_sum += loss.double_value(&[]);
-            (loss * scale).backward();
+            micro += 1;
+            // Rank adaptation: loss + penalty, the loss, or (a size step) nothing.
+            let term = match &mut tt {
+                Some(c) => c.loss_term(step, &loss, &comera::tt_layers(m.linears())).0,
+                None => Some(loss),
+            };
+            match term {
+                Some(l) => (l * scale).backward(),
+                None => break,
+            }
         }
-        let loss = loss_sum / t.grad_accum as f64;
+        let loss = loss_sum / micro as f64;
         if !loss.is_finite() {
             return Err(Error::Msg(format!(
                 "step {step}: loss is {loss}; lower train.lr (now {}) or check the data",
                 t.lr
             )));
         }
-        let grad_norm = if t.max_grad_norm > 0.0 {
+        let steps_main = tt.as_ref().is_none_or(|c| c.steps_main(step));
+        let grad_norm = if !steps_main {
+            0.0
+        } else if t.max_grad_norm > 0.0 {
             clip_grad_norm(&tensors, t.max_grad_norm)
         } else {
             frugal_optim::grad_norm(&tensors)
         };
-        opt.step()?;
+        if steps_main {
+            opt.step()?;
+        }
         opt.zero_grad();
+        let mut pruned = false;
+        if let Some(c) = &mut tt {
+            let mut layers = comera::tt_layers_mut(linears_mut_of(&mut m.net));
+            pruned = c.after_step(step, opt.as_mut(), &mut layers, &m.vs)?.pruned;
+            c.save_state(&mut state);
+        }
+        if pruned {
+            // The pruned layers' variables are new (smaller) tensors.
+            tensors = frugal_models::weights::named_variables(&m.vs)
+                .into_iter()
+                .map(|(_, t)| t)
+                .collect();
+        }
         let step_time = t0.elapsed().as_secs_f64();
         steps_peak = memory::peak_rss_bytes();
         let svd_total = opt.projection_seconds();
@@ -741,7 +461,23 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
 
         let last = step == t.max_steps;
         let stop = INTERRUPTED.load(Ordering::SeqCst);
-        if (t.eval_every > 0 && step.is_multiple_of(t.eval_every)) || last {
+        let eval_now = (t.eval_every > 0 && step.is_multiple_of(t.eval_every)) || last;
+        if let Some(c) = &tt {
+            c.add_metrics(
+                step,
+                &comera::tt_layers(m.linears()),
+                eval_now || pruned,
+                &mut line,
+            );
+            if pruned {
+                progress.message(&format!(
+                    "step {step}: TT layers pruned to {} parameters ({:.1}x compression)",
+                    line["tt_size"],
+                    line["tt_compression"].as_f64().unwrap_or(f64::NAN)
+                ));
+            }
+        }
+        if eval_now {
             let batches = if last {
                 t.final_eval_batches
             } else {
@@ -771,11 +507,19 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
         if line_has_val(&history) {
             history.plot_with(&run_dir.join("loss.png"), baseline, baseline_name);
         }
+        if tt.is_some() && (eval_now || pruned) {
+            comera::plot_ranks(history.lines(), &run_dir.join("ranks.png"));
+        }
         if (t.save_every > 0 && step.is_multiple_of(t.save_every)) || last || stop {
-            checkpoint::save_with(
+            let extra: Vec<(&str, &dyn frugal_optim::Optimizer)> = tt
+                .iter()
+                .map(|c| (comera::TT_OPTIMIZER_FILE, c.rank_optimizer()))
+                .collect();
+            checkpoint::save_with_extra(
                 run_dir,
                 &|file: &Path| m.save(file),
                 opt.as_ref(),
+                &extra,
                 &state,
                 t.keep_checkpoints,
             )?;
@@ -799,12 +543,13 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
     let mut acc = Accounting::default();
     acc.add_tensors("parameters", tensors.iter());
     acc.add_tensors("gradients", tensors.iter());
-    acc.add("optimizer_state", opt.state_bytes());
+    let tt_state = tt.as_ref().map_or(0, |c| c.rank_optimizer().state_bytes());
+    acc.add("optimizer_state", opt.state_bytes() + tt_state);
     let by_tensor: Vec<serde_json::Value> = frugal_models::weights::named_variables(&m.vs)
         .iter()
         .map(|(n, t)| json!({"name": n, "shape": t.size(), "bytes": memory::tensor_bytes(t)}))
         .collect();
-    let report = json!({
+    let mut report = json!({
         "device": format!("{device:?}"),
         "model": {"kind": "encoder", "size": cfg.model.size, "objective": cfg.objective()},
         "accounting": acc.bytes,
@@ -820,6 +565,11 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
         "activations_and_workspace_bytes": peak.saturating_sub(baseline_rss).saturating_sub(acc.total()),
         "parameters": by_tensor,
     });
+    if let Some(c) = &tt {
+        let mut line = json!({});
+        c.add_metrics(state.step, &comera::tt_layers(m.linears()), true, &mut line);
+        report["tt"] = line;
+    }
     atomic::write(
         &run_dir.join("memory.json"),
         serde_json::to_string_pretty(&report)
@@ -845,113 +595,9 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
     })
 }
 
-/// `frugal eval --run DIR [--data FILE]` for an encoder run: `{"loss", "perplexity",
-/// "tokens"}` (masked tokens scored, with the fixed validation masks) for a masked-LM run;
-/// `{"loss", "accuracy", "examples", "tokens"}` for a classifier (`--data`: a TSV file).
-/// `None` when `run_dir` is not an encoder run (the llama path then handles it).
-pub fn eval_command(run_dir: &Path, data_spec: Option<&str>) -> Result<Option<serde_json::Value>> {
-    let Ok(cfg) = run::read_config(run_dir, &[]) else {
-        return Ok(None);
-    };
-    if !cfg.is_encoder() {
-        return Ok(None);
-    }
-    let t = &cfg.train;
-    let device = t.device.resolve()?;
-    let mut tok = tokenize::load_tokenizer_file(&run_dir.join("tokenizer.json"))?;
-    let toks = tokenize::add_encoder_tokens(&mut tok);
-    let vocab = tok.get_vocab_size(true) as i64;
-    let shape = read_shape(run_dir, "--run")?;
-    let ck = checkpoint::latest(run_dir)?;
-    let out = if cfg.objective() == "classification" {
-        let labels = LabelMap::read(&run_dir.join("labels.json"))?;
-        let (rows, file) = match data_spec {
-            Some(spec) => (tsv::read("--data", Path::new(spec))?, spec.to_string()),
-            None => {
-                let (_, val) = task_examples(&cfg)?;
-                let file = if cfg.data.task_val_path.is_empty() {
-                    cfg.data.task_path.clone()
-                } else {
-                    cfg.data.task_val_path.clone()
-                };
-                (val, file)
-            }
-        };
-        let ids = labels.ids(&rows, &file)?;
-        let set = tsv::encode(&tok, &toks, &rows, ids, t.seq_len)?;
-        let tokens: usize = set.ids.iter().map(|r| r.len()).sum();
-        let n = if cfg.model.num_labels > 0 {
-            cfg.model.num_labels
-        } else {
-            labels.labels.len() as i64
-        };
-        let mut m = EncoderModel::new(&cfg, &shape, Some(n), device)?;
-        m.load(&ck.join("model.safetensors"))?;
-        let Net::Cls(c) = &m.net else {
-            unreachable!("built with labels")
-        };
-        let (loss, acc, examples) = evaluate_cls(c, &set, t.batch_size, 0, device);
-        json!({"loss": loss, "accuracy": acc, "examples": examples, "tokens": tokens})
-    } else {
-        let docs = match data_spec {
-            Some(spec) => crate::data::load_documents_for("--data", spec)?,
-            None => run::documents(&cfg)?.1,
-        };
-        let ds = run::dataset(&tok, &docs, t.seq_len, "evaluation data")?;
-        let mut m = EncoderModel::new(&cfg, &shape, None, device)?;
-        m.load(&ck.join("model.safetensors"))?;
-        let Net::Mlm(mlm) = &m.net else {
-            unreachable!("built without labels")
-        };
-        let (loss, tokens) = evaluate_mlm(
-            mlm,
-            &ds,
-            &toks,
-            vocab,
-            t.mlm_probability,
-            t.batch_size,
-            0,
-            device,
-        )?;
-        json!({"loss": loss, "perplexity": loss.exp(), "tokens": tokens})
-    };
-    Ok(Some(out))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Guarantee: masked-LM inputs start with the summary token, never select special tokens,
-    /// depend on the seed only, and select about `prob` of the other tokens.
-    #[test]
-    fn mlm_inputs_follow_the_rule() {
-        let t = EncoderTokens {
-            mask: 100,
-            cls: 101,
-            sep: 102,
-            pad: 1,
-            eos: 0,
-        };
-        let x = Tensor::randint_low(2, 99, [8, 64], (Kind::Int64, tch::Device::Cpu));
-        let _ = x.narrow(1, 10, 1).fill_(0);
-        let (ids, labels) = mlm_inputs(&x, &t, 103, 0.15, 7).unwrap();
-        assert_eq!(ids.size(), [8, 64]);
-        assert!(ids.select(1, 0).eq(101).all().int64_value(&[]) == 1);
-        // Position 11 holds eos (x's column 10): never a label.
-        assert!(labels.select(1, 11).eq(IGNORE_INDEX).all().int64_value(&[]) == 1);
-        assert!(labels.select(1, 0).eq(IGNORE_INDEX).all().int64_value(&[]) == 1);
-        let picked = labels.ne(IGNORE_INDEX).sum(Kind::Int64).int64_value(&[]);
-        assert!((40..=120).contains(&picked), "{picked} of ~75");
-        let (ids2, labels2) = mlm_inputs(&x, &t, 103, 0.15, 7).unwrap();
-        assert!(ids2.equal(&ids) && labels2.equal(&labels));
-        let (_, labels3) = mlm_inputs(&x, &t, 103, 0.15, 8).unwrap();
-        assert!(!labels3.equal(&labels));
-        assert_ne!(train_mask_seed(0, 1, 0), train_mask_seed(0, 2, 0));
-        assert_ne!(train_mask_seed(0, 1, 0), train_mask_seed(0, 1, 1));
-        assert_ne!(train_mask_seed(0, 1, 0), train_mask_seed(1, 1, 0));
-        assert_eq!(val_mask_seed(3), val_mask_seed(3));
-    }
 
     /// Guarantee: a classifier built over a masked-LM checkpoint takes its encoder body (every
     /// `bert.embeddings.*` / `bert.encoder.*` tensor, equal to the file's) and keeps its own

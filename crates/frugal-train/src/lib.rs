@@ -11,10 +11,13 @@
 //! ```
 
 pub mod checkpoint;
+pub mod comera;
 pub mod commands;
 pub mod compress_cmd;
 pub mod config;
 pub mod data;
+pub mod encoder_eval;
+mod encoder_io;
 pub mod encoder_train;
 pub mod memplan;
 pub mod optimizers;

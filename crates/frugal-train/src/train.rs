@@ -121,6 +121,7 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
         sampler: Sampler::new(train_ds.num_sequences(), t.seed).state(),
         elapsed_s: 0.0,
         prev_grad_norm: None,
+        tt_late_start_size: None,
     };
     if let Some(ck) = &checkpoint {
         opt.load(&ck.join("optimizer.safetensors"))?;
@@ -375,6 +376,11 @@ impl Metrics {
         writeln!(self.file, "{line}").map_err(|e| Error::io(&self.path, e))?;
         self.lines.push(line);
         Ok(())
+    }
+
+    /// The lines so far (this run's, and on resume those before the checkpoint).
+    pub(crate) fn lines(&self) -> &[serde_json::Value] {
+        &self.lines
     }
 
     pub(crate) fn recent_loss(&self, n: usize) -> f64 {

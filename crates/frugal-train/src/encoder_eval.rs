@@ -1,0 +1,165 @@
+//! Evaluation of encoder runs: masked-LM loss with fixed validation masks, classification
+//! loss and accuracy, and `frugal eval --run` for encoder runs.
+
+use crate::checkpoint;
+use crate::data::TokenDataset;
+use crate::encoder_io::{mlm_inputs, read_shape, task_examples, val_mask_seed};
+use crate::encoder_train::{EncoderModel, Net};
+use crate::run;
+use crate::tokenize::{self, EncoderTokens};
+use crate::tsv::{self, EncodedSet, LabelMap};
+use frugal_core::Result;
+use frugal_models::encoder::{EncoderForClassification, EncoderForMaskedLm, IGNORE_INDEX};
+use serde_json::json;
+use std::path::Path;
+use tch::{Kind, Reduction, Tensor};
+
+/// Masked-LM validation: mean cross-entropy over the masked tokens of up to `max_batches`
+/// batches (all when 0), with the fixed validation masks; and the masked tokens scored.
+#[allow(clippy::too_many_arguments)]
+pub fn evaluate_mlm(
+    model: &EncoderForMaskedLm,
+    ds: &TokenDataset,
+    t: &EncoderTokens,
+    vocab: i64,
+    prob: f64,
+    batch_size: usize,
+    max_batches: usize,
+    device: tch::Device,
+) -> Result<(f64, u64)> {
+    tch::no_grad(|| {
+        let (mut total, mut n) = (0.0, 0u64);
+        for (i, (x, _)) in ds.sequential_batches(batch_size).enumerate() {
+            if max_batches > 0 && i >= max_batches {
+                break;
+            }
+            let (ids, labels) = mlm_inputs(&x, t, vocab, prob, val_mask_seed(i))?;
+            let k = labels.ne(IGNORE_INDEX).sum(Kind::Int64).int64_value(&[]) as u64;
+            if k == 0 {
+                continue;
+            }
+            let loss = model
+                .mlm_loss(
+                    &ids.to_device(device),
+                    None,
+                    None,
+                    &labels.to_device(device),
+                )
+                .double_value(&[]);
+            total += loss * k as f64;
+            n += k;
+        }
+        Ok((total / n.max(1) as f64, n))
+    })
+}
+
+/// Classification validation: mean cross-entropy and accuracy over up to `max_batches`
+/// batches (all when 0); and the examples scored.
+pub fn evaluate_cls(
+    model: &EncoderForClassification,
+    set: &EncodedSet,
+    batch_size: usize,
+    max_batches: usize,
+    device: tch::Device,
+) -> (f64, f64, u64) {
+    tch::no_grad(|| {
+        let (mut loss, mut correct, mut n) = (0.0, 0i64, 0u64);
+        let all: Vec<usize> = (0..set.len()).collect();
+        for (i, idx) in all.chunks(batch_size.max(1)).enumerate() {
+            if max_batches > 0 && i >= max_batches {
+                break;
+            }
+            let b = set.batch(idx);
+            let logits = model.classify_logits(
+                &b.ids.to_device(device),
+                Some(&b.types.to_device(device)),
+                Some(&b.mask.to_device(device)),
+            );
+            let labels = b.labels.to_device(device);
+            loss += logits
+                .cross_entropy_loss::<Tensor>(&labels, None, Reduction::Sum, IGNORE_INDEX, 0.0)
+                .double_value(&[]);
+            correct += logits
+                .argmax(1, false)
+                .eq_tensor(&labels)
+                .sum(Kind::Int64)
+                .int64_value(&[]);
+            n += idx.len() as u64;
+        }
+        let d = n.max(1) as f64;
+        (loss / d, correct as f64 / d, n)
+    })
+}
+
+/// `frugal eval --run DIR [--data FILE]` for an encoder run: `{"loss", "perplexity",
+/// "tokens"}` (masked tokens scored, with the fixed validation masks) for a masked-LM run;
+/// `{"loss", "accuracy", "examples", "tokens"}` for a classifier (`--data`: a TSV file).
+/// `None` when `run_dir` is not an encoder run (the llama path then handles it).
+pub fn eval_command(run_dir: &Path, data_spec: Option<&str>) -> Result<Option<serde_json::Value>> {
+    let Ok(cfg) = run::read_config(run_dir, &[]) else {
+        return Ok(None);
+    };
+    if !cfg.is_encoder() {
+        return Ok(None);
+    }
+    let t = &cfg.train;
+    let device = t.device.resolve()?;
+    let mut tok = tokenize::load_tokenizer_file(&run_dir.join("tokenizer.json"))?;
+    let toks = tokenize::add_encoder_tokens(&mut tok);
+    let vocab = tok.get_vocab_size(true) as i64;
+    let shape = read_shape(run_dir, "--run")?;
+    let ck = checkpoint::latest(run_dir)?;
+    let out = if cfg.objective() == "classification" {
+        let labels = LabelMap::read(&run_dir.join("labels.json"))?;
+        let (rows, file) = match data_spec {
+            Some(spec) => (tsv::read("--data", Path::new(spec))?, spec.to_string()),
+            None => {
+                let (_, val) = task_examples(&cfg)?;
+                let file = if cfg.data.task_val_path.is_empty() {
+                    cfg.data.task_path.clone()
+                } else {
+                    cfg.data.task_val_path.clone()
+                };
+                (val, file)
+            }
+        };
+        let ids = labels.ids(&rows, &file)?;
+        let set = tsv::encode(&tok, &toks, &rows, ids, t.seq_len)?;
+        let tokens: usize = set.ids.iter().map(|r| r.len()).sum();
+        let n = if cfg.model.num_labels > 0 {
+            cfg.model.num_labels
+        } else {
+            labels.labels.len() as i64
+        };
+        let mut m = EncoderModel::new(&cfg, &shape, Some(n), device)?;
+        m.load(&ck.join("model.safetensors"))?;
+        let Net::Cls(c) = &m.net else {
+            unreachable!("built with labels")
+        };
+        let (loss, acc, examples) = evaluate_cls(c, &set, t.batch_size, 0, device);
+        json!({"loss": loss, "accuracy": acc, "examples": examples, "tokens": tokens})
+    } else {
+        let docs = match data_spec {
+            Some(spec) => crate::data::load_documents_for("--data", spec)?,
+            None => run::documents(&cfg)?.1,
+        };
+        let ds = run::dataset(&tok, &docs, t.seq_len, "evaluation data")?;
+        let mut m = EncoderModel::new(&cfg, &shape, None, device)?;
+        m.load(&ck.join("model.safetensors"))?;
+        let Net::Mlm(mlm) = &m.net else {
+            unreachable!("built without labels")
+        };
+        let (loss, tokens) = evaluate_mlm(
+            mlm,
+            &ds,
+            &toks,
+            vocab,
+            t.mlm_probability,
+            t.batch_size,
+            0,
+            device,
+        )?;
+        json!({"loss": loss, "perplexity": loss.exp(), "tokens": tokens})
+    };
+    Ok(Some(out))
+}

@@ -1,0 +1,500 @@
+//! CoMERA's rank-adaptive two-stage training (`tt.rank_adapt`): physical pruning keeps the
+//! model's outputs and really shrinks parameters and optimizer state; a two-stage run through
+//! the `frugal` binary prunes, logs its ranks and resumes exactly across a pruning; the late
+//! stage picks its objective from the two gaps; bad `tt` keys are errors naming the key.
+
+mod common;
+
+use common::*;
+use frugal_core::safetensors_io::SafetensorsFile;
+use frugal_models::encoder::{EncoderConfig, IGNORE_INDEX};
+use frugal_models::linear::Linear;
+use frugal_optim::{AdamW, AdamWConfig};
+use frugal_train::comera::{self, Comera};
+use frugal_train::config::{self, Config};
+use frugal_train::encoder_train::{EncoderModel, Net};
+use frugal_tt::{Objective, RankedCores, TtLinear};
+use std::path::Path;
+use tch::{Device, Kind, Tensor};
+
+/// The TT layers of an encoder, mutable, with the variables they live in.
+fn parts(m: &mut EncoderModel) -> (Vec<(String, &mut TtLinear)>, &tch::nn::VarStore) {
+    let linears: Vec<(String, &mut Box<dyn Linear>)> = match &mut m.net {
+        Net::Mlm(x) => x.linears_mut(),
+        Net::Cls(x) => x.linears_mut(),
+    };
+    (comera::tt_layers_mut(linears), &m.vs)
+}
+
+fn tt_config() -> Config {
+    let mut cfg = Config::default();
+    cfg.model.kind = "encoder".into();
+    cfg.model.size = "encoder-tiny".into();
+    cfg.model.linear = frugal_models::LinearKind::Tt {
+        rank: 6,
+        order: 2,
+        eps: None,
+    };
+    cfg.tt.rank_adapt = true;
+    cfg.tt.early_steps = 10;
+    cfg.tt.rank_lr = 0.05;
+    cfg.train.max_steps = 20;
+    cfg.validate().unwrap();
+    cfg
+}
+
+fn numel(ts: &[(String, Tensor)]) -> i64 {
+    ts.iter().map(|(_, t)| t.numel() as i64).sum()
+}
+
+fn logits(m: &EncoderModel, ids: &Tensor) -> Tensor {
+    let Net::Mlm(mlm) = &m.net else { panic!() };
+    tch::no_grad(|| mlm.logits(ids, None, None))
+}
+
+/// Guarantee: physical pruning (through [`Comera::prune`]) leaves the outputs of the masked
+/// model unchanged within 1e-5 (f32), shrinks the cores, the model's parameter count and both
+/// optimizers' state by exactly the pruned entries' share, keeps the surviving moments (the
+/// old moments sliced), and training goes on with a finite loss.
+#[test]
+fn pruning_keeps_outputs_and_slices_parameters_and_state() {
+    let cfg = tt_config();
+    let shape = EncoderConfig::new(60, 16, 2, 2, 32, 32);
+    let mut m = EncoderModel::new(&cfg, &shape, None, Device::Cpu).unwrap();
+    let params = frugal_models::weights::named_variables(&m.vs);
+    let before_params = numel(&params);
+    let (mut c, main) = {
+        let (mut layers, _) = parts(&mut m);
+        assert_eq!(layers.len(), 12, "6 TT linears per block");
+        Comera::new(&cfg, &mut layers, params).unwrap()
+    };
+    assert!(main.iter().all(|(n, _)| !n.contains(".rank_vars.")));
+    let mut opt = AdamW::new(main, AdamWConfig::default());
+    let ids = Tensor::randint(60, [3, 12], (Kind::Int64, Device::Cpu));
+    let labels = ids.where_scalarother(&ids.fmod(3).ne(0), IGNORE_INDEX);
+    let step = |m: &mut EncoderModel, c: &mut Comera, opt: &mut AdamW, s: u64| -> f64 {
+        let loss = {
+            let Net::Mlm(mlm) = &m.net else { panic!() };
+            mlm.mlm_loss(&ids, None, None, &labels)
+        };
+        let value = loss.double_value(&[]);
+        let (term, o) = c.loss_term(s, &loss, &comera::tt_layers(m.linears()));
+        assert_eq!(o, Objective::LossPlusPenalty(0.01));
+        term.unwrap().backward();
+        opt.step().unwrap();
+        opt.zero_grad();
+        let (mut layers, vs) = parts(m);
+        let r = c.after_step(s, opt, &mut layers, vs).unwrap();
+        assert!(!r.pruned, "no pruning before the end of the early stage");
+        value
+    };
+    for s in 1..=2 {
+        assert!(step(&mut m, &mut c, &mut opt, s).is_finite());
+    }
+    // Prune two entries of the middle bond of every layer, and one of the first bond of the
+    // first layer.
+    let mut kept_first = Vec::new();
+    let mut first = String::new();
+    {
+        let (layers, _) = parts(&mut m);
+        for (i, (_, l)) in layers.iter().enumerate() {
+            let d = &l.ranked().rank_vars();
+            tch::no_grad(|| {
+                let _ = d[1].narrow(0, 0, 2).shallow_clone().fill_(1e-3);
+                if i == 0 {
+                    let _ = d[0].narrow(0, 1, 1).shallow_clone().fill_(-5e-3);
+                }
+            });
+            if i == 0 {
+                first = l.ranked().core_names()[1].clone();
+                kept_first = l
+                    .ranked()
+                    .masks()
+                    .iter()
+                    .map(|mk| mk.nonzero().squeeze_dim(1))
+                    .collect();
+            }
+        }
+    }
+    let core0 = first.as_str();
+    let old_core = m.vs.variables()[core0].copy();
+    let old_moment = opt
+        .state_tensors()
+        .into_iter()
+        .find(|(n, _)| n == &format!("{core0}.exp_avg"))
+        .unwrap()
+        .1;
+    let (tt_before, live) = {
+        let l = comera::tt_layers(m.linears());
+        (comera::stored_params(&l), comera::live_size(&l))
+    };
+    assert!(live < tt_before);
+    let main_state = numel(&opt.state_tensors());
+    let rank_state = numel(&c.rank_optimizer().state_tensors());
+    let x = Tensor::randint(60, [2, 12], (Kind::Int64, Device::Cpu));
+    let masked = logits(&m, &x);
+    let pruned = {
+        let (mut layers, vs) = parts(&mut m);
+        c.prune(&mut opt, &mut layers, vs).unwrap()
+    };
+    assert!(pruned);
+    let after = logits(&m, &x);
+    let diff = (&after - &masked).abs().max().double_value(&[]);
+    assert!(diff < 1e-5, "outputs moved by {diff} after pruning");
+    let l = comera::tt_layers(m.linears());
+    assert_eq!(
+        comera::stored_params(&l),
+        live,
+        "cores hold exactly the live size"
+    );
+    let after_params = numel(&frugal_models::weights::named_variables(&m.vs));
+    // Rank variables: 12 layers lose 2 entries each, the first layer one more.
+    let removed = (tt_before - live) + 12 * 2 + 1;
+    assert_eq!(after_params, before_params - removed);
+    // AdamW keeps two moments per element (and a step scalar per tensor).
+    assert_eq!(
+        numel(&opt.state_tensors()),
+        main_state - 2 * (tt_before - live)
+    );
+    assert_eq!(
+        numel(&c.rank_optimizer().state_tensors()),
+        rank_state - 2 * (12 * 2 + 1)
+    );
+    // The surviving moments are the old ones, sliced like the core.
+    let new_moment = opt
+        .state_tensors()
+        .into_iter()
+        .find(|(n, _)| n == &format!("{core0}.exp_avg"))
+        .unwrap()
+        .1;
+    let want = RankedCores::slice_core_state(&kept_first, 1, &old_moment);
+    assert_eq!(new_moment.size(), want.size());
+    assert!(new_moment.equal(&want));
+    let new_core = m.vs.variables()[core0].copy();
+    assert!(new_core.equal(&RankedCores::slice_core_state(&kept_first, 1, &old_core)));
+    assert!(new_core.numel() < old_core.numel());
+    // Training goes on over the new tensors.
+    for s in 3..=4 {
+        assert!(step(&mut m, &mut c, &mut opt, s).is_finite());
+    }
+    let moved = (m.vs.variables()[core0].copy() - &new_core)
+        .abs()
+        .max()
+        .double_value(&[]);
+    assert!(
+        moved > 0.0,
+        "the pruned core is the one the optimizer steps"
+    );
+}
+
+/// Settings of a tiny TT encoder with rank adaptation on the test corpus: early stage of 3
+/// steps, a threshold (0.99) that the first rank-variable steps (lr 0.05) cross, so pruning
+/// happens at once.
+fn comera_settings(corpus: &Path, steps: u64) -> Vec<String> {
+    let mut s = small_settings(corpus);
+    s.extend(
+        [
+            "model.kind=\"encoder\"",
+            "model.size=\"encoder-tiny\"",
+            "model.linear.kind=\"tt\"",
+            "model.linear.rank=6",
+            "model.linear.order=2",
+            "tt.rank_adapt=true",
+            "tt.early_steps=3",
+            "tt.threshold=0.99",
+            "tt.rank_lr=0.05",
+            "tt.prune_every=2",
+            "tt.compression_target=0.5",
+            "tt.loss_target=2.0",
+            "train.keep_checkpoints=0",
+            "train.eval_every=4",
+        ]
+        .map(String::from),
+    );
+    s.push(format!("train.max_steps={steps}"));
+    s
+}
+
+fn metrics(run: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Elements of the tensors of a safetensors file whose names contain `part`.
+fn file_numel(path: &Path, part: &str) -> i64 {
+    let f = SafetensorsFile::open(path).unwrap();
+    f.names()
+        .iter()
+        .filter(|n| n.contains(part))
+        .map(|n| f.info(n).unwrap().0.iter().product::<i64>())
+        .sum()
+}
+
+fn train(dir: &Path, out: &Path, sets: &[String]) {
+    let o = run(train_cmd(dir, out, sets));
+    assert!(o.status.success(), "training failed");
+}
+
+/// Guarantee: a two-stage run prunes at the end of the early stage: the ranks it logs shrink,
+/// the checkpoint's cores and both optimizers' state files really get smaller, the logged
+/// sizes agree with the files, every loss is finite, and `ranks.png` is drawn.
+#[test]
+fn two_stage_run_prunes_and_shrinks_the_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = corpus(dir.path(), 20);
+    let r = dir.path().join("run");
+    let mut sets = comera_settings(&corpus, 6);
+    sets.push("train.save_every=1".into());
+    train(dir.path(), &r, &sets);
+    let lines = metrics(&r);
+    assert_eq!(lines.len(), 6);
+    for l in &lines {
+        assert!(l["loss"].as_f64().unwrap().is_finite(), "{l}");
+        for k in [
+            "tt_size",
+            "tt_compression",
+            "tt_stage",
+            "tt_objective",
+            "tt_params",
+        ] {
+            assert!(l.get(k).is_some(), "metrics line lacks {k}: {l}");
+        }
+    }
+    let stage: Vec<&str> = lines
+        .iter()
+        .map(|l| l["tt_stage"].as_str().unwrap())
+        .collect();
+    assert_eq!(stage, ["early", "early", "early", "late", "late", "late"]);
+    assert_eq!(lines[0]["tt_objective"], "loss+penalty");
+    // Step 3 ends the early stage with a pruning: ranks logged, stored = live.
+    let ranks = lines[2]["tt_ranks"]
+        .as_object()
+        .expect("tt_ranks after pruning");
+    assert_eq!(ranks.len(), 12);
+    let at = |i: usize, k: &str| lines[i][k].as_i64().unwrap();
+    assert!(
+        at(2, "tt_params") < at(1, "tt_params"),
+        "no pruning at step 3"
+    );
+    assert_eq!(at(2, "tt_params"), at(2, "tt_size"));
+    // compression = dense / live size, the dense count fixed.
+    let dense = |i: usize| lines[i]["tt_compression"].as_f64().unwrap() * at(i, "tt_size") as f64;
+    for i in 1..6 {
+        assert!((dense(i) - dense(0)).abs() < 1e-6 * dense(0), "line {i}");
+    }
+    let ck = |s: u64, f: &str| r.join(format!("checkpoints/step-{s}/{f}"));
+    let cores2 = file_numel(&ck(2, "model.safetensors"), ".cores.");
+    let cores3 = file_numel(&ck(3, "model.safetensors"), ".cores.");
+    assert_eq!(cores2, at(1, "tt_params"));
+    assert_eq!(cores3, at(2, "tt_params"));
+    assert!(cores3 < cores2);
+    assert!(
+        file_numel(&ck(3, "model.safetensors"), "") < file_numel(&ck(2, "model.safetensors"), "")
+    );
+    let opt2 = file_numel(&ck(2, "optimizer.safetensors"), ".cores.");
+    let opt3 = file_numel(&ck(3, "optimizer.safetensors"), ".cores.");
+    assert_eq!(
+        opt2 - opt3,
+        2 * (cores2 - cores3),
+        "moments of the pruned entries gone"
+    );
+    let rank2 = file_numel(&ck(2, comera::TT_OPTIMIZER_FILE), "rank_vars");
+    let rank3 = file_numel(&ck(3, comera::TT_OPTIMIZER_FILE), "rank_vars");
+    assert!(rank3 < rank2, "rank-variable state {rank2} -> {rank3}");
+    assert_eq!(file_numel(&ck(2, "optimizer.safetensors"), "rank_vars"), 0);
+    // The late stage's size is latched into the trainer state.
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ck(4, "trainer_state.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        state["tt_late_start_size"].as_f64(),
+        Some(at(2, "tt_size") as f64)
+    );
+    assert!(r.join("ranks.png").is_file());
+    let mem: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(r.join("memory.json")).unwrap()).unwrap();
+    assert!(mem["tt"]["tt_ranks"].is_object());
+}
+
+/// Guarantee: a run resumed from a checkpoint taken after a pruning, in the late stage (pruned
+/// shapes, sliced optimizer states, latched size), logs the losses, sizes and objectives of
+/// the uninterrupted run, bit for bit, with gradient accumulation (so a size step's skipped
+/// micro-batches are skipped alike).
+#[test]
+fn resume_across_a_pruning_gives_the_same_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = corpus(dir.path(), 20);
+    let full = dir.path().join("full");
+    let mut sets = comera_settings(&corpus, 9);
+    sets.extend(
+        [
+            "train.save_every=2",
+            "train.grad_accum=2",
+            "tt.loss_target=8.0",
+        ]
+        .map(String::from),
+    );
+    train(dir.path(), &full, &sets);
+    let part = dir.path().join("part");
+    copy_dir(&full, &part);
+    for s in [6, 8, 9] {
+        std::fs::remove_dir_all(part.join(format!("checkpoints/step-{s}"))).unwrap();
+    }
+    std::fs::write(part.join("checkpoints/latest"), "step-4\n").unwrap();
+    let out = run({
+        let mut c = frugal(dir.path());
+        c.arg("train").arg("--resume").arg(&part);
+        c
+    });
+    assert!(out.status.success());
+    let key = |run: &Path| -> Vec<String> {
+        metrics(run)
+            .iter()
+            .map(|l| {
+                format!(
+                    "{} {} {} {} {}",
+                    l["step"], l["loss"], l["tt_size"], l["tt_params"], l["tt_objective"]
+                )
+            })
+            .collect()
+    };
+    let want = key(&full);
+    assert_eq!(want.len(), 9);
+    assert_eq!(key(&part), want);
+    let a = SafetensorsFile::open(&full.join("checkpoints/step-9/model.safetensors")).unwrap();
+    let b = SafetensorsFile::open(&part.join("checkpoints/step-9/model.safetensors")).unwrap();
+    assert_eq!(a.names(), b.names());
+    for n in a.names() {
+        let (x, y) = (
+            a.tensor(&n, Device::Cpu).unwrap(),
+            b.tensor(&n, Device::Cpu).unwrap(),
+        );
+        assert!(x.equal(&y), "{n} differs after resume");
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let target = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), target).unwrap();
+        }
+    }
+}
+
+/// Guarantee: the late stage descends the size while it is relatively further from its target
+/// than the loss (a far size target, a loss target above the loss: every late step is a size
+/// step, and the main optimizer rests), and the loss otherwise (a size target
+/// already met, a loss target far below the loss).
+#[test]
+fn late_stage_picks_size_or_loss_by_the_gaps() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = corpus(dir.path(), 20);
+    let objectives = |name: &str, extra: &[&str]| -> Vec<serde_json::Value> {
+        let r = dir.path().join(name);
+        let mut sets = comera_settings(&corpus, 6);
+        sets.extend(extra.iter().map(|s| s.to_string()));
+        train(dir.path(), &r, &sets);
+        metrics(&r)
+    };
+    let size = objectives(
+        "size",
+        &[
+            "tt.compression_target=0.01",
+            "tt.loss_target=100.0",
+            "tt.threshold=0.01",
+            "tt.rank_lr=0.2",
+        ],
+    );
+    for l in &size[3..] {
+        assert_eq!(l["tt_objective"], "size", "{l}");
+        assert_eq!(
+            l["grad_norm"].as_f64(),
+            Some(0.0),
+            "main optimizer stepped: {l}"
+        );
+    }
+    let target = size[3]["tt_size_target"].as_f64().unwrap();
+    assert!((target - 0.01 * size[3]["tt_size"].as_f64().unwrap()).abs() < 1e-6);
+    let loss = objectives(
+        "loss",
+        &["tt.compression_target=1.0", "tt.loss_target=0.01"],
+    );
+    for l in &loss[3..] {
+        assert_eq!(l["tt_objective"], "loss", "{l}");
+        assert!(l["grad_norm"].as_f64().unwrap() > 0.0);
+    }
+}
+
+fn config_error(text: &str) -> String {
+    config::from_table(toml::from_str(text).unwrap())
+        .unwrap_err()
+        .to_string()
+}
+
+/// Guarantee: bad `tt` settings are errors naming the key: a compression target outside
+/// (0, 1], a rank learning rate that is not positive, rank adaptation without TT layers
+/// (`model.linear`) or in a llama model; the defaults are `frugal_tt`'s.
+#[test]
+fn bad_tt_keys_are_named() {
+    let enc = "[model]\nkind = \"encoder\"\nsize = \"encoder-tiny\"\n";
+    let tt = "linear = {kind = \"tt\", rank = 4, order = 2}\n";
+    let err = config_error(&format!("{enc}{tt}[tt]\ncompression_target = 1.5\n"));
+    assert!(err.starts_with("tt.compression_target:"), "{err}");
+    let err = config_error(&format!("{enc}{tt}[tt]\ncompression_target = 0.0\n"));
+    assert!(err.starts_with("tt.compression_target:"), "{err}");
+    let err = config_error(&format!("{enc}{tt}[tt]\nrank_lr = -1.0\n"));
+    assert!(err.starts_with("tt.rank_lr:"), "{err}");
+    let err = config_error(&format!("{enc}[tt]\nrank_adapt = true\n"));
+    assert!(err.starts_with("model.linear:"), "{err}");
+    let err = config_error(&format!("[model]\n{tt}[tt]\nrank_adapt = true\n"));
+    assert!(err.starts_with("tt.rank_adapt:"), "{err}");
+    let err = config_error(&format!("{enc}{tt}[tt]\nrank_adaptation = true\n"));
+    assert!(
+        err.starts_with("tt") && err.contains("rank_adaptation"),
+        "{err}"
+    );
+    let ok =
+        config::from_table(toml::from_str(&format!("{enc}{tt}[tt]\nrank_adapt = true\n")).unwrap())
+            .unwrap();
+    let d = frugal_tt::ComeraConfig::default();
+    assert_eq!(ok.tt.comera(), d);
+    assert_eq!((ok.tt.rank_lr, ok.tt.prune_every), (1e-3, 0));
+    // Through the binary: a clean one-line error before any training.
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = corpus(dir.path(), 3);
+    let mut sets = small_settings(&corpus);
+    sets.extend(
+        [
+            "model.kind=\"encoder\"",
+            "model.size=\"encoder-tiny\"",
+            "tt.rank_adapt=true",
+        ]
+        .map(String::from),
+    );
+    let out = run(train_cmd(dir.path(), &dir.path().join("x"), &sets));
+    assert_clean_error(&out, "model.linear");
+}
+
+/// Guarantee: `configs/encoder-comera.toml` is valid and runs rank adaptation on TT layers
+/// whose modes factor the encoder's dimensions (the model builds).
+#[test]
+fn shipped_config_is_valid() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/encoder-comera.toml");
+    let cfg = config::load(&path, &[]).unwrap();
+    assert!(cfg.tt.rank_adapt);
+    assert!(cfg.tt.early_steps < cfg.train.max_steps, "no late stage");
+    let shape = cfg.encoder_config(4099).unwrap();
+    let m = EncoderModel::new(&cfg, &shape, None, Device::Cpu).unwrap();
+    let layers = comera::tt_layers(m.linears());
+    assert_eq!(layers.len(), 6 * shape.num_hidden_layers as usize);
+    let ratio = comera::dense_params(&layers) as f64 / comera::stored_params(&layers) as f64;
+    assert!(ratio > 5.0, "compression at rank 30: {ratio}");
+}
