@@ -32,18 +32,39 @@
 //! same-order PyTorch script". The table goes to stdout (and `target/bench/tt.md`), the JSON to
 //! `target/bench/tt.json`.
 //!
-//! Later parts (`--parts encoder-layer,model`: one encoder layer, and the whole 6-encoder
-//! model's training step, TT against dense) are not built yet; asking for them is an error.
+//! Part 2, one encoder layer (`--parts encoder-layer`): block 0 of `frugal_models::encoder`
+//! (post-LN BERT block, d 768, 12 heads, ffn 3072) on a `(--batch, --seq-len, 768)` = 32 x 128
+//! input, its six projections dense or `LinearKind::Tt { rank: --rank, order: 3 }`, example
+//! `encoder_layer_bench` of frugal-models, each in its own process; a step as above (gradients of
+//! the input and every parameter of the block), mean of `--steps` after `--warmup`. Goal: TT at
+//! least 3x faster than dense.
+//!
+//! Part 3, the whole model (`--parts model`): `frugal train` with `model.kind = "encoder"`,
+//! `model.size = "encoder-6"`, masked-LM, AdamW, batch `--batch`, `--seq-len`, f32 on the CPU,
+//! `--model-warmup + --model-steps` steps (eval only at the end, one batch), dense against
+//! `model.linear = {kind = "tt", rank = --rank, order = 3}`, each its own process, into
+//! `target/bench/tt/model-{dense,tt}`. Step time is the mean `step_time_s` of `metrics.jsonl`
+//! after the warm-up steps; peak memory is `memory.json`'s `steps_peak_above_baseline_bytes`
+//! (the peak when the last training step ended; else the whole run's
+//! `peak_above_baseline_bytes`); parameters are counted from `memory.json`'s per-tensor list:
+//! the blocks' linear weights (TT cores or dense matrices; biases and rank variables apart) and
+//! the whole model. Goals: peak at most 0.65x dense's; 45x fewer parameters in the compressed
+//! part (the blocks' linear weights: embeddings are dense here).
+//!
+//! Parts 2 and 3 always run `dense` and `tt` (`--configs` selects part 1's configurations).
+//! Every part runs by default.
 //!
 //! ```text
-//! cargo xtask bench tt [-- --layers 768x768,768x3072,3072x768 --configs dense,tt,same-order,...
+//! cargo xtask bench tt [-- --parts layers,encoder-layer,model
+//!                          --layers 768x768,768x3072,3072x768 --configs dense,tt,same-order,...
 //!                          --steps 10 --warmup 2 --slow-steps 3 --threads 2 --tokens 4096
-//!                          --rank 30 --rounds 1 --parts layers]
+//!                          --rank 30 --rounds 1 --batch 32 --seq-len 128 --model-steps 3
+//!                          --model-warmup 1]
 //! ```
 
 use crate::report::{
-    find_key, json_num, json_number, json_opt, json_str, last_json_line, load_average, mib,
-    utc_date, Machine,
+    find_key, frugal_train, json_num, json_number, json_object, json_opt, json_str, last_json_line,
+    load_average, mean_step_time, mib, utc_date, Machine,
 };
 use crate::setup::TorchEnv;
 use crate::{Failure, Result};
@@ -58,6 +79,20 @@ const EXAMPLE: &str = "tt_layer_bench";
 const RESULT: &str = "target/bench/tt.json";
 /// The markdown table.
 const TABLE: &str = "target/bench/tt.md";
+/// The example of frugal-models that runs one encoder layer.
+const LAYER_EXAMPLE: &str = "encoder_layer_bench";
+/// TT order (modes per side) of parts 2 and 3.
+const ORDER: u64 = 3;
+/// The encoder's width, heads and feed-forward width (CoMERA's encoder-6).
+const D: u64 = 768;
+/// Attention heads.
+const HEADS: u64 = 12;
+/// Feed-forward width.
+const FFN: u64 = 3072;
+/// Blocks of the whole model.
+const BLOCKS: u64 = 6;
+/// Where the model runs go.
+const MODEL_OUT: &str = "target/bench/tt";
 /// What to install when the script finds tltorch missing.
 const PIP: &str = "tensorly-torch opt_einsum";
 
@@ -195,6 +230,24 @@ impl Config {
 enum Part {
     /// Single linear layers.
     Layers,
+    /// One encoder layer.
+    EncoderLayer,
+    /// The whole model's training step.
+    Model,
+}
+
+impl Part {
+    /// Every part, in the order they run.
+    const ALL: [Part; 3] = [Part::Layers, Part::EncoderLayer, Part::Model];
+
+    /// The name on the command line and in the JSON.
+    fn name(self) -> &'static str {
+        match self {
+            Part::Layers => "layers",
+            Part::EncoderLayer => "encoder-layer",
+            Part::Model => "model",
+        }
+    }
 }
 
 /// The benchmark's options.
@@ -220,6 +273,14 @@ struct Options {
     rank: u64,
     /// Processes per configuration (round-robin; the fastest is kept).
     rounds: u64,
+    /// Sequences per batch (parts 2 and 3).
+    batch: u64,
+    /// Tokens per sequence (parts 2 and 3).
+    seq_len: u64,
+    /// Timed training steps of the whole model.
+    model_steps: u64,
+    /// Untimed training steps before them.
+    model_warmup: u64,
 }
 
 /// What a child measured.
@@ -274,23 +335,59 @@ struct Goal {
     name: String,
     /// The ratio measured.
     value: Option<f64>,
-    /// The largest ratio that meets the goal.
+    /// The largest ratio that meets the goal (the smallest, with `at_least`).
     limit: f64,
+    /// The ratio must be at least `limit` (a speed-up, a compression).
+    at_least: bool,
 }
 
 impl Goal {
     /// Whether the goal is met (None: not measured).
     fn met(&self) -> Option<bool> {
-        self.value.map(|v| v <= self.limit)
+        self.value.map(|v| {
+            if self.at_least {
+                v >= self.limit
+            } else {
+                v <= self.limit
+            }
+        })
+    }
+
+    /// `- name: 0.80x (goal <= 1.00x): met`.
+    fn line(&self) -> String {
+        let verdict = match self.met() {
+            Some(true) => "met",
+            Some(false) => "not met",
+            None => "not measured",
+        };
+        format!(
+            "- {}: {} (goal {} {:.2}x): {verdict}\n",
+            self.name,
+            times(self.value),
+            if self.at_least { ">=" } else { "<=" },
+            self.limit
+        )
+    }
+
+    /// The goal as a JSON object.
+    fn json(&self) -> String {
+        format!(
+            "{{\"goal\": {}, \"value\": {}, \"{}\": {}, \"met\": {}}}",
+            json_str(&self.name),
+            json_opt(self.value),
+            if self.at_least { "at_least" } else { "at_most" },
+            json_num(self.limit),
+            self.met().map_or_else(|| "null".into(), |m| m.to_string())
+        )
     }
 }
 
 /// The usage line.
-const USAGE: &str = "usage: cargo xtask bench tt [-- --parts layers --layers \
+const USAGE: &str = "usage: cargo xtask bench tt [-- --parts layers,encoder-layer,model --layers \
                      768x768,768x3072,3072x768 --configs dense,tt,same-order,tltorch,\
                      tltorch-torch-einsum,tltorch-no-opt-einsum,torch-dense --steps N --warmup N \
-                     --slow-steps N --threads N --tokens N --rank N --rounds N] (parts encoder-layer and \
-                     model: not built yet)";
+                     --slow-steps N --threads N --tokens N --rank N --rounds N --batch N --seq-len N \
+                     --model-steps N --model-warmup N] (parts: layers, encoder-layer, model)";
 
 /// Runs the benchmark.
 pub fn run(env: &TorchEnv, args: &[String]) -> Result<()> {
@@ -299,7 +396,9 @@ pub fn run(env: &TorchEnv, args: &[String]) -> Result<()> {
     std::fs::create_dir_all(root.join("target/bench"))
         .map_err(|e| Failure::new(format!("cannot create target/bench: {e}")))?;
     let vars = env.vars();
-    let bin = if opts.configs.iter().any(|c| !c.is_python()) {
+    let has = |p| opts.parts.contains(&p);
+    let layers_part = has(Part::Layers);
+    let bin = if layers_part && opts.configs.iter().any(|c| !c.is_python()) {
         eprintln!("bench tt: building the example {EXAMPLE} of frugal-tt (release)");
         let mut c = crate::cargo(env);
         c.args([
@@ -315,7 +414,29 @@ pub fn run(env: &TorchEnv, args: &[String]) -> Result<()> {
     } else {
         None
     };
-    if opts.configs.iter().any(|c| c.is_python()) && !env.python.exists() {
+    let layer_bin = if has(Part::EncoderLayer) {
+        eprintln!("bench tt: building the example {LAYER_EXAMPLE} of frugal-models (release)");
+        let mut c = crate::cargo(env);
+        c.args([
+            "build",
+            "--release",
+            "-p",
+            "frugal-models",
+            "--example",
+            LAYER_EXAMPLE,
+        ]);
+        crate::status(c, "cargo build")?;
+        Some(root.join("target/release/examples").join(LAYER_EXAMPLE))
+    } else {
+        None
+    };
+    let frugal = if has(Part::Model) {
+        eprintln!("bench tt: building frugal (release)");
+        Some(crate::build_frugal(env)?)
+    } else {
+        None
+    };
+    if layers_part && opts.configs.iter().any(|c| c.is_python()) && !env.python.exists() {
         eprintln!(
             "bench tt: warning: {} does not exist; the PyTorch configurations will fail (run \
              cargo xtask setup, then {} -m pip install {PIP})",
@@ -324,6 +445,7 @@ pub fn run(env: &TorchEnv, args: &[String]) -> Result<()> {
         );
     }
     let mut rows: Vec<Row> = Vec::new();
+    let mut big: Vec<BigRow> = Vec::new();
     for part in &opts.parts {
         match part {
             Part::Layers => {
@@ -350,32 +472,76 @@ pub fn run(env: &TorchEnv, args: &[String]) -> Result<()> {
                     }
                 }
             }
+            Part::EncoderLayer | Part::Model => {
+                for config in [Config::Dense, Config::Tt] {
+                    eprintln!("bench tt: {} {}", part.name(), config.name());
+                    let load = load_average();
+                    let got = if *part == Part::EncoderLayer {
+                        layer_bin
+                            .as_deref()
+                            .ok_or_else(|| Failure::new("the example was not built"))
+                            .and_then(|b| run_encoder_layer(env, &vars, &root, b, &opts, config))
+                    } else {
+                        frugal
+                            .as_deref()
+                            .ok_or_else(|| Failure::new("frugal was not built"))
+                            .and_then(|b| run_model(b, &vars, &root, &opts, config))
+                    };
+                    let (measured, note) = match got {
+                        Ok(m) => (Some(m), String::new()),
+                        Err(f) => (None, format!("{} failed: {}", config.name(), f.message)),
+                    };
+                    if !note.is_empty() {
+                        eprintln!("bench tt: note: {note}");
+                    }
+                    big.push(BigRow {
+                        part: *part,
+                        config,
+                        measured,
+                        note,
+                        load,
+                    });
+                }
+            }
         }
     }
     let goals = goals(&rows);
     let machine = Machine::detect();
     let date = utc_date();
-    let header = format!(
-        "TT linear layers, {} tokens x d, rank {}, f32, CPU: {} x {}, {} threads, forward + \
-         backward, mean of {} steps after {} warm-up, fastest of {} process(es) per \
-         configuration, {date}\n\n",
-        opts.tokens,
-        opts.rank,
-        machine.nproc,
-        machine.model,
-        opts.threads,
-        opts.steps,
-        opts.warmup,
-        opts.rounds
-    );
-    let text = format!("{header}{}", table(&rows, &goals));
+    let mut text = String::new();
+    if layers_part {
+        text.push_str(&format!(
+            "TT linear layers, {} tokens x d, rank {}, f32, CPU: {} x {}, {} threads, forward + \
+             backward, mean of {} steps after {} warm-up, fastest of {} process(es) per \
+             configuration, {date}\n\n",
+            opts.tokens,
+            opts.rank,
+            machine.nproc,
+            machine.model,
+            opts.threads,
+            opts.steps,
+            opts.warmup,
+            opts.rounds
+        ));
+        text.push_str(&table(&rows, &goals));
+    }
+    let big_goals = big_goals(&big);
+    for part in [Part::EncoderLayer, Part::Model] {
+        if has(part) {
+            if !text.is_empty() {
+                text.push('\n');
+            }
+            text.push_str(&big_table(part, &opts, &big, &big_goals, &machine, &date));
+        }
+    }
     print!("{text}");
     let _ = std::fs::write(root.join(TABLE), &text);
-    let json = result_json(&opts, &rows, &goals, &machine, &date);
+    let json = result_json(&opts, &rows, &goals, &big, &big_goals, &machine, &date);
     std::fs::write(root.join(RESULT), json)
         .map_err(|e| Failure::new(format!("cannot write {RESULT}: {e}")))?;
     eprintln!("bench tt: wrote {RESULT} and {TABLE}");
-    let failed = rows.iter().filter(|r| r.measured.is_none()).count();
+    let failed = rows.iter().filter(|r| r.measured.is_none()).count()
+        + big.iter().filter(|r| r.measured.is_none()).count();
     if failed > 0 {
         eprintln!("bench tt: {failed} configuration(s) did not run; see the notes under the table");
     }
@@ -385,7 +551,7 @@ pub fn run(env: &TorchEnv, args: &[String]) -> Result<()> {
 /// Parses the command line.
 fn parse_args(args: &[String]) -> Result<Options> {
     let mut opts = Options {
-        parts: vec![Part::Layers],
+        parts: Part::ALL.to_vec(),
         layers: LAYERS.to_vec(),
         configs: Config::ALL.to_vec(),
         steps: 10,
@@ -395,6 +561,10 @@ fn parse_args(args: &[String]) -> Result<Options> {
         tokens: 4096,
         rank: 30,
         rounds: 1,
+        batch: 32,
+        seq_len: 128,
+        model_steps: 3,
+        model_warmup: 1,
     };
     let bad = |m: String| Failure::new(format!("bench tt: {m}; {USAGE}"));
     let mut it = args.iter();
@@ -414,6 +584,10 @@ fn parse_args(args: &[String]) -> Result<Options> {
             "--tokens",
             "--rank",
             "--rounds",
+            "--batch",
+            "--seq-len",
+            "--model-steps",
+            "--model-warmup",
         ];
         if !known.contains(&name) {
             return Err(bad(format!("unknown argument '{a}'")));
@@ -428,16 +602,21 @@ fn parse_args(args: &[String]) -> Result<Options> {
         let items = || value.split(',').map(str::trim).filter(|s| !s.is_empty());
         match name {
             "--parts" => {
-                opts.parts = items()
-                    .map(|p| match p {
-                        "layers" => Ok(Part::Layers),
-                        "encoder-layer" | "model" => Err(bad(format!(
-                            "part '{p}' is not built yet (issue 5: the encoder layer and the \
-                             whole model come later); only 'layers' runs"
-                        ))),
-                        other => Err(bad(format!("unknown part '{other}'"))),
-                    })
-                    .collect::<Result<_>>()?
+                let mut parts = Vec::new();
+                for p in items() {
+                    let part = Part::ALL
+                        .into_iter()
+                        .find(|q| q.name() == p)
+                        .ok_or_else(|| bad(format!("unknown part '{p}'")))?;
+                    if !parts.contains(&part) {
+                        parts.push(part);
+                    }
+                }
+                // Run in the fixed order, whatever the order asked.
+                opts.parts = Part::ALL
+                    .into_iter()
+                    .filter(|p| parts.contains(p))
+                    .collect();
             }
             "--layers" => {
                 opts.layers = items()
@@ -465,6 +644,10 @@ fn parse_args(args: &[String]) -> Result<Options> {
             "--threads" => opts.threads = whole(&value)?,
             "--tokens" => opts.tokens = whole(&value)?,
             "--rounds" => opts.rounds = whole(&value)?,
+            "--batch" => opts.batch = whole(&value)?,
+            "--seq-len" => opts.seq_len = whole(&value)?,
+            "--model-steps" => opts.model_steps = whole(&value)?,
+            "--model-warmup" => opts.model_warmup = whole(&value)?,
             _ => opts.rank = whole(&value)?,
         }
     }
@@ -474,11 +657,16 @@ fn parse_args(args: &[String]) -> Result<Options> {
         opts.threads,
         opts.tokens,
         opts.rounds,
+        opts.batch,
+        opts.seq_len,
+        opts.model_steps,
     ]
     .contains(&0)
     {
         return Err(bad(
-            "--steps, --slow-steps, --threads, --tokens and --rounds must be at least 1".into(),
+            "--steps, --slow-steps, --threads, --tokens, --rounds, --batch, --seq-len and \
+             --model-steps must be at least 1"
+                .into(),
         ));
     }
     if opts.rank == 0 || opts.parts.is_empty() || opts.layers.is_empty() || opts.configs.is_empty()
@@ -562,19 +750,7 @@ fn run_one(
             row.note = "failed: the example was not built".into();
             return row;
         };
-        let mut c = Command::new(bin);
-        // The example links libtorch dynamically.
-        let lib = env.libtorch.join("lib");
-        if lib.is_dir() {
-            let old = std::env::var("LD_LIBRARY_PATH").unwrap_or_default();
-            let path = if old.is_empty() {
-                lib.display().to_string()
-            } else {
-                format!("{}:{old}", lib.display())
-            };
-            c.env("LD_LIBRARY_PATH", path);
-        }
-        (c, format!("examples/{EXAMPLE}"))
+        (example_command(env, bin), format!("examples/{EXAMPLE}"))
     };
     c.current_dir(root).args(&args);
     c.envs(vars.iter().map(|(k, v)| (k, v)));
@@ -588,6 +764,22 @@ fn run_one(
         Err(f) => row.note = format!("{} failed: {}", config.name(), f.message),
     }
     row
+}
+
+/// A command that runs the example `bin`, which links libtorch dynamically.
+fn example_command(env: &TorchEnv, bin: &Path) -> Command {
+    let mut c = Command::new(bin);
+    let lib = env.libtorch.join("lib");
+    if lib.is_dir() {
+        let old = std::env::var("LD_LIBRARY_PATH").unwrap_or_default();
+        let path = if old.is_empty() {
+            lib.display().to_string()
+        } else {
+            format!("{}:{old}", lib.display())
+        };
+        c.env("LD_LIBRARY_PATH", path);
+    }
+    c
 }
 
 /// Runs `c` (stderr passed through) and returns the last JSON line of its stdout; a line with
@@ -738,6 +930,7 @@ fn goals(rows: &[Row]) -> Vec<Goal> {
             ),
             value: ratio(rows, l, Config::Tt, Config::SameOrder, step),
             limit: 1.0,
+            at_least: false,
         })
         .collect()
 }
@@ -859,17 +1052,7 @@ fn table(rows: &[Row], goals: &[Goal]) -> String {
     }
     s.push_str("Goals (issue 5, single layers):\n\n");
     for g in goals {
-        let verdict = match g.met() {
-            Some(true) => "met",
-            Some(false) => "not met",
-            None => "not measured",
-        };
-        s.push_str(&format!(
-            "- {}: {} (goal <= {:.2}x): {verdict}\n",
-            g.name,
-            times(g.value),
-            g.limit
-        ));
+        s.push_str(&g.line());
     }
     s
 }
@@ -879,6 +1062,8 @@ fn result_json(
     opts: &Options,
     rows: &[Row],
     goals: &[Goal],
+    big: &[BigRow],
+    big_goals: &[(Part, Goal)],
     machine: &Machine,
     date: &str,
 ) -> String {
@@ -926,24 +1111,23 @@ fn result_json(
             )
         })
         .collect();
-    let goals_json: Vec<String> = goals
-        .iter()
-        .map(|g| {
-            format!(
-                "    {{\"goal\": {}, \"value\": {}, \"at_most\": {}, \"met\": {}}}",
-                json_str(&g.name),
-                json_opt(g.value),
-                json_num(g.limit),
-                g.met().map_or_else(|| "null".into(), |m| m.to_string())
-            )
-        })
-        .collect();
+    let goals_json: Vec<String> = goals.iter().map(|g| format!("    {}", g.json())).collect();
+    let parts: Vec<String> = opts.parts.iter().map(|p| json_str(p.name())).collect();
+    let part_json = |p: Part| {
+        if opts.parts.contains(&p) {
+            big_json(p, opts, big, big_goals)
+        } else {
+            "null".into()
+        }
+    };
     format!(
-        "{{\n  \"benchmark\": \"tt\",\n  \"part\": \"layers\",\n  \"dtype\": \"f32\",\n  \
+        "{{\n  \"benchmark\": \"tt\",\n  \"parts\": [{}],\n  \"dtype\": \"f32\",\n  \
          \"device\": \"cpu\",\n  \"tokens\": {},\n  \"rank\": {},\n  \"steps\": {},\n  \
          \"warmup\": {},\n  \"slow_steps\": {},\n  \"rounds\": {},\n  \"threads\": {},\n  \"machine\": {{\"nproc\": \
-         {}, \"cpu\": {}}},\n  \"date\": {},\n  \"rows\": [\n{}\n  ],\n  \"goals\": [\n{}\n  \
-         ]\n}}\n",
+         {}, \"cpu\": {}}},\n  \"date\": {},\n  \"load_average_at_end\": {},\n  \
+         \"rows\": [\n{}\n  ],\n  \"goals\": [\n{}\n  ],\n  \"encoder_layer\": {},\n  \
+         \"model\": {}\n}}\n",
+        parts.join(", "),
         opts.tokens,
         opts.rank,
         opts.steps,
@@ -954,8 +1138,579 @@ fn result_json(
         machine.nproc,
         json_str(&machine.model),
         json_str(date),
+        json_opt(load_average()),
         rows_json.join(",\n"),
-        goals_json.join(",\n")
+        goals_json.join(",\n"),
+        part_json(Part::EncoderLayer),
+        part_json(Part::Model)
+    )
+}
+
+/// What a run of part 2 (one encoder layer) or 3 (the whole model) measured.
+#[derive(Debug, Clone, PartialEq, Default)]
+struct BigMeasured {
+    /// Mean seconds of the forward pass (encoder layer only).
+    forward_s: Option<f64>,
+    /// Mean seconds of a step (forward + backward; for the model a full training step).
+    step_s: f64,
+    /// Median seconds of a step (encoder layer only).
+    step_median_s: Option<f64>,
+    /// Resident memory before the layer / model.
+    baseline_rss_bytes: u64,
+    /// Peak resident memory (for the model: when the last training step ended, if known).
+    peak_rss_bytes: u64,
+    /// Where the peak comes from.
+    peak_source: String,
+    /// Weights of the compressed linear layers (TT cores or dense matrices).
+    linear_params: Option<u64>,
+    /// TT rank variables.
+    rank_var_params: Option<u64>,
+    /// Every parameter (of the layer, or of the model).
+    total_params: Option<u64>,
+    /// Vocabulary (the model's word embeddings' rows).
+    vocab: Option<u64>,
+    /// The TT ranks, distinct lists.
+    ranks: String,
+}
+
+impl BigMeasured {
+    /// Peak above the idle baseline.
+    fn above(&self) -> u64 {
+        self.peak_rss_bytes.saturating_sub(self.baseline_rss_bytes)
+    }
+}
+
+/// One configuration of part 2 or 3.
+#[derive(Debug, Clone, PartialEq)]
+struct BigRow {
+    /// Which part.
+    part: Part,
+    /// Dense or TT.
+    config: Config,
+    /// The measurement, when it ran.
+    measured: Option<BigMeasured>,
+    /// Why it failed.
+    note: String,
+    /// The 1-minute load average when it started.
+    load: Option<f64>,
+}
+
+/// The arguments of the example `encoder_layer_bench`.
+fn layer_args(opts: &Options, config: Config) -> Vec<String> {
+    let mut a: Vec<String> = vec![
+        "--impl".into(),
+        if config == Config::Tt { "tt" } else { "dense" }.into(),
+    ];
+    for (k, v) in [
+        ("--rank", opts.rank),
+        ("--order", ORDER),
+        ("--batch", opts.batch),
+        ("--seq-len", opts.seq_len),
+        ("--d", D),
+        ("--heads", HEADS),
+        ("--ffn", FFN),
+        ("--steps", opts.steps),
+        ("--warmup", opts.warmup),
+        ("--threads", opts.threads),
+    ] {
+        a.push(k.into());
+        a.push(v.to_string());
+    }
+    a
+}
+
+/// The distinct arrays inside a JSON object's text, `[1, 12, 30, 12, 1]; [...]`.
+fn distinct_arrays(object: &str) -> String {
+    let mut seen: Vec<String> = Vec::new();
+    let mut rest = object;
+    while let Some(i) = rest.find('[') {
+        let Some(j) = rest[i..].find(']') else { break };
+        let a = rest[i..=i + j].replace(' ', "").replace(',', ", ");
+        if !seen.contains(&a) {
+            seen.push(a);
+        }
+        rest = &rest[i + j + 1..];
+    }
+    seen.join("; ")
+}
+
+/// The measurement of `encoder_layer_bench`'s JSON line.
+fn parse_layer_child(line: &str, what: &str) -> Result<BigMeasured> {
+    let get = |k: &str| {
+        json_number(line, k)
+            .ok_or_else(|| Failure::new(format!("{what} reported no '{k}': {line}")))
+    };
+    let count = |k: &str| json_number(line, k).map(|v| v as u64);
+    Ok(BigMeasured {
+        forward_s: Some(get("forward_s")?),
+        step_s: get("step_s")?,
+        step_median_s: json_number(line, "step_median_s"),
+        baseline_rss_bytes: get("baseline_rss_bytes")? as u64,
+        peak_rss_bytes: get("peak_rss_bytes")? as u64,
+        peak_source: "VmHWM".into(),
+        linear_params: count("params"),
+        rank_var_params: count("rank_var_params"),
+        total_params: count("layer_params"),
+        vocab: None,
+        ranks: json_object(line, "ranks")
+            .map(distinct_arrays)
+            .unwrap_or_default(),
+    })
+}
+
+/// Runs one encoder layer in a child process.
+fn run_encoder_layer(
+    env: &TorchEnv,
+    vars: &[(String, String)],
+    root: &Path,
+    bin: &Path,
+    opts: &Options,
+    config: Config,
+) -> Result<BigMeasured> {
+    let what = format!("examples/{LAYER_EXAMPLE}");
+    let mut c = example_command(env, bin);
+    c.current_dir(root).args(layer_args(opts, config));
+    c.envs(vars.iter().map(|(k, v)| (k, v)));
+    child_json(c, &what).and_then(|line| parse_layer_child(&line, &what))
+}
+
+/// The `--set` arguments of `frugal train` for the whole model.
+fn model_sets(opts: &Options, config: Config) -> Vec<String> {
+    let mut s: Vec<String> = vec![
+        "model.kind=\"encoder\"".into(),
+        "model.size=\"encoder-6\"".into(),
+        "train.objective=\"mlm\"".into(),
+        format!("train.batch_size={}", opts.batch),
+        format!("train.seq_len={}", opts.seq_len),
+        "train.dtype=\"f32\"".into(),
+        "train.device=\"cpu\"".into(),
+        format!("train.threads={}", opts.threads),
+        format!("train.max_steps={}", opts.model_warmup + opts.model_steps),
+        "train.warmup_steps=0".into(),
+        "train.eval_every=0".into(),
+        "train.eval_batches=1".into(),
+        "train.final_eval_batches=1".into(),
+        "train.save_every=0".into(),
+        "train.lr=0.0001".into(),
+        "optim.name=\"adamw\"".into(),
+    ];
+    if config == Config::Tt {
+        s.push("model.linear.kind=\"tt\"".into());
+        s.push(format!("model.linear.rank={}", opts.rank));
+        s.push(format!("model.linear.order={ORDER}"));
+    }
+    s
+}
+
+/// Parameter counts of a run's `memory.json` (its per-tensor `"parameters"` list):
+/// `(blocks' linear weights, rank variables, all, vocabulary)`.
+fn model_params(memory: &str) -> Option<(u64, u64, u64, Option<u64>)> {
+    // The list: the `"parameters"` key whose value is an array (the accounting has a number).
+    let mut from = 0;
+    let list = loop {
+        let (_, after) = find_key(&memory[from..], "parameters")?;
+        let at = from + after;
+        let v = memory[at..].trim_start();
+        if v.starts_with('[') {
+            break v;
+        }
+        from = at;
+    };
+    let (mut linear, mut rank_vars, mut total, mut vocab) = (0u64, 0u64, 0u64, None);
+    let mut rest = list;
+    let mut any = false;
+    while let Some((_, after)) = find_key(rest, "name") {
+        let name = json_string(&rest[after - 8.min(after)..], "name").unwrap_or_default();
+        let tail = &rest[after..];
+        let shape = json_array(tail, "shape")?;
+        let dims: Vec<u64> = shape
+            .trim_matches(|c| c == '[' || c == ']')
+            .split(',')
+            .filter_map(|d| d.trim().parse().ok())
+            .collect();
+        let n: u64 = dims.iter().product();
+        total += n;
+        any = true;
+        if name.contains(".rank_vars.") {
+            rank_vars += n;
+        } else if name.contains("encoder.layer.")
+            && !name.contains("LayerNorm")
+            && !name.ends_with(".bias")
+        {
+            linear += n;
+        } else if name.ends_with("word_embeddings.weight") {
+            vocab = dims.first().copied();
+        }
+        let end = tail.find(']').map_or(tail.len(), |i| i + 1);
+        rest = &tail[end..];
+        // Past the list: stop at its closing bracket.
+        if rest.trim_start().starts_with(']') {
+            break;
+        }
+    }
+    any.then_some((linear, rank_vars, total, vocab))
+}
+
+/// Runs the whole model's training in a `frugal train` child.
+fn run_model(
+    bin: &Path,
+    vars: &[(String, String)],
+    root: &Path,
+    opts: &Options,
+    config: Config,
+) -> Result<BigMeasured> {
+    let out = format!("{MODEL_OUT}/model-{}", config.name());
+    let dir = frugal_train(bin, vars, root, &out, &model_sets(opts, config))?;
+    // The final checkpoint is not needed.
+    let _ = std::fs::remove_dir_all(dir.join("checkpoints"));
+    let read = |name: &str| {
+        std::fs::read_to_string(dir.join(name))
+            .map_err(|e| Failure::new(format!("cannot read {out}/{name}: {e}")))
+    };
+    let metrics = read("metrics.jsonl")?;
+    let memory = read("memory.json")?;
+    parse_model_run(&metrics, &memory, opts.model_warmup, &out)
+}
+
+/// The measurement of a model run from its `metrics.jsonl` and `memory.json`.
+fn parse_model_run(metrics: &str, memory: &str, warmup: u64, out: &str) -> Result<BigMeasured> {
+    let step_s = mean_step_time(metrics, warmup)
+        .ok_or_else(|| Failure::new(format!("{out}/metrics.jsonl has too few timed steps")))?;
+    let measured = json_object(memory, "measured")
+        .ok_or_else(|| Failure::new(format!("{out}/memory.json has no \"measured\"")))?;
+    let get = |k: &str| json_number(measured, k).map(|v| v as u64);
+    let baseline = get("baseline_rss_bytes")
+        .ok_or_else(|| Failure::new(format!("{out}/memory.json has no baseline_rss_bytes")))?;
+    let (peak, source) = match get("steps_peak_rss_bytes").filter(|&p| p > 0) {
+        Some(p) => (p, "steps_peak_above_baseline_bytes"),
+        None => (
+            get("peak_rss_bytes")
+                .ok_or_else(|| Failure::new(format!("{out}/memory.json has no peak_rss_bytes")))?,
+            "peak_above_baseline_bytes",
+        ),
+    };
+    let params = model_params(memory);
+    Ok(BigMeasured {
+        forward_s: None,
+        step_s,
+        step_median_s: None,
+        baseline_rss_bytes: baseline,
+        peak_rss_bytes: peak,
+        peak_source: source.into(),
+        linear_params: params.map(|p| p.0),
+        rank_var_params: params.map(|p| p.1),
+        total_params: params.map(|p| p.2),
+        vocab: params.and_then(|p| p.3),
+        ranks: String::new(),
+    })
+}
+
+/// The measurement of `config` in `part`.
+fn big_find(big: &[BigRow], part: Part, config: Config) -> Option<&BigMeasured> {
+    big.iter()
+        .find(|r| r.part == part && r.config == config)
+        .and_then(|r| r.measured.as_ref())
+}
+
+/// `f(a) / f(b)` of two configurations of `part`.
+fn big_ratio(
+    big: &[BigRow],
+    part: Part,
+    a: Config,
+    b: Config,
+    f: fn(&BigMeasured) -> Option<f64>,
+) -> Option<f64> {
+    let x = f(big_find(big, part, a)?)?;
+    let y = f(big_find(big, part, b)?)?;
+    (y > 0.0).then(|| x / y)
+}
+
+/// Step seconds.
+fn big_step(m: &BigMeasured) -> Option<f64> {
+    Some(m.step_s)
+}
+
+/// Peak above baseline.
+fn big_above(m: &BigMeasured) -> Option<f64> {
+    Some(m.above() as f64)
+}
+
+/// Compressed parameters.
+fn big_linear(m: &BigMeasured) -> Option<f64> {
+    m.linear_params.map(|p| p as f64)
+}
+
+/// All parameters.
+fn big_total(m: &BigMeasured) -> Option<f64> {
+    m.total_params.map(|p| p as f64)
+}
+
+/// The goals of parts 2 and 3: `(part, goal)`.
+fn big_goals(big: &[BigRow]) -> Vec<(Part, Goal)> {
+    let (d, t) = (Config::Dense, Config::Tt);
+    let mut g = Vec::new();
+    let ran = |p: Part| big.iter().any(|r| r.part == p);
+    if ran(Part::EncoderLayer) {
+        g.push((
+            Part::EncoderLayer,
+            Goal {
+                name: "encoder layer: fwd+bwd speed-up of TT over dense (dense / TT)".into(),
+                value: big_ratio(big, Part::EncoderLayer, d, t, big_step),
+                limit: 3.0,
+                at_least: true,
+            },
+        ));
+    }
+    if ran(Part::Model) {
+        g.push((
+            Part::Model,
+            Goal {
+                name: "whole model: training step's peak RSS above baseline, TT / dense".into(),
+                value: big_ratio(big, Part::Model, t, d, big_above),
+                limit: 0.65,
+                at_least: false,
+            },
+        ));
+        g.push((
+            Part::Model,
+            Goal {
+                name: "whole model: fewer parameters in the compressed part (the blocks' linear \
+                       weights), dense / TT"
+                    .into(),
+                value: big_ratio(big, Part::Model, d, t, big_linear),
+                limit: 45.0,
+                at_least: true,
+            },
+        ));
+    }
+    g
+}
+
+/// Parameters, or `-`.
+fn count(x: Option<u64>) -> String {
+    x.map_or_else(|| "-".into(), |v| v.to_string())
+}
+
+/// The section of part 2 or 3: header, table, notes, goals.
+fn big_table(
+    part: Part,
+    opts: &Options,
+    big: &[BigRow],
+    goals: &[(Part, Goal)],
+    machine: &Machine,
+    date: &str,
+) -> String {
+    let rows: Vec<&BigRow> = big.iter().filter(|r| r.part == part).collect();
+    let dense = big_find(big, part, Config::Dense);
+    let mut s = match part {
+        Part::EncoderLayer => format!(
+            "One encoder layer (post-LN BERT block, d {D}, {HEADS} heads, ffn {FFN}), {} x {} \
+             tokens, every projection dense or TT rank {} order {ORDER}, f32, CPU: {} x {}, {} \
+             threads, forward + backward (gradients of the input and every parameter), mean of \
+             {} steps after {} warm-up, one process per configuration, {date}\n\n\
+             | configuration | TT ranks | projection weights | compression | layer params | \
+             forward (ms) | fwd+bwd (ms) | fwd+bwd median (ms) | peak RSS above baseline (MiB) \
+             | fwd+bwd / dense | above baseline / dense |\n\
+             |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+            opts.batch,
+            opts.seq_len,
+            opts.rank,
+            machine.nproc,
+            machine.model,
+            opts.threads,
+            opts.steps,
+            opts.warmup
+        ),
+        _ => {
+            let vocab = rows
+                .iter()
+                .find_map(|r| r.measured.as_ref().and_then(|m| m.vocab))
+                .map_or_else(|| "the tokenizer's".into(), |v| v.to_string());
+            format!(
+                "Whole model (encoder-6: {BLOCKS} blocks, d {D}, {HEADS} heads, ffn {FFN}; \
+                 vocabulary {vocab}, the default corpus tokenizer's 4096 + specials, not \
+                 BERT's 30522), full training step (masked-LM loss, backward, AdamW step) with \
+                 `frugal train`, batch {} x {} tokens, f32, CPU: {} x {}, {} threads, mean of \
+                 {} steps after {} warm-up, one process per configuration, {date}\n\n\
+                 | configuration | block linear weights | compression | all parameters | \
+                 compression | rank variables | step (s) | peak RSS above baseline (MiB) | \
+                 step / dense | peak above baseline / dense |\n\
+                 |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+                opts.batch,
+                opts.seq_len,
+                machine.nproc,
+                machine.model,
+                opts.threads,
+                opts.model_steps,
+                opts.model_warmup
+            )
+        }
+    };
+    let mut notes = Vec::new();
+    for r in &rows {
+        let mut name = match r.config {
+            Config::Tt => format!("TT rank {}", opts.rank),
+            _ => "dense".into(),
+        };
+        if !r.note.is_empty() {
+            notes.push(r.note.clone());
+            name.push_str(&format!(" [{}]", notes.len()));
+        }
+        let m = r.measured.as_ref();
+        let comp = |f: fn(&BigMeasured) -> Option<u64>| {
+            let (a, b) = (dense.and_then(f)?, m.and_then(f)?);
+            (b > 0).then(|| format!("{:.1}x", a as f64 / b as f64))
+        };
+        let linear = comp(|m| m.linear_params).unwrap_or_else(|| "-".into());
+        let total = comp(|m| m.total_params).unwrap_or_else(|| "-".into());
+        let step_r = times(big_ratio(big, part, r.config, Config::Dense, big_step));
+        let above_r = times(big_ratio(big, part, r.config, Config::Dense, big_above));
+        let above = m.map_or_else(|| "-".into(), |m| mib(m.above()));
+        s.push_str(&match part {
+            Part::EncoderLayer => format!(
+                "| {name} | {} | {} | {linear} | {} | {} | {} | {} | {above} | {step_r} | \
+                 {above_r} |\n",
+                m.map_or("-", |m| if m.ranks.is_empty() { "-" } else { &m.ranks }),
+                count(m.and_then(|m| m.linear_params)),
+                count(m.and_then(|m| m.total_params)),
+                ms(m.and_then(|m| m.forward_s)),
+                ms(m.map(|m| m.step_s)),
+                ms(m.and_then(|m| m.step_median_s)),
+            ),
+            _ => format!(
+                "| {name} | {} | {linear} | {} | {total} | {} | {} | {above} | {step_r} | \
+                 {above_r} |\n",
+                count(m.and_then(|m| m.linear_params)),
+                count(m.and_then(|m| m.total_params)),
+                count(m.and_then(|m| m.rank_var_params)),
+                m.map_or_else(|| "-".into(), |m| format!("{:.2}", m.step_s)),
+            ),
+        });
+    }
+    s.push('\n');
+    for (i, n) in notes.iter().enumerate() {
+        s.push_str(&format!("[{}] {n}\n", i + 1));
+    }
+    if !notes.is_empty() {
+        s.push('\n');
+    }
+    let loads: Vec<f64> = rows.iter().filter_map(|r| r.load).collect();
+    if let (Some(lo), Some(hi)) = (
+        loads.iter().copied().reduce(f64::min),
+        loads.iter().copied().reduce(f64::max),
+    ) {
+        s.push_str(&format!(
+            "1-minute load average when the runs started: {lo:.1} to {hi:.1}.\n\n"
+        ));
+    }
+    if part == Part::Model {
+        if let Some(src) = rows
+            .iter()
+            .find_map(|r| r.measured.as_ref().map(|m| m.peak_source.clone()))
+        {
+            s.push_str(&format!(
+                "Peak: memory.json's `{src}` (baseline: after libtorch started and the data was \
+                 loaded, before the model was built). Block linear weights: the six projections \
+                 of every block (TT cores, or dense matrices; biases and rank variables apart); \
+                 all parameters: embeddings (dense), blocks, masked-LM head (its transform is \
+                 dense; the decoder is tied to the word embeddings). REFERENCE.md's 45x counts a \
+                 TT embedding too; here the embeddings stay dense, so the whole-model ratio is \
+                 lower.\n\n"
+            ));
+        }
+    }
+    s.push_str(&format!(
+        "Goals (issue 5, {}):\n\n",
+        if part == Part::Model {
+            "whole model"
+        } else {
+            "encoder layer"
+        }
+    ));
+    for (_, g) in goals.iter().filter(|(p, _)| *p == part) {
+        s.push_str(&g.line());
+    }
+    if part == Part::Model {
+        s.push_str(&format!(
+            "- (not a goal) whole model, all parameters dense / TT: {}\n",
+            times(big_ratio(big, part, Config::Dense, Config::Tt, big_total))
+        ));
+    }
+    s
+}
+
+/// The JSON object of part 2 or 3.
+fn big_json(part: Part, opts: &Options, big: &[BigRow], goals: &[(Part, Goal)]) -> String {
+    let rows: Vec<String> = big
+        .iter()
+        .filter(|r| r.part == part)
+        .map(|r| {
+            let m = r.measured.as_ref().map_or_else(
+                || "null".into(),
+                |m| {
+                    let c = |x: Option<u64>| x.map_or_else(|| "null".into(), |v| v.to_string());
+                    format!(
+                        "{{\"forward_s\": {}, \"step_s\": {}, \"step_median_s\": {}, \
+                         \"baseline_rss_bytes\": {}, \"peak_rss_bytes\": {}, \
+                         \"peak_above_baseline_bytes\": {}, \"peak_source\": {}, \
+                         \"linear_weight_params\": {}, \"rank_var_params\": {}, \
+                         \"total_params\": {}, \"vocab\": {}, \"ranks\": {}}}",
+                        json_opt(m.forward_s),
+                        json_num(m.step_s),
+                        json_opt(m.step_median_s),
+                        m.baseline_rss_bytes,
+                        m.peak_rss_bytes,
+                        m.above(),
+                        json_str(&m.peak_source),
+                        c(m.linear_params),
+                        c(m.rank_var_params),
+                        c(m.total_params),
+                        c(m.vocab),
+                        json_str(&m.ranks)
+                    )
+                },
+            );
+            format!(
+                "      {{\"config\": {}, \"measured\": {m}, \"ratios\": {{\"step_vs_dense\": {}, \
+                 \"peak_above_baseline_vs_dense\": {}, \"linear_weight_params_vs_dense\": {}, \
+                 \"total_params_vs_dense\": {}}}, \"load_average\": {}, \"note\": {}}}",
+                json_str(r.config.name()),
+                json_opt(big_ratio(big, part, r.config, Config::Dense, big_step)),
+                json_opt(big_ratio(big, part, r.config, Config::Dense, big_above)),
+                json_opt(big_ratio(big, part, r.config, Config::Dense, big_linear)),
+                json_opt(big_ratio(big, part, r.config, Config::Dense, big_total)),
+                json_opt(r.load),
+                json_str(&r.note)
+            )
+        })
+        .collect();
+    let goals: Vec<String> = goals
+        .iter()
+        .filter(|(p, _)| *p == part)
+        .map(|(_, g)| format!("      {}", g.json()))
+        .collect();
+    let (steps, warmup, what) = match part {
+        Part::EncoderLayer => (
+            opts.steps,
+            opts.warmup,
+            "one encoder layer, forward + backward",
+        ),
+        _ => (
+            opts.model_steps,
+            opts.model_warmup,
+            "encoder-6 training step with frugal train (mlm, adamw)",
+        ),
+    };
+    format!(
+        "{{\n    \"what\": {}, \"batch\": {}, \"seq_len\": {}, \"d\": {D}, \"heads\": {HEADS}, \
+         \"ffn\": {FFN}, \"rank\": {}, \"order\": {ORDER}, \"steps\": {steps}, \"warmup\": \
+         {warmup},\n    \"rows\": [\n{}\n    ],\n    \"goals\": [\n{}\n    ]\n  }}",
+        json_str(what),
+        opts.batch,
+        opts.seq_len,
+        opts.rank,
+        rows.join(",\n"),
+        goals.join(",\n")
     )
 }
 
@@ -994,8 +1749,19 @@ mod tests {
         assert!(args(&["--steps", "0"]).is_err());
         assert!(args(&["--steps"]).is_err());
         assert!(args(&["--bogus", "1"]).is_err());
-        let e = args(&["--parts", "model"]).err().unwrap();
-        assert!(e.message.contains("not built yet"), "{}", e.message);
+        assert_eq!(o.parts, Part::ALL);
+        let o = args(&["--parts", "model,layers", "--batch=8", "--model-steps", "2"])
+            .ok()
+            .unwrap();
+        assert_eq!(o.parts, [Part::Layers, Part::Model]);
+        assert_eq!(
+            (o.batch, o.seq_len, o.model_steps, o.model_warmup),
+            (8, 128, 2, 1)
+        );
+        assert!(args(&["--parts", "encoder"]).is_err());
+        assert!(args(&["--parts", ""]).is_err());
+        assert!(args(&["--model-steps", "0"]).is_err());
+        assert_eq!(args(&["--model-warmup", "0"]).ok().unwrap().model_warmup, 0);
         for l in LAYERS {
             assert_eq!(l.in_modes.iter().product::<u64>(), l.in_dim);
             assert_eq!(l.out_modes.iter().product::<u64>(), l.out_dim);
@@ -1115,12 +1881,186 @@ mod tests {
             model: "Test CPU".into(),
         };
         let o = args(&[]).ok().unwrap();
-        let j = result_json(&o, &rows, &g, &machine, "2026-01-01T00:00:00Z");
+        let j = result_json(&o, &rows, &g, &[], &[], &machine, "2026-01-01T00:00:00Z");
         assert!(j.contains("\"config\": \"same-order\""), "{j}");
         assert_eq!(json_number(&j, "step_s"), Some(0.08));
         assert!(
             j.contains("\"met\": true") && j.contains("\"met\": false"),
             "{j}"
         );
+    }
+
+    #[test]
+    fn encoder_layer_child() {
+        let o = args(&["--rank", "20"]).ok().unwrap();
+        let a = layer_args(&o, Config::Tt).join(" ");
+        assert_eq!(
+            a,
+            "--impl tt --rank 20 --order 3 --batch 32 --seq-len 128 --d 768 --heads 12 --ffn \
+             3072 --steps 10 --warmup 2 --threads 2"
+        );
+        assert!(layer_args(&o, Config::Dense)
+            .join(" ")
+            .starts_with("--impl dense"));
+        let line = r#"{"impl":"tt","params":139712,"dense_params":7077888,"rank_var_params":180,
+            "layer_params":150000,"ranks":{"attention.self.query":[1,12,30,30,30,12,1],
+            "attention.self.key":[1,12,30,30,30,12,1],"intermediate.dense":[1,12,30,30,30,16,1]},
+            "forward_s":0.1,"step_s":0.3,"step_median_s":0.29,"baseline_rss_bytes":100,
+            "peak_rss_bytes":1100}"#;
+        let m = parse_layer_child(line, "x").ok().unwrap();
+        assert_eq!(
+            (m.linear_params, m.total_params, m.above()),
+            (Some(139712), Some(150000), 1000)
+        );
+        assert_eq!(
+            m.ranks,
+            "[1, 12, 30, 30, 30, 12, 1]; [1, 12, 30, 30, 30, 16, 1]"
+        );
+        assert!(parse_layer_child(r#"{"step_s": 1}"#, "x").is_err());
+    }
+
+    const MEMORY: &str = r#"{
+  "accounting": {"gradients": 400, "optimizer_state": 800, "parameters": 400},
+  "measured": {
+    "baseline_rss_bytes": 1000,
+    "peak_rss_bytes": 9000,
+    "peak_above_baseline_bytes": 8000,
+    "steps_peak_rss_bytes": 5000,
+    "steps_peak_above_baseline_bytes": 4000
+  },
+  "model": {"kind": "encoder", "objective": "mlm", "size": "encoder-6"},
+  "parameters": [
+    {"bytes": 48, "name": "bert.embeddings.word_embeddings.weight", "shape": [4, 3]},
+    {"bytes": 8, "name": "bert.embeddings.LayerNorm.weight", "shape": [2]},
+    {"bytes": 96, "name": "bert.encoder.layer.0.attention.self.query.cores.0", "shape": [
+        1,
+        12,
+        2
+      ]},
+    {"bytes": 8, "name": "bert.encoder.layer.0.attention.self.query.rank_vars.0", "shape": [2]},
+    {"bytes": 8, "name": "bert.encoder.layer.0.attention.self.query.bias", "shape": [2]},
+    {"bytes": 16, "name": "bert.encoder.layer.0.output.dense.weight", "shape": [2, 2]},
+    {"bytes": 8, "name": "bert.encoder.layer.0.output.LayerNorm.bias", "shape": [2]},
+    {"bytes": 4, "name": "cls.predictions.bias", "shape": [4]}
+  ]
+}"#;
+
+    #[test]
+    fn model_runs() {
+        let o = args(&[]).ok().unwrap();
+        let s = model_sets(&o, Config::Tt).join(" ");
+        for want in [
+            "model.kind=\"encoder\"",
+            "model.size=\"encoder-6\"",
+            "train.batch_size=32",
+            "train.seq_len=128",
+            "train.max_steps=4",
+            "train.final_eval_batches=1",
+            "train.eval_every=0",
+            "train.save_every=0",
+            "model.linear.kind=\"tt\"",
+            "model.linear.rank=30",
+            "model.linear.order=3",
+        ] {
+            assert!(s.contains(want), "{want}: {s}");
+        }
+        assert!(!model_sets(&o, Config::Dense).join(" ").contains("linear"));
+        assert_eq!(
+            model_params(MEMORY),
+            Some((24 + 4, 2, 12 + 2 + 24 + 2 + 2 + 4 + 2 + 4, Some(4)))
+        );
+        let metrics = "{\"step\": 1, \"step_time_s\": 9.0}\n{\"step\": 2, \"step_time_s\": 2.0}\n\
+                       {\"step\": 3, \"step_time_s\": 4.0}\n{\"step\": 3, \"val_loss\": 5.0}\n";
+        let m = parse_model_run(metrics, MEMORY, 1, "x").ok().unwrap();
+        assert_eq!((m.step_s, m.above(), m.vocab), (3.0, 4000, Some(4)));
+        assert_eq!(m.peak_source, "steps_peak_above_baseline_bytes");
+        let old = MEMORY.replace("steps_peak_rss_bytes", "other");
+        let m = parse_model_run(metrics, &old, 1, "x").ok().unwrap();
+        assert_eq!(
+            (m.above(), m.peak_source.as_str()),
+            (8000, "peak_above_baseline_bytes")
+        );
+        assert!(parse_model_run("", MEMORY, 1, "x").is_err());
+    }
+
+    fn big(part: Part, config: Config, step_s: f64, above: u64, linear: u64, total: u64) -> BigRow {
+        BigRow {
+            part,
+            config,
+            measured: Some(BigMeasured {
+                forward_s: Some(step_s / 3.0),
+                step_s,
+                step_median_s: Some(step_s),
+                baseline_rss_bytes: 1 << 20,
+                peak_rss_bytes: (1 << 20) + (above << 20),
+                peak_source: "steps_peak_above_baseline_bytes".into(),
+                linear_params: Some(linear),
+                rank_var_params: Some(0),
+                total_params: Some(total),
+                vocab: Some(4099),
+                ranks: String::new(),
+            }),
+            note: String::new(),
+            load: Some(1.5),
+        }
+    }
+
+    #[test]
+    fn big_tables_goals_json() {
+        let (el, md) = (Part::EncoderLayer, Part::Model);
+        let mut rows = vec![
+            big(el, Config::Dense, 1.2, 300, 7077888, 7087872),
+            big(el, Config::Tt, 0.5, 200, 139712, 150000),
+            big(md, Config::Dense, 12.0, 2000, 42467328, 46000000),
+            big(md, Config::Tt, 5.0, 1200, 838272, 4400000),
+        ];
+        let g = big_goals(&rows);
+        assert_eq!(g.len(), 3);
+        assert!((g[0].1.value.unwrap() - 2.4).abs() < 1e-12);
+        assert_eq!(g[0].1.met(), Some(false));
+        assert_eq!(g[1].1.met(), Some(true));
+        assert_eq!(g[2].1.met(), Some(true));
+        let o = args(&[]).ok().unwrap();
+        let machine = Machine {
+            nproc: 2,
+            model: "Test CPU".into(),
+        };
+        let t = big_table(el, &o, &rows, &g, &machine, "D");
+        assert!(
+            t.contains("| TT rank 30 | - | 139712 | 50.7x | 150000 | 166.7 | 500.0 | 500.0 | 200 | 0.42x | 0.67x |"),
+            "{t}"
+        );
+        assert!(t.contains("2.40x (goal >= 3.00x): not met"), "{t}");
+        let t = big_table(md, &o, &rows, &g, &machine, "D");
+        assert!(t.contains("vocabulary 4099"), "{t}");
+        assert!(
+            t.contains("| TT rank 30 | 838272 | 50.7x | 4400000 | 10.5x | 0 | 5.00 | 1200 | 0.42x | 0.60x |"),
+            "{t}"
+        );
+        assert!(t.contains("0.60x (goal <= 0.65x): met"), "{t}");
+        assert!(t.contains("50.66x (goal >= 45.00x): met"), "{t}");
+        assert!(t.contains("all parameters dense / TT: 10.45x"), "{t}");
+        rows[3].measured = None;
+        rows[3].note = "tt failed: boom".into();
+        let g = big_goals(&rows);
+        assert_eq!(g[1].1.met(), None);
+        let t = big_table(md, &o, &rows, &g, &machine, "D");
+        assert!(
+            t.contains("| TT rank 30 [1] | - |") && t.contains("[1] tt failed: boom"),
+            "{t}"
+        );
+        assert!(t.contains("(goal <= 0.65x): not measured"), "{t}");
+        let j = result_json(&o, &[], &[], &rows, &g, &machine, "D");
+        assert!(
+            j.contains("\"parts\": [\"layers\", \"encoder-layer\", \"model\"]"),
+            "{j}"
+        );
+        assert!(
+            j.contains("\"at_least\": 3") && j.contains("\"at_most\": 0.65"),
+            "{j}"
+        );
+        assert!(j.contains("\"linear_weight_params\": 139712"), "{j}");
+        let model = json_object(&j, "model").unwrap();
+        assert!(model.contains("\"note\": \"tt failed: boom\""), "{model}");
     }
 }
