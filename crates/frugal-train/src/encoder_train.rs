@@ -36,7 +36,7 @@ use crate::encoder_io::{
 use crate::progress::Progress;
 use crate::run;
 use crate::schedule::lr_at;
-use crate::train::{line_has_val, Metrics, Summary, INTERRUPTED};
+use crate::train::{line_has_val, Metrics, StepClock, Summary, INTERRUPTED};
 use crate::tsv;
 use frugal_core::memory::{self, Accounting};
 use frugal_core::safetensors_io::SafetensorsFile;
@@ -337,11 +337,9 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
     };
 
     let mut progress = Progress::new(t.max_steps, state.step);
-    let started = Instant::now() - std::time::Duration::from_secs_f64(state.elapsed_s);
+    let mut clock = StepClock::new(&state, cfg.optim.is_galore());
     let (mut val_loss, mut val_acc) = (f64::NAN, None);
     let mut interrupted = false;
-    let mut steps_peak = 0;
-    let mut svd_seen = 0.0;
     while state.step < t.max_steps {
         let step = state.step + 1;
         let lr = lr_at(step, t.lr, t.warmup_steps, t.max_steps, t.min_lr_ratio);
@@ -436,26 +434,17 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
                 .map(|(_, t)| t)
                 .collect();
         }
-        let step_time = t0.elapsed().as_secs_f64();
-        steps_peak = memory::peak_rss_bytes();
-        let svd_total = opt.projection_seconds();
-        let svd_s = svd_total - svd_seen;
-        svd_seen = svd_total;
-        state.step = step;
-        state.tokens += tokens;
-        state.sampler = sampler.state();
-        state.elapsed_s = started.elapsed().as_secs_f64();
-        let tps = tokens as f64 / step_time;
-        let mut line = json!({
-            "step": step, "loss": loss, "lr": lr, "tokens": state.tokens,
-            "tokens_per_s": tps, "step_time_s": step_time, "grad_norm": grad_norm,
-            "rss_peak_bytes": steps_peak,
-        });
+        let (mut line, tps) = clock.finish(
+            &mut state,
+            &sampler,
+            opt.as_ref(),
+            t0,
+            step,
+            tokens,
+            (loss, lr, grad_norm),
+        );
         if seen > 0 {
             line["accuracy"] = json!(correct as f64 / seen as f64);
-        }
-        if cfg.optim.is_galore() {
-            line["svd_s"] = json!(svd_s);
         }
         progress.update(step, loss, tps);
 
@@ -558,8 +547,8 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
             "baseline_rss_bytes": baseline_rss,
             "peak_rss_bytes": peak,
             "peak_above_baseline_bytes": peak.saturating_sub(baseline_rss),
-            "steps_peak_rss_bytes": steps_peak,
-            "steps_peak_above_baseline_bytes": steps_peak.saturating_sub(baseline_rss),
+            "steps_peak_rss_bytes": clock.steps_peak,
+            "steps_peak_above_baseline_bytes": clock.steps_peak.saturating_sub(baseline_rss),
             "note": "baseline: resident memory after libtorch started and the data was loaded, before the model was built; peak: the whole run's (evaluations and checkpoints included); steps_peak: the peak when the last training step ended, before its evaluation and checkpoint",
         },
         "activations_and_workspace_bytes": peak.saturating_sub(baseline_rss).saturating_sub(acc.total()),

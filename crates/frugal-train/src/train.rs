@@ -137,13 +137,10 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
     let mut sampler = Sampler::from_state(train_ds.num_sequences(), state.sampler.clone());
 
     let mut progress = Progress::new(t.max_steps, state.step);
-    let started = Instant::now() - std::time::Duration::from_secs_f64(state.elapsed_s);
+    let mut clock = StepClock::new(&state, cfg.optim.is_galore());
     let mut val_loss = f64::NAN;
     let mut interrupted = false;
     let tokens_per_step = (t.batch_size * t.seq_len * t.grad_accum) as u64;
-    let plan_has_projectors = cfg.optim.is_galore();
-    let mut svd_seen = 0.0;
-    let mut steps_peak = 0;
     while state.step < t.max_steps {
         let step = state.step + 1;
         let lr = lr_at(step, t.lr, t.warmup_steps, t.max_steps, t.min_lr_ratio);
@@ -208,26 +205,15 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
             opt.zero_grad();
             n
         };
-        let step_time = t0.elapsed().as_secs_f64();
-        // The process's peak so far, before this step's evaluation and checkpoint.
-        steps_peak = memory::peak_rss_bytes();
-        let svd_total = opt.projection_seconds();
-        let svd_s = svd_total - svd_seen;
-        svd_seen = svd_total;
-        state.step = step;
-        state.tokens += tokens_per_step;
-        state.sampler = sampler.state();
-        state.elapsed_s = started.elapsed().as_secs_f64();
-        let tps = tokens_per_step as f64 / step_time;
-        let mut line = json!({
-            "step": step, "loss": loss, "lr": lr, "tokens": state.tokens,
-            "tokens_per_s": tps, "step_time_s": step_time, "grad_norm": grad_norm,
-            "rss_peak_bytes": steps_peak,
-        });
-        if plan_has_projectors {
-            // Seconds of this step spent computing GaLore bases (part of step_time_s).
-            line["svd_s"] = json!(svd_s);
-        }
+        let (mut line, tps) = clock.finish(
+            &mut state,
+            &sampler,
+            opt.as_ref(),
+            t0,
+            step,
+            tokens_per_step,
+            (loss, lr, grad_norm),
+        );
         progress.update(step, loss, tps);
 
         let last = step == t.max_steps;
@@ -301,8 +287,8 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
             "baseline_rss_bytes": baseline_rss,
             "peak_rss_bytes": peak,
             "peak_above_baseline_bytes": peak.saturating_sub(baseline_rss),
-            "steps_peak_rss_bytes": steps_peak,
-            "steps_peak_above_baseline_bytes": steps_peak.saturating_sub(baseline_rss),
+            "steps_peak_rss_bytes": clock.steps_peak,
+            "steps_peak_above_baseline_bytes": clock.steps_peak.saturating_sub(baseline_rss),
             "note": "baseline: resident memory after libtorch started and the data was loaded, before the model was built; peak: the whole run's (evaluations and checkpoints included); steps_peak: the peak when the last training step ended, before its evaluation and checkpoint; activations and workspace are the measured peak above the baseline minus the accounted bytes",
         },
         "activations_and_workspace_bytes": peak.saturating_sub(baseline_rss).saturating_sub(acc.total()),
@@ -331,6 +317,66 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
         val_accuracy: None,
         baseline_name: None,
     })
+}
+
+/// The bookkeeping every training loop does once a step's update is done: the trainer state's
+/// counters, the peak memory so far, the GaLore bases' share of the step, and the step's
+/// `metrics.jsonl` line.
+pub(crate) struct StepClock {
+    started: Instant,
+    svd_seen: f64,
+    /// The process's peak resident memory when the last step ended (before its evaluation and
+    /// checkpoint).
+    pub steps_peak: u64,
+    galore: bool,
+}
+
+impl StepClock {
+    /// Starts the clock of a run that has already trained for `state.elapsed_s` seconds;
+    /// `galore`: report `svd_s` (seconds of the step spent computing bases).
+    pub fn new(state: &TrainerState, galore: bool) -> Self {
+        Self {
+            started: Instant::now() - std::time::Duration::from_secs_f64(state.elapsed_s),
+            svd_seen: 0.0,
+            steps_peak: 0,
+            galore,
+        }
+    }
+
+    /// Records step `step` (begun at `t0`, `tokens` trained) in `state` and returns its metrics
+    /// line and tokens per second.
+    #[allow(clippy::too_many_arguments)]
+    pub fn finish(
+        &mut self,
+        state: &mut TrainerState,
+        sampler: &Sampler,
+        opt: &dyn frugal_optim::Optimizer,
+        t0: Instant,
+        step: u64,
+        tokens: u64,
+        (loss, lr, grad_norm): (f64, f64, f64),
+    ) -> (serde_json::Value, f64) {
+        let step_time = t0.elapsed().as_secs_f64();
+        self.steps_peak = memory::peak_rss_bytes();
+        let svd_total = opt.projection_seconds();
+        let svd_s = svd_total - self.svd_seen;
+        self.svd_seen = svd_total;
+        state.step = step;
+        state.tokens += tokens;
+        state.sampler = sampler.state();
+        state.elapsed_s = self.started.elapsed().as_secs_f64();
+        let tps = tokens as f64 / step_time;
+        let mut line = json!({
+            "step": step, "loss": loss, "lr": lr, "tokens": state.tokens,
+            "tokens_per_s": tps, "step_time_s": step_time, "grad_norm": grad_norm,
+            "rss_peak_bytes": self.steps_peak,
+        });
+        if self.galore {
+            // Seconds of this step spent computing GaLore bases (part of step_time_s).
+            line["svd_s"] = json!(svd_s);
+        }
+        (line, tps)
+    }
 }
 
 pub(crate) fn line_has_val(m: &Metrics) -> bool {
