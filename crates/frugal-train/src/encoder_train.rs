@@ -528,32 +528,14 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
     }
     history.plot_with(&run_dir.join("loss.png"), baseline, baseline_name);
 
-    let peak = memory::peak_rss_bytes();
     let mut acc = Accounting::default();
     acc.add_tensors("parameters", tensors.iter());
     acc.add_tensors("gradients", tensors.iter());
     let tt_state = tt.as_ref().map_or(0, |c| c.rank_optimizer().state_bytes());
     acc.add("optimizer_state", opt.state_bytes() + tt_state);
-    let by_tensor: Vec<serde_json::Value> = frugal_models::weights::named_variables(&m.vs)
-        .iter()
-        .map(|(n, t)| json!({"name": n, "shape": t.size(), "bytes": memory::tensor_bytes(t)}))
-        .collect();
-    let mut report = json!({
-        "device": format!("{device:?}"),
-        "model": {"kind": "encoder", "size": cfg.model.size, "objective": cfg.objective()},
-        "accounting": acc.bytes,
-        "accounting_total_bytes": acc.total(),
-        "measured": {
-            "baseline_rss_bytes": baseline_rss,
-            "peak_rss_bytes": peak,
-            "peak_above_baseline_bytes": peak.saturating_sub(baseline_rss),
-            "steps_peak_rss_bytes": clock.steps_peak,
-            "steps_peak_above_baseline_bytes": clock.steps_peak.saturating_sub(baseline_rss),
-            "note": "baseline: resident memory after libtorch started and the data was loaded, before the model was built; peak: the whole run's (evaluations and checkpoints included); steps_peak: the peak when the last training step ended, before its evaluation and checkpoint",
-        },
-        "activations_and_workspace_bytes": peak.saturating_sub(baseline_rss).saturating_sub(acc.total()),
-        "parameters": by_tensor,
-    });
+    let (mut report, peak) = clock.memory_report(device, baseline_rss, &acc, &m.vs);
+    report["model"] =
+        json!({"kind": "encoder", "size": cfg.model.size, "objective": cfg.objective()});
     if let Some(c) = &tt {
         let mut line = json!({});
         c.add_metrics(state.step, &comera::tt_layers(m.linears()), true, &mut line);
@@ -565,7 +547,6 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
             .expect("json")
             .as_bytes(),
     )?;
-    let _ = m.encoder();
     Ok(Summary {
         run_dir: run_dir.to_path_buf(),
         steps: state.step,

@@ -264,7 +264,6 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
     }
     history.plot(&run_dir.join("loss.png"), unigram);
 
-    let peak = memory::peak_rss_bytes();
     let (planned, adamw) = crate::memplan::plan(cfg, &shape);
     let mut acc = Accounting::default();
     acc.add_tensors("parameters", tensors.iter());
@@ -275,28 +274,10 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
         acc.add_tensors("gradients", tensors.iter());
     }
     acc.add("optimizer_state", opt.state_bytes());
-    let by_tensor: Vec<serde_json::Value> = frugal_models::weights::named_variables(&m.vs)
-        .iter()
-        .map(|(n, t)| json!({"name": n, "shape": t.size(), "bytes": memory::tensor_bytes(t)}))
-        .collect();
-    let report = json!({
-        "device": format!("{device:?}"),
-        "accounting": acc.bytes,
-        "accounting_total_bytes": acc.total(),
-        "measured": {
-            "baseline_rss_bytes": baseline_rss,
-            "peak_rss_bytes": peak,
-            "peak_above_baseline_bytes": peak.saturating_sub(baseline_rss),
-            "steps_peak_rss_bytes": clock.steps_peak,
-            "steps_peak_above_baseline_bytes": clock.steps_peak.saturating_sub(baseline_rss),
-            "note": "baseline: resident memory after libtorch started and the data was loaded, before the model was built; peak: the whole run's (evaluations and checkpoints included); steps_peak: the peak when the last training step ended, before its evaluation and checkpoint; activations and workspace are the measured peak above the baseline minus the accounted bytes",
-        },
-        "activations_and_workspace_bytes": peak.saturating_sub(baseline_rss).saturating_sub(acc.total()),
-        "plan": planned.to_json(),
-        "adamw_full_gradients": adamw.to_json(),
-        "plan_note": "plan: the accounting computed from shapes (activations and logits estimated), as `frugal train --dry-run` prints it; adamw_full_gradients: the same for plain AdamW with full gradients, no checkpointing, no chunking",
-        "parameters": by_tensor,
-    });
+    let (mut report, peak) = clock.memory_report(device, baseline_rss, &acc, &m.vs);
+    report["plan"] = planned.to_json();
+    report["adamw_full_gradients"] = adamw.to_json();
+    report["plan_note"] = json!("plan: the accounting computed from shapes (activations and logits estimated), as `frugal train --dry-run` prints it; adamw_full_gradients: the same for plain AdamW with full gradients, no checkpointing, no chunking");
     atomic::write(
         &run_dir.join("memory.json"),
         serde_json::to_string_pretty(&report)
@@ -376,6 +357,39 @@ impl StepClock {
             line["svd_s"] = json!(svd_s);
         }
         (line, tps)
+    }
+
+    /// The part of `memory.json` every run writes: the accounting `acc`, the measured peaks
+    /// (the whole run's, read now, and the steps') against `baseline_rss`, and every variable
+    /// of `vs` with its shape and bytes. Returns it with the whole run's peak.
+    pub fn memory_report(
+        &self,
+        device: tch::Device,
+        baseline_rss: u64,
+        acc: &Accounting,
+        vs: &tch::nn::VarStore,
+    ) -> (serde_json::Value, u64) {
+        let peak = memory::peak_rss_bytes();
+        let by_tensor: Vec<serde_json::Value> = frugal_models::weights::named_variables(vs)
+            .iter()
+            .map(|(n, t)| json!({"name": n, "shape": t.size(), "bytes": memory::tensor_bytes(t)}))
+            .collect();
+        let report = json!({
+            "device": format!("{device:?}"),
+            "accounting": acc.bytes,
+            "accounting_total_bytes": acc.total(),
+            "measured": {
+                "baseline_rss_bytes": baseline_rss,
+                "peak_rss_bytes": peak,
+                "peak_above_baseline_bytes": peak.saturating_sub(baseline_rss),
+                "steps_peak_rss_bytes": self.steps_peak,
+                "steps_peak_above_baseline_bytes": self.steps_peak.saturating_sub(baseline_rss),
+                "note": "baseline: resident memory after libtorch started and the data was loaded, before the model was built; peak: the whole run's (evaluations and checkpoints included); steps_peak: the peak when the last training step ended, before its evaluation and checkpoint; activations and workspace are the measured peak above the baseline minus the accounted bytes",
+            },
+            "activations_and_workspace_bytes": peak.saturating_sub(baseline_rss).saturating_sub(acc.total()),
+            "parameters": by_tensor,
+        });
+        (report, peak)
     }
 }
 
