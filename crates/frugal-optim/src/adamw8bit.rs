@@ -313,6 +313,16 @@ fn fused_update(c: &AdamW8bitConfig, slot: &mut Slot<State>, g: &Tensor, wd: f64
     let shape = g.size();
     let flat = g.contiguous().view([-1]);
     let n = flat.numel();
+    // Checked before the state is taken: a refused step leaves the state as it was.
+    if let Some(State::Q8 { m, .. }) = &slot.state {
+        if m.codes.len() != n {
+            return Err(frugal_core::Error::Msg(format!(
+                "{}: 8-bit AdamW state holds {} values, the gradient {shape:?}",
+                slot.name,
+                m.codes.len()
+            )));
+        }
+    }
     let (mut m, mut v) = match slot.state.take() {
         Some(State::Q8 { m, v, .. }) => (m, v),
         _ => (
@@ -320,13 +330,6 @@ fn fused_update(c: &AdamW8bitConfig, slot: &mut Slot<State>, g: &Tensor, wd: f64
             zero_q8(n, DynamicMap::Unsigned),
         ),
     };
-    if m.codes.len() != n {
-        return Err(frugal_core::Error::Msg(format!(
-            "{}: 8-bit AdamW state holds {} values, the gradient {shape:?}",
-            slot.name,
-            m.codes.len()
-        )));
-    }
     slot.step += 1;
     let t = slot.step as f64;
     let projected = slot.projector.is_some();
