@@ -28,7 +28,7 @@
 
 use frugal_core::memory::{current_rss_bytes, peak_rss_bytes};
 use frugal_models::encoder::{Encoder, EncoderConfig, LAYER_LINEARS};
-use frugal_models::LinearKind;
+use frugal_models::{EmbeddingKind, LinearKind};
 use serde_json::json;
 use std::time::Instant;
 use tch::{nn, Device, Kind, Tensor};
@@ -141,7 +141,8 @@ fn run(a: &Args) -> Result<serde_json::Value, String> {
     };
     let cfg = EncoderConfig::new(2, a.d, 1, a.heads, a.ffn, a.seq_len);
     let vs = nn::VarStore::new(Device::Cpu);
-    let encoder = Encoder::new(&vs.root(), &cfg, &kind, Kind::Float).map_err(|e| e.to_string())?;
+    let encoder = Encoder::new(&vs.root(), &cfg, &kind, &EmbeddingKind::Dense, Kind::Float)
+        .map_err(|e| e.to_string())?;
     let layer = &encoder.layers[0];
     let ranks: serde_json::Map<String, serde_json::Value> = layer
         .linears()

@@ -20,10 +20,12 @@
 //! # Ok::<(), frugal_core::Error>(())
 //! ```
 
+pub mod embedding;
 pub mod encoder;
 pub mod linear;
 pub mod llama;
 pub mod weights;
 
+pub use embedding::EmbeddingKind;
 pub use encoder::{Encoder, EncoderConfig, EncoderForClassification, EncoderForMaskedLm};
 pub use linear::LinearKind;

@@ -10,11 +10,12 @@
 //! file's cores whatever their ranks (a pruned checkpoint has smaller ones), or converts a dense
 //! `NAME.weight` by TT-SVD at the layer's ranks.
 
+use crate::embedding::WordEmbedding;
 use crate::linear::Linear;
 use frugal_core::safetensors_io::{self, SafetensorsFile};
 use frugal_core::{Error, Result};
 use frugal_quant::layer::QuantizedWeight;
-use frugal_tt::TtLinear;
+use frugal_tt::{RankedCores, TtEmbedding, TtLinear};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
@@ -25,20 +26,25 @@ use tch::{nn::VarStore, Device, Kind, Tensor};
 pub const TT_METADATA_KEY: &str = "tt_layers";
 
 /// A TT layer as a file describes it: `W` `(out, in)` with `Wᵀ` reshaped to
-/// `(in_modes..., out_modes...)` a tensor train of the given ranks.
+/// `(in_modes..., out_modes...)` a tensor train of the given ranks; or, with `vocab` set, a
+/// TT-matrix word table `(vocab, dim)` whose core `k` has shape `(r_k, m_k, n_k, r_{k+1})`,
+/// `m` the padded vocabulary's modes (`in_modes`) and `n` the dimension's (`out_modes`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TtInfo {
-    /// The input modes (they multiply to `in`).
+    /// The input modes (they multiply to `in`); of a table, the padded vocabulary's modes.
     pub in_modes: Vec<i64>,
-    /// The output modes (they multiply to `out`).
+    /// The output modes (they multiply to `out`); of a table, the dimension's modes.
     pub out_modes: Vec<i64>,
-    /// The TT ranks `[1, r_1, ..., 1]`, one more than the modes.
+    /// The TT ranks `[1, r_1, ..., 1]`, one more than the cores.
     pub ranks: Vec<i64>,
     /// The dtype of the dense weight the cores replace (`f32`, `bf16`, `f16`, `f64`), which
     /// `frugal decompress` restores; absent: `f32`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dtype: Option<String>,
+    /// Set for a TT-matrix embedding table: its vocabulary (rows past it are padding).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vocab: Option<i64>,
 }
 
 impl TtInfo {
@@ -49,10 +55,31 @@ impl TtInfo {
             out_modes: layer.out_modes().to_vec(),
             ranks: layer.ranks(),
             dtype: None,
+            vocab: None,
         }
     }
 
-    /// The modes, input then output (one per core).
+    /// The description of TT table `table` (its current ranks).
+    pub fn of_table(table: &TtEmbedding) -> Self {
+        TtInfo {
+            in_modes: table.vocab_modes(),
+            out_modes: table.dim_modes(),
+            ranks: table.ranks(),
+            dtype: None,
+            vocab: Some(table.vocab()),
+        }
+    }
+
+    /// The number of cores.
+    pub fn n_cores(&self) -> usize {
+        match self.vocab {
+            Some(_) => self.in_modes.len(),
+            None => self.in_modes.len() + self.out_modes.len(),
+        }
+    }
+
+    /// The modes, input then output (one per core of a layer; of a table, the vocabulary's then
+    /// the dimension's).
     pub fn modes(&self) -> Vec<i64> {
         self.in_modes
             .iter()
@@ -61,31 +88,53 @@ impl TtInfo {
             .collect()
     }
 
-    /// The dense shape `(out, in)`.
+    /// The dense shape: `(out, in)`, or a table's `(vocab, dim)`.
     pub fn dense_shape(&self) -> Vec<i64> {
         vec![
-            self.out_modes.iter().product(),
-            self.in_modes.iter().product(),
+            self.vocab
+                .unwrap_or_else(|| self.out_modes.iter().product()),
+            match self.vocab {
+                Some(_) => self.out_modes.iter().product(),
+                None => self.in_modes.iter().product(),
+            },
         ]
     }
 
-    /// The shape of core `k`: `(r_k, n_k, r_{k+1})`.
+    /// The shape of core `k`: `(r_k, n_k, r_{k+1})`, or a table's `(r_k, m_k, n_k, r_{k+1})`.
     pub fn core_shape(&self, k: usize) -> Vec<i64> {
-        vec![self.ranks[k], self.modes()[k], self.ranks[k + 1]]
+        match self.vocab {
+            Some(_) => vec![
+                self.ranks[k],
+                self.in_modes[k],
+                self.out_modes[k],
+                self.ranks[k + 1],
+            ],
+            None => vec![self.ranks[k], self.modes()[k], self.ranks[k + 1]],
+        }
     }
 
     /// The number of core parameters `sum_k r_k n_k r_{k+1}`.
     pub fn num_params(&self) -> i64 {
-        (0..self.in_modes.len() + self.out_modes.len())
+        (0..self.n_cores())
             .map(|k| self.core_shape(k).iter().product::<i64>())
             .sum()
     }
 
-    /// Checks that the modes and ranks fit together (at least 2 modes per side, one rank more
-    /// than the modes, end ranks 1); the error names `what`.
+    /// Checks that the modes and ranks fit together (at least 2 modes per side, as many of
+    /// each for a table, whose vocabulary fits its modes; one rank more than the cores, end
+    /// ranks 1); the error names `what`.
     pub fn check(&self, what: &str) -> Result<()> {
-        let d = self.in_modes.len() + self.out_modes.len();
-        let ok = self.in_modes.len() >= 2
+        let d = self.n_cores();
+        let table_ok = match self.vocab {
+            Some(v) => {
+                self.in_modes.len() == self.out_modes.len()
+                    && v >= 1
+                    && v <= self.in_modes.iter().product::<i64>()
+            }
+            None => true,
+        };
+        let ok = table_ok
+            && self.in_modes.len() >= 2
             && self.out_modes.len() >= 2
             && self.ranks.len() == d + 1
             && self.ranks.first() == Some(&1)
@@ -95,10 +144,13 @@ impl TtInfo {
             Ok(())
         } else {
             Err(Error::Msg(format!(
-                "{what}: TT description with input modes {:?}, output modes {:?} and ranks {:?} \
-                 is inconsistent (at least 2 modes per side, one rank more than the modes, end \
-                 ranks 1)",
-                self.in_modes, self.out_modes, self.ranks
+                "{what}: TT description with input modes {:?}, output modes {:?}, ranks {:?}{}                  is inconsistent (at least 2 modes per side, one rank more than the cores, end                  ranks 1; a table has as many vocabulary as dimension modes and a vocabulary                  that fits them)",
+                self.in_modes,
+                self.out_modes,
+                self.ranks,
+                self.vocab
+                    .map(|v| format!(" and vocabulary {v}"))
+                    .unwrap_or_default()
             )))
         }
     }
@@ -168,11 +220,7 @@ pub fn tt_prefixes(names: &[String]) -> Vec<String> {
 /// Reads TT layer `prefix` of `file` into a [`TtLinear`] on the CPU (in a throw-away var
 /// store), rank variables applied when the file has them; its `to_dense()` is the weight.
 pub fn read_tt_layer(file: &SafetensorsFile, prefix: &str, info: &TtInfo) -> Result<TtLinear> {
-    let d = info.ranks.len() - 1;
-    let cores = (0..d)
-        .map(|k| file.tensor(&tt_core_name(prefix, k), Device::Cpu))
-        .collect::<Result<Vec<_>>>()?;
-    let rank_vars = read_rank_vars(file, prefix, d)?;
+    let (cores, rank_vars) = read_tt_cores(file, prefix, info)?;
     let vs = VarStore::new(Device::Cpu);
     TtLinear::from_cores(
         &vs.root(),
@@ -183,6 +231,33 @@ pub fn read_tt_layer(file: &SafetensorsFile, prefix: &str, info: &TtInfo) -> Res
         Kind::Float,
     )
     .map_err(|e| Error::Msg(format!("{}: {prefix}: {e}", file.path().display())))
+}
+
+/// The cores and rank variables (when the file has them) of TT layer or table `prefix`.
+fn read_tt_cores(
+    file: &SafetensorsFile,
+    prefix: &str,
+    info: &TtInfo,
+) -> Result<(Vec<Tensor>, Option<Vec<Tensor>>)> {
+    let d = info.n_cores();
+    let cores = (0..d)
+        .map(|k| file.tensor(&tt_core_name(prefix, k), Device::Cpu))
+        .collect::<Result<Vec<_>>>()?;
+    Ok((cores, read_rank_vars(file, prefix, d)?))
+}
+
+/// The dense weight `(out, in)` (or table `(vocab, dim)`) that TT layer `prefix` of `file`
+/// stands for, f32, rank variables applied when the file has them.
+pub fn read_tt_dense(file: &SafetensorsFile, prefix: &str, info: &TtInfo) -> Result<Tensor> {
+    let Some(vocab) = info.vocab else {
+        let layer = read_tt_layer(file, prefix, info)?;
+        return Ok(tch::no_grad(|| layer.to_dense()));
+    };
+    let (cores, rank_vars) = read_tt_cores(file, prefix, info)?;
+    let vs = VarStore::new(Device::Cpu);
+    let table = TtEmbedding::from_cores(&vs.root(), vocab, cores, rank_vars, Kind::Float)
+        .map_err(|e| Error::Msg(format!("{}: {prefix}: {e}", file.path().display())))?;
+    Ok(tch::no_grad(|| table.to_dense()))
 }
 
 /// The rank variables of a `d`-core layer `prefix` in `file`: all `d - 1`, or None when the
@@ -209,6 +284,39 @@ pub fn named_variables(vs: &VarStore) -> Vec<(String, Tensor)> {
     v
 }
 
+/// Makes `dst` hold every variable of `src` under its name: a variable `src` has under a name
+/// `dst` also has, but as another tensor (a TT layer that loading into `src`, a view of `dst`'s
+/// tensors, replaced by one of other ranks), replaces `dst`'s, which is dropped from its
+/// trainable variables; names only `src` has are added, trainable.
+pub fn adopt_variables(dst: &VarStore, src: VarStore) -> Result<()> {
+    let poisoned = |_| Error::Msg("var store lock poisoned".into());
+    let mut theirs = src.variables_.lock().map_err(poisoned)?;
+    let mut trainable = std::mem::take(&mut theirs.trainable_variables);
+    let mut ours = dst.variables_.lock().map_err(poisoned)?;
+    for (name, t) in &theirs.named_variables {
+        let same = ours
+            .named_variables
+            .get(name)
+            .is_some_and(|o| o.data_ptr() == t.data_ptr() && o.size() == t.size());
+        if same {
+            continue;
+        }
+        if let Some(old) = ours.named_variables.remove(name) {
+            let (ptr, size) = (old.data_ptr(), old.size());
+            ours.trainable_variables
+                .retain(|v| !(v.tensor.data_ptr() == ptr && v.tensor.size() == size));
+        }
+        ours.named_variables.insert(name.clone(), t.shallow_clone());
+        if let Some(i) = trainable
+            .iter()
+            .position(|v| v.tensor.data_ptr() == t.data_ptr())
+        {
+            ours.trainable_variables.push(trainable.swap_remove(i));
+        }
+    }
+    Ok(())
+}
+
 /// Saves every variable of `vs` to `path` (atomically, f32 as held).
 pub fn save(vs: &VarStore, path: &Path) -> Result<()> {
     safetensors_io::save(path, &named_variables(vs), None)
@@ -218,8 +326,22 @@ pub fn save(vs: &VarStore, path: &Path) -> Result<()> {
 /// `linears` (name, layer) to `path`, atomically; the TT layers among them are described in
 /// the metadata ([`TT_METADATA_KEY`]).
 pub fn save_model(vs: &VarStore, linears: &[(String, &dyn Linear)], path: &Path) -> Result<()> {
+    save_model_with_tables(vs, linears, &[], path)
+}
+
+/// [`save_model`] of a model that also has word tables (name, table): the TT ones among them
+/// are described in the metadata too.
+pub fn save_model_with_tables(
+    vs: &VarStore,
+    linears: &[(String, &dyn Linear)],
+    tables: &[(String, &WordEmbedding)],
+    path: &Path,
+) -> Result<()> {
     let mut tensors = named_variables(vs);
-    let mut tt = BTreeMap::new();
+    let mut tt: BTreeMap<String, TtInfo> = tables
+        .iter()
+        .filter_map(|(n, t)| Some((n.clone(), TtInfo::of_table(t.tt()?))))
+        .collect();
     for (name, layer) in linears {
         if let Some(q) = layer.quantized() {
             tensors.extend(q.weight.to_tensors(name));
@@ -254,12 +376,17 @@ fn check_variables(vars: &[(String, Tensor)], file: &SafetensorsFile, path: &Pat
                     .iter()
                     .filter(|n| n.starts_with(&format!("{module}.cores.")))
                     .count();
+                let table = file.info(&core0)?.0.len() == 4;
+                let set = if table {
+                    format!("model.embedding = {{ kind = \"tt\", order = {cores} }}")
+                } else {
+                    format!("model.linear = {{ kind = \"tt\", order = {} }}", cores / 2)
+                };
                 return Err(Error::Msg(format!(
                     "{}: '{module}' is stored as {cores} tensor-train cores ('{core0}', ...), \
-                     not as '{name}': set model.linear = {{ kind = \"tt\", order = {} }} to load \
-                     it as it is, or restore dense weights with `frugal decompress`",
+                     not as '{name}': set {set} to load it as it is, or restore dense weights \
+                     with `frugal decompress`",
                     path.display(),
-                    cores / 2
                 )));
             }
         }
@@ -310,6 +437,17 @@ struct TtSource {
     rank_vars: Vec<Tensor>,
 }
 
+impl TtSource {
+    /// Copies of `ranked`'s cores and rank variables.
+    fn of(ranked: &RankedCores) -> Self {
+        let copy = |v: &[Tensor]| v.iter().map(|c| c.detach().copy()).collect();
+        TtSource {
+            cores: copy(ranked.cores()),
+            rank_vars: copy(ranked.rank_vars()),
+        }
+    }
+}
+
 /// Reads (or converts) the cores that TT layer `name` gets from `file`: the file's cores and
 /// rank variables (ones when absent) whatever their ranks, as long as their modes are the
 /// layer's; else a dense `name.weight`, by TT-SVD capped at the layer's largest rank and its
@@ -349,35 +487,15 @@ fn tt_source(
                 layer.in_modes().len()
             )));
         }
-        let rank_vars = match read_rank_vars(file, name, d)? {
-            Some(v) => v,
-            None => (1..d)
-                .map(|k| Tensor::ones([cores[k].size()[0]], (Kind::Float, Device::Cpu)))
-                .collect(),
-        };
+        let rank_vars = rank_vars_or_ones(file, name, &cores)?;
         return Ok(TtSource { cores, rank_vars });
     }
-    let key = format!("{name}.weight");
-    if !has(&key) {
-        return Err(Error::MissingTensor {
-            path: path.to_path_buf(),
-            name: tt_core_name(name, 0),
-        });
-    }
-    let dense = file.tensor(&key, Device::Cpu)?;
-    let want = vec![layer.out_dim(), layer.in_dim()];
-    if dense.size() != want {
-        return Err(Error::Msg(format!(
-            "{}: tensor '{key}' has shape {:?}, the model's TT layer expects {want:?}",
-            path.display(),
-            dense.size()
-        )));
-    }
+    let dense = dense_source(file, names, name, &[layer.out_dim(), layer.in_dim()], path)?;
     let max_rank = layer.ranks().into_iter().max().unwrap_or(1);
     let tmp = VarStore::new(Device::Cpu);
     let converted = TtLinear::from_dense(
         &tmp.root(),
-        &dense.to_kind(Kind::Float),
+        &dense,
         None,
         layer.in_modes(),
         layer.out_modes(),
@@ -387,27 +505,61 @@ fn tt_source(
     )
     .map_err(|e| {
         Error::Msg(format!(
-            "{}: converting dense '{key}' to TT cores: {e}",
+            "{}: converting dense '{name}.weight' to TT cores: {e}",
             path.display()
         ))
     })?;
-    let ranked = converted.ranked();
-    Ok(TtSource {
-        cores: ranked.cores().iter().map(|c| c.detach().copy()).collect(),
-        rank_vars: ranked
-            .rank_vars()
+    Ok(TtSource::of(converted.ranked()))
+}
+
+/// The rank variables of the `cores.len()`-core layer `name` in `file`, ones when it has none.
+fn rank_vars_or_ones(file: &SafetensorsFile, name: &str, cores: &[Tensor]) -> Result<Vec<Tensor>> {
+    Ok(match read_rank_vars(file, name, cores.len())? {
+        Some(v) => v,
+        None => cores[1..]
             .iter()
-            .map(|c| c.detach().copy())
+            .map(|c| Tensor::ones([c.size()[0]], (Kind::Float, Device::Cpu)))
             .collect(),
     })
 }
 
-/// Gives TT layer `name` the cores and rank variables of `src`: copied into its variables when
-/// the shapes are the same, else the layer's variables are replaced in `vs` by new ones of the
-/// new shapes, under the same names (a pruned checkpoint; the new variables are trainable and
-/// come after the others among `vs`'s trainable variables).
-fn apply_tt(vs: &VarStore, name: &str, layer: &mut TtLinear, src: TtSource) -> Result<()> {
-    let ranked = layer.ranked();
+/// The dense `name.weight` of `file` (f32) that a TT layer or table of dense shape `want` is
+/// converted from; missing (the error names the TT core the model looked for first) or of
+/// another shape: an error.
+fn dense_source(
+    file: &SafetensorsFile,
+    names: &[String],
+    name: &str,
+    want: &[i64],
+    path: &Path,
+) -> Result<Tensor> {
+    let key = format!("{name}.weight");
+    if names.binary_search(&key).is_err() {
+        return Err(Error::MissingTensor {
+            path: path.to_path_buf(),
+            name: tt_core_name(name, 0),
+        });
+    }
+    let dense = file.tensor(&key, Device::Cpu)?;
+    if dense.size() != want {
+        return Err(Error::Msg(format!(
+            "{}: tensor '{key}' has shape {:?}, the model's TT layer expects {want:?}",
+            path.display(),
+            dense.size()
+        )));
+    }
+    Ok(dense.to_kind(Kind::Float))
+}
+
+/// Copies `src` into `ranked`'s variables when the shapes are the same (returns true);
+/// otherwise removes `ranked`'s variables and `extra` from `vs` (returns false: the caller
+/// registers new ones, of the new shapes, under the same names).
+fn copy_or_forget(
+    vs: &VarStore,
+    ranked: &RankedCores,
+    src: &TtSource,
+    extra: Option<(String, Tensor)>,
+) -> Result<bool> {
     let same = ranked.cores().len() == src.cores.len()
         && ranked.rank_vars().len() == src.rank_vars.len()
         && ranked
@@ -421,7 +573,7 @@ fn apply_tt(vs: &VarStore, name: &str, layer: &mut TtLinear, src: TtSource) -> R
             .zip(&src.rank_vars)
             .all(|(a, b)| a.size() == b.size());
     if same {
-        return tch::no_grad(|| -> Result<()> {
+        tch::no_grad(|| -> Result<()> {
             for (var, t) in ranked.cores().iter().zip(&src.cores) {
                 var.shallow_clone().f_copy_(t)?;
             }
@@ -429,9 +581,10 @@ fn apply_tt(vs: &VarStore, name: &str, layer: &mut TtLinear, src: TtSource) -> R
                 var.shallow_clone().f_copy_(t)?;
             }
             Ok(())
-        });
+        })?;
+        return Ok(true);
     }
-    let mut old: Vec<(String, Tensor)> = ranked
+    let old: Vec<(String, Tensor)> = ranked
         .core_names()
         .iter()
         .cloned()
@@ -443,30 +596,45 @@ fn apply_tt(vs: &VarStore, name: &str, layer: &mut TtLinear, src: TtSource) -> R
                 .cloned()
                 .zip(ranked.rank_vars().iter().map(Tensor::shallow_clone)),
         )
+        .chain(extra)
         .collect();
-    let bias = layer.bias().map(|b| b.detach().copy());
-    if let Some(b) = layer.bias() {
-        old.push((format!("{name}.bias"), b.shallow_clone()));
+    let mut vars = vs
+        .variables_
+        .lock()
+        .map_err(|_| Error::Msg("var store lock poisoned".into()))?;
+    for (n, t) in &old {
+        vars.named_variables.remove(n);
+        let (ptr, size) = (t.data_ptr(), t.size());
+        vars.trainable_variables
+            .retain(|v| !(v.tensor.data_ptr() == ptr && v.tensor.size() == size));
     }
-    {
-        let mut vars = vs
-            .variables_
-            .lock()
-            .map_err(|_| Error::Msg("var store lock poisoned".into()))?;
-        for (n, t) in &old {
-            vars.named_variables.remove(n);
-            let (ptr, size) = (t.data_ptr(), t.size());
-            vars.trainable_variables
-                .retain(|v| !(v.tensor.data_ptr() == ptr && v.tensor.size() == size));
-        }
-    }
+    Ok(false)
+}
+
+/// The var-store path of the dotted name `name`.
+fn path_of<'a>(vs: &'a VarStore, name: &str) -> tch::nn::Path<'a> {
     let mut path = vs.root();
     for part in name.split('.') {
         path = path.sub(part);
     }
+    path
+}
+
+/// Gives TT layer `name` the cores and rank variables of `src`: copied into its variables when
+/// the shapes are the same, else the layer's variables are replaced in `vs` by new ones of the
+/// new shapes, under the same names (a pruned checkpoint; the new variables are trainable and
+/// come after the others among `vs`'s trainable variables).
+fn apply_tt(vs: &VarStore, name: &str, layer: &mut TtLinear, src: TtSource) -> Result<()> {
+    let bias = layer.bias().map(|b| b.detach().copy());
+    let extra = layer
+        .bias()
+        .map(|b| (format!("{name}.bias"), b.shallow_clone()));
+    if copy_or_forget(vs, layer.ranked(), &src, extra)? {
+        return Ok(());
+    }
     let threshold = layer.ranked().threshold();
     let mut new = TtLinear::from_cores(
-        &path,
+        &path_of(vs, name),
         layer.in_modes().len(),
         src.cores,
         Some(src.rank_vars),
@@ -476,6 +644,84 @@ fn apply_tt(vs: &VarStore, name: &str, layer: &mut TtLinear, src: TtSource) -> R
     new.ranked_mut().set_threshold(threshold);
     *layer = new;
     Ok(())
+}
+
+/// [`apply_tt`] for a TT table.
+fn apply_tt_table(vs: &VarStore, name: &str, table: &mut TtEmbedding, src: TtSource) -> Result<()> {
+    if copy_or_forget(vs, table.ranked(), &src, None)? {
+        return Ok(());
+    }
+    let threshold = table.ranked().threshold();
+    let mut new = TtEmbedding::from_cores(
+        &path_of(vs, name),
+        table.vocab(),
+        src.cores,
+        Some(src.rank_vars),
+        table.compute_kind(),
+    )?;
+    new.ranked_mut().set_threshold(threshold);
+    *table = new;
+    Ok(())
+}
+
+/// Reads (or converts) the cores that TT table `name` gets from `file`: the file's cores and
+/// rank variables (ones when absent) whatever their ranks, as long as their modes are the
+/// table's; else a dense `name.weight` `(vocab, dim)`, by TT-SVD capped at the table's largest
+/// rank and `eps` (`model.embedding.eps`).
+fn tt_table_source(
+    file: &SafetensorsFile,
+    names: &[String],
+    name: &str,
+    table: &TtEmbedding,
+    eps: Option<f64>,
+    path: &Path,
+) -> Result<TtSource> {
+    let has = |n: &str| names.binary_search_by(|x| x.as_str().cmp(n)).is_ok();
+    let (vm, dm) = (table.vocab_modes(), table.dim_modes());
+    let d = vm.len();
+    if has(&tt_core_name(name, 0)) {
+        let in_file = (0..).take_while(|&k| has(&tt_core_name(name, k))).count();
+        let cores = (0..in_file)
+            .map(|k| file.tensor(&tt_core_name(name, k), Device::Cpu))
+            .collect::<Result<Vec<_>>>()?;
+        let file_modes: Vec<(i64, i64)> = cores
+            .iter()
+            .map(|c| match c.size()[..] {
+                [_, m, n, _] => (m, n),
+                _ => (-1, -1),
+            })
+            .collect();
+        let want: Vec<(i64, i64)> = vm.iter().copied().zip(dm.iter().copied()).collect();
+        if file_modes != want {
+            return Err(Error::Msg(format!(
+                "{}: '{name}' has {in_file} TT cores over (vocabulary, dimension) modes \
+                 {file_modes:?}, the model's table has {d} over {want:?} (model.embedding.order \
+                 = {d})",
+                path.display(),
+            )));
+        }
+        let rank_vars = rank_vars_or_ones(file, name, &cores)?;
+        return Ok(TtSource { cores, rank_vars });
+    }
+    let dense = dense_source(file, names, name, &[table.vocab(), table.dim()], path)?;
+    let max_rank = table.ranks().into_iter().max().unwrap_or(1);
+    let tmp = VarStore::new(Device::Cpu);
+    let converted = TtEmbedding::from_dense(
+        &tmp.root(),
+        &dense,
+        &vm,
+        &dm,
+        Some(max_rank),
+        eps,
+        Kind::Float,
+    )
+    .map_err(|e| {
+        Error::Msg(format!(
+            "{}: converting dense '{name}.weight' to TT cores: {e}",
+            path.display()
+        ))
+    })?;
+    Ok(TtSource::of(converted.ranked()))
 }
 
 /// Loads a model: the variables of `vs` (as [`load`]); for every quantized layer among
@@ -491,11 +737,34 @@ pub fn load_model(
     linears: &mut [(String, &mut Box<dyn Linear>)],
     path: &Path,
 ) -> Result<()> {
+    load_model_with_tables(vs, linears, &mut [], path)
+}
+
+/// [`load_model`] of a model that also has word tables (name, table): a TT table takes the
+/// file's cores whatever their ranks (modes must match), or is converted from a dense
+/// `NAME.weight` by TT-SVD at its ranks (and `model.embedding.eps`); a dense one is an ordinary
+/// variable.
+pub fn load_model_with_tables(
+    vs: &mut VarStore,
+    linears: &mut [(String, &mut Box<dyn Linear>)],
+    tables: &mut [(String, &mut WordEmbedding)],
+    path: &Path,
+) -> Result<()> {
     let file = SafetensorsFile::open(path)?;
     let names = file.names();
     let mut replacements = Vec::new();
     let mut tt_sources = Vec::new();
     let mut tt_vars = HashSet::new();
+    let mut table_sources = Vec::new();
+    for (i, (name, emb)) in tables.iter().enumerate() {
+        if let Some(t) = emb.tt() {
+            let src = tt_table_source(&file, &names, name, t, emb.tt_eps(), path)?;
+            table_sources.push((i, src));
+            let ranked = t.ranked();
+            tt_vars.extend(ranked.core_names().iter().cloned());
+            tt_vars.extend(ranked.rank_var_names().iter().cloned());
+        }
+    }
     for (i, (name, layer)) in linears.iter().enumerate() {
         if let Some(t) = layer.tt() {
             tt_sources.push((i, tt_source(&file, &names, name, t, layer.tt_eps(), path)?));
@@ -546,6 +815,12 @@ pub fn load_model(
         let (name, layer) = &mut linears[i];
         if let Some(t) = layer.tt_mut() {
             apply_tt(vs, name, t, src)?;
+        }
+    }
+    for (i, src) in table_sources {
+        let (name, emb) = &mut tables[i];
+        if let Some(t) = emb.tt_mut() {
+            apply_tt_table(vs, name, t, src)?;
         }
     }
     copy_variables(&vars, &file, vs.device())?;

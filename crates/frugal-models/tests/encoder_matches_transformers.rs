@@ -5,7 +5,7 @@
 
 use frugal_core::safetensors_io::SafetensorsFile;
 use frugal_models::encoder::{EncoderConfig, EncoderForClassification, EncoderForMaskedLm};
-use frugal_models::{weights, LinearKind};
+use frugal_models::{weights, EmbeddingKind, LinearKind};
 use std::path::{Path, PathBuf};
 use tch::{nn::VarStore, Device, Kind, Tensor};
 
@@ -40,7 +40,9 @@ fn batch() -> (Tensor, Tensor, Tensor) {
 
 fn mlm_model(kind: &LinearKind, compute: Kind) -> (VarStore, EncoderForMaskedLm) {
     let mut vs = VarStore::new(Device::Cpu);
-    let mut model = EncoderForMaskedLm::new(&vs.root(), &config(), kind, compute).unwrap();
+    let mut model =
+        EncoderForMaskedLm::new(&vs.root(), &config(), kind, &EmbeddingKind::Dense, compute)
+            .unwrap();
     weights::load_model(&mut vs, &mut model.linears_mut(), &fixture_path()).unwrap();
     (vs, model)
 }
@@ -52,6 +54,7 @@ fn classifier_model() -> (VarStore, EncoderForClassification) {
         &config(),
         NUM_LABELS,
         &LinearKind::Dense,
+        &EmbeddingKind::Dense,
         Kind::Float,
     )
     .unwrap();
@@ -270,19 +273,31 @@ fn bad_config_names_the_field() {
     let mut cfg = config();
     cfg.num_attention_heads = 5;
     let vs = VarStore::new(Device::Cpu);
-    let err = EncoderForMaskedLm::new(&vs.root(), &cfg, &LinearKind::Dense, Kind::Float)
-        .unwrap_err()
-        .to_string();
+    let err = EncoderForMaskedLm::new(
+        &vs.root(),
+        &cfg,
+        &LinearKind::Dense,
+        &EmbeddingKind::Dense,
+        Kind::Float,
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.starts_with("model.num_attention_heads:"), "{err}");
     assert!(vs.variables().is_empty());
     let mut cfg = config();
     cfg.intermediate_size = 0;
     let err = cfg.validate().unwrap_err().to_string();
     assert!(err.starts_with("model.intermediate_size:"), "{err}");
-    let err =
-        EncoderForClassification::new(&vs.root(), &config(), 0, &LinearKind::Dense, Kind::Float)
-            .unwrap_err()
-            .to_string();
+    let err = EncoderForClassification::new(
+        &vs.root(),
+        &config(),
+        0,
+        &LinearKind::Dense,
+        &EmbeddingKind::Dense,
+        Kind::Float,
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.starts_with("model.num_labels:"), "{err}");
 }
 
@@ -295,11 +310,25 @@ fn parameter_counts() {
         .with_vocab_size(1000);
     let count = |vs: &VarStore| -> i64 { vs.variables().values().map(|t| t.numel() as i64).sum() };
     let vs = VarStore::new(Device::Cpu);
-    let _m = EncoderForMaskedLm::new(&vs.root(), &cfg, &LinearKind::Dense, Kind::Float).unwrap();
+    let _m = EncoderForMaskedLm::new(
+        &vs.root(),
+        &cfg,
+        &LinearKind::Dense,
+        &EmbeddingKind::Dense,
+        Kind::Float,
+    )
+    .unwrap();
     assert_eq!(count(&vs), cfg.num_parameters() + cfg.mlm_head_parameters());
     let vs = VarStore::new(Device::Cpu);
-    let _m = EncoderForClassification::new(&vs.root(), &cfg, 4, &LinearKind::Dense, Kind::Float)
-        .unwrap();
+    let _m = EncoderForClassification::new(
+        &vs.root(),
+        &cfg,
+        4,
+        &LinearKind::Dense,
+        &EmbeddingKind::Dense,
+        Kind::Float,
+    )
+    .unwrap();
     assert_eq!(
         count(&vs),
         cfg.num_parameters() + cfg.classifier_head_parameters(4)

@@ -19,7 +19,7 @@
 //!   it), and a bond whose last live entry falls to the threshold keeps it at twice the
 //!   threshold (a layer never loses a whole bond). Then, at the end of the early stage, every
 //!   `tt.prune_every` late steps and at the last step, **physical pruning**: every TT layer
-//!   whose live ranks are below its ranks is sliced ([`TtLinear::prune`]) and both optimizers
+//!   whose live ranks are below its ranks is sliced ([`TtLayer::prune`]) and both optimizers
 //!   swap their parameters for the sliced ones, slicing their moments
 //!   ([`Optimizer::replace_parameter`]), so memory and time shrink and the state is kept.
 //!
@@ -31,9 +31,8 @@ use crate::checkpoint::TrainerState;
 use crate::config::Config;
 use crate::plot::{self, Series};
 use frugal_core::{Error, Result};
-use frugal_models::linear::Linear;
 use frugal_optim::{AdamW, AdamWConfig, Optimizer};
-use frugal_tt::{ComeraSchedule, Objective, RankedCores, TtLinear};
+use frugal_tt::{ComeraSchedule, Objective, RankedCores, TtLayer};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
@@ -44,25 +43,9 @@ use tch::{Kind, Tensor};
 /// `optimizer.safetensors`).
 pub const TT_OPTIMIZER_FILE: &str = "optimizer_tt.safetensors";
 
-/// The TT layers among a model's linear layers, with their names.
-pub fn tt_layers(linears: Vec<(String, &dyn Linear)>) -> Vec<(String, &TtLinear)> {
-    linears
-        .into_iter()
-        .filter_map(|(n, l)| l.tt().map(|t| (n, t)))
-        .collect()
-}
-
-/// [`tt_layers`], mutable (to prune them).
-pub fn tt_layers_mut(linears: Vec<(String, &mut Box<dyn Linear>)>) -> Vec<(String, &mut TtLinear)> {
-    linears
-        .into_iter()
-        .filter_map(|(n, l)| l.as_mut().tt_mut().map(|t| (n, t)))
-        .collect()
-}
-
 /// The model's rank penalty: the mean over the layers of each layer's
 /// [`RankedCores::penalty`] (differentiable in the rank variables).
-pub fn penalty(layers: &[(String, &TtLinear)]) -> Tensor {
+pub fn penalty(layers: &[(String, &dyn TtLayer)]) -> Tensor {
     let mut total = Tensor::zeros([], (Kind::Float, layers[0].1.ranked().device()));
     for (_, l) in layers {
         total += l.ranked().penalty();
@@ -71,22 +54,22 @@ pub fn penalty(layers: &[(String, &TtLinear)]) -> Tensor {
 }
 
 /// The model's live TT size: the sum of the layers' [`RankedCores::live_size`].
-pub fn live_size(layers: &[(String, &TtLinear)]) -> i64 {
+pub fn live_size(layers: &[(String, &dyn TtLayer)]) -> i64 {
     layers.iter().map(|(_, l)| l.ranked().live_size()).sum()
 }
 
 /// The cores' parameters as stored (pruned entries included until physically pruned).
-pub fn stored_params(layers: &[(String, &TtLinear)]) -> i64 {
-    layers.iter().map(|(_, l)| l.num_params()).sum()
+pub fn stored_params(layers: &[(String, &dyn TtLayer)]) -> i64 {
+    layers.iter().map(|(_, l)| l.ranked().num_params()).sum()
 }
 
-/// The parameters the layers would have as dense weights (`in · out` each).
-pub fn dense_params(layers: &[(String, &TtLinear)]) -> i64 {
-    layers.iter().map(|(_, l)| l.in_dim() * l.out_dim()).sum()
+/// The parameters the layers would have as dense weights ([`TtLayer::dense_params`]).
+pub fn dense_params(layers: &[(String, &dyn TtLayer)]) -> i64 {
+    layers.iter().map(|(_, l)| l.dense_params()).sum()
 }
 
 /// The live ranks of every layer, by name.
-pub fn live_ranks(layers: &[(String, &TtLinear)]) -> BTreeMap<String, Vec<i64>> {
+pub fn live_ranks(layers: &[(String, &dyn TtLayer)]) -> BTreeMap<String, Vec<i64>> {
     layers
         .iter()
         .map(|(n, l)| (n.clone(), l.ranked().live_ranks()))
@@ -94,7 +77,7 @@ pub fn live_ranks(layers: &[(String, &TtLinear)]) -> BTreeMap<String, Vec<i64>> 
 }
 
 /// Reborrows mutable layers as shared ones.
-fn shared<'a>(layers: &'a [(String, &mut TtLinear)]) -> Vec<(String, &'a TtLinear)> {
+fn shared<'a>(layers: &'a [(String, &mut dyn TtLayer)]) -> Vec<(String, &'a dyn TtLayer)> {
     layers.iter().map(|(n, l)| (n.clone(), &**l)).collect()
 }
 
@@ -143,13 +126,13 @@ impl Comera {
     /// `model.linear`.
     pub fn new(
         cfg: &Config,
-        layers: &mut [(String, &mut TtLinear)],
+        layers: &mut [(String, &mut dyn TtLayer)],
         params: Vec<(String, Tensor)>,
     ) -> Result<(Self, Vec<(String, Tensor)>)> {
         if layers.is_empty() {
             return Err(Error::config(
                 "model.linear",
-                "tt.rank_adapt = true, but the model has no tensor-train layer (model.linear.kind = \"tt\")",
+                "tt.rank_adapt = true, but the model has no tensor-train layer (model.linear.kind = \"tt\" or model.embedding.kind = \"tt\")",
             ));
         }
         let tt = &cfg.tt;
@@ -202,7 +185,12 @@ impl Comera {
     /// The objective of step `step` (counted from 1, as the loop's): decided once per step,
     /// from `loss` (the step's first micro-batch) and the live size, by
     /// [`ComeraSchedule::objective`]; later calls for the same step return the same.
-    pub fn objective(&mut self, step: u64, loss: f64, layers: &[(String, &TtLinear)]) -> Objective {
+    pub fn objective(
+        &mut self,
+        step: u64,
+        loss: f64,
+        layers: &[(String, &dyn TtLayer)],
+    ) -> Objective {
         if let Some((s, o)) = self.current {
             if s == step {
                 return o;
@@ -226,7 +214,7 @@ impl Comera {
         &mut self,
         step: u64,
         loss: &Tensor,
-        layers: &[(String, &TtLinear)],
+        layers: &[(String, &dyn TtLayer)],
     ) -> (Option<Tensor>, Objective) {
         let o = self.objective(step, loss.double_value(&[]), layers);
         let term = match o {
@@ -249,7 +237,7 @@ impl Comera {
         &mut self,
         step: u64,
         opt: &mut dyn Optimizer,
-        layers: &mut [(String, &mut TtLinear)],
+        layers: &mut [(String, &mut dyn TtLayer)],
         vs: &VarStore,
     ) -> Result<StepReport> {
         let objective = self.current(step).ok_or_else(|| {
@@ -293,7 +281,7 @@ impl Comera {
 
     /// The rank variables' AdamW step, with pruned entries kept at 0 and one live entry kept
     /// per bond (see the module documentation).
-    fn step_rank_vars(&mut self, layers: &[(String, &mut TtLinear)]) -> Result<()> {
+    fn step_rank_vars(&mut self, layers: &[(String, &mut dyn TtLayer)]) -> Result<()> {
         let before: Vec<(Tensor, Tensor)> = layers
             .iter()
             .flat_map(|(_, l)| {
@@ -333,7 +321,7 @@ impl Comera {
     pub fn prune(
         &mut self,
         opt: &mut dyn Optimizer,
-        layers: &mut [(String, &mut TtLinear)],
+        layers: &mut [(String, &mut dyn TtLayer)],
         vs: &VarStore,
     ) -> Result<bool> {
         let mut any = false;
@@ -368,7 +356,7 @@ impl Comera {
     pub fn add_metrics(
         &self,
         step: u64,
-        layers: &[(String, &TtLinear)],
+        layers: &[(String, &dyn TtLayer)],
         ranks: bool,
         line: &mut Value,
     ) {

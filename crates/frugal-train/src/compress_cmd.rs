@@ -286,9 +286,11 @@ fn print_report(r: &CompressReport) {
     );
 }
 
-/// `[12, 8, 8] | [8, 8, 12]`.
+/// `[12, 8, 8] | [8, 8, 12]`; a table's `[20, 16, ...] x [4, 4, ...]` (vocabulary modes by
+/// dimension modes).
 pub fn modes_text(info: &TtInfo) -> String {
-    format!("{:?} | {:?}", info.in_modes, info.out_modes)
+    let sep = if info.vocab.is_some() { "x" } else { "|" };
+    format!("{:?} {sep} {:?}", info.in_modes, info.out_modes)
 }
 
 /// `frugal compress IN OUT (--tt-rank R | --tt-eps E) [--order K] [--include-embeddings]`.
@@ -362,13 +364,14 @@ pub fn decompress_tt_file(input: &Path, output: &Path) -> Result<Vec<RestoredRow
     let mut out = Vec::new();
     let mut rows = Vec::new();
     for (p, info) in &layers {
-        let layer = weights::read_tt_layer(&f, p, info)?;
         let kind = info
             .dtype
             .as_deref()
             .and_then(dtype_kind)
             .unwrap_or(Kind::Float);
-        let w = tch::no_grad(|| layer.to_dense()).to_kind(kind).contiguous();
+        let w = weights::read_tt_dense(&f, p, info)?
+            .to_kind(kind)
+            .contiguous();
         let name = format!("{p}.weight");
         if names.binary_search(&name).is_ok() {
             return Err(Error::Msg(format!(

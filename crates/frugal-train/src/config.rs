@@ -4,7 +4,7 @@
 //! rename them.
 
 use frugal_core::{Device, Error, Result};
-use frugal_models::LinearKind;
+use frugal_models::{EmbeddingKind, LinearKind};
 use frugal_optim::{AdafactorConfig, AdamWConfig, AdamWVariant};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -109,6 +109,9 @@ pub struct ModelConfig {
     pub from_pretrained: String,
     /// The kind of every linear layer but the output head.
     pub linear: LinearKind,
+    /// The kind of the word table (encoder only): `{ kind = "dense" }` or
+    /// `{ kind = "tt", rank = 32, order = 4 }` (CoMERA's TT-matrix embedding).
+    pub embedding: EmbeddingKind,
     /// Overrides of the preset's shape (0: the preset's value; `vocab_size` 0 also means "the
     /// tokenizer's size" for the `tiny` preset).
     pub hidden_size: i64,
@@ -134,6 +137,7 @@ impl Default for ModelConfig {
             size: "tiny".into(),
             from_pretrained: String::new(),
             linear: LinearKind::Dense,
+            embedding: EmbeddingKind::Dense,
             hidden_size: 0,
             intermediate_size: 0,
             num_layers: 0,
@@ -525,6 +529,14 @@ impl Config {
             ));
         }
         self.model.linear.quant_format()?;
+        self.model.embedding.validate()?;
+        if self.model.embedding != EmbeddingKind::Dense && !self.is_encoder() {
+            return Err(Error::config(
+                "model.embedding",
+                "a tensor-train word table is available for model.kind = \"encoder\" only \
+                 (llama: not yet)",
+            ));
+        }
         let o = &self.optim;
         if !OPTIMIZERS.contains(&o.name.as_str()) {
             return Err(Error::config(
@@ -579,15 +591,17 @@ impl Config {
     }
 
     /// Checks the `tt` table and what it needs of the model: rank adaptation needs TT linear
-    /// layers (`model.linear.kind = "tt"`) in an encoder.
+    /// layers (`model.linear.kind = "tt"`) or a TT word table in an encoder.
     fn validate_tt(&self) -> Result<()> {
         let tt = &self.tt;
         tt.validate()?;
         if tt.rank_adapt {
-            if !matches!(self.model.linear, LinearKind::Tt { .. }) {
+            let tt_table = matches!(self.model.embedding, EmbeddingKind::Tt { .. });
+            if !matches!(self.model.linear, LinearKind::Tt { .. }) && !tt_table {
                 return Err(Error::config(
                     "model.linear",
-                    "tt.rank_adapt = true needs tensor-train layers: set model.linear.kind = \"tt\"",
+                    "tt.rank_adapt = true needs tensor-train layers: set model.linear.kind = \"tt\" \
+                     (or model.embedding.kind = \"tt\")",
                 ));
             }
             if !self.is_encoder() {

@@ -41,11 +41,13 @@ use crate::tsv;
 use frugal_core::memory::{self, Accounting};
 use frugal_core::safetensors_io::SafetensorsFile;
 use frugal_core::{atomic, Error, Result};
+use frugal_models::embedding::WordEmbedding;
 use frugal_models::encoder::{
     Encoder, EncoderConfig, EncoderForClassification, EncoderForMaskedLm, IGNORE_INDEX,
 };
 use frugal_models::linear::Linear;
 use frugal_optim::clip_grad_norm;
+use frugal_tt::TtLayer;
 use serde_json::json;
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -73,10 +75,16 @@ pub struct EncoderModel {
     pub net: Net,
 }
 
-fn linears_mut_of(net: &mut Net) -> Vec<(String, &mut Box<dyn Linear>)> {
+#[allow(clippy::type_complexity)]
+fn weights_mut_of(
+    net: &mut Net,
+) -> (
+    Vec<(String, &mut Box<dyn Linear>)>,
+    Vec<(String, &mut WordEmbedding)>,
+) {
     match net {
-        Net::Mlm(m) => m.linears_mut(),
-        Net::Cls(m) => m.linears_mut(),
+        Net::Mlm(m) => m.weights_mut(),
+        Net::Cls(m) => m.weights_mut(),
     }
 }
 
@@ -99,11 +107,11 @@ impl EncoderModel {
             Dtype::Bf16 => Kind::BFloat16,
         };
         let root = vs.root();
-        let kind = &cfg.model.linear;
+        let (kind, emb) = (&cfg.model.linear, &cfg.model.embedding);
         let net = match num_labels {
-            None => Net::Mlm(EncoderForMaskedLm::new(&root, shape, kind, compute)?),
+            None => Net::Mlm(EncoderForMaskedLm::new(&root, shape, kind, emb, compute)?),
             Some(n) => Net::Cls(EncoderForClassification::new(
-                &root, shape, n, kind, compute,
+                &root, shape, n, kind, emb, compute,
             )?),
         };
         Ok(Self { vs, net })
@@ -125,15 +133,50 @@ impl EncoderModel {
         }
     }
 
-    /// Saves the weights (variables and quantized layers) to `file`, atomically.
+    /// The word tables, with their full names.
+    pub fn tables(&self) -> Vec<(String, &WordEmbedding)> {
+        match &self.net {
+            Net::Mlm(m) => m.tables(),
+            Net::Cls(m) => m.tables(),
+        }
+    }
+
+    /// Every tensor-train layer (word table, block linears), with its full name.
+    pub fn tt_layers(&self) -> Vec<(String, &dyn TtLayer)> {
+        match &self.net {
+            Net::Mlm(m) => m.tt_layers(),
+            Net::Cls(m) => m.tt_layers(),
+        }
+    }
+
+    /// [`EncoderModel::tt_layers`], mutable, with the variables they live in (to prune them).
+    pub fn tt_layers_mut(&mut self) -> (Vec<(String, &mut dyn TtLayer)>, &VarStore) {
+        let layers = match &mut self.net {
+            Net::Mlm(m) => m.tt_layers_mut(),
+            Net::Cls(m) => m.tt_layers_mut(),
+        };
+        (layers, &self.vs)
+    }
+
+    /// Saves the weights (variables, quantized layers, TT descriptions) to `file`, atomically.
     pub fn save(&self, file: &Path) -> Result<()> {
-        frugal_models::weights::save_model(&self.vs, &self.linears(), file)
+        frugal_models::weights::save_model_with_tables(
+            &self.vs,
+            &self.linears(),
+            &self.tables(),
+            file,
+        )
     }
 
     /// Loads every weight of the model from `file` (a checkpoint of the same model).
     pub fn load(&mut self, file: &Path) -> Result<()> {
-        let mut linears = linears_mut_of(&mut self.net);
-        frugal_models::weights::load_model(&mut self.vs, &mut linears, file)
+        let (mut linears, mut tables) = weights_mut_of(&mut self.net);
+        frugal_models::weights::load_model_with_tables(
+            &mut self.vs,
+            &mut linears,
+            &mut tables,
+            file,
+        )
     }
 
     /// Loads a pre-trained encoder body from `file`: every `bert.embeddings.*` and
@@ -156,8 +199,10 @@ impl EncoderModel {
                 }
             }
         }
-        let mut linears = linears_mut_of(&mut self.net);
-        frugal_models::weights::load_model(&mut body, &mut linears, file)
+        let (mut linears, mut tables) = weights_mut_of(&mut self.net);
+        frugal_models::weights::load_model_with_tables(&mut body, &mut linears, &mut tables, file)?;
+        // TT layers of other ranks (a pruned checkpoint) got new variables in `body`.
+        frugal_models::weights::adopt_variables(&self.vs, body)
     }
 }
 
@@ -278,7 +323,7 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
     );
     // Rank adaptation: the rank variables get their own optimizer.
     let (mut tt, params) = if cfg.tt.rank_adapt {
-        let mut layers = comera::tt_layers_mut(linears_mut_of(&mut m.net));
+        let (mut layers, _) = m.tt_layers_mut();
         let (c, main) = Comera::new(cfg, &mut layers, params)?;
         (Some(c), main)
     } else {
@@ -394,7 +439,7 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
             micro += 1;
             // Rank adaptation: loss + penalty, the loss, or (a size step) nothing.
             let term = match &mut tt {
-                Some(c) => c.loss_term(step, &loss, &comera::tt_layers(m.linears())).0,
+                Some(c) => c.loss_term(step, &loss, &m.tt_layers()).0,
                 None => Some(loss),
             };
             match term {
@@ -423,8 +468,8 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
         opt.zero_grad();
         let mut pruned = false;
         if let Some(c) = &mut tt {
-            let mut layers = comera::tt_layers_mut(linears_mut_of(&mut m.net));
-            pruned = c.after_step(step, opt.as_mut(), &mut layers, &m.vs)?.pruned;
+            let (mut layers, vs) = m.tt_layers_mut();
+            pruned = c.after_step(step, opt.as_mut(), &mut layers, vs)?.pruned;
             c.save_state(&mut state);
         }
         if pruned {
@@ -452,12 +497,7 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
         let stop = INTERRUPTED.load(Ordering::SeqCst);
         let eval_now = (t.eval_every > 0 && step.is_multiple_of(t.eval_every)) || last;
         if let Some(c) = &tt {
-            c.add_metrics(
-                step,
-                &comera::tt_layers(m.linears()),
-                eval_now || pruned,
-                &mut line,
-            );
+            c.add_metrics(step, &m.tt_layers(), eval_now || pruned, &mut line);
             if pruned {
                 progress.message(&format!(
                     "step {step}: TT layers pruned to {} parameters ({:.1}x compression)",
@@ -538,7 +578,7 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
         json!({"kind": "encoder", "size": cfg.model.size, "objective": cfg.objective()});
     if let Some(c) = &tt {
         let mut line = json!({});
-        c.add_metrics(state.step, &comera::tt_layers(m.linears()), true, &mut line);
+        c.add_metrics(state.step, &m.tt_layers(), true, &mut line);
         report["tt"] = line;
     }
     atomic::write(

@@ -8,22 +8,17 @@ mod common;
 use common::*;
 use frugal_core::safetensors_io::SafetensorsFile;
 use frugal_models::encoder::{EncoderConfig, IGNORE_INDEX};
-use frugal_models::linear::Linear;
 use frugal_optim::{AdamW, AdamWConfig};
 use frugal_train::comera::{self, Comera};
 use frugal_train::config::{self, Config};
 use frugal_train::encoder_train::{EncoderModel, Net};
-use frugal_tt::{Objective, RankedCores, TtLinear};
+use frugal_tt::{Objective, RankedCores, TtLayer};
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
 /// The TT layers of an encoder, mutable, with the variables they live in.
-fn parts(m: &mut EncoderModel) -> (Vec<(String, &mut TtLinear)>, &tch::nn::VarStore) {
-    let linears: Vec<(String, &mut Box<dyn Linear>)> = match &mut m.net {
-        Net::Mlm(x) => x.linears_mut(),
-        Net::Cls(x) => x.linears_mut(),
-    };
-    (comera::tt_layers_mut(linears), &m.vs)
+fn parts(m: &mut EncoderModel) -> (Vec<(String, &mut dyn TtLayer)>, &tch::nn::VarStore) {
+    m.tt_layers_mut()
 }
 
 fn tt_config() -> Config {
@@ -33,6 +28,12 @@ fn tt_config() -> Config {
     cfg.model.linear = frugal_models::LinearKind::Tt {
         rank: 6,
         order: 2,
+        eps: None,
+    };
+    // And a TT word table (60 = [5, 4, 3] x 16 = [2, 2, 4] at order 3).
+    cfg.model.embedding = frugal_models::EmbeddingKind::Tt {
+        rank: 6,
+        order: 3,
         eps: None,
     };
     cfg.tt.rank_adapt = true;
@@ -52,7 +53,8 @@ fn logits(m: &EncoderModel, ids: &Tensor) -> Tensor {
     tch::no_grad(|| mlm.logits(ids, None, None))
 }
 
-/// Guarantee: physical pruning (through [`Comera::prune`]) leaves the outputs of the masked
+/// Guarantee: physical pruning (through [`Comera::prune`]) of TT linear layers and a TT word
+/// table (lookup and tied decoder) leaves the outputs of the masked
 /// model unchanged within 1e-5 (f32), shrinks the cores, the model's parameter count and both
 /// optimizers' state by exactly the pruned entries' share, keeps the surviving moments (the
 /// old moments sliced), and training goes on with a finite loss.
@@ -65,7 +67,12 @@ fn pruning_keeps_outputs_and_slices_parameters_and_state() {
     let before_params = numel(&params);
     let (mut c, main) = {
         let (mut layers, _) = parts(&mut m);
-        assert_eq!(layers.len(), 12, "6 TT linears per block");
+        assert_eq!(
+            layers.len(),
+            13,
+            "the word table, then 6 TT linears per block"
+        );
+        assert_eq!(layers[0].0, "bert.embeddings.word_embeddings");
         Comera::new(&cfg, &mut layers, params).unwrap()
     };
     assert!(main.iter().all(|(n, _)| !n.contains(".rank_vars.")));
@@ -78,7 +85,7 @@ fn pruning_keeps_outputs_and_slices_parameters_and_state() {
             mlm.mlm_loss(&ids, None, None, &labels)
         };
         let value = loss.double_value(&[]);
-        let (term, o) = c.loss_term(s, &loss, &comera::tt_layers(m.linears()));
+        let (term, o) = c.loss_term(s, &loss, &m.tt_layers());
         assert_eq!(o, Objective::LossPlusPenalty(0.01));
         term.unwrap().backward();
         opt.step().unwrap();
@@ -91,8 +98,8 @@ fn pruning_keeps_outputs_and_slices_parameters_and_state() {
     for s in 1..=2 {
         assert!(step(&mut m, &mut c, &mut opt, s).is_finite());
     }
-    // Prune two entries of the middle bond of every layer, and one of the first bond of the
-    // first layer.
+    // Prune two entries of the second bond of every layer, and one of the first bond of the
+    // first layer (the word table).
     let mut kept_first = Vec::new();
     let mut first = String::new();
     {
@@ -125,7 +132,7 @@ fn pruning_keeps_outputs_and_slices_parameters_and_state() {
         .unwrap()
         .1;
     let (tt_before, live) = {
-        let l = comera::tt_layers(m.linears());
+        let l = m.tt_layers();
         (comera::stored_params(&l), comera::live_size(&l))
     };
     assert!(live < tt_before);
@@ -141,15 +148,15 @@ fn pruning_keeps_outputs_and_slices_parameters_and_state() {
     let after = logits(&m, &x);
     let diff = (&after - &masked).abs().max().double_value(&[]);
     assert!(diff < 1e-5, "outputs moved by {diff} after pruning");
-    let l = comera::tt_layers(m.linears());
+    let l = m.tt_layers();
     assert_eq!(
         comera::stored_params(&l),
         live,
         "cores hold exactly the live size"
     );
     let after_params = numel(&frugal_models::weights::named_variables(&m.vs));
-    // Rank variables: 12 layers lose 2 entries each, the first layer one more.
-    let removed = (tt_before - live) + 12 * 2 + 1;
+    // Rank variables: 13 layers lose 2 entries each, the first layer one more.
+    let removed = (tt_before - live) + 13 * 2 + 1;
     assert_eq!(after_params, before_params - removed);
     // AdamW keeps two moments per element (and a step scalar per tensor).
     assert_eq!(
@@ -158,7 +165,7 @@ fn pruning_keeps_outputs_and_slices_parameters_and_state() {
     );
     assert_eq!(
         numel(&c.rank_optimizer().state_tensors()),
-        rank_state - 2 * (12 * 2 + 1)
+        rank_state - 2 * (13 * 2 + 1)
     );
     // The surviving moments are the old ones, sliced like the core.
     let new_moment = opt
@@ -456,6 +463,14 @@ fn bad_tt_keys_are_named() {
     assert!(err.starts_with("model.linear:"), "{err}");
     let err = config_error(&format!("[model]\n{tt}[tt]\nrank_adapt = true\n"));
     assert!(err.starts_with("tt.rank_adapt:"), "{err}");
+    let table = "embedding = {kind = \"tt\", rank = 4, order = 2}\n";
+    let err = config_error(&format!("[model]\n{table}"));
+    assert!(err.starts_with("model.embedding:"), "{err}");
+    let err = config_error(&format!("{enc}embedding = {{kind = \"tt\", order = 1}}\n"));
+    assert!(err.starts_with("model.embedding.order:"), "{err}");
+    // A TT table alone is enough for rank adaptation.
+    config::from_table(toml::from_str(&format!("{enc}{table}[tt]\nrank_adapt = true\n")).unwrap())
+        .unwrap();
     let err = config_error(&format!("{enc}{tt}[tt]\nrank_adaptation = true\n"));
     assert!(
         err.starts_with("tt") && err.contains("rank_adaptation"),
@@ -483,17 +498,26 @@ fn bad_tt_keys_are_named() {
     assert_clean_error(&out, "model.linear");
 }
 
-/// Guarantee: `configs/encoder-comera.toml` is valid and runs rank adaptation on TT layers
-/// whose modes factor the encoder's dimensions (the model builds).
+/// Guarantee: `configs/encoder-comera.toml` and `configs/encoder-6-comera.toml` are valid and
+/// run rank adaptation on TT layers whose modes factor the encoder's dimensions (the model
+/// builds).
 #[test]
-fn shipped_config_is_valid() {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/encoder-comera.toml");
+fn shipped_configs_are_valid() {
+    for name in ["encoder-comera.toml", "encoder-6-comera.toml"] {
+        shipped_config_is_valid(name);
+    }
+}
+
+fn shipped_config_is_valid(name: &str) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../configs")
+        .join(name);
     let cfg = config::load(&path, &[]).unwrap();
     assert!(cfg.tt.rank_adapt);
     assert!(cfg.tt.early_steps < cfg.train.max_steps, "no late stage");
     let shape = cfg.encoder_config(4099).unwrap();
     let m = EncoderModel::new(&cfg, &shape, None, Device::Cpu).unwrap();
-    let layers = comera::tt_layers(m.linears());
+    let layers = m.tt_layers();
     assert_eq!(layers.len(), 6 * shape.num_hidden_layers as usize);
     let ratio = comera::dense_params(&layers) as f64 / comera::stored_params(&layers) as f64;
     assert!(ratio > 5.0, "compression at rank 30: {ratio}");

@@ -395,3 +395,48 @@ fn decompress_applies_rank_variables_of_a_trained_checkpoint() {
         "{k}"
     );
 }
+
+/// Guarantee: a TT word table (an encoder's, 4-D TT-matrix cores) is described in the file's
+/// metadata, shown by `frugal inspect` (vocabulary modes x dimension modes) and restored by
+/// `frugal decompress` to the dense `(vocab, d)` table it stands for (padding rows dropped).
+#[test]
+fn tt_word_tables_are_inspected_and_decompressed() {
+    use frugal_models::encoder::{EncoderConfig, EncoderForMaskedLm};
+    use frugal_models::EmbeddingKind;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("enc.safetensors");
+    tch::manual_seed(7);
+    let vs = VarStore::new(Device::Cpu);
+    let cfg = EncoderConfig::new(250, 16, 1, 2, 32, 32);
+    let emb = EmbeddingKind::Tt {
+        rank: 5,
+        order: 2,
+        eps: None,
+    };
+    let model =
+        EncoderForMaskedLm::new(&vs.root(), &cfg, &LinearKind::Dense, &emb, Kind::Float).unwrap();
+    weights::save_model_with_tables(&vs, &model.linears(), &model.tables(), &file).unwrap();
+    let back = dir.path().join("back.safetensors");
+    decompress(dir.path(), &file, &back);
+    let restored = tensors(&back);
+    let name = "bert.embeddings.word_embeddings";
+    let want = tch::no_grad(|| model.encoder.embeddings.word_table());
+    let got = &restored[&format!("{name}.weight")];
+    assert_eq!(got.size(), vec![250, 16]);
+    assert!((got - want).abs().max().double_value(&[]) < 1e-6);
+    assert!(!restored.keys().any(|k| k.contains(".cores.")));
+    let out = run({
+        let mut c = frugal(dir.path());
+        c.arg("inspect").arg(&file);
+        c
+    });
+    let text = String::from_utf8_lossy(&out.stdout);
+    let row = text
+        .lines()
+        .find(|l| l.trim_start().starts_with(name) && l.contains(" x "))
+        .unwrap_or_else(|| panic!("no TT row for the table:\n{text}"));
+    assert!(
+        row.contains("[250, 16]") && row.contains("[1, 5, 1]"),
+        "{row}"
+    );
+}

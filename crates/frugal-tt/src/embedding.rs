@@ -3,7 +3,7 @@
 
 use crate::linear::{check_compute, published_init};
 use crate::modes::{capped_ranks, check_modes, modes_product};
-use crate::rank::RankedCores;
+use crate::rank::{RankedCores, TtLayer};
 use crate::ttm::{ttm_full, TtMatrix};
 use frugal_core::{Error, Result};
 use tch::{nn, Kind, Tensor};
@@ -149,6 +149,11 @@ impl TtEmbedding {
         ttm_full(&self.ranked.effective_cores()).narrow(0, 0, self.vocab)
     }
 
+    /// The kind of the products (the rows come out in it).
+    pub fn compute_kind(&self) -> Kind {
+        self.compute
+    }
+
     /// The vocabulary size (unpadded).
     pub fn vocab(&self) -> i64 {
         self.vocab
@@ -197,6 +202,20 @@ impl TtEmbedding {
     /// Physical pruning ([`RankedCores::prune`]).
     pub fn prune(&mut self, vs: &nn::VarStore) -> Result<Vec<Tensor>> {
         self.ranked.prune(vs)
+    }
+}
+
+impl TtLayer for TtEmbedding {
+    fn ranked(&self) -> &RankedCores {
+        &self.ranked
+    }
+
+    fn ranked_mut(&mut self) -> &mut RankedCores {
+        &mut self.ranked
+    }
+
+    fn dense_params(&self) -> i64 {
+        self.vocab * self.dim()
     }
 }
 

@@ -38,7 +38,7 @@ pub use linear::{published_init, TtLinear};
 pub use modes::{
     balanced_modes, capped_ranks, check_modes, modes_product, pad_to_modes, BALANCED_RATIO,
 };
-pub use rank::{RankedCores, PRUNE_THRESHOLD};
+pub use rank::{RankedCores, TtLayer, PRUNE_THRESHOLD};
 pub use schedule::{late_objective, ComeraConfig, ComeraSchedule, Objective};
 pub use tt::Tt;
 pub use ttm::TtMatrix;

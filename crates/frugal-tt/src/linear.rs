@@ -2,7 +2,7 @@
 //! output modes (CoMERA's layout), computed as `Y = (X L) R` so that the batch never meets a core.
 
 use crate::modes::{capped_ranks, check_modes, modes_product};
-use crate::rank::RankedCores;
+use crate::rank::{RankedCores, TtLayer};
 use crate::tt::{contract_chain, Tt};
 use frugal_core::{Error, Result};
 use tch::{nn, Kind, Tensor};
@@ -234,6 +234,20 @@ impl TtLinear {
     /// live ranks in `vs`; returns the kept indices per inner bond.
     pub fn prune(&mut self, vs: &nn::VarStore) -> Result<Vec<Tensor>> {
         self.ranked.prune(vs)
+    }
+}
+
+impl TtLayer for TtLinear {
+    fn ranked(&self) -> &RankedCores {
+        &self.ranked
+    }
+
+    fn ranked_mut(&mut self) -> &mut RankedCores {
+        &mut self.ranked
+    }
+
+    fn dense_params(&self) -> i64 {
+        self.in_dim() * self.out_dim()
     }
 }
 

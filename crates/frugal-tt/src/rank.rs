@@ -15,6 +15,25 @@ use tch::{nn, Device, Kind, Tensor};
 /// CoMERA's pruning threshold: rank-variable entries with `|D| <= 1e-2` count as pruned.
 pub const PRUNE_THRESHOLD: f64 = 1e-2;
 
+/// A layer whose weight is a chain of [`RankedCores`] ([`crate::TtLinear`],
+/// [`crate::TtEmbedding`]): what rank adaptation needs of it, whatever the layer.
+pub trait TtLayer: std::fmt::Debug {
+    /// The cores and rank variables.
+    fn ranked(&self) -> &RankedCores;
+
+    /// Mutable access to the cores and rank variables (threshold, pruning).
+    fn ranked_mut(&mut self) -> &mut RankedCores;
+
+    /// The number of parameters of the dense weight the cores stand for (`in · out` for a
+    /// linear layer, `vocab · dim` for an embedding), the numerator of its compression.
+    fn dense_params(&self) -> i64;
+
+    /// Physical pruning ([`RankedCores::prune`]): the kept indices per inner bond.
+    fn prune(&mut self, vs: &nn::VarStore) -> Result<Vec<Tensor>> {
+        self.ranked_mut().prune(vs)
+    }
+}
+
 /// TT cores with one rank-variable vector per inner bond, registered in a var store as
 /// `{path}.cores.{k}` (core `k`, from 0) and `{path}.rank_vars.{i}` (`D_i`, bond `i` between
 /// core `i` and core `i + 1`), all trainable.

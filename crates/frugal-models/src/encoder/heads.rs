@@ -3,8 +3,10 @@
 //! (as the LLaMA output head), and are not listed by `linears()`.
 
 use super::{prefixed, Affine, Encoder, EncoderConfig, LayerNorm, IGNORE_INDEX};
+use crate::embedding::{EmbeddingKind, WordEmbedding};
 use crate::linear::{Linear, LinearKind};
 use frugal_core::{Error, Result};
+use frugal_tt::TtLayer;
 use tch::{nn, Kind, Reduction, Tensor};
 
 /// The masked-LM head (`cls.predictions`): `LN(gelu(dense(h))) E^T + bias`, E the word
@@ -28,15 +30,17 @@ pub struct EncoderForMaskedLm {
 }
 
 impl EncoderForMaskedLm {
-    /// Builds the model under `root`, the blocks' linear layers of kind `kind`, computing in
-    /// `compute` (f32 or bf16). Errors name the config field or the layer that does not fit.
+    /// Builds the model under `root`, the blocks' linear layers of kind `kind`, the word table
+    /// (tied to the decoder) of kind `embedding`, computing in `compute` (f32 or bf16). Errors
+    /// name the config field or the layer that does not fit.
     pub fn new(
         root: &nn::Path,
         cfg: &EncoderConfig,
         kind: &LinearKind,
+        embedding: &EmbeddingKind,
         compute: Kind,
     ) -> Result<Self> {
-        let encoder = Encoder::new(&(root / "bert"), cfg, kind, compute)?;
+        let encoder = Encoder::new(&(root / "bert"), cfg, kind, embedding, compute)?;
         let p = root / "cls" / "predictions";
         let d = cfg.hidden_size;
         let head = MlmHead {
@@ -62,6 +66,38 @@ impl EncoderForMaskedLm {
     /// [`EncoderForMaskedLm::linears`], mutable (to load or replace layers).
     pub fn linears_mut(&mut self) -> Vec<(String, &mut Box<dyn Linear>)> {
         prefixed("bert", self.encoder.linears_mut())
+    }
+
+    /// The word tables with their full names (`bert.embeddings.word_embeddings`).
+    pub fn tables(&self) -> Vec<(String, &WordEmbedding)> {
+        prefixed("bert", self.encoder.tables())
+    }
+
+    /// [`Self::tables`], mutable (to load them).
+    pub fn tables_mut(&mut self) -> Vec<(String, &mut WordEmbedding)> {
+        prefixed("bert", self.encoder.tables_mut())
+    }
+
+    /// The tensor-train layers (word table, blocks) with their full names.
+    pub fn tt_layers(&self) -> Vec<(String, &dyn TtLayer)> {
+        prefixed("bert", self.encoder.tt_layers())
+    }
+
+    /// [`Self::tt_layers`], mutable (threshold, pruning).
+    pub fn tt_layers_mut(&mut self) -> Vec<(String, &mut dyn TtLayer)> {
+        prefixed("bert", self.encoder.tt_layers_mut())
+    }
+
+    /// The linear layers and the word tables with their full names, mutable (to load both).
+    #[allow(clippy::type_complexity)]
+    pub fn weights_mut(
+        &mut self,
+    ) -> (
+        Vec<(String, &mut Box<dyn Linear>)>,
+        Vec<(String, &mut WordEmbedding)>,
+    ) {
+        let (l, t) = self.encoder.weights_mut();
+        (prefixed("bert", l), prefixed("bert", t))
     }
 
     /// Vocabulary logits, f32 `(..., vocab)`, of hidden states `(..., d)`.
@@ -130,12 +166,14 @@ pub struct EncoderForClassification {
 
 impl EncoderForClassification {
     /// Builds the model under `root` with `num_labels` classes (1: regression, as transformers),
-    /// the blocks' linear layers of kind `kind`, computing in `compute`.
+    /// the blocks' linear layers of kind `kind`, the word table of kind `embedding`, computing in
+    /// `compute`.
     pub fn new(
         root: &nn::Path,
         cfg: &EncoderConfig,
         num_labels: i64,
         kind: &LinearKind,
+        embedding: &EmbeddingKind,
         compute: Kind,
     ) -> Result<Self> {
         if num_labels < 1 {
@@ -145,7 +183,7 @@ impl EncoderForClassification {
             ));
         }
         let bert = root / "bert";
-        let encoder = Encoder::new(&bert, cfg, kind, compute)?;
+        let encoder = Encoder::new(&bert, cfg, kind, embedding, compute)?;
         let d = cfg.hidden_size;
         let dense = LinearKind::Dense;
         let pooler = Affine::new(&(&bert / "pooler" / "dense"), d, d, &dense, compute)?;
@@ -171,6 +209,38 @@ impl EncoderForClassification {
     /// [`EncoderForClassification::linears`], mutable.
     pub fn linears_mut(&mut self) -> Vec<(String, &mut Box<dyn Linear>)> {
         prefixed("bert", self.encoder.linears_mut())
+    }
+
+    /// The word tables with their full names (`bert.embeddings.word_embeddings`).
+    pub fn tables(&self) -> Vec<(String, &WordEmbedding)> {
+        prefixed("bert", self.encoder.tables())
+    }
+
+    /// [`Self::tables`], mutable (to load them).
+    pub fn tables_mut(&mut self) -> Vec<(String, &mut WordEmbedding)> {
+        prefixed("bert", self.encoder.tables_mut())
+    }
+
+    /// The tensor-train layers (word table, blocks) with their full names.
+    pub fn tt_layers(&self) -> Vec<(String, &dyn TtLayer)> {
+        prefixed("bert", self.encoder.tt_layers())
+    }
+
+    /// [`Self::tt_layers`], mutable (threshold, pruning).
+    pub fn tt_layers_mut(&mut self) -> Vec<(String, &mut dyn TtLayer)> {
+        prefixed("bert", self.encoder.tt_layers_mut())
+    }
+
+    /// The linear layers and the word tables with their full names, mutable (to load both).
+    #[allow(clippy::type_complexity)]
+    pub fn weights_mut(
+        &mut self,
+    ) -> (
+        Vec<(String, &mut Box<dyn Linear>)>,
+        Vec<(String, &mut WordEmbedding)>,
+    ) {
+        let (l, t) = self.encoder.weights_mut();
+        (prefixed("bert", l), prefixed("bert", t))
     }
 
     /// Class logits `(B, num_labels)`, f32, of token ids `(B, T)` (the first token is the

@@ -15,10 +15,11 @@
 //!
 //! ```no_run
 //! use frugal_models::encoder::{EncoderConfig, EncoderForMaskedLm};
-//! use frugal_models::LinearKind;
+//! use frugal_models::{EmbeddingKind, LinearKind};
 //! let cfg = EncoderConfig::preset("encoder-tiny").unwrap().with_vocab_size(1000);
 //! let vs = tch::nn::VarStore::new(tch::Device::Cpu);
-//! let model = EncoderForMaskedLm::new(&vs.root(), &cfg, &LinearKind::Dense, tch::Kind::Float)?;
+//! let (linear, embedding) = (LinearKind::Dense, EmbeddingKind::Dense);
+//! let model = EncoderForMaskedLm::new(&vs.root(), &cfg, &linear, &embedding, tch::Kind::Float)?;
 //! let ids = tch::Tensor::zeros([2, 16], (tch::Kind::Int64, tch::Device::Cpu));
 //! let logits = model.logits(&ids, None, None); // (2, 16, 1000)
 //! # Ok::<(), frugal_core::Error>(())
@@ -32,8 +33,10 @@ pub use config::{EncoderConfig, PRESETS};
 pub use heads::{EncoderForClassification, EncoderForMaskedLm};
 pub use masking::{mask_tokens, IGNORE_INDEX};
 
+use crate::embedding::{EmbeddingKind, WordEmbedding};
 use crate::linear::{self, Linear, LinearKind};
 use frugal_core::Result;
+use frugal_tt::TtLayer;
 use tch::{nn, Kind, Tensor};
 
 /// HF's initialisation of weights and embeddings: N(0, 0.02).
@@ -107,25 +110,33 @@ impl LayerNorm {
     }
 }
 
-/// The word table. The one place that makes it: a tensor-train embedding replaces it here.
-fn word_embeddings(path: &nn::Path, cfg: &EncoderConfig) -> Tensor {
-    path.var("weight", &[cfg.vocab_size, cfg.hidden_size], INIT)
-}
-
-/// Word, position and token-type embeddings, summed and normalized (`bert.embeddings`).
+/// Word, position and token-type embeddings, summed and normalized (`bert.embeddings`). The word
+/// table is dense or a tensor train ([`EmbeddingKind`]); the others are dense.
 #[derive(Debug)]
 pub struct Embeddings {
-    word: Tensor,
+    word: WordEmbedding,
     position: Tensor,
     token_type: Tensor,
     norm: LayerNorm,
 }
 
 impl Embeddings {
-    fn new(path: &nn::Path, cfg: &EncoderConfig) -> Self {
+    fn new(
+        path: &nn::Path,
+        cfg: &EncoderConfig,
+        embedding: &EmbeddingKind,
+        compute: Kind,
+    ) -> Result<Self> {
         let d = cfg.hidden_size;
-        Self {
-            word: word_embeddings(&(path / "word_embeddings"), cfg),
+        Ok(Self {
+            word: WordEmbedding::new(
+                &(path / "word_embeddings"),
+                cfg.vocab_size,
+                d,
+                embedding,
+                INIT,
+                compute,
+            )?,
             position: (path / "position_embeddings").var(
                 "weight",
                 &[cfg.max_position_embeddings, d],
@@ -137,12 +148,23 @@ impl Embeddings {
                 INIT,
             ),
             norm: LayerNorm::new(&(path / "LayerNorm"), d, cfg.layer_norm_eps),
-        }
+        })
     }
 
-    /// The word table `(vocab, d)` (the masked-LM decoder's tied weight).
-    pub fn word_table(&self) -> &Tensor {
+    /// The word table `(vocab, d)` (the masked-LM decoder's tied weight; a TT table is
+    /// reconstructed, differentiably).
+    pub fn word_table(&self) -> Tensor {
+        self.word.table()
+    }
+
+    /// The word embedding (dense or TT).
+    pub fn word(&self) -> &WordEmbedding {
         &self.word
+    }
+
+    /// [`Embeddings::word`], mutable (loading, pruning a TT table).
+    pub fn word_mut(&mut self) -> &mut WordEmbedding {
+        &mut self.word
     }
 
     /// `LN(word[ids] + position[0..T] + token_type[token_types])`, f32 `(B, T, d)`; token
@@ -154,7 +176,7 @@ impl Embeddings {
             t <= max,
             "sequence of {t} tokens, the model has {max} positions"
         );
-        let words = Tensor::embedding(&self.word, ids, -1, false, false).to_kind(Kind::Float);
+        let words = self.word.forward(ids).to_kind(Kind::Float);
         let pos = self.position.narrow(0, 0, t).to_kind(Kind::Float);
         let types = match token_types {
             Some(tt) => Tensor::embedding(&self.token_type, tt, -1, false, false),
@@ -271,6 +293,9 @@ pub struct Encoder {
     compute: Kind,
 }
 
+/// The word table's name relative to the encoder's path.
+pub const WORD_EMBEDDINGS: &str = "embeddings.word_embeddings";
+
 /// Added to the attention scores of padding keys: far below any score, finite in f32 and bf16
 /// (so that a row with no real key stays finite, as in transformers).
 const MASKED_SCORE: f64 = -1e9;
@@ -278,16 +303,18 @@ const MASKED_SCORE: f64 = -1e9;
 impl Encoder {
     /// Builds the encoder under `path` (HF: `bert`; names `path.embeddings.word_embeddings.weight`,
     /// `path.encoder.layer.N.attention.self.query.weight`, ...) with the blocks' linear layers of
-    /// kind `kind`, computing in `compute` (f32 or bf16; parameters stay f32). Errors when the
-    /// config is invalid (naming the field) or `kind` does not fit the shapes.
+    /// kind `kind` and a word table of kind `embedding`, computing in `compute` (f32 or bf16;
+    /// parameters stay f32). Errors when the config is invalid (naming the field) or a kind does
+    /// not fit the shapes.
     pub fn new(
         path: &nn::Path,
         cfg: &EncoderConfig,
         kind: &LinearKind,
+        embedding: &EmbeddingKind,
         compute: Kind,
     ) -> Result<Self> {
         cfg.validate()?;
-        let embeddings = Embeddings::new(&(path / "embeddings"), cfg);
+        let embeddings = Embeddings::new(&(path / "embeddings"), cfg, embedding, compute)?;
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| EncoderLayer::new(&(path / "encoder" / "layer" / i), cfg, kind, compute))
             .collect::<Result<_>>()?;
@@ -327,6 +354,69 @@ impl Encoder {
                     .map(|(n, l)| (format!("encoder.layer.{i}.{n}"), l))
             })
             .collect()
+    }
+
+    /// The word tables with their names relative to the encoder's path
+    /// (`embeddings.word_embeddings`).
+    pub fn tables(&self) -> Vec<(String, &WordEmbedding)> {
+        vec![(WORD_EMBEDDINGS.to_string(), self.embeddings.word())]
+    }
+
+    /// [`Encoder::tables`], mutable.
+    pub fn tables_mut(&mut self) -> Vec<(String, &mut WordEmbedding)> {
+        vec![(WORD_EMBEDDINGS.to_string(), self.embeddings.word_mut())]
+    }
+
+    /// [`Encoder::linears_mut`] and [`Encoder::tables_mut`] at once (to load both).
+    #[allow(clippy::type_complexity)]
+    pub fn weights_mut(
+        &mut self,
+    ) -> (
+        Vec<(String, &mut Box<dyn Linear>)>,
+        Vec<(String, &mut WordEmbedding)>,
+    ) {
+        let tables = vec![(WORD_EMBEDDINGS.to_string(), &mut self.embeddings.word)];
+        let linears = self
+            .layers
+            .iter_mut()
+            .enumerate()
+            .flat_map(|(i, b)| {
+                b.linears_mut()
+                    .map(|(n, l)| (format!("encoder.layer.{i}.{n}"), l))
+            })
+            .collect();
+        (linears, tables)
+    }
+
+    /// Every tensor-train layer (the word table when it is one, then the blocks' TT linear
+    /// layers) with its name relative to the encoder's path: what rank adaptation trains.
+    pub fn tt_layers(&self) -> Vec<(String, &dyn TtLayer)> {
+        let mut v: Vec<(String, &dyn TtLayer)> = Vec::new();
+        if let Some(t) = self.embeddings.word().tt() {
+            v.push((WORD_EMBEDDINGS.to_string(), t));
+        }
+        for (n, l) in self.linears() {
+            if let Some(t) = l.tt() {
+                v.push((n, t));
+            }
+        }
+        v
+    }
+
+    /// [`Encoder::tt_layers`], mutable (threshold, pruning).
+    pub fn tt_layers_mut(&mut self) -> Vec<(String, &mut dyn TtLayer)> {
+        let mut v: Vec<(String, &mut dyn TtLayer)> = Vec::new();
+        if let Some(t) = self.embeddings.word.tt_mut() {
+            v.push((WORD_EMBEDDINGS.to_string(), t));
+        }
+        for (i, b) in self.layers.iter_mut().enumerate() {
+            for (n, l) in b.linears_mut() {
+                if let Some(t) = l.as_mut().tt_mut() {
+                    v.push((format!("encoder.layer.{i}.{n}"), t));
+                }
+            }
+        }
+        v
     }
 
     /// The additive attention mask `(B, 1, 1, T)` (f32: 0 for real tokens, a large negative
