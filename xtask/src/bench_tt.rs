@@ -42,14 +42,17 @@
 //! Part 3, the whole model (`--parts model`): `frugal train` with `model.kind = "encoder"`,
 //! `model.size = "encoder-6"`, masked-LM, AdamW, batch `--batch`, `--seq-len`, f32 on the CPU,
 //! `--model-warmup + --model-steps` steps (eval only at the end, one batch), dense against
-//! `model.linear = {kind = "tt", rank = --rank, order = 3}`, each its own process, into
+//! `model.linear = {kind = "tt", rank = --rank, order = 3}` and (`--model-embedding tt`, the
+//! default; `dense` keeps it dense) `model.embedding = {kind = "tt"}` (a TT-matrix word table,
+//! rank 32, order 4), both with activation checkpointing when `--model-checkpointing on`
+//! (default off), each its own process, into
 //! `target/bench/tt/model-{dense,tt}`. Step time is the mean `step_time_s` of `metrics.jsonl`
 //! after the warm-up steps; peak memory is `memory.json`'s `steps_peak_above_baseline_bytes`
 //! (the peak when the last training step ended; else the whole run's
 //! `peak_above_baseline_bytes`); parameters are counted from `memory.json`'s per-tensor list:
 //! the blocks' linear weights (TT cores or dense matrices; biases and rank variables apart) and
 //! the whole model. Goals: peak at most 0.65x dense's; 45x fewer parameters in the compressed
-//! part (the blocks' linear weights: embeddings are dense here).
+//! part (the blocks' linear weights).
 //!
 //! Parts 2 and 3 always run `dense` and `tt` (`--configs` selects part 1's configurations).
 //! Every part runs by default.
@@ -59,7 +62,7 @@
 //!                          --layers 768x768,768x3072,3072x768 --configs dense,tt,same-order,...
 //!                          --steps 10 --warmup 2 --slow-steps 3 --threads 2 --tokens 4096
 //!                          --rank 30 --rounds 1 --batch 32 --seq-len 128 --model-steps 3
-//!                          --model-warmup 1]
+//!                          --model-warmup 1 --model-embedding tt --model-checkpointing off]
 //! ```
 
 use crate::report::{
@@ -281,6 +284,10 @@ struct Options {
     model_steps: u64,
     /// Untimed training steps before them.
     model_warmup: u64,
+    /// The TT model's word table is a TT-matrix too (`--model-embedding tt`, the default).
+    tt_table: bool,
+    /// Both models train with activation checkpointing (`--model-checkpointing on`).
+    checkpointing: bool,
 }
 
 /// What a child measured.
@@ -387,7 +394,8 @@ const USAGE: &str = "usage: cargo xtask bench tt [-- --parts layers,encoder-laye
                      768x768,768x3072,3072x768 --configs dense,tt,same-order,tltorch,\
                      tltorch-torch-einsum,tltorch-no-opt-einsum,torch-dense --steps N --warmup N \
                      --slow-steps N --threads N --tokens N --rank N --rounds N --batch N --seq-len N \
-                     --model-steps N --model-warmup N] (parts: layers, encoder-layer, model)";
+                     --model-steps N --model-warmup N --model-embedding tt|dense --model-checkpointing \
+                     on|off] (parts: layers, encoder-layer, model)";
 
 /// Runs the benchmark.
 pub fn run(env: &TorchEnv, args: &[String]) -> Result<()> {
@@ -565,6 +573,8 @@ fn parse_args(args: &[String]) -> Result<Options> {
         seq_len: 128,
         model_steps: 3,
         model_warmup: 1,
+        tt_table: true,
+        checkpointing: false,
     };
     let bad = |m: String| Failure::new(format!("bench tt: {m}; {USAGE}"));
     let mut it = args.iter();
@@ -588,6 +598,8 @@ fn parse_args(args: &[String]) -> Result<Options> {
             "--seq-len",
             "--model-steps",
             "--model-warmup",
+            "--model-embedding",
+            "--model-checkpointing",
         ];
         if !known.contains(&name) {
             return Err(bad(format!("unknown argument '{a}'")));
@@ -648,6 +660,28 @@ fn parse_args(args: &[String]) -> Result<Options> {
             "--seq-len" => opts.seq_len = whole(&value)?,
             "--model-steps" => opts.model_steps = whole(&value)?,
             "--model-warmup" => opts.model_warmup = whole(&value)?,
+            "--model-checkpointing" => {
+                opts.checkpointing = match value.as_str() {
+                    "on" => true,
+                    "off" => false,
+                    v => {
+                        return Err(bad(format!(
+                            "--model-checkpointing wants on or off, got '{v}'"
+                        )))
+                    }
+                }
+            }
+            "--model-embedding" => {
+                opts.tt_table = match value.as_str() {
+                    "tt" => true,
+                    "dense" => false,
+                    v => {
+                        return Err(bad(format!(
+                            "--model-embedding wants tt or dense, got '{v}'"
+                        )))
+                    }
+                }
+            }
             _ => opts.rank = whole(&value)?,
         }
     }
@@ -1293,11 +1327,15 @@ fn model_sets(opts: &Options, config: Config) -> Vec<String> {
         "train.save_every=0".into(),
         "train.lr=0.0001".into(),
         "optim.name=\"adamw\"".into(),
+        format!("train.checkpointing={}", opts.checkpointing),
     ];
     if config == Config::Tt {
         s.push("model.linear.kind=\"tt\"".into());
         s.push(format!("model.linear.rank={}", opts.rank));
         s.push(format!("model.linear.order={ORDER}"));
+        if opts.tt_table {
+            s.push("model.embedding.kind=\"tt\"".into());
+        }
     }
     s
 }
@@ -1530,14 +1568,16 @@ fn big_table(
                 "Whole model (encoder-6: {BLOCKS} blocks, d {D}, {HEADS} heads, ffn {FFN}; \
                  vocabulary {vocab}, the default corpus tokenizer's 4096 + specials, not \
                  BERT's 30522), full training step (masked-LM loss, backward, AdamW step) with \
-                 `frugal train`, batch {} x {} tokens, f32, CPU: {} x {}, {} threads, mean of \
-                 {} steps after {} warm-up, one process per configuration, {date}\n\n\
+                 `frugal train`, batch {} x {} tokens, f32, activation checkpointing {}, CPU: {} \
+                 x {}, {} threads, mean of {} steps after {} warm-up, one process per \
+                 configuration, {date}\n\n\
                  | configuration | block linear weights | compression | all parameters | \
                  compression | rank variables | step (s) | peak RSS above baseline (MiB) | \
                  step / dense | peak above baseline / dense |\n\
                  |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
                 opts.batch,
                 opts.seq_len,
+                if opts.checkpointing { "on" } else { "off" },
                 machine.nproc,
                 machine.model,
                 opts.threads,
@@ -1549,6 +1589,9 @@ fn big_table(
     let mut notes = Vec::new();
     for r in &rows {
         let mut name = match r.config {
+            Config::Tt if part == Part::Model && opts.tt_table => {
+                format!("TT rank {}, TT word table (rank 32, order 4)", opts.rank)
+            }
             Config::Tt => format!("TT rank {}", opts.rank),
             _ => "dense".into(),
         };

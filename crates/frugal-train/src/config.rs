@@ -691,10 +691,9 @@ impl Config {
                         "an encoder learns \"mlm\" or \"classification\", not \"lm\"",
                     ));
                 }
-                // Block-by-block passes exist for the llama decoder only.
+                // Per-layer updates and the chunked head exist for the llama decoder only.
                 let refused = [
                     ("optim.layerwise", self.optim.layerwise),
-                    ("train.checkpointing", t.checkpointing),
                     ("train.ce_chunk", t.ce_chunk > 0),
                 ];
                 for (key, on) in refused {

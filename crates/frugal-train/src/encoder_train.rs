@@ -15,10 +15,12 @@
 //!   dropped, pooler and classifier start fresh).
 //!
 //! The loop has the llama loop's schedule, gradient accumulation, clipping, evaluation,
-//! `metrics.jsonl`, `loss.png`, checkpoints, exact resume, Ctrl-C and `memory.json`. Per-layer
-//! updates, activation checkpointing and the chunked cross-entropy are llama-only (refused by
-//! the config). The run folder also holds `config.json` (the shape, Hugging Face `BertConfig`
-//! names) and, for classification, `labels.json` (labels by class id).
+//! `metrics.jsonl`, `loss.png`, checkpoints, exact resume, Ctrl-C and `memory.json`, and
+//! activation checkpointing (`train.checkpointing`: the blocks keep only their inputs and are
+//! recomputed in the backward pass, [`frugal_models::encoder::Checkpointed`]). Per-layer updates
+//! and the chunked cross-entropy are llama-only (refused by the config). The run folder also
+//! holds `config.json` (the shape, Hugging Face `BertConfig` names) and, for classification,
+//! `labels.json` (labels by class id).
 //!
 //! With TT linear layers and `tt.rank_adapt`, the loop runs CoMERA's two-stage rank adaptation
 //! through [`crate::comera`] (loss term per micro-batch, the rank variables' step and physical
@@ -395,27 +397,32 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
         let scale = 1.0 / t.grad_accum as f64;
         for k in 0..t.grad_accum {
             let idx = sampler.next_indices(t.batch_size);
-            let loss = match (&m.net, &data) {
+            // With activation checkpointing the blocks keep only their inputs; their backward
+            // pass runs after the head's (below).
+            let hidden = |ids: &Tensor, types: Option<&Tensor>, mask: Option<&Tensor>| {
+                let enc = m.encoder();
+                if t.checkpointing {
+                    let ck = enc.forward_checkpointed(ids, types, mask);
+                    (ck.hidden().shallow_clone(), Some(ck))
+                } else {
+                    (enc.forward(ids, types, mask), None)
+                }
+            };
+            let (loss, ck) = match (&m.net, &data) {
                 (Net::Mlm(mlm), Data::Mlm { train, .. }) => {
                     let (x, _) = train.batch(&idx);
                     tokens += x.numel() as u64;
                     let seed = train_mask_seed(t.seed, step, k);
                     let (ids, labels) = mlm_inputs(&x, &toks, vocab, t.mlm_probability, seed)?;
-                    mlm.mlm_loss(
-                        &ids.to_device(device),
-                        None,
-                        None,
-                        &labels.to_device(device),
-                    )
+                    let (h, ck) = hidden(&ids.to_device(device), None, None);
+                    (mlm.loss_of_hidden(&h, &labels.to_device(device)), ck)
                 }
                 (Net::Cls(c), Data::Cls { train, .. }) => {
                     let b = train.batch(&idx);
                     tokens += b.tokens;
-                    let logits = c.classify_logits(
-                        &b.ids.to_device(device),
-                        Some(&b.types.to_device(device)),
-                        Some(&b.mask.to_device(device)),
-                    );
+                    let (types, mask) = (b.types.to_device(device), b.mask.to_device(device));
+                    let (h, ck) = hidden(&b.ids.to_device(device), Some(&types), Some(&mask));
+                    let logits = c.head(&h);
                     let labels = b.labels.to_device(device);
                     correct += tch::no_grad(|| {
                         logits
@@ -425,13 +432,14 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
                             .int64_value(&[])
                     });
                     seen += idx.len() as i64;
-                    logits.cross_entropy_loss::<Tensor>(
+                    let loss = logits.cross_entropy_loss::<Tensor>(
                         &labels,
                         None,
                         Reduction::Mean,
                         IGNORE_INDEX,
                         0.0,
-                    )
+                    );
+                    (loss, ck)
                 }
                 _ => unreachable!("model and data of one objective"),
             };
@@ -443,7 +451,12 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
                 None => Some(loss),
             };
             match term {
-                Some(l) => (l * scale).backward(),
+                Some(l) => {
+                    (l * scale).backward();
+                    if let Some(ck) = ck {
+                        ck.backward(m.encoder());
+                    }
+                }
                 None => break,
             }
         }

@@ -431,6 +431,31 @@ impl Encoder {
             .view([b, 1, 1, t])
     }
 
+    /// [`Encoder::forward`] for activation checkpointing: the embeddings keep their graph, the
+    /// blocks run without one, keeping only their inputs (see [`Checkpointed`]).
+    pub fn forward_checkpointed(
+        &self,
+        ids: &Tensor,
+        token_types: Option<&Tensor>,
+        attention_mask: Option<&Tensor>,
+    ) -> Checkpointed {
+        let mask = attention_mask.map(Self::attention_bias);
+        let embedded = self.embeddings.forward(ids, token_types);
+        let mut inputs = Vec::with_capacity(self.layers.len());
+        let mut x = embedded.detach();
+        for layer in &self.layers {
+            let input = x.detach().set_requires_grad(true);
+            x = tch::no_grad(|| layer.forward(&input, mask.as_ref()));
+            inputs.push(input);
+        }
+        Checkpointed {
+            embedded,
+            inputs,
+            hidden: x.detach().set_requires_grad(true),
+            mask,
+        }
+    }
+
     /// Hidden states `(B, T, d)`, f32, of token ids `(B, T)`; token types default to zero and
     /// the attention mask (1 at real tokens, 0 at padding) to all ones.
     pub fn forward(
@@ -445,6 +470,42 @@ impl Encoder {
             x = layer.forward(&x, mask.as_ref());
         }
         x
+    }
+}
+
+/// A forward pass that kept only each block's input ([`Encoder::forward_checkpointed`]): the
+/// head's loss is computed from [`Checkpointed::hidden`] (a leaf that takes a gradient); after
+/// its `backward()`, [`Checkpointed::backward`] recomputes each block, last to first, and
+/// carries the gradient through it to the embeddings, leaving in every parameter's `.grad` what
+/// the plain backward pass would.
+#[derive(Debug)]
+pub struct Checkpointed {
+    embedded: Tensor,
+    inputs: Vec<Tensor>,
+    hidden: Tensor,
+    mask: Option<Tensor>,
+}
+
+impl Checkpointed {
+    /// The last block's output `(B, T, d)`, f32, detached, taking a gradient.
+    pub fn hidden(&self) -> &Tensor {
+        &self.hidden
+    }
+
+    /// After the head's backward pass (which set `hidden`'s gradient): the blocks' and the
+    /// embeddings' backward, one block's activations alive at a time. Does nothing when the
+    /// head's pass did not reach `hidden`.
+    pub fn backward(self, encoder: &Encoder) {
+        let mut upstream = self.hidden.grad();
+        if !upstream.defined() {
+            return;
+        }
+        for (layer, input) in encoder.layers.iter().zip(&self.inputs).rev() {
+            let out = layer.forward(input, self.mask.as_ref());
+            (&out * &upstream).sum(Kind::Float).backward();
+            upstream = input.grad();
+        }
+        (&self.embedded * &upstream).sum(Kind::Float).backward();
     }
 }
 
