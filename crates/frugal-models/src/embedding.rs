@@ -1,6 +1,7 @@
 //! The word-embedding factory: a dense table or a tensor-train one (CoMERA's TT-matrix
 //! embedding, `frugal_tt::TtEmbedding`), from the config's `model.embedding`.
 
+use crate::linear::check_tt_options;
 use frugal_core::{Error, Result};
 use frugal_tt::{balanced_modes, pad_to_modes, TtEmbedding};
 use serde::{Deserialize, Serialize};
@@ -47,30 +48,12 @@ impl EmbeddingKind {
     /// Checks a TT table's rank (at least 1), order (at least 2) and eps (finite, in [0, 1));
     /// errors name the key (`model.embedding.rank`...).
     pub fn validate(&self) -> Result<()> {
-        if let EmbeddingKind::Tt { rank, order, eps } = self {
-            let bad = |key: &str, reason: String| Error::Config {
-                key: format!("model.embedding.{key}"),
-                reason,
-            };
-            if *rank < 1 {
-                return Err(bad("rank", format!("{rank}: a TT rank must be at least 1")));
+        match self {
+            EmbeddingKind::Tt { rank, order, eps } => {
+                check_tt_options("model.embedding", *rank, *order, *eps, "of each side")
             }
-            if *order < 2 {
-                return Err(bad(
-                    "order",
-                    format!("{order}: a TT embedding needs at least 2 modes"),
-                ));
-            }
-            if let Some(e) = eps {
-                if !(e.is_finite() && (0.0..1.0).contains(e)) {
-                    return Err(bad(
-                        "eps",
-                        format!("{e}: the relative accuracy must be in [0, 1)"),
-                    ));
-                }
-            }
+            EmbeddingKind::Dense => Ok(()),
         }
-        Ok(())
     }
 }
 

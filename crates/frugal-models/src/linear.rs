@@ -98,30 +98,44 @@ impl LinearKind {
     pub fn validate(&self) -> Result<()> {
         self.quant_format()?;
         if let LinearKind::Tt { rank, order, eps } = self {
-            let bad = |key: &str, reason: String| Error::Config {
-                key: format!("model.linear.{key}"),
-                reason,
-            };
-            if *rank < 1 {
-                return Err(bad("rank", format!("{rank}: a TT rank must be at least 1")));
-            }
-            if *order < 2 {
-                return Err(bad(
-                    "order",
-                    format!("{order}: a TT layer needs at least 2 modes per side"),
-                ));
-            }
-            if let Some(e) = eps {
-                if !(e.is_finite() && (0.0..1.0).contains(e)) {
-                    return Err(bad(
-                        "eps",
-                        format!("{e}: the relative accuracy must be in [0, 1)"),
-                    ));
-                }
-            }
+            check_tt_options("model.linear", *rank, *order, *eps, "per side")?;
         }
         Ok(())
     }
+}
+
+/// Checks TT options under config table `table` (`model.linear`, `model.embedding`): `rank` at
+/// least 1, `order` at least 2 (the error says "modes {per}"), `eps` finite in [0, 1); errors
+/// name the key (`model.linear.rank`...).
+pub(crate) fn check_tt_options(
+    table: &str,
+    rank: i64,
+    order: usize,
+    eps: Option<f64>,
+    per: &str,
+) -> Result<()> {
+    let bad = |key: &str, reason: String| Error::Config {
+        key: format!("{table}.{key}"),
+        reason,
+    };
+    if rank < 1 {
+        return Err(bad("rank", format!("{rank}: a TT rank must be at least 1")));
+    }
+    if order < 2 {
+        return Err(bad(
+            "order",
+            format!("{order}: a tensor train needs at least 2 modes {per}"),
+        ));
+    }
+    if let Some(e) = eps {
+        if !(e.is_finite() && (0.0..1.0).contains(&e)) {
+            return Err(bad(
+                "eps",
+                format!("{e}: the relative accuracy must be in [0, 1)"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The TT modes of a `in_dim -> out_dim` layer at `order` modes per side, as

@@ -144,7 +144,10 @@ impl TtInfo {
             Ok(())
         } else {
             Err(Error::Msg(format!(
-                "{what}: TT description with input modes {:?}, output modes {:?}, ranks {:?}{}                  is inconsistent (at least 2 modes per side, one rank more than the cores, end                  ranks 1; a table has as many vocabulary as dimension modes and a vocabulary                  that fits them)",
+                "{what}: TT description with input modes {:?}, output modes {:?}, ranks {:?}{} \
+                 is inconsistent (at least 2 modes per side, one rank more than the cores, end \
+                 ranks 1; a table has as many vocabulary as dimension modes and a vocabulary \
+                 that fits them)",
                 self.in_modes,
                 self.out_modes,
                 self.ranks,
@@ -503,13 +506,16 @@ fn tt_source(
         eps,
         Kind::Float,
     )
-    .map_err(|e| {
-        Error::Msg(format!(
-            "{}: converting dense '{name}.weight' to TT cores: {e}",
-            path.display()
-        ))
-    })?;
+    .map_err(|e| conversion_error(path, name, e))?;
     Ok(TtSource::of(converted.ranked()))
+}
+
+/// The error of converting `path`'s dense `name.weight` to TT cores.
+fn conversion_error(path: &Path, name: &str, e: Error) -> Error {
+    Error::Msg(format!(
+        "{}: converting dense '{name}.weight' to TT cores: {e}",
+        path.display()
+    ))
 }
 
 /// The rank variables of the `cores.len()`-core layer `name` in `file`, ones when it has none.
@@ -715,12 +721,7 @@ fn tt_table_source(
         eps,
         Kind::Float,
     )
-    .map_err(|e| {
-        Error::Msg(format!(
-            "{}: converting dense '{name}.weight' to TT cores: {e}",
-            path.display()
-        ))
-    })?;
+    .map_err(|e| conversion_error(path, name, e))?;
     Ok(TtSource::of(converted.ranked()))
 }
 

@@ -132,7 +132,8 @@ impl Comera {
         if layers.is_empty() {
             return Err(Error::config(
                 "model.linear",
-                "tt.rank_adapt = true, but the model has no tensor-train layer (model.linear.kind = \"tt\" or model.embedding.kind = \"tt\")",
+                "tt.rank_adapt = true, but the model has no tensor-train layer \
+                 (model.linear.kind = \"tt\" or model.embedding.kind = \"tt\")",
             ));
         }
         let tt = &cfg.tt;

@@ -522,3 +522,60 @@ fn shipped_config_is_valid(name: &str) {
     let ratio = comera::dense_params(&layers) as f64 / comera::stored_params(&layers) as f64;
     assert!(ratio > 5.0, "compression at rank 30: {ratio}");
 }
+
+/// Guarantee: a classifier started from a pruned TT checkpoint (`load_pretrained`) takes the
+/// file's smaller ranks, for the TT linear layers and the TT word table, and the new cores are
+/// the model's trainable variables (what the optimizer steps and a checkpoint saves), with the
+/// masked model's encoder output unchanged.
+#[test]
+fn classifier_from_a_pruned_checkpoint_trains_the_pruned_cores() {
+    let cfg = tt_config();
+    let shape = EncoderConfig::new(60, 16, 2, 2, 32, 32);
+    let mut m = EncoderModel::new(&cfg, &shape, None, Device::Cpu).unwrap();
+    {
+        let (mut layers, vs) = parts(&mut m);
+        for (_, l) in layers.iter_mut() {
+            tch::no_grad(|| {
+                let _ = l.ranked().rank_vars()[0].narrow(0, 0, 1).fill_(0.0);
+            });
+            l.prune(vs).unwrap();
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("model.safetensors");
+    m.save(&file).unwrap();
+    let pruned_ranks: Vec<Vec<i64>> = m
+        .tt_layers()
+        .iter()
+        .map(|(_, l)| l.ranked().ranks())
+        .collect();
+    let ids = Tensor::randint(60, [2, 8], (Kind::Int64, Device::Cpu));
+    let want = tch::no_grad(|| m.encoder().forward(&ids, None, None));
+
+    let mut c = EncoderModel::new(&cfg, &shape, Some(3), Device::Cpu).unwrap();
+    c.load_pretrained(&file).unwrap();
+    let got: Vec<Vec<i64>> = c
+        .tt_layers()
+        .iter()
+        .map(|(_, l)| l.ranked().ranks())
+        .collect();
+    assert_eq!(got, pruned_ranks);
+    let out = tch::no_grad(|| c.encoder().forward(&ids, None, None));
+    assert!((out - want).abs().max().double_value(&[]) < 1e-6);
+    let vars = c.vs.variables();
+    let trainable: Vec<Tensor> = c.vs.trainable_variables();
+    for (name, layer) in c.tt_layers() {
+        let r = layer.ranked();
+        for (n, core) in r.core_names().iter().zip(r.cores()) {
+            let v = &vars[n];
+            assert_eq!(v.size(), core.size(), "{name}: {n}");
+            assert_eq!(v.data_ptr(), core.data_ptr(), "{n} is the layer's core");
+            assert!(
+                trainable.iter().any(|t| t.data_ptr() == core.data_ptr()),
+                "{n} is trainable"
+            );
+        }
+    }
+    // As many trainable variables as named ones (none stale, none missing).
+    assert_eq!(trainable.len(), vars.len());
+}

@@ -58,48 +58,6 @@ impl EncoderForMaskedLm {
         Ok(Self { encoder, head })
     }
 
-    /// The blocks' linear layers with their full names (`bert.encoder.layer.0.attention.self.query`).
-    pub fn linears(&self) -> Vec<(String, &dyn Linear)> {
-        prefixed("bert", self.encoder.linears())
-    }
-
-    /// [`EncoderForMaskedLm::linears`], mutable (to load or replace layers).
-    pub fn linears_mut(&mut self) -> Vec<(String, &mut Box<dyn Linear>)> {
-        prefixed("bert", self.encoder.linears_mut())
-    }
-
-    /// The word tables with their full names (`bert.embeddings.word_embeddings`).
-    pub fn tables(&self) -> Vec<(String, &WordEmbedding)> {
-        prefixed("bert", self.encoder.tables())
-    }
-
-    /// [`Self::tables`], mutable (to load them).
-    pub fn tables_mut(&mut self) -> Vec<(String, &mut WordEmbedding)> {
-        prefixed("bert", self.encoder.tables_mut())
-    }
-
-    /// The tensor-train layers (word table, blocks) with their full names.
-    pub fn tt_layers(&self) -> Vec<(String, &dyn TtLayer)> {
-        prefixed("bert", self.encoder.tt_layers())
-    }
-
-    /// [`Self::tt_layers`], mutable (threshold, pruning).
-    pub fn tt_layers_mut(&mut self) -> Vec<(String, &mut dyn TtLayer)> {
-        prefixed("bert", self.encoder.tt_layers_mut())
-    }
-
-    /// The linear layers and the word tables with their full names, mutable (to load both).
-    #[allow(clippy::type_complexity)]
-    pub fn weights_mut(
-        &mut self,
-    ) -> (
-        Vec<(String, &mut Box<dyn Linear>)>,
-        Vec<(String, &mut WordEmbedding)>,
-    ) {
-        let (l, t) = self.encoder.weights_mut();
-        (prefixed("bert", l), prefixed("bert", t))
-    }
-
     /// Vocabulary logits, f32 `(..., vocab)`, of hidden states `(..., d)`.
     pub fn head(&self, hidden: &Tensor) -> Tensor {
         let h = &self.head;
@@ -201,48 +159,6 @@ impl EncoderForClassification {
         self.num_labels
     }
 
-    /// The blocks' linear layers with their full names (`bert.encoder.layer.0.output.dense`).
-    pub fn linears(&self) -> Vec<(String, &dyn Linear)> {
-        prefixed("bert", self.encoder.linears())
-    }
-
-    /// [`EncoderForClassification::linears`], mutable.
-    pub fn linears_mut(&mut self) -> Vec<(String, &mut Box<dyn Linear>)> {
-        prefixed("bert", self.encoder.linears_mut())
-    }
-
-    /// The word tables with their full names (`bert.embeddings.word_embeddings`).
-    pub fn tables(&self) -> Vec<(String, &WordEmbedding)> {
-        prefixed("bert", self.encoder.tables())
-    }
-
-    /// [`Self::tables`], mutable (to load them).
-    pub fn tables_mut(&mut self) -> Vec<(String, &mut WordEmbedding)> {
-        prefixed("bert", self.encoder.tables_mut())
-    }
-
-    /// The tensor-train layers (word table, blocks) with their full names.
-    pub fn tt_layers(&self) -> Vec<(String, &dyn TtLayer)> {
-        prefixed("bert", self.encoder.tt_layers())
-    }
-
-    /// [`Self::tt_layers`], mutable (threshold, pruning).
-    pub fn tt_layers_mut(&mut self) -> Vec<(String, &mut dyn TtLayer)> {
-        prefixed("bert", self.encoder.tt_layers_mut())
-    }
-
-    /// The linear layers and the word tables with their full names, mutable (to load both).
-    #[allow(clippy::type_complexity)]
-    pub fn weights_mut(
-        &mut self,
-    ) -> (
-        Vec<(String, &mut Box<dyn Linear>)>,
-        Vec<(String, &mut WordEmbedding)>,
-    ) {
-        let (l, t) = self.encoder.weights_mut();
-        (prefixed("bert", l), prefixed("bert", t))
-    }
-
     /// Class logits `(B, num_labels)`, f32, of token ids `(B, T)` (the first token is the
     /// summary token, `[CLS]`).
     pub fn classify_logits(
@@ -286,3 +202,57 @@ impl EncoderForClassification {
         }
     }
 }
+
+/// The named parts of a head's encoder (`bert.*`), the same for both heads.
+macro_rules! encoder_parts {
+    ($head:ty) => {
+        impl $head {
+            /// The blocks' linear layers with their full names
+            /// (`bert.encoder.layer.0.attention.self.query`).
+            pub fn linears(&self) -> Vec<(String, &dyn Linear)> {
+                prefixed("bert", self.encoder.linears())
+            }
+
+            /// The linear layers, mutable (to load or replace layers).
+            pub fn linears_mut(&mut self) -> Vec<(String, &mut Box<dyn Linear>)> {
+                prefixed("bert", self.encoder.linears_mut())
+            }
+
+            /// The word tables with their full names (`bert.embeddings.word_embeddings`).
+            pub fn tables(&self) -> Vec<(String, &WordEmbedding)> {
+                prefixed("bert", self.encoder.tables())
+            }
+
+            /// The word tables, mutable (to load them).
+            pub fn tables_mut(&mut self) -> Vec<(String, &mut WordEmbedding)> {
+                prefixed("bert", self.encoder.tables_mut())
+            }
+
+            /// The tensor-train layers (word table, blocks) with their full names.
+            pub fn tt_layers(&self) -> Vec<(String, &dyn TtLayer)> {
+                prefixed("bert", self.encoder.tt_layers())
+            }
+
+            /// The tensor-train layers, mutable (threshold, pruning).
+            pub fn tt_layers_mut(&mut self) -> Vec<(String, &mut dyn TtLayer)> {
+                prefixed("bert", self.encoder.tt_layers_mut())
+            }
+
+            /// The linear layers and the word tables with their full names, mutable (to load
+            /// both).
+            #[allow(clippy::type_complexity)]
+            pub fn weights_mut(
+                &mut self,
+            ) -> (
+                Vec<(String, &mut Box<dyn Linear>)>,
+                Vec<(String, &mut WordEmbedding)>,
+            ) {
+                let (l, t) = self.encoder.weights_mut();
+                (prefixed("bert", l), prefixed("bert", t))
+            }
+        }
+    };
+}
+
+encoder_parts!(EncoderForMaskedLm);
+encoder_parts!(EncoderForClassification);

@@ -293,6 +293,19 @@ pub struct Encoder {
     compute: Kind,
 }
 
+/// The linear layers of `blocks`, mutable, named relative to the encoder's path
+/// (`encoder.layer.3.intermediate.dense`).
+fn blocks_linears_mut(blocks: &mut [EncoderLayer]) -> Vec<(String, &mut Box<dyn Linear>)> {
+    blocks
+        .iter_mut()
+        .enumerate()
+        .flat_map(|(i, b)| {
+            b.linears_mut()
+                .map(|(n, l)| (format!("encoder.layer.{i}.{n}"), l))
+        })
+        .collect()
+}
+
 /// The word table's name relative to the encoder's path.
 pub const WORD_EMBEDDINGS: &str = "embeddings.word_embeddings";
 
@@ -346,14 +359,7 @@ impl Encoder {
 
     /// [`Encoder::linears`], mutable.
     pub fn linears_mut(&mut self) -> Vec<(String, &mut Box<dyn Linear>)> {
-        self.layers
-            .iter_mut()
-            .enumerate()
-            .flat_map(|(i, b)| {
-                b.linears_mut()
-                    .map(|(n, l)| (format!("encoder.layer.{i}.{n}"), l))
-            })
-            .collect()
+        blocks_linears_mut(&mut self.layers)
     }
 
     /// The word tables with their names relative to the encoder's path
@@ -376,15 +382,7 @@ impl Encoder {
         Vec<(String, &mut WordEmbedding)>,
     ) {
         let tables = vec![(WORD_EMBEDDINGS.to_string(), &mut self.embeddings.word)];
-        let linears = self
-            .layers
-            .iter_mut()
-            .enumerate()
-            .flat_map(|(i, b)| {
-                b.linears_mut()
-                    .map(|(n, l)| (format!("encoder.layer.{i}.{n}"), l))
-            })
-            .collect();
+        let linears = blocks_linears_mut(&mut self.layers);
         (linears, tables)
     }
 
@@ -409,11 +407,9 @@ impl Encoder {
         if let Some(t) = self.embeddings.word.tt_mut() {
             v.push((WORD_EMBEDDINGS.to_string(), t));
         }
-        for (i, b) in self.layers.iter_mut().enumerate() {
-            for (n, l) in b.linears_mut() {
-                if let Some(t) = l.as_mut().tt_mut() {
-                    v.push((format!("encoder.layer.{i}.{n}"), t));
-                }
+        for (n, l) in blocks_linears_mut(&mut self.layers) {
+            if let Some(t) = l.as_mut().tt_mut() {
+                v.push((n, t));
             }
         }
         v
