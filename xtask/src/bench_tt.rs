@@ -1651,14 +1651,19 @@ fn big_table(
             .iter()
             .find_map(|r| r.measured.as_ref().map(|m| m.peak_source.clone()))
         {
+            let tables = if opts.tt_table {
+                "the TT model's word table is a TT-matrix (cores, rank variables apart), its \
+                 position and token-type tables dense"
+            } else {
+                "the embeddings stay dense (REFERENCE.md's 45x counts a TT embedding too, so the \
+                 whole-model ratio is lower)"
+            };
             s.push_str(&format!(
                 "Peak: memory.json's `{src}` (baseline: after libtorch started and the data was \
                  loaded, before the model was built). Block linear weights: the six projections \
                  of every block (TT cores, or dense matrices; biases and rank variables apart); \
-                 all parameters: embeddings (dense), blocks, masked-LM head (its transform is \
-                 dense; the decoder is tied to the word embeddings). REFERENCE.md's 45x counts a \
-                 TT embedding too; here the embeddings stay dense, so the whole-model ratio is \
-                 lower.\n\n"
+                 all parameters: embeddings, blocks, masked-LM head (its transform is dense; the \
+                 decoder is tied to the word embeddings); {tables}.\n\n"
             ));
         }
     }
@@ -2077,9 +2082,24 @@ mod tests {
         let t = big_table(md, &o, &rows, &g, &machine, "D");
         assert!(t.contains("vocabulary 4099"), "{t}");
         assert!(
-            t.contains("| TT rank 30 | 838272 | 50.7x | 4400000 | 10.5x | 0 | 5.00 | 1200 | 0.42x | 0.60x |"),
+            t.contains(
+                "| TT rank 30, TT word table (rank 32, order 4) | 838272 | 50.7x | 4400000 | \
+                 10.5x | 0 | 5.00 | 1200 | 0.42x | 0.60x |"
+            ),
             "{t}"
         );
+        assert!(
+            t.contains("activation checkpointing off") && t.contains("TT-matrix"),
+            "{t}"
+        );
+        let dense_table = args(&["--model-embedding", "dense", "--model-checkpointing", "on"])
+            .ok()
+            .unwrap();
+        let t2 = big_table(md, &dense_table, &rows, &g, &machine, "D");
+        assert!(t2.contains("| TT rank 30 | 838272 |"), "{t2}");
+        assert!(t2.contains("activation checkpointing on"), "{t2}");
+        assert!(t2.contains("the embeddings stay dense"), "{t2}");
+        assert!(args(&["--model-embedding", "cp"]).is_err());
         assert!(t.contains("0.60x (goal <= 0.65x): met"), "{t}");
         assert!(t.contains("50.66x (goal >= 45.00x): met"), "{t}");
         assert!(t.contains("all parameters dense / TT: 10.45x"), "{t}");
@@ -2089,7 +2109,8 @@ mod tests {
         assert_eq!(g[1].1.met(), None);
         let t = big_table(md, &o, &rows, &g, &machine, "D");
         assert!(
-            t.contains("| TT rank 30 [1] | - |") && t.contains("[1] tt failed: boom"),
+            t.contains("| TT rank 30, TT word table (rank 32, order 4) [1] | - |")
+                && t.contains("[1] tt failed: boom"),
             "{t}"
         );
         assert!(t.contains("(goal <= 0.65x): not measured"), "{t}");

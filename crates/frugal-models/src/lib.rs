@@ -8,7 +8,8 @@
 //! frozen quantized ones (`LinearKind::Quantized`: int8, int4, NF4, FP4, ternary from
 //! `frugal-quant`), and tensor-train layers (`LinearKind::Tt`, `frugal_tt::TtLinear`), which
 //! [`weights::load_model`] fills from a dense checkpoint (quantizing it or decomposing it by
-//! TT-SVD) or from one in their own form (as stored, at the file's ranks).
+//! TT-SVD) or from one in their own form (as stored, at the file's ranks). The encoder's word
+//! table is dense or a TT-matrix ([`EmbeddingKind`], [`embedding::WordEmbedding`]).
 //!
 //! ```no_run
 //! use frugal_models::{llama::{Llama, LlamaConfig}, LinearKind};
