@@ -25,7 +25,9 @@ pub enum ProjType {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum SvdMethod {
-    /// `torch.linalg.svd(G.float(), full_matrices=False)`, as galore-torch does.
+    /// `torch.linalg.svd(G.float(), full_matrices=False)`, as galore-torch does, with one fixed
+    /// sign per singular pair (the largest entry of each left singular vector non-negative), so
+    /// that a run trains the same on any CPU.
     #[default]
     Exact,
     /// Randomized SVD (Halko, Martinsson and Tropp 2011): a Gaussian sketch of

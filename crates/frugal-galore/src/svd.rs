@@ -12,7 +12,8 @@ pub(crate) struct Truncated {
     pub(crate) vh: Tensor,
 }
 
-/// torch's `linalg.svd(a, full_matrices=False)`, truncated to `rank` (`a` is 2-D).
+/// torch's `linalg.svd(a, full_matrices=False)`, truncated to `rank` (`a` is 2-D), signs made
+/// [`canonical`].
 ///
 /// Goes through `torch.svd(some=True)`, which calls `linalg_svd` and returns V = Vhᴴ: tch binds
 /// `linalg_svd`'s optional `driver` as a plain string, and any string, even empty, is refused
@@ -20,9 +21,25 @@ pub(crate) struct Truncated {
 pub(crate) fn exact(a: &Tensor, rank: i64) -> Result<Truncated> {
     let (u, _s, v) = a.f_svd(true, true)?;
     let k = rank.min(u.size()[1]);
-    Ok(Truncated {
+    canonical(Truncated {
         u: u.f_narrow(1, 0, k)?,
         vh: v.f_narrow(1, 0, k)?.f_transpose(0, 1)?,
+    })
+}
+
+/// Fixes the sign of every singular pair: the entry of largest magnitude in each column of `u`
+/// is made non-negative, and the matching row of `vh` flips with it. LAPACK's signs differ
+/// between CPUs and libraries (the same libtorch picked other signs on AMD and Intel machines),
+/// and GaLore's moments carry over a basis refresh, so without a fixed sign the same run would
+/// train differently on different machines. `gen_galore.py` applies the same rule to
+/// galore-torch's SVD for the fixtures.
+pub(crate) fn canonical(t: Truncated) -> Result<Truncated> {
+    let idx = t.u.f_abs()?.f_argmax(0, true)?;
+    let picked = t.u.f_gather(0, &idx, false)?;
+    let sign = picked.f_ge(0.0)?.f_to_kind(t.u.kind())? * 2.0 - 1.0;
+    Ok(Truncated {
+        vh: t.vh.f_mul(&sign.f_transpose(0, 1)?)?,
+        u: t.u.f_mul(&sign)?,
     })
 }
 
@@ -105,7 +122,7 @@ pub(crate) fn randomized(
     }
     let b = q.f_transpose(0, 1)?.f_matmul(a)?;
     let small = exact(&b, rank)?;
-    Ok(Truncated {
+    canonical(Truncated {
         u: q.f_matmul(&small.u)?,
         vh: small.vh,
     })
@@ -143,6 +160,33 @@ fn first_line(e: &Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Canonical signs do not depend on the signs LAPACK returned: flipping any singular pair
+    /// gives the same basis, the product U Vh is kept, and each column's largest entry is
+    /// non-negative.
+    #[test]
+    fn canonical_signs_ignore_the_input_signs() {
+        tch::manual_seed(5);
+        let a = Tensor::randn([9, 6], (Kind::Float, Device::Cpu));
+        let t = exact(&a, 4).unwrap();
+        let flip = Tensor::from_slice(&[-1.0f32, 1.0, -1.0, -1.0]).view([1, 4]);
+        let flipped = canonical(Truncated {
+            u: &t.u * &flip,
+            vh: &t.vh * flip.transpose(0, 1),
+        })
+        .unwrap();
+        assert!(flipped.u.equal(&t.u) && flipped.vh.equal(&t.vh));
+        let big = t.u.abs().argmax(0, true);
+        assert!(t.u.gather(0, &big, false).ge(0.0).all().int64_value(&[]) == 1);
+        let raw = a.svd(true, true);
+        let k4 = |x: &Tensor| x.narrow(1, 0, 4);
+        let product = k4(&raw.0).matmul(&k4(&raw.2).transpose(0, 1));
+        let d = (t.u.matmul(&t.vh) - product).abs().max().double_value(&[]);
+        assert!(d < 1e-6, "{d}");
+        let r = randomized(&a, 4, 2, 2, 7).unwrap();
+        let big = r.u.abs().argmax(0, true);
+        assert!(r.u.gather(0, &big, false).ge(0.0).all().int64_value(&[]) == 1);
+    }
 
     #[test]
     fn sketches_are_standard_normal_and_reproducible() {

