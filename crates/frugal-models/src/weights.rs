@@ -90,14 +90,14 @@ impl TtInfo {
 
     /// The dense shape: `(out, in)`, or a table's `(vocab, dim)`.
     pub fn dense_shape(&self) -> Vec<i64> {
-        vec![
-            self.vocab
-                .unwrap_or_else(|| self.out_modes.iter().product()),
-            match self.vocab {
-                Some(_) => self.out_modes.iter().product(),
-                None => self.in_modes.iter().product(),
-            },
-        ]
+        let (rows, cols) = (
+            self.in_modes.iter().product(),
+            self.out_modes.iter().product(),
+        );
+        match self.vocab {
+            Some(vocab) => vec![vocab, cols],
+            None => vec![cols, rows],
+        }
     }
 
     /// The shape of core `k`: `(r_k, n_k, r_{k+1})`, or a table's `(r_k, m_k, n_k, r_{k+1})`.
@@ -304,11 +304,7 @@ pub fn adopt_variables(dst: &VarStore, src: VarStore) -> Result<()> {
         if same {
             continue;
         }
-        if let Some(old) = ours.named_variables.remove(name) {
-            let (ptr, size) = (old.data_ptr(), old.size());
-            ours.trainable_variables
-                .retain(|v| !(v.tensor.data_ptr() == ptr && v.tensor.size() == size));
-        }
+        forget_variable(&mut ours, name);
         ours.named_variables.insert(name.clone(), t.shallow_clone());
         if let Some(i) = trainable
             .iter()
@@ -463,7 +459,6 @@ fn tt_source(
     eps: Option<f64>,
     path: &Path,
 ) -> Result<TtSource> {
-    let has = |n: &str| names.binary_search_by(|x| x.as_str().cmp(n)).is_ok();
     let modes: Vec<i64> = layer
         .in_modes()
         .iter()
@@ -471,11 +466,8 @@ fn tt_source(
         .copied()
         .collect();
     let d = modes.len();
-    if has(&tt_core_name(name, 0)) {
-        let in_file = (0..).take_while(|&k| has(&tt_core_name(name, k))).count();
-        let cores = (0..in_file)
-            .map(|k| file.tensor(&tt_core_name(name, k), Device::Cpu))
-            .collect::<Result<Vec<_>>>()?;
+    if let Some(cores) = stored_cores(file, names, name)? {
+        let in_file = cores.len();
         let file_modes: Vec<i64> = cores
             .iter()
             .map(|c| if c.dim() == 3 { c.size()[1] } else { -1 })
@@ -508,6 +500,24 @@ fn tt_source(
     )
     .map_err(|e| conversion_error(path, name, e))?;
     Ok(TtSource::of(converted.ranked()))
+}
+
+/// The TT cores `name.cores.0`, `name.cores.1`, ... that `file` (whose sorted tensor names are
+/// `names`) holds, in order; None when it has no `name.cores.0`.
+fn stored_cores(
+    file: &SafetensorsFile,
+    names: &[String],
+    name: &str,
+) -> Result<Option<Vec<Tensor>>> {
+    let has = |n: &str| names.binary_search_by(|x| x.as_str().cmp(n)).is_ok();
+    if !has(&tt_core_name(name, 0)) {
+        return Ok(None);
+    }
+    (0..)
+        .take_while(|&k| has(&tt_core_name(name, k)))
+        .map(|k| file.tensor(&tt_core_name(name, k), Device::Cpu))
+        .collect::<Result<Vec<_>>>()
+        .map(Some)
 }
 
 /// The error of converting `path`'s dense `name.weight` to TT cores.
@@ -558,13 +568,13 @@ fn dense_source(
 }
 
 /// Copies `src` into `ranked`'s variables when the shapes are the same (returns true);
-/// otherwise removes `ranked`'s variables and `extra` from `vs` (returns false: the caller
-/// registers new ones, of the new shapes, under the same names).
+/// otherwise removes `ranked`'s variables and the variable named `extra` from `vs` (returns
+/// false: the caller registers new ones, of the new shapes, under the same names).
 fn copy_or_forget(
     vs: &VarStore,
     ranked: &RankedCores,
     src: &TtSource,
-    extra: Option<(String, Tensor)>,
+    extra: Option<String>,
 ) -> Result<bool> {
     let same = ranked.cores().len() == src.cores.len()
         && ranked.rank_vars().len() == src.rank_vars.len()
@@ -590,31 +600,33 @@ fn copy_or_forget(
         })?;
         return Ok(true);
     }
-    let old: Vec<(String, Tensor)> = ranked
-        .core_names()
-        .iter()
-        .cloned()
-        .zip(ranked.cores().iter().map(Tensor::shallow_clone))
-        .chain(
-            ranked
-                .rank_var_names()
-                .iter()
-                .cloned()
-                .zip(ranked.rank_vars().iter().map(Tensor::shallow_clone)),
-        )
-        .chain(extra)
-        .collect();
     let mut vars = vs
         .variables_
         .lock()
         .map_err(|_| Error::Msg("var store lock poisoned".into()))?;
-    for (n, t) in &old {
-        vars.named_variables.remove(n);
-        let (ptr, size) = (t.data_ptr(), t.size());
+    for name in ranked_names(ranked).chain(extra) {
+        forget_variable(&mut vars, &name);
+    }
+    Ok(false)
+}
+
+/// Removes variable `name` from `vars`: from its names and, by tensor, from its trainable
+/// variables. Nothing when there is no such name.
+fn forget_variable(vars: &mut tch::nn::Variables, name: &str) {
+    if let Some(old) = vars.named_variables.remove(name) {
+        let (ptr, size) = (old.data_ptr(), old.size());
         vars.trainable_variables
             .retain(|v| !(v.tensor.data_ptr() == ptr && v.tensor.size() == size));
     }
-    Ok(false)
+}
+
+/// The var-store names of `ranked`'s cores and rank variables.
+fn ranked_names(ranked: &RankedCores) -> impl Iterator<Item = String> + '_ {
+    ranked
+        .core_names()
+        .iter()
+        .chain(ranked.rank_var_names())
+        .cloned()
 }
 
 /// The var-store path of the dotted name `name`.
@@ -632,9 +644,7 @@ fn path_of<'a>(vs: &'a VarStore, name: &str) -> tch::nn::Path<'a> {
 /// come after the others among `vs`'s trainable variables).
 fn apply_tt(vs: &VarStore, name: &str, layer: &mut TtLinear, src: TtSource) -> Result<()> {
     let bias = layer.bias().map(|b| b.detach().copy());
-    let extra = layer
-        .bias()
-        .map(|b| (format!("{name}.bias"), b.shallow_clone()));
+    let extra = layer.bias().map(|_| format!("{name}.bias"));
     if copy_or_forget(vs, layer.ranked(), &src, extra)? {
         return Ok(());
     }
@@ -682,14 +692,10 @@ fn tt_table_source(
     eps: Option<f64>,
     path: &Path,
 ) -> Result<TtSource> {
-    let has = |n: &str| names.binary_search_by(|x| x.as_str().cmp(n)).is_ok();
     let (vm, dm) = (table.vocab_modes(), table.dim_modes());
     let d = vm.len();
-    if has(&tt_core_name(name, 0)) {
-        let in_file = (0..).take_while(|&k| has(&tt_core_name(name, k))).count();
-        let cores = (0..in_file)
-            .map(|k| file.tensor(&tt_core_name(name, k), Device::Cpu))
-            .collect::<Result<Vec<_>>>()?;
+    if let Some(cores) = stored_cores(file, names, name)? {
+        let in_file = cores.len();
         let file_modes: Vec<(i64, i64)> = cores
             .iter()
             .map(|c| match c.size()[..] {
@@ -761,17 +767,13 @@ pub fn load_model_with_tables(
         if let Some(t) = emb.tt() {
             let src = tt_table_source(&file, &names, name, t, emb.tt_eps(), path)?;
             table_sources.push((i, src));
-            let ranked = t.ranked();
-            tt_vars.extend(ranked.core_names().iter().cloned());
-            tt_vars.extend(ranked.rank_var_names().iter().cloned());
+            tt_vars.extend(ranked_names(t.ranked()));
         }
     }
     for (i, (name, layer)) in linears.iter().enumerate() {
         if let Some(t) = layer.tt() {
             tt_sources.push((i, tt_source(&file, &names, name, t, layer.tt_eps(), path)?));
-            let ranked = t.ranked();
-            tt_vars.extend(ranked.core_names().iter().cloned());
-            tt_vars.extend(ranked.rank_var_names().iter().cloned());
+            tt_vars.extend(ranked_names(t.ranked()));
             continue;
         }
         let Some(q) = layer.quantized() else {

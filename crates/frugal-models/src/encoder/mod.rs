@@ -370,7 +370,7 @@ impl Encoder {
 
     /// [`Encoder::tables`], mutable.
     pub fn tables_mut(&mut self) -> Vec<(String, &mut WordEmbedding)> {
-        vec![(WORD_EMBEDDINGS.to_string(), self.embeddings.word_mut())]
+        self.weights_mut().1
     }
 
     /// [`Encoder::linears_mut`] and [`Encoder::tables_mut`] at once (to load both).
@@ -389,30 +389,22 @@ impl Encoder {
     /// Every tensor-train layer (the word table when it is one, then the blocks' TT linear
     /// layers) with its name relative to the encoder's path: what rank adaptation trains.
     pub fn tt_layers(&self) -> Vec<(String, &dyn TtLayer)> {
-        let mut v: Vec<(String, &dyn TtLayer)> = Vec::new();
-        if let Some(t) = self.embeddings.word().tt() {
-            v.push((WORD_EMBEDDINGS.to_string(), t));
-        }
-        for (n, l) in self.linears() {
-            if let Some(t) = l.tt() {
-                v.push((n, t));
-            }
-        }
-        v
+        let tables = self.tables().into_iter();
+        let tables = tables.filter_map(|(n, t)| Some((n, t.tt()? as &dyn TtLayer)));
+        let linears = self.linears().into_iter();
+        let linears = linears.filter_map(|(n, l)| Some((n, l.tt()? as &dyn TtLayer)));
+        tables.chain(linears).collect()
     }
 
     /// [`Encoder::tt_layers`], mutable (threshold, pruning).
     pub fn tt_layers_mut(&mut self) -> Vec<(String, &mut dyn TtLayer)> {
-        let mut v: Vec<(String, &mut dyn TtLayer)> = Vec::new();
-        if let Some(t) = self.embeddings.word.tt_mut() {
-            v.push((WORD_EMBEDDINGS.to_string(), t));
-        }
-        for (n, l) in blocks_linears_mut(&mut self.layers) {
-            if let Some(t) = l.as_mut().tt_mut() {
-                v.push((n, t));
-            }
-        }
-        v
+        let (linears, tables) = self.weights_mut();
+        let tables = tables.into_iter();
+        let tables = tables.filter_map(|(n, t)| Some((n, t.tt_mut()? as &mut dyn TtLayer)));
+        let linears = linears.into_iter();
+        let linears =
+            linears.filter_map(|(n, l)| Some((n, l.as_mut().tt_mut()? as &mut dyn TtLayer)));
+        tables.chain(linears).collect()
     }
 
     /// The additive attention mask `(B, 1, 1, T)` (f32: 0 for real tokens, a large negative
