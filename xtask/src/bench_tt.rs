@@ -611,6 +611,12 @@ fn parse_args(args: &[String]) -> Result<Options> {
             v.parse::<u64>()
                 .map_err(|_| bad(format!("{name} wants a whole number, got '{v}'")))
         };
+        // One of two words: true for `yes`, false for `no`.
+        let either = |v: &str, yes: &str, no: &str| match v {
+            _ if v == yes => Ok(true),
+            _ if v == no => Ok(false),
+            _ => Err(bad(format!("{name} wants {yes} or {no}, got '{v}'"))),
+        };
         let items = || value.split(',').map(str::trim).filter(|s| !s.is_empty());
         match name {
             "--parts" => {
@@ -660,28 +666,8 @@ fn parse_args(args: &[String]) -> Result<Options> {
             "--seq-len" => opts.seq_len = whole(&value)?,
             "--model-steps" => opts.model_steps = whole(&value)?,
             "--model-warmup" => opts.model_warmup = whole(&value)?,
-            "--model-checkpointing" => {
-                opts.checkpointing = match value.as_str() {
-                    "on" => true,
-                    "off" => false,
-                    v => {
-                        return Err(bad(format!(
-                            "--model-checkpointing wants on or off, got '{v}'"
-                        )))
-                    }
-                }
-            }
-            "--model-embedding" => {
-                opts.tt_table = match value.as_str() {
-                    "tt" => true,
-                    "dense" => false,
-                    v => {
-                        return Err(bad(format!(
-                            "--model-embedding wants tt or dense, got '{v}'"
-                        )))
-                    }
-                }
-            }
+            "--model-checkpointing" => opts.checkpointing = either(&value, "on", "off")?,
+            "--model-embedding" => opts.tt_table = either(&value, "tt", "dense")?,
             _ => opts.rank = whole(&value)?,
         }
     }
