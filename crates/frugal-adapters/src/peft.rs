@@ -52,6 +52,12 @@ pub fn keys(layer: &str) -> [String; 3] {
 /// replacing the folder as a whole (written beside it, then renamed): an interrupted write
 /// leaves the previous adapter intact.
 pub fn write(dir: &Path, cfg: &LoraConfig, layers: &[(String, &Lora)]) -> Result<()> {
+    atomic::write_dir(dir, |tmp| write_into(tmp, cfg, layers))
+}
+
+/// [`write`] into an existing folder that holds other files too (a checkpoint): the two files
+/// are written beside them, each atomically.
+pub fn write_into(dir: &Path, cfg: &LoraConfig, layers: &[(String, &Lora)]) -> Result<()> {
     let mut tensors = Vec::new();
     for (name, lora) in layers {
         let [a, b, m] = keys(name);
@@ -63,10 +69,8 @@ pub fn write(dir: &Path, cfg: &LoraConfig, layers: &[(String, &Lora)]) -> Result
         }
     }
     let json = serde_json::to_string_pretty(&cfg.to_peft_json()).expect("plain JSON");
-    atomic::write_dir(dir, |tmp| {
-        safetensors_io::save(&tmp.join(WEIGHTS_FILE), &tensors, None)?;
-        atomic::write(&tmp.join(CONFIG_FILE), json.as_bytes())
-    })
+    safetensors_io::save(&dir.join(WEIGHTS_FILE), &tensors, None)?;
+    atomic::write(&dir.join(CONFIG_FILE), json.as_bytes())
 }
 
 /// Reads an adapter folder written by PEFT or by [`write`]. Errors name the folder and the

@@ -43,15 +43,23 @@ pub fn dtype_of(kind: Kind) -> Option<Dtype> {
     })
 }
 
-/// An open safetensors file, memory-mapped; tensors are read one at a time.
+/// An open safetensors file, memory-mapped; tensors are read one at a time. It may also be a
+/// sharded checkpoint opened through its index (`model.safetensors.index.json`): every shard
+/// is mapped, and each tensor is read from the shard the index's `weight_map` names.
 pub struct SafetensorsFile {
+    path: PathBuf,
+    shards: Vec<Shard>,
+    /// Tensor name -> shard, for a sharded checkpoint.
+    weight_map: Option<HashMap<String, usize>>,
+}
+
+struct Shard {
     path: PathBuf,
     mmap: memmap2::Mmap,
 }
 
-impl SafetensorsFile {
-    /// Opens and validates `path` (header, offsets, length: a truncated file is an error here).
-    pub fn open(path: &Path) -> Result<Self> {
+impl Shard {
+    fn open(path: &Path) -> Result<Self> {
         let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
         // SAFETY: the map is read-only; a file changed underneath us by another process is
         // outside what we promise (as for every reader of memory-mapped files).
@@ -70,29 +78,121 @@ impl SafetensorsFile {
             reason: e.to_string(),
         })
     }
+}
 
-    /// The file's path.
+/// The weights file of model folder `dir`: `model.safetensors`, or the index of a sharded
+/// checkpoint (`model.safetensors.index.json`); None when it has neither.
+pub fn model_weights(dir: &Path) -> Option<PathBuf> {
+    ["model.safetensors", "model.safetensors.index.json"]
+        .iter()
+        .map(|f| dir.join(f))
+        .find(|p| p.is_file())
+}
+
+impl SafetensorsFile {
+    /// Opens and validates `path` (header, offsets, length: a truncated file is an error here).
+    /// A path ending in `.index.json` opens a sharded checkpoint: the index's `weight_map`
+    /// names each tensor's shard (beside the index); every shard is opened and validated, and
+    /// a tensor the index places in a shard that lacks it is an error naming both.
+    pub fn open(path: &Path) -> Result<Self> {
+        if path.to_string_lossy().ends_with(".index.json") {
+            return Self::open_index(path);
+        }
+        Ok(Self {
+            path: path.to_path_buf(),
+            shards: vec![Shard::open(path)?],
+            weight_map: None,
+        })
+    }
+
+    fn open_index(path: &Path) -> Result<Self> {
+        let bad = |reason: String| Error::Safetensors {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| bad(format!("index is not JSON: {e}")))?;
+        let map = v
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| bad("index has no 'weight_map' object".into()))?;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let mut files: Vec<String> = Vec::new();
+        let mut weight_map = HashMap::new();
+        for (name, file) in map {
+            let file = file
+                .as_str()
+                .filter(|f| !f.contains('/') && !f.is_empty())
+                .ok_or_else(|| bad(format!("'{name}' maps to {file}, not a shard file name")))?;
+            let i = match files.iter().position(|f| f == file) {
+                Some(i) => i,
+                None => {
+                    files.push(file.to_string());
+                    files.len() - 1
+                }
+            };
+            weight_map.insert(name.clone(), i);
+        }
+        let shards = files
+            .iter()
+            .map(|f| Shard::open(&dir.join(f)))
+            .collect::<Result<Vec<_>>>()?;
+        for (name, &i) in &weight_map {
+            let st = shards[i].parse()?;
+            if st.tensor(name).is_err() {
+                return Err(bad(format!(
+                    "the index places '{name}' in {}, which does not hold it",
+                    files[i]
+                )));
+            }
+        }
+        Ok(Self {
+            path: path.to_path_buf(),
+            shards,
+            weight_map: Some(weight_map),
+        })
+    }
+
+    /// The file's path (the index, for a sharded checkpoint).
     pub fn path(&self) -> &Path {
         &self.path
     }
 
-    /// Tensor names, sorted.
+    /// Tensor names, sorted (all shards').
     pub fn names(&self) -> Vec<String> {
-        let st = self.parse().expect("validated on open");
-        let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
+        let mut names: Vec<String> = match &self.weight_map {
+            Some(map) => map.keys().cloned().collect(),
+            None => {
+                let st = self.shards[0].parse().expect("validated on open");
+                st.names().into_iter().map(str::to_string).collect()
+            }
+        };
         names.sort();
         names
     }
 
-    /// The file's `__metadata__` (empty when it has none).
+    /// The file's `__metadata__` (empty when it has none; the first shard's for a sharded
+    /// checkpoint).
     pub fn metadata(&self) -> HashMap<String, String> {
-        let (_, meta) = SafeTensors::read_metadata(&self.mmap).expect("validated on open");
+        let (_, meta) =
+            SafeTensors::read_metadata(&self.shards[0].mmap).expect("validated on open");
         meta.metadata().clone().unwrap_or_default()
+    }
+
+    fn shard(&self, name: &str) -> Result<&Shard> {
+        match &self.weight_map {
+            None => Ok(&self.shards[0]),
+            Some(map) => map
+                .get(name)
+                .map(|&i| &self.shards[i])
+                .ok_or_else(|| self.missing(name)),
+        }
     }
 
     /// Shape and dtype of tensor `name`, without reading it.
     pub fn info(&self, name: &str) -> Result<(Vec<i64>, Dtype)> {
-        let st = self.parse()?;
+        let st = self.shard(name)?.parse()?;
         let view = st.tensor(name).map_err(|_| self.missing(name))?;
         Ok((
             view.shape().iter().map(|&d| d as i64).collect(),
@@ -109,10 +209,11 @@ impl SafetensorsFile {
 
     /// Reads tensor `name` onto `device` (one copy out of the map).
     pub fn tensor(&self, name: &str, device: tch::Device) -> Result<Tensor> {
-        let st = self.parse()?;
+        let shard = self.shard(name)?;
+        let st = shard.parse()?;
         let view = st.tensor(name).map_err(|_| self.missing(name))?;
         let kind = kind_of(view.dtype()).ok_or_else(|| Error::Safetensors {
-            path: self.path.clone(),
+            path: shard.path.clone(),
             reason: format!(
                 "tensor '{name}' has dtype {:?}, which libtorch cannot hold",
                 view.dtype()

@@ -21,6 +21,7 @@
 //! # Ok::<(), frugal_core::Error>(())
 //! ```
 
+pub mod adapted;
 pub mod embedding;
 pub mod encoder;
 pub mod linear;

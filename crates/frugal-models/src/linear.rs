@@ -153,6 +153,28 @@ pub trait Linear: std::fmt::Debug + Send {
     /// Applies the layer; the result has the compute kind the layer was built with.
     fn forward(&self, x: &Tensor) -> Tensor;
 
+    /// `(out, in)`.
+    fn shape(&self) -> (i64, i64);
+
+    /// The dense weight `(out, in)`, for a dense layer (a variable of the model).
+    fn dense_weight(&self) -> Option<&Tensor> {
+        None
+    }
+
+    /// The layer's weight as a dense f32 tensor: a dense layer's, a quantized layer's
+    /// dequantized (on the CPU), a TT layer's reconstructed.
+    fn weight_f32(&self) -> Tensor;
+
+    /// The adapters on this layer, for an adapted layer.
+    fn adapted(&self) -> Option<&crate::adapted::Adapted> {
+        None
+    }
+
+    /// The adapters on this layer, to switch, merge or unmerge them.
+    fn adapted_mut(&mut self) -> Option<&mut crate::adapted::Adapted> {
+        None
+    }
+
     /// The frozen quantized weight, for a quantized layer.
     fn quantized(&self) -> Option<&QuantizedLinear> {
         None
@@ -191,6 +213,19 @@ pub struct Dense {
 }
 
 impl Linear for Dense {
+    fn shape(&self) -> (i64, i64) {
+        let s = self.weight.size();
+        (s[0], s[1])
+    }
+
+    fn dense_weight(&self) -> Option<&Tensor> {
+        Some(&self.weight)
+    }
+
+    fn weight_f32(&self) -> Tensor {
+        self.weight.detach().to_kind(Kind::Float)
+    }
+
     fn forward(&self, x: &Tensor) -> Tensor {
         if self.weight.kind() == self.compute {
             x.to_kind(self.compute).linear(&self.weight, None::<Tensor>)
@@ -212,6 +247,14 @@ pub struct Quantized {
 }
 
 impl Linear for Quantized {
+    fn shape(&self) -> (i64, i64) {
+        (self.layer.out_features as i64, self.layer.in_features as i64)
+    }
+
+    fn weight_f32(&self) -> Tensor {
+        self.layer.dequantize()
+    }
+
     fn forward(&self, x: &Tensor) -> Tensor {
         self.layer.forward(&x.to_kind(self.compute))
     }
@@ -236,6 +279,14 @@ pub struct TensorTrain {
 }
 
 impl Linear for TensorTrain {
+    fn shape(&self) -> (i64, i64) {
+        (self.layer.out_dim(), self.layer.in_dim())
+    }
+
+    fn weight_f32(&self) -> Tensor {
+        tch::no_grad(|| self.layer.to_dense().to_kind(Kind::Float))
+    }
+
     fn forward(&self, x: &Tensor) -> Tensor {
         self.layer.forward(x)
     }

@@ -630,7 +630,7 @@ fn ranked_names(ranked: &RankedCores) -> impl Iterator<Item = String> + '_ {
 }
 
 /// The var-store path of the dotted name `name`.
-fn path_of<'a>(vs: &'a VarStore, name: &str) -> tch::nn::Path<'a> {
+pub(crate) fn path_of<'a>(vs: &'a VarStore, name: &str) -> tch::nn::Path<'a> {
     let mut path = vs.root();
     for part in name.split('.') {
         path = path.sub(part);

@@ -25,6 +25,156 @@ pub struct Config {
     pub optim: OptimConfig,
     /// Tensor-train rank adaptation (CoMERA's two-stage schedule).
     pub tt: TtConfig,
+    /// An adapter trained on a frozen base (LoRA, DoRA, QLoRA, QA-LoRA).
+    pub adapter: AdapterConfig,
+}
+
+/// `[adapter]`: fine-tune an adapter on a frozen base (`model.from_pretrained`) instead of the
+/// whole model; see `docs/finetune.md`. The adapter is saved in PEFT's format in the run's
+/// `adapter/` folder and in every checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdapterConfig {
+    /// `"none"` (train the whole model), `"lora"`, `"dora"` (LoRA with DoRA's magnitude),
+    /// `"qlora"` (LoRA on a frozen NF4 base with double quantization) or `"qalora"` (a
+    /// group-averaged LoRA on a frozen int4 base, merged exactly into it by `frugal merge
+    /// --format int4`).
+    pub kind: String,
+    /// Rank.
+    pub r: i64,
+    /// Scale numerator: the adapter's output is scaled by alpha / r.
+    pub alpha: f64,
+    /// Dropout on the adapter's input while training.
+    pub dropout: f64,
+    /// rsLoRA: scale by alpha / sqrt(r).
+    pub use_rslora: bool,
+    /// `"default"` (A kaiming-uniform, B zero), `"gaussian"` or `"pissa"` (dense bases).
+    pub init: frugal_adapters::Init,
+    /// Layers that get the adapter: names (`["q_proj", "v_proj"]`: a layer whose name ends in
+    /// one), `"all-linear"`, or a regular expression matching whole layer names.
+    pub target_modules: frugal_adapters::Targets,
+    /// Layers left out (same forms; empty list: none).
+    pub exclude_modules: frugal_adapters::Targets,
+    /// `qlora`: NF4 block size; `qalora`: int4 group size (the adapter averages the same
+    /// groups).
+    pub group_size: i64,
+    /// The adapter's name in the model (several adapters can sit on one base; one is active).
+    pub name: String,
+}
+
+impl Default for AdapterConfig {
+    fn default() -> Self {
+        Self {
+            kind: "none".into(),
+            r: 8,
+            alpha: 8.0,
+            dropout: 0.0,
+            use_rslora: false,
+            init: frugal_adapters::Init::Default,
+            target_modules: frugal_adapters::Targets::default(),
+            exclude_modules: frugal_adapters::Targets::Names(Vec::new()),
+            group_size: 64,
+            name: "default".into(),
+        }
+    }
+}
+
+/// Adapter kinds `adapter.kind` accepts.
+pub const ADAPTER_KINDS: &[&str] = &["none", "lora", "dora", "qlora", "qalora"];
+
+impl AdapterConfig {
+    /// Whether an adapter is trained.
+    pub fn enabled(&self) -> bool {
+        self.kind != "none"
+    }
+
+    /// The adapter's settings.
+    pub fn lora(&self) -> frugal_adapters::LoraConfig {
+        frugal_adapters::LoraConfig {
+            r: self.r,
+            alpha: self.alpha,
+            dropout: self.dropout,
+            use_rslora: self.use_rslora,
+            use_dora: self.kind == "dora",
+            init: self.init,
+            target_modules: self.target_modules.clone(),
+            exclude_modules: match &self.exclude_modules {
+                frugal_adapters::Targets::Names(n) if n.is_empty() => None,
+                e => Some(e.clone()),
+            },
+            pool: if self.kind == "qalora" {
+                self.group_size
+            } else {
+                1
+            },
+            base_model: None,
+        }
+    }
+
+    /// The base layers the kind needs: `qlora` NF4 with double quantization at block
+    /// `group_size`, `qalora` int4 at group `group_size`, None (the model's `model.linear`)
+    /// for the others.
+    pub fn base_linear(&self) -> Option<LinearKind> {
+        match self.kind.as_str() {
+            "qlora" => Some(LinearKind::Quantized {
+                format: "nf4".into(),
+                block_size: self.group_size as usize,
+                group_size: 128,
+                double_quant: true,
+            }),
+            "qalora" => Some(LinearKind::Quantized {
+                format: "int4".into(),
+                block_size: 64,
+                group_size: self.group_size as usize,
+                double_quant: false,
+            }),
+            _ => None,
+        }
+    }
+
+    /// Checks the kind, the settings, and what the kind needs of the rest of the config.
+    pub fn validate(&self, cfg: &Config) -> Result<()> {
+        if !ADAPTER_KINDS.contains(&self.kind.as_str()) {
+            return Err(Error::config(
+                "adapter.kind",
+                format!("unknown '{}' ({})", self.kind, ADAPTER_KINDS.join(", ")),
+            ));
+        }
+        if !self.enabled() {
+            return Ok(());
+        }
+        self.lora().validate("adapter")?;
+        if cfg.is_encoder() {
+            return Err(Error::config(
+                "adapter.kind",
+                "adapters are available for model.kind = \"llama\" only (encoder: not yet)",
+            ));
+        }
+        if self.base_linear().is_some() && cfg.model.linear != LinearKind::Dense {
+            return Err(Error::config(
+                "model.linear",
+                format!(
+                    "adapter.kind = \"{}\" chooses the base's quantization itself; leave \
+                     model.linear at dense",
+                    self.kind
+                ),
+            ));
+        }
+        if self.init == frugal_adapters::Init::Pissa
+            && (self.base_linear().is_some() || cfg.model.linear != LinearKind::Dense)
+        {
+            return Err(Error::config(
+                "adapter.init",
+                "PiSSA needs a dense base (adapter.kind = \"lora\" or \"dora\", model.linear dense)",
+            ));
+        }
+        if let Some(kind) = self.base_linear() {
+            kind.validate().map_err(|e| {
+                Error::config("adapter.group_size", format!("{}: {e}", self.group_size))
+            })?;
+        }
+        Ok(())
+    }
 }
 
 /// `[tt]`: CoMERA's rank-adaptive two-stage training of the TT layers (`model.linear.kind =
@@ -581,6 +731,7 @@ impl Config {
         }
         self.validate_model()?;
         self.validate_tt()?;
+        self.adapter.validate(self)?;
         if self.tokenizer.vocab_size < 300 {
             return Err(Error::config(
                 "tokenizer.vocab_size",
@@ -815,10 +966,19 @@ impl Config {
                 format!("this needs a llama model, the run's is '{}'", m.kind),
             ));
         }
-        let mut c = frugal_models::llama::LlamaConfig::preset(&m.size).expect("validated");
-        if m.size == "tiny" {
-            c.vocab_size = tokenizer_vocab;
-        }
+        let pretrained = std::path::Path::new(&m.from_pretrained).join("config.json");
+        let mut c = if !m.from_pretrained.is_empty() && pretrained.is_file() {
+            // A Hugging Face model folder: its own shape.
+            let text = std::fs::read_to_string(&pretrained).map_err(|e| Error::io(&pretrained, e))?;
+            frugal_models::llama::LlamaConfig::from_hf_json(&text)
+                .map_err(|e| Error::Msg(format!("{}: {e}", pretrained.display())))?
+        } else {
+            let mut c = frugal_models::llama::LlamaConfig::preset(&m.size).expect("validated");
+            if m.size == "tiny" {
+                c.vocab_size = tokenizer_vocab;
+            }
+            c
+        };
         let set = |v: i64, field: &mut i64| {
             if v > 0 {
                 *field = v;

@@ -175,6 +175,10 @@ pub struct Document {
     pub name: String,
     /// Its text.
     pub text: String,
+    /// For an instruction record (`prompt` and `response`), the length in bytes of the prompt
+    /// part of `text` (the prompt and the newline after it): its tokens are context, not
+    /// targets, so the loss is on the response alone.
+    pub prompt: Option<usize>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -265,6 +269,7 @@ pub fn default_corpus_from(registry: &Path) -> Result<Vec<Document>, DataError> 
             docs.push(Document {
                 name: format!("{crate_dir_name}/{}", rel.join("/")),
                 text,
+                prompt: None,
             });
         }
     }
@@ -382,23 +387,25 @@ fn expand_spec(key: &str, spec: &str) -> Result<(Vec<PathBuf>, bool), DataError>
     Ok((files, false))
 }
 
-/// The text of one JSON record: a `text` string, or `prompt` and `response` joined by a newline.
-/// A bare JSON string is taken as the text.
-fn record_text(value: &serde_json::Value) -> Result<String, String> {
+/// The text of one JSON record: a `text` string, or `prompt` and `response` joined by a newline
+/// (then also the prompt part's length in bytes). A bare JSON string is taken as the text.
+fn record_text(value: &serde_json::Value) -> Result<(String, Option<usize>), String> {
     use serde_json::Value;
     let obj = match value {
         Value::Object(obj) => obj,
-        Value::String(s) => return Ok(s.clone()),
+        Value::String(s) => return Ok((s.clone(), None)),
         _ => return Err("expected a JSON object with a 'text' field".to_string()),
     };
     if let Some(text) = obj.get("text") {
         return match text {
-            Value::String(s) => Ok(s.clone()),
+            Value::String(s) => Ok((s.clone(), None)),
             _ => Err("'text' is not a string".to_string()),
         };
     }
     match (obj.get("prompt"), obj.get("response")) {
-        (Some(Value::String(p)), Some(Value::String(r))) => Ok(format!("{p}\n{r}")),
+        (Some(Value::String(p)), Some(Value::String(r))) => {
+            Ok((format!("{p}\n{r}"), Some(p.len() + 1)))
+        }
         (Some(_), Some(Value::String(_))) => Err("'prompt' is not a string".to_string()),
         (Some(_), Some(_)) => Err("'response' is not a string".to_string()),
         _ => Err("no 'text' field, nor 'prompt' and 'response'".to_string()),
@@ -419,11 +426,12 @@ fn read_jsonl(path: &Path, text: &str, out: &mut Vec<Document>) -> Result<(), Da
         };
         let value: serde_json::Value = serde_json::from_str(line)
             .map_err(|e| bad(format!("invalid JSON ({})", one_line(e))))?;
-        let text = record_text(&value).map_err(bad)?;
+        let (text, prompt) = record_text(&value).map_err(bad)?;
         if !text.is_empty() {
             out.push(Document {
                 name: format!("{shown}:{}", i + 1),
                 text,
+                prompt,
             });
         }
     }
@@ -443,7 +451,7 @@ fn read_json(path: &Path, text: &str, out: &mut Vec<Document>) -> Result<(), Dat
         other => vec![other],
     };
     for (i, record) in records.iter().enumerate() {
-        let text = record_text(record).map_err(|message| DataError::BadRecord {
+        let (text, prompt) = record_text(record).map_err(|message| DataError::BadRecord {
             path: shown.clone(),
             line: 1,
             message: format!("record {}: {message}", i + 1),
@@ -452,6 +460,7 @@ fn read_json(path: &Path, text: &str, out: &mut Vec<Document>) -> Result<(), Dat
             out.push(Document {
                 name: format!("{shown}#{}", i + 1),
                 text,
+                prompt,
             });
         }
     }
@@ -469,6 +478,7 @@ fn load_file(path: &Path, out: &mut Vec<Document>) -> Result<(), DataError> {
                 out.push(Document {
                     name: path.display().to_string(),
                     text,
+                    prompt: None,
                 });
             }
             Ok(())
@@ -541,6 +551,7 @@ pub fn split_validation(docs: Vec<Document>, every: usize) -> (Vec<Document>, Ve
         let train = vec![Document {
             name: doc.name.clone(),
             text: head.to_string(),
+            prompt: None,
         }];
         let val = if tail.is_empty() {
             Vec::new()
@@ -548,6 +559,7 @@ pub fn split_validation(docs: Vec<Document>, every: usize) -> (Vec<Document>, Ve
             vec![Document {
                 name: doc.name,
                 text: tail.to_string(),
+                prompt: None,
             }]
         };
         return (train, val);
@@ -580,6 +592,9 @@ pub fn split_validation(docs: Vec<Document>, every: usize) -> (Vec<Document>, Ve
 pub struct TokenDataset {
     tokens: Vec<u32>,
     seq_len: usize,
+    /// Which tokens are targets (None: all): a window's target at a token that is not one is
+    /// -100, which the loss skips (the prompt of an instruction record).
+    scored: Option<Vec<bool>>,
 }
 
 impl TokenDataset {
@@ -599,7 +614,25 @@ impl TokenDataset {
                 needed: seq_len + 1,
             });
         }
-        Ok(Self { tokens, seq_len })
+        Ok(Self {
+            tokens,
+            seq_len,
+            scored: None,
+        })
+    }
+
+    /// Marks which tokens are targets (`scored[i]` for token `i`; the others become -100 in
+    /// [`TokenDataset::batch`]'s targets). Errors when the lengths differ.
+    pub fn with_scored(mut self, scored: Vec<bool>) -> Result<Self, DataError> {
+        if scored.len() != self.tokens.len() {
+            return Err(DataError::InvalidValue {
+                key: "scored".into(),
+                value: scored.len().to_string(),
+                reason: format!("must have one entry per token ({})", self.tokens.len()),
+            });
+        }
+        self.scored = Some(scored);
+        Ok(self)
     }
 
     /// The number of windows: `(tokens - 1) / seq_len`.
@@ -623,7 +656,7 @@ impl TokenDataset {
     }
 
     /// Builds (inputs, targets) for the given windows: int64 tensors of shape
-    /// `(indices.len(), seq_len)` on the CPU.
+    /// `(indices.len(), seq_len)` on the CPU; targets that are not scored are -100.
     ///
     /// # Panics
     /// If an index is `>= num_sequences()` (a caller bug, not bad input).
@@ -639,7 +672,15 @@ impl TokenDataset {
             );
             let window = &self.tokens[i * s..=(i + 1) * s];
             inputs.extend(window[..s].iter().map(|&t| i64::from(t)));
-            targets.extend(window[1..].iter().map(|&t| i64::from(t)));
+            match &self.scored {
+                None => targets.extend(window[1..].iter().map(|&t| i64::from(t))),
+                Some(scored) => targets.extend(
+                    window[1..]
+                        .iter()
+                        .zip(&scored[i * s + 1..=(i + 1) * s])
+                        .map(|(&t, &keep)| if keep { i64::from(t) } else { -100 }),
+                ),
+            }
         }
         let shape = [indices.len() as i64, s as i64];
         (
@@ -829,6 +870,7 @@ mod tests {
         Document {
             name: name.to_string(),
             text: text.to_string(),
+            prompt: None,
         }
     }
 

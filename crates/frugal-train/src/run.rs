@@ -54,7 +54,12 @@ pub fn tokenizer(
     if resume {
         return Ok(tokenize::load_tokenizer_file(&saved)?);
     }
-    let user = (!cfg.tokenizer.path.is_empty()).then(|| PathBuf::from(&cfg.tokenizer.path));
+    // A user's tokenizer file; else a pretrained model folder's own.
+    let user = if cfg.tokenizer.path.is_empty() {
+        pretrained_tokenizer(cfg)
+    } else {
+        Some(PathBuf::from(&cfg.tokenizer.path))
+    };
     let texts: Vec<&str> = train_docs.iter().map(|d| d.text.as_str()).collect();
     let tok = tokenize::load_or_train_tokenizer(
         user.as_deref(),
@@ -77,8 +82,14 @@ pub fn dataset(
     seq_len: usize,
     what: &str,
 ) -> Result<TokenDataset> {
-    let ids = tokenize::encode_documents(tok, docs)?;
-    TokenDataset::new(ids, seq_len).map_err(|e| Error::Msg(format!("{what}: {e}")))
+    let (ids, scored) = tokenize::encode_with_targets(tok, docs)?;
+    let ds = TokenDataset::new(ids, seq_len).map_err(|e| Error::Msg(format!("{what}: {e}")))?;
+    match scored {
+        Some(s) => ds
+            .with_scored(s)
+            .map_err(|e| Error::Msg(format!("{what}: {e}"))),
+        None => Ok(ds),
+    }
 }
 
 /// A model and the variables it lives in.
@@ -87,6 +98,8 @@ pub struct Model {
     pub vs: VarStore,
     /// The network.
     pub llama: Llama,
+    /// The settings of the adapter trained on the frozen base, in an adapter run.
+    pub adapter: Option<frugal_adapters::LoraConfig>,
 }
 
 /// Builds the configured model on `device`, seeded by `train.seed`, and loads `weights` (a
@@ -108,8 +121,17 @@ pub fn model(
         Dtype::F32 => tch::Kind::Float,
         Dtype::Bf16 => tch::Kind::BFloat16,
     };
-    let llama = Llama::new(&vs.root(), shape, &cfg.model.linear, compute)?;
-    let mut m = Model { vs, llama };
+    // QLoRA and QA-LoRA choose the frozen base's quantization.
+    let kind = cfg
+        .adapter
+        .base_linear()
+        .unwrap_or_else(|| cfg.model.linear.clone());
+    let llama = Llama::new(&vs.root(), shape, &kind, compute)?;
+    let mut m = Model {
+        vs,
+        llama,
+        adapter: None,
+    };
     if let Some(file) = weights {
         m.load(file)?;
     }
@@ -125,16 +147,90 @@ impl Model {
     }
 
     /// Saves the weights to `file` (atomically): the variables and the quantized layers'
-    /// packed weights.
+    /// packed weights. In an adapter run, only the adapter, in PEFT's form, into `file`'s
+    /// folder (`adapter_config.json`, `adapter_model.safetensors`): the base is the
+    /// pretrained model's, unchanged.
     pub fn save(&self, file: &Path) -> Result<()> {
-        frugal_models::weights::save_model(&self.vs, &self.llama.linears(), file)
+        match &self.adapter {
+            Some(cfg) => {
+                let dir = file.parent().unwrap_or(Path::new("."));
+                let linears = self.llama.linears();
+                frugal_adapters::peft::write_into(dir, cfg, &active_adapters(&linears))
+            }
+            None => frugal_models::weights::save_model(&self.vs, &self.llama.linears(), file),
+        }
+    }
+
+    /// Writes the adapter as a PEFT folder `dir` (replaced as a whole).
+    pub fn save_adapter(&self, dir: &Path) -> Result<()> {
+        let cfg = self
+            .adapter
+            .as_ref()
+            .ok_or_else(|| Error::Msg("the model has no adapter".into()))?;
+        let linears = self.llama.linears();
+        frugal_adapters::peft::write(dir, cfg, &active_adapters(&linears))
+    }
+
+    /// Adds a new adapter with the settings of `cfg.adapter` (its variables trainable) and
+    /// freezes everything else; returns the adapter's variables, what the optimizer trains.
+    pub fn add_adapter(&mut self, cfg: &Config) -> Result<Vec<(String, tch::Tensor)>> {
+        let mut lora = cfg.adapter.lora();
+        lora.base_model = (!cfg.model.from_pretrained.is_empty())
+            .then(|| cfg.model.from_pretrained.clone());
+        let chosen = frugal_models::adapted::add_adapter(
+            &self.vs,
+            self.llama.linears_mut(),
+            &cfg.adapter.name,
+            &lora,
+            "adapter",
+        )?;
+        eprintln!(
+            "frugal: {} adapter on {} layers (r {}, alpha {})",
+            cfg.adapter.kind,
+            chosen.len(),
+            lora.r,
+            lora.alpha
+        );
+        self.adapter = Some(lora);
+        Ok(frugal_models::adapted::freeze_base(&self.vs))
+    }
+
+    /// Loads the adapter folder `dir` (PEFT's format) as adapter `name` and freezes everything
+    /// else; returns the adapter's variables.
+    pub fn load_adapter(&mut self, dir: &Path, name: &str) -> Result<Vec<(String, tch::Tensor)>> {
+        let file = frugal_adapters::peft::read(dir)?;
+        frugal_models::adapted::load_adapter(&self.vs, self.llama.linears_mut(), name, &file)?;
+        self.adapter = Some(file.config);
+        Ok(frugal_models::adapted::freeze_base(&self.vs))
+    }
+
+    /// Switches the adapters' dropout on (training) or off.
+    pub fn set_training(&mut self, training: bool) {
+        frugal_models::adapted::set_training(self.llama.linears_mut(), training);
     }
 }
 
-/// The weights a new run starts from: `model.from_pretrained`'s `model.safetensors`, if set.
+fn active_adapters<'a>(
+    linears: &'a [(String, &'a dyn frugal_models::linear::Linear)],
+) -> Vec<(String, &'a frugal_adapters::Lora)> {
+    frugal_models::adapted::active_adapters(linears)
+}
+
+/// The weights a new run starts from: `model.from_pretrained`'s `model.safetensors` (or the
+/// index of its shards), if set.
 pub fn pretrained_weights(cfg: &Config) -> Option<PathBuf> {
+    (!cfg.model.from_pretrained.is_empty()).then(|| {
+        let dir = Path::new(&cfg.model.from_pretrained);
+        frugal_core::safetensors_io::model_weights(dir)
+            .unwrap_or_else(|| dir.join("model.safetensors"))
+    })
+}
+
+/// `model.from_pretrained`'s `tokenizer.json`, if it has one.
+pub fn pretrained_tokenizer(cfg: &Config) -> Option<PathBuf> {
     (!cfg.model.from_pretrained.is_empty())
-        .then(|| Path::new(&cfg.model.from_pretrained).join("model.safetensors"))
+        .then(|| Path::new(&cfg.model.from_pretrained).join("tokenizer.json"))
+        .filter(|p| p.is_file())
 }
 
 /// Reads a run's resolved `config.toml`.
@@ -164,7 +260,11 @@ pub fn evaluate(
             if max_batches > 0 && i >= max_batches {
                 break;
             }
-            let n = y.numel() as u64;
+            // Targets of -100 (prompt tokens) are not scored.
+            let n = y.ne(-100).sum(tch::Kind::Int64).int64_value(&[]) as u64;
+            if n == 0 {
+                continue;
+            }
             let loss = model
                 .loss(&x.to_device(device), &y.to_device(device))
                 .double_value(&[]);

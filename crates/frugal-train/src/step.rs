@@ -147,6 +147,13 @@ pub fn micro_step(
     let rows = b * t;
     let flat = h.detach().reshape([rows, d]);
     let flat_targets = targets.reshape([rows]);
+    // Targets of -100 (prompt tokens of instruction data) are not scored: the mean is over
+    // the others, as the plain loss computes it.
+    let scored = flat_targets
+        .ne(-100)
+        .sum(Kind::Int64)
+        .int64_value(&[])
+        .max(1);
     let chunk = if plan.ce_chunk > 0 {
         plan.ce_chunk.min(rows)
     } else {
@@ -169,7 +176,7 @@ pub fn micro_step(
             0.0,
         );
         loss_sum += loss.double_value(&[]);
-        let loss = loss * (scale / rows as f64);
+        let loss = loss * (scale / scored as f64);
         if plan.layerwise {
             let mut wrt: Vec<&Tensor> = head_params.clone();
             wrt.push(&leaf);
@@ -219,7 +226,10 @@ pub fn micro_step(
     }
     drop(inputs);
 
-    // Embedding.
+    // Embedding (nothing to do when it is frozen, as in an adapter run).
+    if !embedded.requires_grad() {
+        return Ok(loss_sum / scored as f64);
+    }
     let s = (&embedded * &upstream).sum(Kind::Float);
     if plan.layerwise {
         let wrt: Vec<&Tensor> = groups.embed.iter().map(|&j| &params[j]).collect();
@@ -228,7 +238,7 @@ pub fn micro_step(
     } else {
         s.backward();
     }
-    Ok(loss_sum / rows as f64)
+    Ok(loss_sum / scored as f64)
 }
 
 /// The gradients of scalar `y` with respect to `wrt` (zeros for a tensor `y` does not reach),

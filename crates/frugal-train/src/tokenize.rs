@@ -266,6 +266,45 @@ pub fn encode_documents(tok: &Tokenizer, docs: &[Document]) -> Result<Vec<u32>, 
     Ok(out)
 }
 
+
+/// [`encode_documents`], and which tokens are targets: None when every token is (plain text);
+/// for instruction records (a document with a `prompt` part), the prompt's tokens are not
+/// (`false`), the response's and the end-of-text token are. The prompt and the response are
+/// encoded separately, so that no token straddles the boundary.
+pub fn encode_with_targets(
+    tok: &Tokenizer,
+    docs: &[Document],
+) -> Result<(Vec<u32>, Option<Vec<bool>>), DataError> {
+    if docs.iter().all(|d| d.prompt.is_none()) {
+        return Ok((encode_documents(tok, docs)?, None));
+    }
+    let eos = eos_id(tok);
+    let encode = |doc: &Document, text: &str| -> Result<Vec<u32>, DataError> {
+        tok.encode_fast(text, false)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| DataError::Tokenizer {
+                message: format!("cannot encode {}: {}", doc.name, one_line(e)),
+            })
+    };
+    let (mut ids, mut scored) = (Vec::new(), Vec::new());
+    for doc in docs {
+        let cut = doc.prompt.unwrap_or(0).min(doc.text.len());
+        let (prompt, response) = doc.text.split_at(cut);
+        let p = if prompt.is_empty() {
+            Vec::new()
+        } else {
+            encode(doc, prompt)?
+        };
+        let r = encode(doc, response)?;
+        scored.extend(std::iter::repeat_n(false, p.len()));
+        scored.extend(std::iter::repeat_n(true, r.len() + 1));
+        ids.extend(p);
+        ids.extend(r);
+        ids.push(eos);
+    }
+    Ok((ids, Some(scored)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -278,6 +317,7 @@ mod tests {
         Document {
             name: name.to_string(),
             text: text.to_string(),
+            prompt: None,
         }
     }
 

@@ -92,18 +92,38 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
     } else {
         None
     };
+    let adapter = cfg.adapter.enabled();
+    // An adapter run's checkpoints hold the adapter alone: the base is always the pretrained
+    // model's.
     let weights = match &checkpoint {
-        Some(ck) => Some(ck.join("model.safetensors")),
-        None => run::pretrained_weights(cfg),
+        Some(ck) if !adapter => Some(ck.join("model.safetensors")),
+        _ => run::pretrained_weights(cfg),
     };
-    let m = run::model(cfg, &shape, device, weights.as_deref())?;
-    let params = frugal_models::weights::named_variables(&m.vs);
+    if adapter && weights.is_none() {
+        eprintln!("frugal: warning: an adapter on a randomly initialised base (model.from_pretrained is not set)");
+    }
+    let mut m = run::model(cfg, &shape, device, weights.as_deref())?;
+    let params = if adapter {
+        let p = match &checkpoint {
+            Some(ck) => m.load_adapter(ck, &cfg.adapter.name)?,
+            None => m.add_adapter(cfg)?,
+        };
+        m.set_training(true);
+        p
+    } else {
+        frugal_models::weights::named_variables(&m.vs)
+    };
     let tensors: Vec<tch::Tensor> = params.iter().map(|(_, t)| t.shallow_clone()).collect();
     let n_params: i64 = tensors.iter().map(|t| t.numel() as i64).sum();
     eprintln!(
-        "frugal: llama {} ({:.2}M parameters) on {device:?}, {:?}",
-        cfg.model.size,
+        "frugal: llama {} ({:.2}M {}parameters) on {device:?}, {:?}",
+        if cfg.model.from_pretrained.is_empty() {
+            &cfg.model.size
+        } else {
+            &cfg.model.from_pretrained
+        },
         n_params as f64 / 1e6,
+        if adapter { "trainable " } else { "" },
         cfg.train.dtype
     );
     let names: Vec<String> = params.iter().map(|(n, _)| n.clone()).collect();
@@ -225,7 +245,9 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
             } else {
                 t.eval_batches
             };
+            m.set_training(false);
             let (vl, _) = run::evaluate(&m.llama, &val_ds, t.batch_size, batches, device);
+            m.set_training(true);
             val_loss = vl;
             line["val_loss"] = json!(vl);
             line["val_ppl"] = json!(vl.exp());
@@ -240,6 +262,9 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
         }
         if (t.save_every > 0 && step % t.save_every == 0) || last || stop {
             checkpoint::save(run_dir, &m, opt.as_ref(), &state, t.keep_checkpoints)?;
+            if adapter {
+                m.save_adapter(&run_dir.join("adapter"))?;
+            }
         }
         if stop && !last {
             progress.message(&format!(
@@ -251,6 +276,7 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
         }
     }
     progress.finish();
+    m.set_training(false);
     if val_loss.is_nan() && !interrupted {
         // Nothing left to train (a resume at or past max_steps): still report the model.
         val_loss = run::evaluate(
