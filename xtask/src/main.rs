@@ -85,7 +85,12 @@ fn run(args: &[String]) -> Result<()> {
         }
         "test" => {
             let env = setup::ensure()?;
+            let peft = setup::ensure_test_packages(&env);
             let mut c = cargo(&env);
+            if peft {
+                // The cross-check must run: a failure to import is then a test failure.
+                c.env("FRUGAL_PEFT", "1");
+            }
             c.args(["test", "--workspace", "--no-fail-fast"]);
             c.args(&rest);
             status(c, "cargo test")

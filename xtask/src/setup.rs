@@ -193,3 +193,36 @@ fn free_bytes(dir: &Path) -> Option<u64> {
     let kb: u64 = line.split_whitespace().nth(3)?.parse().ok()?;
     Some(kb * 1024)
 }
+
+/// The Python packages the cross-checks of `cargo xtask test` run (an adapter Frugal saved must
+/// load in PEFT), pinned to the versions the fixtures were made with.
+pub const TEST_PACKAGES: &[&str] = &["peft==0.21.2", "transformers==5.25.0"];
+
+/// Makes sure `env`'s Python can import PEFT and transformers, installing [`TEST_PACKAGES`]
+/// once (torch pinned, so pip never replaces it). Returns whether they are there: a machine
+/// without the network still runs the tests, which then skip the cross-check and say so.
+pub fn ensure_test_packages(env: &TorchEnv) -> bool {
+    let importable = || {
+        Command::new(&env.python)
+            .args(["-c", "import peft, transformers"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if importable() {
+        return true;
+    }
+    eprintln!(
+        "xtask: installing {} for the PEFT cross-check (once)",
+        TEST_PACKAGES.join(" ")
+    );
+    let ok = Command::new(&env.python)
+        .args(["-m", "pip", "install", "--quiet", TORCH_SPEC])
+        .args(TEST_PACKAGES)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok || !importable() {
+        eprintln!("xtask: warning: could not install {}; the PEFT cross-check will be skipped", TEST_PACKAGES.join(" "));
+        return false;
+    }
+    true
+}
