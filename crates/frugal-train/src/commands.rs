@@ -137,14 +137,30 @@ struct Loaded {
     device: tch::Device,
 }
 
-fn load_run(run_dir: &Path) -> Result<Loaded> {
+fn load_run(run_dir: &Path, adapter: Option<&Path>) -> Result<Loaded> {
     let cfg = run::read_config(run_dir, &[])?;
     let tok_path = run_dir.join("tokenizer.json");
     let tok = tokenize::load_tokenizer_file(&tok_path)?;
     let shape = cfg.llama_config(tok.get_vocab_size(true) as i64)?;
     let device = cfg.train.device.resolve()?;
     let ck = checkpoint::latest(run_dir)?;
-    let model = run::model(&cfg, &shape, device, Some(&ck.join("model.safetensors")))?;
+    let mut model = if cfg.adapter.enabled() {
+        // An adapter run: the pretrained base and the checkpoint's adapter.
+        if adapter.is_some() {
+            return Err(Error::Msg(format!(
+                "{}: the run trained an adapter already; give --model BASE --adapter DIR to                  try another",
+                run_dir.display()
+            )));
+        }
+        let mut m = run::model(&cfg, &shape, device, run::pretrained_weights(&cfg).as_deref())?;
+        m.load_adapter(&ck, &cfg.adapter.name)?;
+        m
+    } else {
+        run::model(&cfg, &shape, device, Some(&ck.join("model.safetensors")))?
+    };
+    if let Some(dir) = adapter {
+        model.load_adapter(dir, "default")?;
+    }
     Ok(Loaded {
         cfg,
         tok,
@@ -153,40 +169,43 @@ fn load_run(run_dir: &Path) -> Result<Loaded> {
     })
 }
 
-fn load_model_dir(dir: &Path) -> Result<Loaded> {
+/// The linear kind a model folder's `config.json` declares for its stored weights: quantized
+/// (`quantization_config`, written by `frugal quantize`, bitsandbytes or GPTQ) or TT
+/// (`frugal compress`); None for dense weights.
+pub(crate) fn stored_linear_kind(hf: &serde_json::Value) -> Option<frugal_models::LinearKind> {
+    if let Some(format) = hf
+        .get("quantization_config")
+        .and_then(frugal_quant::convert::Format::from_quantization_config)
+    {
+        return Some(crate::merge_cmd::format_kind(&format));
+    }
+    hf.get(crate::compress_cmd::TT_CONFIG_KEY)
+        .map(|tt| frugal_models::LinearKind::Tt {
+            rank: tt.get("tt_rank").and_then(|r| r.as_i64()).unwrap_or(30),
+            order: tt.get("order").and_then(|o| o.as_u64()).unwrap_or(3) as usize,
+            eps: None,
+        })
+}
+
+fn load_model_dir(dir: &Path, adapter: Option<&Path>) -> Result<Loaded> {
     let cfg_path = dir.join("config.json");
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
     let shape = LlamaConfig::from_hf_json(&text)
         .map_err(|e| Error::Msg(format!("{}: {e}", cfg_path.display())))?;
     let tok = tokenize::load_tokenizer_file(&dir.join("tokenizer.json"))?;
     let mut cfg = Config::default();
-    // A folder written by `frugal quantize` (or bitsandbytes / GPTQ) says its format in
-    // `quantization_config`: its linear layers load frozen and packed, as stored.
     let hf: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| Error::Msg(format!("{}: {e}", cfg_path.display())))?;
-    if let Some(format) = hf
-        .get("quantization_config")
-        .and_then(frugal_quant::convert::Format::from_quantization_config)
-    {
-        let (name, block_size, group_size, double_quant) = format.options();
-        cfg.model.linear = frugal_models::LinearKind::Quantized {
-            format: name.into(),
-            block_size,
-            group_size,
-            double_quant,
-        };
-    }
-    // A folder written by `frugal compress` holds TT cores: its linear layers load as TT layers
-    // of the file's modes and ranks.
-    if let Some(tt) = hf.get(crate::compress_cmd::TT_CONFIG_KEY) {
-        cfg.model.linear = frugal_models::LinearKind::Tt {
-            rank: tt.get("tt_rank").and_then(|r| r.as_i64()).unwrap_or(30),
-            order: tt.get("order").and_then(|o| o.as_u64()).unwrap_or(3) as usize,
-            eps: None,
-        };
+    if let Some(kind) = stored_linear_kind(&hf) {
+        cfg.model.linear = kind;
     }
     let device = cfg.train.device.resolve()?;
-    let model = run::model(&cfg, &shape, device, Some(&dir.join("model.safetensors")))?;
+    let weights = frugal_core::safetensors_io::model_weights(dir)
+        .unwrap_or_else(|| dir.join("model.safetensors"));
+    let mut model = run::model(&cfg, &shape, device, Some(&weights))?;
+    if let Some(a) = adapter {
+        model.load_adapter(a, "default")?;
+    }
     Ok(Loaded {
         cfg,
         tok,
@@ -195,10 +214,10 @@ fn load_model_dir(dir: &Path) -> Result<Loaded> {
     })
 }
 
-fn load(run_dir: Option<PathBuf>, model: Option<PathBuf>) -> Result<Loaded> {
+fn load(run_dir: Option<PathBuf>, model: Option<PathBuf>, adapter: Option<PathBuf>) -> Result<Loaded> {
     match (run_dir, model) {
-        (Some(r), _) => load_run(&r),
-        (None, Some(m)) => load_model_dir(&m),
+        (Some(r), _) => load_run(&r, adapter.as_deref()),
+        (None, Some(m)) => load_model_dir(&m, adapter.as_deref()),
         (None, None) => Err(Error::Msg("give --run RUN_DIR or --model MODEL_DIR".into())),
     }
 }
@@ -208,6 +227,7 @@ fn load(run_dir: Option<PathBuf>, model: Option<PathBuf>) -> Result<Loaded> {
 pub fn eval(
     run_dir: Option<PathBuf>,
     model: Option<PathBuf>,
+    adapter: Option<PathBuf>,
     data_spec: Option<String>,
 ) -> Result<u8> {
     // Encoder runs (masked-LM or classification): their own evaluation.
@@ -218,7 +238,7 @@ pub fn eval(
         }
     }
     let from_model = model.is_some();
-    let l = load(run_dir, model)?;
+    let l = load(run_dir, model, adapter)?;
     let docs = match &data_spec {
         Some(spec) => data::load_documents_for("--data", spec)?,
         None if from_model => {
@@ -299,10 +319,11 @@ pub fn sample(logits: &[f32], o: &SampleOptions, rng: &mut SplitMix64) -> usize 
 pub fn generate(
     run_dir: Option<PathBuf>,
     model: Option<PathBuf>,
+    adapter: Option<PathBuf>,
     prompt: &str,
     o: &SampleOptions,
 ) -> Result<u8> {
-    let l = load(run_dir, model)?;
+    let l = load(run_dir, model, adapter)?;
     let llama: &Llama = &l.model.llama;
     let eos = tokenize::find_eos_id(&l.tok);
     let enc = l

@@ -20,6 +20,7 @@ pub mod encoder_eval;
 mod encoder_io;
 pub mod encoder_train;
 pub mod memplan;
+pub mod merge_cmd;
 pub mod optimizers;
 pub mod plot;
 pub mod progress;

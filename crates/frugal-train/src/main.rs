@@ -49,6 +49,9 @@ enum Command {
         /// A Hugging Face style model folder (config.json, model.safetensors, tokenizer.json).
         #[arg(long, conflicts_with = "run")]
         model: Option<PathBuf>,
+        /// An adapter folder (PEFT's format) to apply to the model.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
         /// Text to evaluate on (file, folder or glob); default: the run's validation split.
         #[arg(long)]
         data: Option<String>,
@@ -61,6 +64,9 @@ enum Command {
         /// A Hugging Face style model folder.
         #[arg(long, conflicts_with = "run")]
         model: Option<PathBuf>,
+        /// An adapter folder (PEFT's format) to apply to the model.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
         /// The prompt.
         #[arg(long)]
         prompt: String,
@@ -104,6 +110,22 @@ enum Command {
         /// Never quantize tensors whose name matches this regex.
         #[arg(long)]
         exclude: Option<String>,
+    },
+    /// Fold an adapter into its base model and write a model folder.
+    Merge {
+        /// The base model folder (config.json, model.safetensors or shards, tokenizer.json).
+        #[arg(long)]
+        base: PathBuf,
+        /// The adapter folder (adapter_config.json, adapter_model.safetensors).
+        #[arg(long)]
+        adapter: PathBuf,
+        /// The merged model folder to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// `safetensors` (dense weights) or `int4` (a QA-LoRA adapter folded into the int4
+        /// zero points, without loss).
+        #[arg(long, default_value = "safetensors")]
+        format: String,
     },
     /// Restore float weights from a quantized file or folder.
     Dequantize {
@@ -169,10 +191,22 @@ fn main() -> ExitCode {
                 commands::train(config, &set, out, resume)
             }
         }
-        Command::Eval { run, model, data } => commands::eval(run, model, data),
+        Command::Eval {
+            run,
+            model,
+            adapter,
+            data,
+        } => commands::eval(run, model, adapter, data),
+        Command::Merge {
+            base,
+            adapter,
+            out,
+            format,
+        } => frugal_train::merge_cmd::merge(&base, &adapter, &out, &format),
         Command::Generate {
             run,
             model,
+            adapter,
             prompt,
             max_new_tokens,
             temperature,
@@ -187,7 +221,7 @@ fn main() -> ExitCode {
                 top_p,
                 seed,
             };
-            commands::generate(run, model, &prompt, &opts)
+            commands::generate(run, model, adapter, &prompt, &opts)
         }
         Command::Quantize {
             input,

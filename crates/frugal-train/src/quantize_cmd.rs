@@ -39,25 +39,18 @@ fn regex(flag: &str, r: &Option<String>) -> Result<Option<regex::Regex>> {
         .transpose()
 }
 
-/// The model file of a folder (single file; sharded checkpoints are refused by name).
+/// The model file of a folder: `model.safetensors`, or the index of a sharded checkpoint
+/// (read through its shards; the output is written as one file).
 pub(crate) fn model_file(dir: &Path) -> Result<PathBuf> {
-    if dir.join("model.safetensors.index.json").exists() {
-        return Err(Error::Msg(format!(
-            "{}: sharded checkpoints (model.safetensors.index.json) are not supported yet",
+    frugal_core::safetensors_io::model_weights(dir).ok_or_else(|| {
+        Error::Msg(format!(
+            "{}: no model.safetensors (nor model.safetensors.index.json)",
             dir.display()
-        )));
-    }
-    let f = dir.join("model.safetensors");
-    if !f.is_file() {
-        return Err(Error::Msg(format!(
-            "{}: no model.safetensors",
-            dir.display()
-        )));
-    }
-    Ok(f)
+        ))
+    })
 }
 
-/// Copies every file of `from` but the model and config into `to`.
+/// Copies every file of `from` but the model (single or sharded) and config into `to`.
 pub(crate) fn copy_side_files(from: &Path, to: &Path) -> Result<()> {
     for e in std::fs::read_dir(from)
         .map_err(|e| Error::io(from, e))?
@@ -65,8 +58,11 @@ pub(crate) fn copy_side_files(from: &Path, to: &Path) -> Result<()> {
     {
         let name = e.file_name();
         let n = name.to_string_lossy();
+        let shard = n.starts_with("model-") && n.ends_with(".safetensors");
         if e.path().is_file()
             && n != "model.safetensors"
+            && n != "model.safetensors.index.json"
+            && !shard
             && n != "config.json"
             && n != "quantize_config.json"
         {
