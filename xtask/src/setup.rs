@@ -221,7 +221,10 @@ pub fn ensure_test_packages(env: &TorchEnv) -> bool {
         .status()
         .is_ok_and(|s| s.success());
     if !ok || !importable() {
-        eprintln!("xtask: warning: could not install {}; the PEFT cross-check will be skipped", TEST_PACKAGES.join(" "));
+        eprintln!(
+            "xtask: warning: could not install {}; the PEFT cross-check will be skipped",
+            TEST_PACKAGES.join(" ")
+        );
         return false;
     }
     true

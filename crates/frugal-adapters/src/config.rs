@@ -65,10 +65,7 @@ impl Targets {
     /// chooses none is a typo, not a wish); `key` names the config key in the error.
     pub fn check_against(&self, key: &str, layers: &[String]) -> Result<()> {
         let examples = || {
-            let mut short: Vec<&str> = layers
-                .iter()
-                .filter_map(|l| l.rsplit('.').next())
-                .collect();
+            let mut short: Vec<&str> = layers.iter().filter_map(|l| l.rsplit('.').next()).collect();
             short.sort();
             short.dedup();
             short.join(", ")
@@ -122,9 +119,9 @@ impl Targets {
                 items
                     .iter()
                     .map(|i| {
-                        i.as_str().map(str::to_string).ok_or_else(|| {
-                            Error::config(key, format!("{i} is not a module name"))
-                        })
+                        i.as_str()
+                            .map(str::to_string)
+                            .ok_or_else(|| Error::config(key, format!("{i} is not a module name")))
                     })
                     .collect::<Result<_>>()?,
             )),
@@ -238,7 +235,10 @@ impl LoraConfig {
     /// Whether layer `name` gets the adapter: targeted and not excluded.
     pub fn chooses(&self, name: &str) -> bool {
         self.target_modules.matches(name)
-            && !self.exclude_modules.as_ref().is_some_and(|e| e.matches(name))
+            && !self
+                .exclude_modules
+                .as_ref()
+                .is_some_and(|e| e.matches(name))
     }
 
     /// `adapter_config.json` as PEFT writes it (the fields PEFT 0.21 reads, QA-LoRA's
@@ -319,8 +319,14 @@ impl LoraConfig {
             ));
         }
         for k in ["rank_pattern", "alpha_pattern"] {
-            if v.get(k).and_then(Value::as_object).is_some_and(|m| !m.is_empty()) {
-                return Err(bad(k, "per-layer ranks or alphas are not supported yet".into()));
+            if v.get(k)
+                .and_then(Value::as_object)
+                .is_some_and(|m| !m.is_empty())
+            {
+                return Err(bad(
+                    k,
+                    "per-layer ranks or alphas are not supported yet".into(),
+                ));
             }
         }
         for k in ["modules_to_save", "layers_to_transform"] {
@@ -379,13 +385,19 @@ mod tests {
         assert!(Targets::Names(vec!["self_attn.q_proj".into()]).matches(n));
         assert!(Targets::Pattern("all-linear".into()).matches(n));
         assert!(Targets::Pattern(r".*\.(q|v)_proj".into()).matches(n));
-        assert!(!Targets::Pattern("q_proj".into()).matches(n), "a pattern is a full match");
+        assert!(
+            !Targets::Pattern("q_proj".into()).matches(n),
+            "a pattern is a full match"
+        );
         let layers = vec![n.to_string(), "model.layers.0.mlp.up_proj".to_string()];
         let err = Targets::Names(vec!["qproj".into()])
             .check_against("adapter.target_modules", &layers)
             .unwrap_err()
             .to_string();
-        assert!(err.contains("'qproj'") && err.contains("q_proj, up_proj"), "{err}");
+        assert!(
+            err.contains("'qproj'") && err.contains("q_proj, up_proj"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -60,13 +60,21 @@ impl Lora {
         let (a0, b0, new_base) = match cfg.init {
             Init::Default => {
                 let bound = 1.0 / (a_in as f64).sqrt();
-                let a = Tensor::empty([r, a_in], (Kind::Float, path.device()))
-                    .uniform_(-bound, bound);
-                (a, Tensor::zeros([out_dim, r], (Kind::Float, path.device())), None)
+                let a =
+                    Tensor::empty([r, a_in], (Kind::Float, path.device())).uniform_(-bound, bound);
+                (
+                    a,
+                    Tensor::zeros([out_dim, r], (Kind::Float, path.device())),
+                    None,
+                )
             }
             Init::Gaussian => {
                 let a = Tensor::randn([r, a_in], (Kind::Float, path.device())) / r as f64;
-                (a, Tensor::zeros([out_dim, r], (Kind::Float, path.device())), None)
+                (
+                    a,
+                    Tensor::zeros([out_dim, r], (Kind::Float, path.device())),
+                    None,
+                )
             }
             Init::Pissa => {
                 let w = base.ok_or_else(|| {
@@ -82,12 +90,9 @@ impl Lora {
         let a = p("lora_A").var_copy("weight", &a0);
         let b = p("lora_B").var_copy("weight", &b0);
         let magnitude = if cfg.use_dora {
-            let w = base.ok_or_else(|| {
-                Error::Msg(format!("{layer}: DoRA needs the base weight"))
-            })?;
-            let m0 = tch::no_grad(|| {
-                row_norms(&(w.to_kind(Kind::Float) + b0.matmul(&a0) * s))
-            });
+            let w =
+                base.ok_or_else(|| Error::Msg(format!("{layer}: DoRA needs the base weight")))?;
+            let m0 = tch::no_grad(|| row_norms(&(w.to_kind(Kind::Float) + b0.matmul(&a0) * s)));
             Some(p("lora_magnitude_vector").var_copy("weight", &m0))
         } else {
             None
@@ -147,9 +152,8 @@ impl Lora {
             return base_out + lora;
         };
         // DoRA (as PEFT): the norm of W + s B A per output row, detached.
-        let norm = tch::no_grad(|| {
-            row_norms(&(base_weight() + self.b.matmul(&self.a) * self.scaling))
-        });
+        let norm =
+            tch::no_grad(|| row_norms(&(base_weight() + self.b.matmul(&self.a) * self.scaling)));
         let factor = (m / norm).to_kind(base_out.kind());
         let base_part = if dropped {
             base_forward(&xin)
@@ -166,7 +170,13 @@ impl Lora {
         base_out: &Tensor,
         base_weight: impl Fn() -> Tensor,
     ) -> Tensor {
-        self.apply(x, base_out, base_weight, |_| unreachable!("no dropout"), false)
+        self.apply(
+            x,
+            base_out,
+            base_weight,
+            |_| unreachable!("no dropout"),
+            false,
+        )
     }
 
     /// `s B A` as an `(out, in)` weight in f32 (QA-LoRA: each group's column repeated and
@@ -179,7 +189,8 @@ impl Lora {
                 ba
             } else {
                 let groups = self.a.size()[1];
-                ba.repeat_interleave_self_int(self.pool, 1, None) * (groups as f64 / self.pool as f64)
+                ba.repeat_interleave_self_int(self.pool, 1, None)
+                    * (groups as f64 / self.pool as f64)
             }
         })
     }
@@ -266,9 +277,15 @@ mod tests {
         for (dora, pool) in [(false, 1), (true, 1), (false, 4)] {
             let vs = VarStore::new(Device::Cpu);
             let w = Tensor::randn([6, 8], (Kind::Float, Device::Cpu));
-            let (lora, _) =
-                Lora::new(&vs.root().sub("fc"), "default", 8, 6, &cfg(dora, pool), Some(&w))
-                    .unwrap();
+            let (lora, _) = Lora::new(
+                &vs.root().sub("fc"),
+                "default",
+                8,
+                6,
+                &cfg(dora, pool),
+                Some(&w),
+            )
+            .unwrap();
             tch::no_grad(|| {
                 let _ = lora.b.shallow_clone().normal_(0.0, 0.3);
                 if let Some(m) = &lora.magnitude {
@@ -282,9 +299,46 @@ mod tests {
             let y2 = x.linear(&merged, None::<Tensor>);
             let d = (&y - &y2).abs().max().double_value(&[]);
             assert!(d < 1e-5, "dora {dora} pool {pool}: {d}");
-            assert!((&y - &base).abs().max().double_value(&[]) > 1e-2, "the adapter acts");
+            assert!(
+                (&y - &base).abs().max().double_value(&[]) > 1e-2,
+                "the adapter acts"
+            );
             let back = lora.unmerged(&merged, norms.as_ref());
             assert!((back - &w).abs().max().double_value(&[]) < 1e-5);
+        }
+    }
+
+    /// Guarantee: dropout acts while training only (also on DoRA's base part, as PEFT).
+    #[test]
+    fn dropout_only_while_training() {
+        tch::manual_seed(6);
+        for dora in [false, true] {
+            let vs = VarStore::new(Device::Cpu);
+            let w = Tensor::randn([6, 8], (Kind::Float, Device::Cpu));
+            let c = LoraConfig {
+                dropout: 0.5,
+                ..cfg(dora, 1)
+            };
+            let (lora, _) = Lora::new(&vs.root().sub("fc"), "default", 8, 6, &c, Some(&w)).unwrap();
+            tch::no_grad(|| {
+                let _ = lora.b.shallow_clone().normal_(0.0, 0.3);
+            });
+            let x = Tensor::randn([5, 8], (Kind::Float, Device::Cpu));
+            let base = x.linear(&w, None::<Tensor>);
+            let run = |train| {
+                lora.apply(
+                    &x,
+                    &base,
+                    || w.shallow_clone(),
+                    |xd| xd.linear(&w, None::<Tensor>),
+                    train,
+                )
+            };
+            assert!((run(false) - run(false)).abs().max().double_value(&[]) == 0.0);
+            assert!(
+                (run(true) - run(false)).abs().max().double_value(&[]) > 1e-3,
+                "dora {dora}"
+            );
         }
     }
 

@@ -149,14 +149,7 @@ pub fn read(dir: &Path) -> Result<AdapterFile> {
                 if m.is_some() { "present" } else { "missing" }
             )));
         }
-        layers.insert(
-            layer,
-            LayerTensors {
-                a,
-                b,
-                magnitude: m,
-            },
-        );
+        layers.insert(layer, LayerTensors { a, b, magnitude: m });
     }
     if layers.is_empty() {
         return Err(bad("holds no adapter tensors".into()));

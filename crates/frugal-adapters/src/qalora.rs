@@ -27,7 +27,11 @@ pub fn merge_into_int4(name: &str, q: &Int4Gptq, lora: &Lora) -> Result<Int4Gptq
             "{name}: a DoRA adapter cannot fold into int4 zero points"
         )));
     }
-    if q.g_idx.iter().enumerate().any(|(i, &g)| g as usize != i / l) {
+    if q.g_idx
+        .iter()
+        .enumerate()
+        .any(|(i, &g)| g as usize != i / l)
+    {
         return Err(Error::Msg(format!(
             "{name}: the int4 weight uses act-order (g_idx is not i / group_size); QA-LoRA \
              merges only into weights quantized in column order"

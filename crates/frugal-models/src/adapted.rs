@@ -51,7 +51,10 @@ impl Adapted {
 
     /// Adapter `name`.
     pub fn adapter(&self, name: &str) -> Option<&Lora> {
-        self.adapters.iter().find(|(n, _)| n == name).map(|(_, l)| l)
+        self.adapters
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, l)| l)
     }
 
     /// The active adapter and its name.
@@ -109,7 +112,10 @@ impl Adapted {
         let Some((i, norms)) = self.merged.take() else {
             return Ok(());
         };
-        let w = self.base.dense_weight().expect("merged into a dense weight");
+        let w = self
+            .base
+            .dense_weight()
+            .expect("merged into a dense weight");
         let back = self.adapters[i].1.unmerged(w, norms.as_ref());
         tch::no_grad(|| w.shallow_clone().copy_(&back.to_kind(w.kind())));
         Ok(())
@@ -190,7 +196,9 @@ impl Linear for Adapted {
 fn push(slot: &mut Box<dyn Linear>, name: &str, lora: Lora) -> Result<()> {
     if let Some(a) = slot.adapted_mut() {
         if a.adapter(name).is_some() {
-            return Err(Error::Msg(format!("the layer already has an adapter named '{name}'")));
+            return Err(Error::Msg(format!(
+                "the layer already has an adapter named '{name}'"
+            )));
         }
         a.adapters.push((name.to_string(), lora));
         if a.active.is_none() {
@@ -243,8 +251,15 @@ pub fn add_adapter(
         }
         let (out_dim, in_dim) = slot.shape();
         let base = base_for_init(slot.as_ref(), cfg);
-        let (lora, residual) = Lora::new(&path_of(vs, &layer), name, in_dim, out_dim, cfg, base.as_ref())
-            .map_err(|e| Error::Msg(format!("{table}: {e}")))?;
+        let (lora, residual) = Lora::new(
+            &path_of(vs, &layer),
+            name,
+            in_dim,
+            out_dim,
+            cfg,
+            base.as_ref(),
+        )
+        .map_err(|e| Error::Msg(format!("{table}: {e}")))?;
         if let Some(res) = residual {
             let w = slot.dense_weight().ok_or_else(|| {
                 Error::Msg(format!(
@@ -304,7 +319,14 @@ pub fn load_adapter(
         let t = &file.layers[&layer];
         let (out_dim, in_dim) = slot.shape();
         let base = base_for_init(slot.as_ref(), &init);
-        let (lora, _) = Lora::new(&path_of(vs, &layer), name, in_dim, out_dim, &init, base.as_ref())?;
+        let (lora, _) = Lora::new(
+            &path_of(vs, &layer),
+            name,
+            in_dim,
+            out_dim,
+            &init,
+            base.as_ref(),
+        )?;
         tch::no_grad(|| {
             lora.a.shallow_clone().copy_(&t.a);
             lora.b.shallow_clone().copy_(&t.b);
@@ -329,7 +351,9 @@ pub fn active_adapters<'a>(linears: &[(String, &'a dyn Linear)]) -> Vec<(String,
 
 /// Whether variable `name` belongs to an adapter.
 pub fn is_adapter_variable(name: &str) -> bool {
-    name.contains(".lora_A.") || name.contains(".lora_B.") || name.contains(".lora_magnitude_vector.")
+    name.contains(".lora_A.")
+        || name.contains(".lora_B.")
+        || name.contains(".lora_magnitude_vector.")
 }
 
 /// Freezes every variable of `vs` that is not an adapter's (no gradient is computed for it),
@@ -344,6 +368,39 @@ pub fn freeze_base(vs: &VarStore) -> Vec<(String, Tensor)> {
         }
     }
     trainable
+}
+
+/// PEFT's `merge_and_unload`: every adapted layer among `linears` becomes a plain dense layer
+/// holding its weight with the active adapter merged (in f32, stored in the compute kind's
+/// float type for a quantized or TT base, in place for a dense one), and every adapter
+/// variable leaves `vs`. Returns the merged layers' names.
+pub fn merge_and_unload(
+    vs: &VarStore,
+    linears: Vec<(String, &mut Box<dyn Linear>)>,
+    compute: tch::Kind,
+) -> Result<Vec<String>> {
+    let mut names = Vec::new();
+    let mut gone = Vec::new();
+    for (name, slot) in linears {
+        let Some(a) = slot.adapted_mut() else {
+            continue;
+        };
+        for (adapter, _) in &a.adapters {
+            gone.extend(frugal_adapters::variable_names(&name, adapter));
+        }
+        let dense = if a.base.dense_weight().is_some() {
+            a.merge().map_err(|e| Error::Msg(format!("{name}: {e}")))?;
+            std::mem::replace(&mut a.base, Box::new(Moved))
+        } else {
+            let w = a.merged_weight();
+            let w = crate::weights::path_of(vs, &name).var_copy("weight", &w);
+            Box::new(crate::linear::Dense::tied(&w, compute)) as Box<dyn Linear>
+        };
+        *slot = dense;
+        names.push(name);
+    }
+    crate::weights::forget_variables(vs, &gone)?;
+    Ok(names)
 }
 
 /// Switches dropout in the adapters of `linears` on (training) or off.

@@ -212,6 +212,17 @@ pub struct Dense {
     compute: Kind,
 }
 
+impl Dense {
+    /// A layer whose weight is `weight` itself, shared (a tied output head: the embedding
+    /// table, `(vocab, d)`; a merged adapter's new weight).
+    pub fn tied(weight: &Tensor, compute: Kind) -> Self {
+        Self {
+            weight: weight.shallow_clone(),
+            compute,
+        }
+    }
+}
+
 impl Linear for Dense {
     fn shape(&self) -> (i64, i64) {
         let s = self.weight.size();
@@ -248,7 +259,10 @@ pub struct Quantized {
 
 impl Linear for Quantized {
     fn shape(&self) -> (i64, i64) {
-        (self.layer.out_features as i64, self.layer.in_features as i64)
+        (
+            self.layer.out_features as i64,
+            self.layer.in_features as i64,
+        )
     }
 
     fn weight_f32(&self) -> Tensor {

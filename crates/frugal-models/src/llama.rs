@@ -33,6 +33,9 @@ pub struct LlamaConfig {
     /// Rotary base.
     #[serde(default = "default_rope_theta")]
     pub rope_theta: f64,
+    /// The output head shares the input embedding (no `lm_head.weight` of its own).
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
 }
 
 fn default_rms_norm_eps() -> f64 {
@@ -58,6 +61,7 @@ impl LlamaConfig {
             max_position_embeddings: max_pos,
             rms_norm_eps: 1e-6,
             rope_theta: 10000.0,
+            tie_word_embeddings: false,
         }
     }
 
@@ -151,7 +155,8 @@ impl LlamaConfig {
     pub fn num_parameters(&self) -> i64 {
         let d = self.hidden_size;
         let block = 4 * d * d + 3 * d * self.intermediate_size + 2 * d;
-        2 * self.vocab_size * d + self.num_hidden_layers * block + d
+        let tables = if self.tie_word_embeddings { 1 } else { 2 };
+        tables * self.vocab_size * d + self.num_hidden_layers * block + d
     }
 }
 
@@ -402,13 +407,19 @@ impl Llama {
             .collect::<Result<_>>()?;
         let norm = RmsNorm::new(&(&model / "norm"), cfg.hidden_size, cfg.rms_norm_eps);
         // The output head stays dense whatever `kind` is: methods leave it alone by convention.
-        let lm_head = linear::build(
-            &(root / "lm_head"),
-            cfg.hidden_size,
-            cfg.vocab_size,
-            &LinearKind::Dense,
-            compute,
-        )?;
+        // Tied (`tie_word_embeddings`), it is the embedding table itself, as in Hugging Face's
+        // model: one variable, no `lm_head.weight`.
+        let lm_head = if cfg.tie_word_embeddings {
+            Box::new(linear::Dense::tied(&embed_tokens, compute))
+        } else {
+            linear::build(
+                &(root / "lm_head"),
+                cfg.hidden_size,
+                cfg.vocab_size,
+                &LinearKind::Dense,
+                compute,
+            )?
+        };
         let (cos, sin) = rotary_tables(cfg, root.device());
         Ok(Self {
             config: cfg.clone(),

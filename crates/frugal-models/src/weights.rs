@@ -610,6 +610,18 @@ fn copy_or_forget(
     Ok(false)
 }
 
+/// Removes the variables `names` from `vs` (names it does not have are skipped).
+pub fn forget_variables(vs: &VarStore, names: &[String]) -> Result<()> {
+    let mut vars = vs
+        .variables_
+        .lock()
+        .map_err(|_| Error::Msg("var store lock poisoned".into()))?;
+    for n in names {
+        forget_variable(&mut vars, n);
+    }
+    Ok(())
+}
+
 /// Removes variable `name` from `vars`: from its names and, by tensor, from its trainable
 /// variables. Nothing when there is no such name.
 fn forget_variable(vars: &mut tch::nn::Variables, name: &str) {

@@ -53,6 +53,23 @@ fn sharded_base_loads_like_the_single_file() {
     let (a, b) = (logits(&single), logits(&sharded));
     assert_eq!(max_diff(&a, &b), 0.0);
     assert!(max_diff(&a, &reference("base")) < 1e-4);
+    // And back: saving gives the checkpoint's tensors under their own names.
+    let (vs, model) = base("tiny_llama_sharded/model.safetensors.index.json");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("model.safetensors");
+    weights::save_model(&vs, &model.linears(), &out).unwrap();
+    let (x, y) = (
+        SafetensorsFile::open(&fixtures().join("tiny_llama/model.safetensors")).unwrap(),
+        SafetensorsFile::open(&out).unwrap(),
+    );
+    assert_eq!(x.names(), y.names());
+    for n in x.names() {
+        let same = x
+            .tensor(&n, Device::Cpu)
+            .unwrap()
+            .equal(&y.tensor(&n, Device::Cpu).unwrap());
+        assert!(same, "{n}");
+    }
 }
 
 /// Guarantee: for LoRA, rsLoRA and DoRA, PEFT's adapter on the base gives PEFT's logits
@@ -73,7 +90,10 @@ fn peft_adapters_give_peft_logits_merged_and_unmerged() {
         let theirs = reference(&format!("{name}.logits"));
         let d = max_diff(&ours, &theirs);
         assert!(d < 1e-4, "{name}: |ours - PEFT| = {d}");
-        assert!(max_diff(&ours, &reference("base")) > 1e-2, "{name}: the adapter acts");
+        assert!(
+            max_diff(&ours, &reference("base")) > 1e-2,
+            "{name}: the adapter acts"
+        );
 
         merge_all(model.linears_mut(), true).unwrap();
         let merged = logits(&model);
@@ -84,6 +104,16 @@ fn peft_adapters_give_peft_logits_merged_and_unmerged() {
         merge_all(model.linears_mut(), false).unwrap();
         let d = max_diff(&logits(&model), &ours);
         assert!(d < 1e-4, "{name}: unmerged back {d}");
+
+        // merge_and_unload: plain dense layers, no adapter variables left, PEFT's merged logits.
+        adapted::merge_and_unload(&vs, model.linears_mut(), Kind::Float).unwrap();
+        assert!(model.linears().iter().all(|(_, l)| l.adapted().is_none()));
+        assert!(vs
+            .variables()
+            .keys()
+            .all(|k| !adapted::is_adapter_variable(k)));
+        let d = max_diff(&logits(&model), &reference(&format!("{name}.merged")));
+        assert!(d < 1e-4, "{name}: merged and unloaded vs PEFT merged {d}");
     }
 }
 
@@ -104,7 +134,10 @@ fn saving_writes_peft_names_back() {
         assert_eq!(a.names(), b.names(), "{name}");
         assert!(a.names().iter().all(|k| k.starts_with(KEY_PREFIX)));
         for k in a.names() {
-            let (x, y) = (a.tensor(&k, Device::Cpu).unwrap(), b.tensor(&k, Device::Cpu).unwrap());
+            let (x, y) = (
+                a.tensor(&k, Device::Cpu).unwrap(),
+                b.tensor(&k, Device::Cpu).unwrap(),
+            );
             assert_eq!(max_diff(&x, &y), 0.0, "{name}: {k}");
         }
         assert_eq!(b.metadata().get("format").map(String::as_str), Some("pt"));
@@ -125,7 +158,10 @@ fn frugal_adapter_loads_in_peft() {
         .output()
         .is_ok_and(|o| o.status.success());
     if !has_peft {
-        assert!(!required, "FRUGAL_PEFT=1 but {python} cannot import peft and transformers");
+        assert!(
+            !required,
+            "FRUGAL_PEFT=1 but {python} cannot import peft and transformers"
+        );
         eprintln!("skipped: {python} has no peft/transformers (cargo xtask test installs them)");
         return;
     }
@@ -140,7 +176,11 @@ fn frugal_adapter_loads_in_peft() {
     };
     adapted::add_adapter(&vs, model.linears_mut(), "default", &cfg, "adapter").unwrap();
     let trainable = adapted::freeze_base(&vs);
-    assert_eq!(trainable.len(), 2 * 2 * 3, "A, B, magnitude of 2 layers x 2 blocks");
+    assert_eq!(
+        trainable.len(),
+        2 * 2 * 3,
+        "A, B, magnitude of 2 layers x 2 blocks"
+    );
     tch::no_grad(|| {
         for (_, t) in &trainable {
             let noise = t.randn_like() * 0.05;
@@ -208,7 +248,10 @@ fn bad_adapters_are_refused_by_name() {
     let err = load_adapter(&vs, model.linears_mut(), "default", &file)
         .unwrap_err()
         .to_string();
-    assert!(err.contains("model.layers.1.self_attn.q_proj") && err.contains("another base"), "{err}");
+    assert!(
+        err.contains("model.layers.1.self_attn.q_proj") && err.contains("another base"),
+        "{err}"
+    );
     assert!(adapted::freeze_base(&vs).is_empty(), "nothing was added");
 
     // Another width of the MLP: DoRA's mlp layers do not fit.
@@ -233,7 +276,10 @@ fn bad_adapters_are_refused_by_name() {
     let err = adapted::add_adapter(&vs, model.linears_mut(), "a", &zero, "adapter")
         .unwrap_err()
         .to_string();
-    assert!(err.contains("adapter.r") && err.contains("at least 1"), "{err}");
+    assert!(
+        err.contains("adapter.r") && err.contains("at least 1"),
+        "{err}"
+    );
     let typo = LoraConfig {
         target_modules: Targets::Names(vec!["q_prj".into()]),
         ..LoraConfig::default()
@@ -241,7 +287,10 @@ fn bad_adapters_are_refused_by_name() {
     let err = adapted::add_adapter(&vs, model.linears_mut(), "a", &typo, "adapter")
         .unwrap_err()
         .to_string();
-    assert!(err.contains("adapter.target_modules") && err.contains("'q_prj'"), "{err}");
+    assert!(
+        err.contains("adapter.target_modules") && err.contains("'q_prj'"),
+        "{err}"
+    );
 
     // A file whose A and B disagree with adapter_config.json's r.
     let dir = tempfile::tempdir().unwrap();
@@ -259,7 +308,10 @@ fn bad_adapters_are_refused_by_name() {
     )
     .unwrap();
     let err = peft::read(&bad).unwrap_err().to_string();
-    assert!(err.contains("r = 8") && err.contains("adapter_model.safetensors"), "{err}");
+    assert!(
+        err.contains("r = 8") && err.contains("adapter_model.safetensors"),
+        "{err}"
+    );
 }
 
 /// Guarantee: several named adapters sit on one base with one active; switching changes the
@@ -293,4 +345,64 @@ fn several_adapters_one_active() {
         .set_active(Some("nope"))
         .unwrap_err();
     assert!(err.to_string().contains("'nope'"));
+}
+
+/// Guarantee: a checkpoint with tied embeddings (`tie_word_embeddings`, no `lm_head.weight`)
+/// loads, and its head is the embedding table: the logits equal those of the untied model
+/// whose head is a copy of the table.
+#[test]
+fn tied_embeddings_load_without_lm_head() {
+    let dir = tempfile::tempdir().unwrap();
+    let all = safetensors_io::load(
+        &fixtures().join("tiny_llama/model.safetensors"),
+        Device::Cpu,
+    )
+    .unwrap();
+    let embed = all
+        .iter()
+        .find(|(n, _)| n == "model.embed_tokens.weight")
+        .unwrap()
+        .1
+        .shallow_clone();
+    let tied: Vec<(String, Tensor)> = all
+        .iter()
+        .filter(|(n, _)| n != "lm_head.weight")
+        .map(|(n, t)| (n.clone(), t.shallow_clone()))
+        .collect();
+    let untied: Vec<(String, Tensor)> = all
+        .iter()
+        .map(|(n, t)| {
+            let t = if n == "lm_head.weight" {
+                embed.shallow_clone()
+            } else {
+                t.shallow_clone()
+            };
+            (n.clone(), t)
+        })
+        .collect();
+    safetensors_io::save(&dir.path().join("tied.safetensors"), &tied, None).unwrap();
+    safetensors_io::save(&dir.path().join("untied.safetensors"), &untied, None).unwrap();
+    let mut cfg = config();
+    let mut vs = VarStore::new(Device::Cpu);
+    let (_, plain) = {
+        let mut m = Llama::new(&vs.root(), &cfg, &LinearKind::Dense, Kind::Float).unwrap();
+        weights::load_model(
+            &mut vs,
+            &mut m.linears_mut(),
+            &dir.path().join("untied.safetensors"),
+        )
+        .unwrap();
+        ((), m)
+    };
+    cfg.tie_word_embeddings = true;
+    let mut vs2 = VarStore::new(Device::Cpu);
+    let mut m = Llama::new(&vs2.root(), &cfg, &LinearKind::Dense, Kind::Float).unwrap();
+    assert!(!vs2.variables().contains_key("lm_head.weight"));
+    weights::load_model(
+        &mut vs2,
+        &mut m.linears_mut(),
+        &dir.path().join("tied.safetensors"),
+    )
+    .unwrap();
+    assert!(max_diff(&logits(&m), &logits(&plain)) < 1e-6);
 }

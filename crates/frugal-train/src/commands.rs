@@ -152,7 +152,12 @@ fn load_run(run_dir: &Path, adapter: Option<&Path>) -> Result<Loaded> {
                 run_dir.display()
             )));
         }
-        let mut m = run::model(&cfg, &shape, device, run::pretrained_weights(&cfg).as_deref())?;
+        let mut m = run::model(
+            &cfg,
+            &shape,
+            device,
+            run::pretrained_weights(&cfg).as_deref(),
+        )?;
         m.load_adapter(&ck, &cfg.adapter.name)?;
         m
     } else {
@@ -214,7 +219,11 @@ fn load_model_dir(dir: &Path, adapter: Option<&Path>) -> Result<Loaded> {
     })
 }
 
-fn load(run_dir: Option<PathBuf>, model: Option<PathBuf>, adapter: Option<PathBuf>) -> Result<Loaded> {
+fn load(
+    run_dir: Option<PathBuf>,
+    model: Option<PathBuf>,
+    adapter: Option<PathBuf>,
+) -> Result<Loaded> {
     match (run_dir, model) {
         (Some(r), _) => load_run(&r, adapter.as_deref()),
         (None, Some(m)) => load_model_dir(&m, adapter.as_deref()),

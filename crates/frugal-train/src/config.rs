@@ -969,7 +969,8 @@ impl Config {
         let pretrained = std::path::Path::new(&m.from_pretrained).join("config.json");
         let mut c = if !m.from_pretrained.is_empty() && pretrained.is_file() {
             // A Hugging Face model folder: its own shape.
-            let text = std::fs::read_to_string(&pretrained).map_err(|e| Error::io(&pretrained, e))?;
+            let text =
+                std::fs::read_to_string(&pretrained).map_err(|e| Error::io(&pretrained, e))?;
             frugal_models::llama::LlamaConfig::from_hf_json(&text)
                 .map_err(|e| Error::Msg(format!("{}: {e}", pretrained.display())))?
         } else {

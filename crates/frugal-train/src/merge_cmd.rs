@@ -173,7 +173,10 @@ pub fn merge_folders(
         .filter(|k| matches!(k, Kind::Float | Kind::BFloat16 | Kind::Half))
         .unwrap_or(Kind::Float);
     let (tensors, merged) = merged_tensors(&m, format, dtype)?;
-    let int4 = match (format, &m.llama.linears().first().and_then(|(_, l)| l.quantized())) {
+    let int4 = match (
+        format,
+        &m.llama.linears().first().and_then(|(_, l)| l.quantized()),
+    ) {
         (MergeFormat::Int4, Some(q)) => Some(q.weight.format()),
         _ => None,
     };

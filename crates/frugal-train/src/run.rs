@@ -175,8 +175,8 @@ impl Model {
     /// freezes everything else; returns the adapter's variables, what the optimizer trains.
     pub fn add_adapter(&mut self, cfg: &Config) -> Result<Vec<(String, tch::Tensor)>> {
         let mut lora = cfg.adapter.lora();
-        lora.base_model = (!cfg.model.from_pretrained.is_empty())
-            .then(|| cfg.model.from_pretrained.clone());
+        lora.base_model =
+            (!cfg.model.from_pretrained.is_empty()).then(|| cfg.model.from_pretrained.clone());
         let chosen = frugal_models::adapted::add_adapter(
             &self.vs,
             self.llama.linears_mut(),

@@ -266,7 +266,6 @@ pub fn encode_documents(tok: &Tokenizer, docs: &[Document]) -> Result<Vec<u32>, 
     Ok(out)
 }
 
-
 /// [`encode_documents`], and which tokens are targets: None when every token is (plain text);
 /// for instruction records (a document with a `prompt` part), the prompt's tokens are not
 /// (`false`), the response's and the end-of-text token are. The prompt and the response are

@@ -301,6 +301,9 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
     }
     acc.add("optimizer_state", opt.state_bytes());
     let (mut report, peak) = clock.memory_report(device, baseline_rss, &acc, &m.vs);
+    if adapter {
+        report["frozen_base"] = frozen_base_bytes(&m);
+    }
     report["plan"] = planned.to_json();
     report["adamw_full_gradients"] = adamw.to_json();
     report["plan_note"] = json!("plan: the accounting computed from shapes (activations and logits estimated), as `frugal train --dry-run` prints it; adamw_full_gradients: the same for plain AdamW with full gradients, no checkpointing, no chunking");
@@ -563,4 +566,32 @@ pub fn print_summary(s: &Summary) {
         human_bytes(s.baseline_rss_bytes)
     );
     println!("  run directory        {}", s.run_dir.display());
+}
+
+/// What the frozen base of an adapter run holds: its quantized matrices (bytes as stored,
+/// parameters, bytes per parameter) and its other variables (embeddings, norms, head, dense
+/// linear weights).
+fn frozen_base_bytes(m: &run::Model) -> serde_json::Value {
+    let (mut qbytes, mut qparams) = (0u64, 0u64);
+    for (_, l) in m.llama.linears() {
+        if let Some(q) = l.quantized() {
+            qbytes += q.weight.stored_bytes();
+            qparams += q.weight.numel() as u64;
+        }
+    }
+    let (mut other, mut other_params) = (0u64, 0u64);
+    for (name, t) in frugal_models::weights::named_variables(&m.vs) {
+        if !frugal_models::adapted::is_adapter_variable(&name) {
+            other += (t.numel() * t.kind().elt_size_in_bytes()) as u64;
+            other_params += t.numel() as u64;
+        }
+    }
+    json!({
+        "quantized_bytes": qbytes,
+        "quantized_params": qparams,
+        "quantized_bytes_per_param": if qparams > 0 { qbytes as f64 / qparams as f64 } else { 0.0 },
+        "other_bytes": other,
+        "other_params": other_params,
+        "total_bytes": qbytes + other,
+    })
 }

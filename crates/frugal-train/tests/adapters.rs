@@ -53,7 +53,9 @@ fn instructions(dir: &Path, n: usize) -> PathBuf {
     for _ in 0..n {
         let words: Vec<&str> = (0..6)
             .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 WORDS[(s >> 33) as usize % WORDS.len()]
             })
             .collect();
@@ -93,7 +95,11 @@ fn settings(base: &Path, data: &Path, kind: &str) -> Vec<String> {
 fn train(dir: &Path, out: &Path, sets: &[String]) {
     let mut c = frugal(dir);
     let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/default.toml");
-    c.arg("train").arg("--config").arg(config).arg("--out").arg(out);
+    c.arg("train")
+        .arg("--config")
+        .arg(config)
+        .arg("--out")
+        .arg(out);
     for s in sets {
         c.arg("--set").arg(s);
     }
@@ -118,9 +124,28 @@ fn only_the_adapter_trains() {
     let data = instructions(dir.path(), 8);
     for (kind, plan) in [
         ("lora", Plan::default()),
-        ("lora", Plan { layerwise: true, ..Plan::default() }),
-        ("lora", Plan { checkpointing: true, ..Plan::default() }),
-        ("qlora", Plan { layerwise: true, checkpointing: true, ce_chunk: 16 }),
+        (
+            "lora",
+            Plan {
+                layerwise: true,
+                ..Plan::default()
+            },
+        ),
+        (
+            "lora",
+            Plan {
+                checkpointing: true,
+                ..Plan::default()
+            },
+        ),
+        (
+            "qlora",
+            Plan {
+                layerwise: true,
+                checkpointing: true,
+                ce_chunk: 16,
+            },
+        ),
         ("dora", Plan::default()),
     ] {
         let cfg = config_of(&settings(&base, &data, kind));
@@ -136,7 +161,10 @@ fn only_the_adapter_trains() {
             .map(|(n, t)| (n, t.detach().copy()))
             .collect();
         if kind == "qlora" {
-            let q = m.llama.linears()[0].1.quantized().map(|q| q.weight.family());
+            let q = m.llama.linears()[0]
+                .1
+                .quantized()
+                .map(|q| q.weight.family());
             assert_eq!(q, Some("4bit"), "the QLoRA base is NF4");
         }
         let before: Vec<Tensor> = params.iter().map(|(_, t)| t.detach().copy()).collect();
@@ -167,7 +195,10 @@ fn only_the_adapter_trains() {
         }
         for ((n, b), t) in names.iter().zip(&before).zip(&tensors) {
             let moved = (t - b).abs().max().double_value(&[]);
-            assert!(moved > 0.0, "{kind} {plan:?}: adapter variable {n} did not train");
+            assert!(
+                moved > 0.0,
+                "{kind} {plan:?}: adapter variable {n} did not train"
+            );
         }
     }
 }
@@ -214,29 +245,57 @@ fn lora_run_eval_merge_generate() {
     assert!(with_run.is_finite());
     let with_adapter = eval(&["--model", b, "--adapter", a.to_str().unwrap()]);
     let plain = eval(&["--model", b]);
-    assert!(with_adapter < plain, "the adapter learned: {with_adapter} vs base {plain}");
+    assert!(
+        with_adapter < plain,
+        "the adapter learned: {with_adapter} vs base {plain}"
+    );
 
     let merged = dir.path().join("merged");
     let mut c = frugal(dir.path());
-    c.args(["merge", "--base", b, "--adapter", a.to_str().unwrap(), "--out"])
-        .arg(&merged);
+    c.args([
+        "merge",
+        "--base",
+        b,
+        "--adapter",
+        a.to_str().unwrap(),
+        "--out",
+    ])
+    .arg(&merged);
     assert!(run(c).status.success());
     assert!(merged.join("tokenizer.json").is_file());
     let m = eval(&["--model", merged.to_str().unwrap()]);
-    assert!((m - with_adapter).abs() < 1e-4, "merged {m} vs unmerged {with_adapter}");
+    assert!(
+        (m - with_adapter).abs() < 1e-4,
+        "merged {m} vs unmerged {with_adapter}"
+    );
 
     let mut c = frugal(dir.path());
     c.args(["generate", "--model", b, "--adapter", a.to_str().unwrap()])
-        .args(["--prompt", "the one", "--max-new-tokens", "4", "--temperature", "0"]);
+        .args([
+            "--prompt",
+            "the one",
+            "--max-new-tokens",
+            "4",
+            "--temperature",
+            "0",
+        ]);
     let o = run(c);
     assert!(o.status.success());
     assert!(String::from_utf8_lossy(&o.stdout).starts_with("the one"));
 
     // int4 merge of a plain LoRA adapter: refused by name.
     let mut c = frugal(dir.path());
-    c.args(["merge", "--base", b, "--adapter", a.to_str().unwrap(), "--format", "int4"])
-        .arg("--out")
-        .arg(dir.path().join("bad"));
+    c.args([
+        "merge",
+        "--base",
+        b,
+        "--adapter",
+        a.to_str().unwrap(),
+        "--format",
+        "int4",
+    ])
+    .arg("--out")
+    .arg(dir.path().join("bad"));
     assert_clean_error(&run(c), "QA-LoRA");
 }
 
@@ -253,12 +312,17 @@ fn qalora_merges_into_int4_without_loss() {
     let adapter = out.join("adapter");
     let merged = dir.path().join("merged");
     let mut c = frugal(dir.path());
-    c.arg("merge").arg("--base").arg(&base).arg("--adapter").arg(&adapter);
+    c.arg("merge")
+        .arg("--base")
+        .arg(&base)
+        .arg("--adapter")
+        .arg(&adapter);
     c.arg("--out").arg(&merged).args(["--format", "int4"]);
     assert!(run(c).status.success());
 
-    let file = frugal_core::safetensors_io::SafetensorsFile::open(&merged.join("model.safetensors"))
-        .unwrap();
+    let file =
+        frugal_core::safetensors_io::SafetensorsFile::open(&merged.join("model.safetensors"))
+            .unwrap();
     let names = file.names();
     assert!(names.contains(&"model.layers.0.self_attn.q_proj.zeros".to_string()));
     assert!(names.contains(&"model.layers.0.self_attn.q_proj.qweight".to_string()));
@@ -267,15 +331,25 @@ fn qalora_merges_into_int4_without_loss() {
     // Base + adapter, as trained (int4 base of group 32).
     let cfg = config_of(&settings(&base, &data, "qalora"));
     let shape = cfg.llama_config(64).unwrap();
-    let mut unmerged =
-        frun::model(&cfg, &shape, Device::Cpu, frun::pretrained_weights(&cfg).as_deref()).unwrap();
+    let mut unmerged = frun::model(
+        &cfg,
+        &shape,
+        Device::Cpu,
+        frun::pretrained_weights(&cfg).as_deref(),
+    )
+    .unwrap();
     unmerged.load_adapter(&adapter, "default").unwrap();
     // The merged folder, read as stored (int4, float zeros), no adapter.
     let mut plain = cfg.clone();
     plain.adapter.kind = "none".into();
     plain.model.linear = cfg.adapter.base_linear().unwrap();
-    let merged_model =
-        frun::model(&plain, &shape, Device::Cpu, Some(&merged.join("model.safetensors"))).unwrap();
+    let merged_model = frun::model(
+        &plain,
+        &shape,
+        Device::Cpu,
+        Some(&merged.join("model.safetensors")),
+    )
+    .unwrap();
     let ids = Tensor::randint(64, [2, 24], (Kind::Int64, Device::Cpu));
     let (a, b) = tch::no_grad(|| {
         (
@@ -283,8 +357,13 @@ fn qalora_merges_into_int4_without_loss() {
             merged_model.llama.forward(&ids, None),
         )
     });
-    let base_model =
-        frun::model(&plain, &shape, Device::Cpu, frun::pretrained_weights(&cfg).as_deref()).unwrap();
+    let base_model = frun::model(
+        &plain,
+        &shape,
+        Device::Cpu,
+        frun::pretrained_weights(&cfg).as_deref(),
+    )
+    .unwrap();
     let c0 = tch::no_grad(|| base_model.llama.forward(&ids, None));
     let d = (&a - &b).abs().max().double_value(&[]);
     assert!(d < 1e-4, "merged int4 vs base + adapter: {d}");
@@ -308,7 +387,11 @@ fn bad_adapter_settings_are_named() {
         sets.push(set.into());
         let mut c = frugal(dir.path());
         let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/default.toml");
-        c.arg("train").arg("--config").arg(config).arg("--out").arg(dir.path().join("x"));
+        c.arg("train")
+            .arg("--config")
+            .arg(config)
+            .arg("--out")
+            .arg(dir.path().join("x"));
         for s in &sets {
             c.arg("--set").arg(s);
         }
@@ -351,4 +434,54 @@ fn instruction_data_scores_the_response_only() {
     assert_eq!(&y[..2], &[-100, -100]);
     assert_eq!(y[2], ids[3] as i64);
     assert!(y[2..].iter().all(|&t| t >= 0));
+}
+
+/// Guarantee: the shipped `configs/finetune-qlora.toml` is valid and trains (bf16 compute, NF4
+/// base) once a base and data are set.
+#[test]
+fn shipped_qlora_config_trains() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = base_folder(dir.path());
+    let data = instructions(dir.path(), 40);
+    let out = dir.path().join("run");
+    let mut c = frugal(dir.path());
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/finetune-qlora.toml");
+    c.arg("train")
+        .arg("--config")
+        .arg(config)
+        .arg("--out")
+        .arg(&out);
+    for s in [
+        format!("model.from_pretrained=\"{}\"", base.display()),
+        format!("data.path=\"{}\"", data.display()),
+        "data.val_every=5".into(),
+        "train.device=\"cpu\"".into(),
+        "train.seq_len=16".into(),
+        "train.batch_size=2".into(),
+        "train.max_steps=2".into(),
+        "train.warmup_steps=1".into(),
+        "train.eval_every=1".into(),
+        "train.threads=1".into(),
+    ] {
+        c.arg("--set").arg(s);
+    }
+    let o = run(c);
+    assert!(o.status.success());
+    let cfg = peft_config(&out.join("adapter"));
+    assert_eq!(cfg["r"], 64);
+    assert_eq!(cfg["lora_alpha"], 16.0);
+    let memory: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("memory.json")).unwrap()).unwrap();
+    let bpp = memory["frozen_base"]["quantized_bytes_per_param"]
+        .as_f64()
+        .unwrap();
+    assert!(
+        bpp > 0.5 && bpp < 0.52,
+        "NF4 with double quantization: {bpp} bytes per parameter"
+    );
+}
+
+fn peft_config(dir: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap())
+        .unwrap()
 }
