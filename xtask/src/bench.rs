@@ -4,7 +4,14 @@ use crate::setup::TorchEnv;
 use crate::{Failure, Result};
 
 /// The benchmarks this command knows.
-pub const NAMES: &[&str] = &["train-step", "quant", "galore", "galore-quality", "tt"];
+pub const NAMES: &[&str] = &[
+    "train-step",
+    "quant",
+    "galore",
+    "galore-quality",
+    "tt",
+    "adapters",
+];
 
 /// Runs benchmark `name` with extra arguments `args`.
 pub fn run(env: &TorchEnv, name: &str, args: &[String]) -> Result<()> {
@@ -14,6 +21,7 @@ pub fn run(env: &TorchEnv, name: &str, args: &[String]) -> Result<()> {
         "galore" => crate::bench_galore::run(env, args),
         "galore-quality" => crate::bench_galore_quality::run(env, args),
         "tt" => crate::bench_tt::run(env, args),
+        "adapters" => crate::bench_adapters::run(env, args),
         other => Err(Failure::new(format!(
             "unknown benchmark '{other}'; benchmarks: {}",
             NAMES.join(", ")

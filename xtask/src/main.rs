@@ -11,6 +11,7 @@
 //! It depends on nothing but the standard library, so it builds in seconds and never links tch.
 
 mod bench;
+mod bench_adapters;
 mod bench_galore;
 mod bench_galore_quality;
 mod bench_quant;

@@ -163,6 +163,11 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
     let tokens_per_step = (t.batch_size * t.seq_len * t.grad_accum) as u64;
     while state.step < t.max_steps {
         let step = state.step + 1;
+        if adapter {
+            // The adapters' dropout draws from torch's generator: seeded per step, so that a
+            // resumed run draws what the uninterrupted one drew.
+            tch::manual_seed(t.seed as i64 ^ (step as i64).wrapping_mul(0x9E37_79B9));
+        }
         let lr = lr_at(step, t.lr, t.warmup_steps, t.max_steps, t.min_lr_ratio);
         opt.set_lr(lr);
         let t0 = Instant::now();
