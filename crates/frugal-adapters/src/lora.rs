@@ -130,6 +130,20 @@ impl Lora {
             * self.scaling
     }
 
+    /// `base_out + s B A x` with the scale applied to the r-wide `A x` and the sum fused into
+    /// the product with B (one `addmm`): no full-width temporary for the scaled adapter output,
+    /// nor for the sum, in the forward or the backward pass.
+    fn add_low_rank(&self, base_out: &Tensor, x: &Tensor) -> Tensor {
+        let k = x.kind();
+        let h = x.linear(&self.a.to_kind(k), None::<Tensor>) * self.scaling;
+        let (r, out) = (self.b.size()[1], self.b.size()[0]);
+        let shape = base_out.size();
+        base_out
+            .reshape([-1, out])
+            .addmm(&h.reshape([-1, r]), &self.b.to_kind(k).tr())
+            .reshape(shape.as_slice())
+    }
+
     /// The layer's output with the adapter, given the input `x`, the base layer's output
     /// `base_out` on it, and (for DoRA) a way to get the base weight in f32 and to apply the
     /// base layer to another input (dropout).
@@ -147,10 +161,10 @@ impl Lora {
         } else {
             x.shallow_clone()
         };
-        let lora = self.low_rank(&self.pooled(&xin));
         let Some(m) = &self.magnitude else {
-            return base_out + lora;
+            return self.add_low_rank(base_out, &self.pooled(&xin));
         };
+        let lora = self.low_rank(&self.pooled(&xin));
         // DoRA (as PEFT): the norm of W + s B A per output row, detached.
         let norm =
             tch::no_grad(|| row_norms(&(base_weight() + self.b.matmul(&self.a) * self.scaling)));
