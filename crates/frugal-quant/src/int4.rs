@@ -162,14 +162,17 @@ impl Int4Gptq {
     /// The weight back, row-major (rows = out, cols = in):
     /// W[o, i] = scale[g_idx[i], o] * (q[i, o] - zero[g_idx[i], o]) in f32.
     pub fn dequantize(&self) -> Vec<f32> {
+        use rayon::prelude::*;
         let mut out = vec![0f32; self.rows * self.cols];
-        for o in 0..self.rows {
-            for i in 0..self.cols {
-                let g = self.g_idx[i] as usize;
-                let s = self.scales[g * self.rows + o];
-                out[o * self.cols + i] = s * (self.code(i, o) as f32 - self.zero(g, o));
-            }
-        }
+        out.par_chunks_mut(self.cols.max(1))
+            .enumerate()
+            .for_each(|(o, row)| {
+                for (i, w) in row.iter_mut().enumerate() {
+                    let g = self.g_idx[i] as usize;
+                    let s = self.scales[g * self.rows + o];
+                    *w = s * (self.code(i, o) as f32 - self.zero(g, o));
+                }
+            });
         out
     }
 
