@@ -295,37 +295,8 @@ pub fn run(env: &TorchEnv, args: &[String]) -> Result<()> {
 fn parse_args(args: &[String]) -> Result<Options> {
     // Two warmup steps: the first steps of full fine-tuning take several times the settled
     // step (the allocator growing to AdamW's state).
-    let mut opts = Options {
-        steps: 5,
-        warmup: 2,
-    };
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let (name, inline) = match a.split_once('=') {
-            Some((n, v)) => (n, Some(v.to_string())),
-            None => (a.as_str(), None),
-        };
-        let slot = match name {
-            "--steps" => &mut opts.steps,
-            "--warmup" => &mut opts.warmup,
-            _ => {
-                return Err(Failure::new(format!(
-                    "bench adapters: unknown argument '{a}'; usage: cargo xtask bench \
-                     adapters [-- --steps N --warmup W]"
-                )))
-            }
-        };
-        let value = inline.or_else(|| it.next().cloned()).unwrap_or_default();
-        *slot = value.parse().map_err(|_| {
-            Failure::new(format!(
-                "bench adapters: {name} wants a whole number, got '{value}'"
-            ))
-        })?;
-    }
-    if opts.steps == 0 {
-        return Err(Failure::new("bench adapters: --steps must be at least 1"));
-    }
-    Ok(opts)
+    let (steps, warmup) = crate::report::parse_steps_warmup("adapters", args, (5, 2))?;
+    Ok(Options { steps, warmup })
 }
 
 fn run_peft(

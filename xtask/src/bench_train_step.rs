@@ -107,37 +107,8 @@ pub fn run(env: &TorchEnv, args: &[String]) -> Result<()> {
 }
 
 fn parse_args(args: &[String]) -> Result<Options> {
-    let mut opts = Options {
-        steps: 8,
-        warmup: 2,
-    };
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let (name, inline) = match a.split_once('=') {
-            Some((n, v)) => (n, Some(v.to_string())),
-            None => (a.as_str(), None),
-        };
-        let slot = match name {
-            "--steps" => &mut opts.steps,
-            "--warmup" => &mut opts.warmup,
-            _ => {
-                return Err(Failure::new(format!(
-                    "bench train-step: unknown argument '{a}'; usage: cargo xtask bench \
-                     train-step [-- --steps N --warmup W]"
-                )))
-            }
-        };
-        let value = inline.or_else(|| it.next().cloned()).unwrap_or_default();
-        *slot = value.parse().map_err(|_| {
-            Failure::new(format!(
-                "bench train-step: {name} wants a whole number, got '{value}'"
-            ))
-        })?;
-    }
-    if opts.steps == 0 {
-        return Err(Failure::new("bench train-step: --steps must be at least 1"));
-    }
-    Ok(opts)
+    let (steps, warmup) = crate::report::parse_steps_warmup("train-step", args, (8, 2))?;
+    Ok(Options { steps, warmup })
 }
 
 fn run_pytorch(

@@ -307,3 +307,43 @@ pub fn load_average() -> Option<f64> {
     let text = std::fs::read_to_string("/proc/loadavg").ok()?;
     text.split_whitespace().next()?.parse().ok()
 }
+
+/// Parses a benchmark's `--steps N --warmup W` (also `--steps=N`) over the defaults
+/// `(steps, warmup)`; `bench` names it in errors. Returns `(steps, warmup)`; steps must be at
+/// least 1.
+pub fn parse_steps_warmup(
+    bench: &str,
+    args: &[String],
+    defaults: (u64, u64),
+) -> Result<(u64, u64)> {
+    let (mut steps, mut warmup) = defaults;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let (name, inline) = match a.split_once('=') {
+            Some((n, v)) => (n, Some(v.to_string())),
+            None => (a.as_str(), None),
+        };
+        let slot = match name {
+            "--steps" => &mut steps,
+            "--warmup" => &mut warmup,
+            _ => {
+                return Err(Failure::new(format!(
+                    "bench {bench}: unknown argument '{a}'; usage: cargo xtask bench {bench} \
+                     [-- --steps N --warmup W]"
+                )))
+            }
+        };
+        let value = inline.or_else(|| it.next().cloned()).unwrap_or_default();
+        *slot = value.parse().map_err(|_| {
+            Failure::new(format!(
+                "bench {bench}: {name} wants a whole number, got '{value}'"
+            ))
+        })?;
+    }
+    if steps == 0 {
+        return Err(Failure::new(format!(
+            "bench {bench}: --steps must be at least 1"
+        )));
+    }
+    Ok((steps, warmup))
+}

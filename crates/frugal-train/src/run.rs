@@ -155,7 +155,11 @@ impl Model {
             Some(cfg) => {
                 let dir = file.parent().unwrap_or(Path::new("."));
                 let linears = self.llama.linears();
-                frugal_adapters::peft::write_into(dir, cfg, &active_adapters(&linears))
+                frugal_adapters::peft::write_into(
+                    dir,
+                    cfg,
+                    &frugal_models::adapted::active_adapters(&linears),
+                )
             }
             None => frugal_models::weights::save_model(&self.vs, &self.llama.linears(), file),
         }
@@ -168,7 +172,7 @@ impl Model {
             .as_ref()
             .ok_or_else(|| Error::Msg("the model has no adapter".into()))?;
         let linears = self.llama.linears();
-        frugal_adapters::peft::write(dir, cfg, &active_adapters(&linears))
+        frugal_adapters::peft::write(dir, cfg, &frugal_models::adapted::active_adapters(&linears))
     }
 
     /// Adds a new adapter with the settings of `cfg.adapter` (its variables trainable) and
@@ -208,12 +212,6 @@ impl Model {
     pub fn set_training(&mut self, training: bool) {
         frugal_models::adapted::set_training(self.llama.linears_mut(), training);
     }
-}
-
-fn active_adapters<'a>(
-    linears: &'a [(String, &'a dyn frugal_models::linear::Linear)],
-) -> Vec<(String, &'a frugal_adapters::Lora)> {
-    frugal_models::adapted::active_adapters(linears)
 }
 
 /// The weights a new run starts from: `model.from_pretrained`'s `model.safetensors` (or the
