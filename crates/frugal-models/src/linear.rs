@@ -54,6 +54,20 @@ pub enum LinearKind {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         eps: Option<f64>,
     },
+    /// BitLinear (BitNet b1.58; the MatMul-free LM's projections): RMSNorm of the input with a
+    /// learned gain (`{layer}.norm.weight`), per-token int8 activations, a per-tensor absmean
+    /// ternary weight, the straight-through estimator on both; the latent weight
+    /// (`{layer}.weight`) trains in f32.
+    #[serde(rename = "bitlinear")]
+    BitLinear {
+        /// The input RMSNorm's epsilon (the reference code's 1e-8).
+        #[serde(default = "default_bit_eps")]
+        eps: f64,
+    },
+}
+
+fn default_bit_eps() -> f64 {
+    1e-8
 }
 
 fn default_tt_rank() -> i64 {
@@ -77,7 +91,7 @@ impl LinearKind {
     /// name `model.linear.format` when the format or its options are unknown.
     pub fn quant_format(&self) -> Result<Option<Format>> {
         match self {
-            LinearKind::Dense | LinearKind::Tt { .. } => Ok(None),
+            LinearKind::Dense | LinearKind::Tt { .. } | LinearKind::BitLinear { .. } => Ok(None),
             LinearKind::Quantized {
                 format,
                 block_size,
@@ -99,6 +113,14 @@ impl LinearKind {
         self.quant_format()?;
         if let LinearKind::Tt { rank, order, eps } = self {
             check_tt_options("model.linear", *rank, *order, *eps, "per side")?;
+        }
+        if let LinearKind::BitLinear { eps } = self {
+            if !(eps.is_finite() && *eps > 0.0) {
+                return Err(Error::Config {
+                    key: "model.linear.eps".into(),
+                    reason: format!("{eps}: the RMSNorm epsilon must be positive"),
+                });
+            }
         }
         Ok(())
     }
@@ -318,6 +340,81 @@ impl Linear for TensorTrain {
     }
 }
 
+/// BitLinear (Ma et al. 2024, BitNet b1.58; Zhu et al. 2024, the MatMul-free LM): see
+/// [`LinearKind::BitLinear`]. In the forward pass, with `x_n = RMSNorm(x) * g`:
+/// `x_q = round(x_n * 127 / max|x_n|)` per token (clamped to [-128, 127], the max clamped to at
+/// least 1e-5), `w_q = clamp(round(w / s), -1, 1)` with `s = mean|w|` (clamped to at least
+/// 1e-5), and `y = (x_q / scale_x) (w_q s)ᵀ` computed through the straight-through estimator
+/// `x_n + (x_q / scale_x - x_n).detach()` (and the same for w), so that the gradients are those
+/// of the unquantized product.
+#[derive(Debug)]
+pub struct BitLinear {
+    /// The latent weight `(out, in)`, f32.
+    pub weight: Tensor,
+    /// The input RMSNorm's gain `(in,)`.
+    pub norm: Tensor,
+    eps: f64,
+    compute: Kind,
+}
+
+/// Per-token int8 quantization of `x` (`(..., in)`, f32): the codes (as f32 integers in
+/// [-128, 127]) and the per-token scales `127 / max|x|` (`(..., 1)`).
+pub fn activation_quant(x: &Tensor) -> (Tensor, Tensor) {
+    let max = x.abs().amax([-1i64].as_slice(), true).clamp_min(1e-5);
+    let scale = max.reciprocal() * 127.0;
+    let q = (x * &scale).round().clamp(-128.0, 127.0);
+    (q, scale)
+}
+
+/// Per-tensor absmean ternary quantization of `w`: the codes in {-1, 0, 1} (f32) and the scale
+/// `mean|w|` (a 0-d tensor).
+pub fn weight_quant(w: &Tensor) -> (Tensor, Tensor) {
+    let s = w.abs().mean(Kind::Float).clamp_min(1e-5);
+    let q = (w / &s).round().clamp(-1.0, 1.0);
+    (q, s)
+}
+
+impl BitLinear {
+    /// The normalized input `RMSNorm(x) * g` in f32.
+    pub fn normalize(&self, x: &Tensor) -> Tensor {
+        let x = x.to_kind(Kind::Float);
+        let var = x.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float);
+        x * (var + self.eps).rsqrt() * &self.norm
+    }
+
+    /// The ternary codes `(out, in)` (f32 in {-1, 0, 1}) and the scale of the weight.
+    pub fn ternary(&self) -> (Tensor, Tensor) {
+        tch::no_grad(|| weight_quant(&self.weight))
+    }
+}
+
+impl Linear for BitLinear {
+    fn shape(&self) -> (i64, i64) {
+        let s = self.weight.size();
+        (s[0], s[1])
+    }
+
+    fn weight_f32(&self) -> Tensor {
+        let (q, s) = self.ternary();
+        q * s
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let xn = self.normalize(x);
+        let (q, scale) = tch::no_grad(|| activation_quant(&xn));
+        let x_ste = &xn + (q / scale - &xn).detach();
+        let (wq, s) = self.ternary();
+        let w_ste = &self.weight + (wq * s - &self.weight).detach();
+        if self.compute == Kind::Float {
+            x_ste.linear(&w_ste, None::<Tensor>)
+        } else {
+            x_ste
+                .to_kind(self.compute)
+                .linear(&w_ste.to_kind(self.compute), None::<Tensor>)
+        }
+    }
+}
+
 /// Builds a linear layer of kind `kind` under `path` (a dense weight is `path.weight`, TT
 /// cores `path.cores.{k}`). A quantized layer starts from a quantized N(0, 0.02) weight, like a
 /// dense one, until loaded; a TT layer from CoMERA's initialisation
@@ -334,6 +431,14 @@ pub fn build(
         stdev: 0.02,
     };
     kind.validate()?;
+    if let LinearKind::BitLinear { eps } = kind {
+        return Ok(Box::new(BitLinear {
+            weight: path.var("weight", &[out_dim, in_dim], init),
+            norm: (path / "norm").var("weight", &[in_dim], nn::Init::Const(1.0)),
+            eps: *eps,
+            compute,
+        }));
+    }
     if let LinearKind::Tt { rank, order, eps } = kind {
         let name = path.components().collect::<Vec<_>>().join(".");
         let (in_modes, out_modes) =
