@@ -182,6 +182,10 @@ impl Linear for Adapted {
         self.base.tt_eps()
     }
 
+    fn bit_linear(&self) -> Option<&crate::linear::BitLinear> {
+        self.base.bit_linear()
+    }
+
     fn adapted(&self) -> Option<&Adapted> {
         Some(self)
     }

@@ -24,6 +24,7 @@
 pub mod adapted;
 pub mod embedding;
 pub mod encoder;
+pub mod hgrn_bit;
 pub mod linear;
 pub mod llama;
 pub mod weights;

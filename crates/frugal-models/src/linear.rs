@@ -187,6 +187,11 @@ pub trait Linear: std::fmt::Debug + Send {
     /// dequantized (on the CPU), a TT layer's reconstructed.
     fn weight_f32(&self) -> Tensor;
 
+    /// The BitLinear layer, for a BitLinear layer (latent weight, gain, ternary parts).
+    fn bit_linear(&self) -> Option<&BitLinear> {
+        None
+    }
+
     /// The adapters on this layer, for an adapted layer.
     fn adapted(&self) -> Option<&crate::adapted::Adapted> {
         None
@@ -389,6 +394,10 @@ impl BitLinear {
 }
 
 impl Linear for BitLinear {
+    fn bit_linear(&self) -> Option<&BitLinear> {
+        Some(self)
+    }
+
     fn shape(&self) -> (i64, i64) {
         let s = self.weight.size();
         (s[0], s[1])

@@ -169,7 +169,8 @@ pub struct RmsNorm {
 }
 
 impl RmsNorm {
-    fn new(path: &nn::Path, d: i64, eps: f64) -> Self {
+    /// A norm of width `d` under `path` (`path.weight`, ones).
+    pub fn new(path: &nn::Path, d: i64, eps: f64) -> Self {
         Self {
             weight: path.var("weight", &[d], nn::Init::Const(1.0)),
             eps,

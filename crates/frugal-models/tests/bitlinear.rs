@@ -40,12 +40,20 @@ fn bitlinear_matches_the_reference_formulas() {
     };
     assert_eq!(names, vec!["proj.norm.weight", "proj.weight"]);
     tch::no_grad(|| {
-        vs.variables()["proj.weight"].shallow_clone().copy_(&fixture("weight"));
-        vs.variables()["proj.norm.weight"].shallow_clone().copy_(&fixture("norm"));
+        vs.variables()["proj.weight"]
+            .shallow_clone()
+            .copy_(&fixture("weight"));
+        vs.variables()["proj.norm.weight"]
+            .shallow_clone()
+            .copy_(&fixture("norm"));
     });
     let x = fixture("x").set_requires_grad(true);
     let y = layer.forward(&x);
-    assert!(max_diff(&y, &fixture("y")) < 1e-5, "{}", max_diff(&y, &fixture("y")));
+    assert!(
+        max_diff(&y, &fixture("y")) < 1e-5,
+        "{}",
+        max_diff(&y, &fixture("y"))
+    );
     (&y * fixture("upstream")).sum(Kind::Float).backward();
     for (got, want) in [
         (x.grad(), "grad_x"),
@@ -77,6 +85,9 @@ fn bitlinear_matches_the_reference_formulas() {
 /// Guarantee: a bad epsilon is a config error naming the key.
 #[test]
 fn bad_epsilon_is_named() {
-    let err = LinearKind::BitLinear { eps: 0.0 }.validate().unwrap_err().to_string();
+    let err = LinearKind::BitLinear { eps: 0.0 }
+        .validate()
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("model.linear.eps"), "{err}");
 }
