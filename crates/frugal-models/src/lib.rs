@@ -22,6 +22,7 @@
 //! ```
 
 pub mod adapted;
+pub mod decoder;
 pub mod embedding;
 pub mod encoder;
 pub mod hgrn_bit;

@@ -6,7 +6,8 @@ use crate::{checkpoint, run, tokenize, train};
 use frugal_core::memory::human_bytes;
 use frugal_core::safetensors_io::SafetensorsFile;
 use frugal_core::{Error, Result};
-use frugal_models::llama::{KvCache, Llama, LlamaConfig};
+use frugal_models::decoder::DecoderConfig;
+use frugal_models::llama::LlamaConfig;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tch::{Kind, Tensor};
@@ -141,7 +142,7 @@ fn load_run(run_dir: &Path, adapter: Option<&Path>) -> Result<Loaded> {
     let cfg = run::read_config(run_dir, &[])?;
     let tok_path = run_dir.join("tokenizer.json");
     let tok = tokenize::load_tokenizer_file(&tok_path)?;
-    let shape = cfg.llama_config(tok.get_vocab_size(true) as i64)?;
+    let shape = cfg.decoder_config(tok.get_vocab_size(true) as i64)?;
     let device = cfg.train.device.resolve()?;
     let ck = checkpoint::latest(run_dir)?;
     let mut model = if cfg.adapter.enabled() {
@@ -207,7 +208,7 @@ fn load_model_dir(dir: &Path, adapter: Option<&Path>) -> Result<Loaded> {
     let device = cfg.train.device.resolve()?;
     let weights = frugal_core::safetensors_io::model_weights(dir)
         .unwrap_or_else(|| dir.join("model.safetensors"));
-    let mut model = run::model(&cfg, &shape, device, Some(&weights))?;
+    let mut model = run::model(&cfg, &DecoderConfig::Llama(shape), device, Some(&weights))?;
     if let Some(a) = adapter {
         model.load_adapter(a, "default")?;
     }
@@ -261,9 +262,9 @@ pub fn eval(
         .cfg
         .train
         .seq_len
-        .min(l.model.llama.config.max_position_embeddings as usize);
+        .min(l.model.net.max_positions().unwrap_or(i64::MAX) as usize);
     let ds = run::dataset(&l.tok, &docs, seq_len, "evaluation data")?;
-    let (loss, tokens) = run::evaluate(&l.model.llama, &ds, l.cfg.train.batch_size, 0, l.device);
+    let (loss, tokens) = run::evaluate(&l.model.net, &ds, l.cfg.train.batch_size, 0, l.device);
     let out = serde_json::json!({"loss": loss, "perplexity": loss.exp(), "tokens": tokens});
     println!("{out}");
     Ok(0)
@@ -333,7 +334,7 @@ pub fn generate(
     o: &SampleOptions,
 ) -> Result<u8> {
     let l = load(run_dir, model, adapter)?;
-    let llama: &Llama = &l.model.llama;
+    let net = &l.model.net;
     let eos = tokenize::find_eos_id(&l.tok);
     let enc = l
         .tok
@@ -343,7 +344,7 @@ pub fn generate(
     if ids.is_empty() {
         ids.push(eos.unwrap_or(0) as i64);
     }
-    let max_pos = llama.config.max_position_embeddings as usize;
+    let max_pos = net.max_positions().unwrap_or(i64::MAX) as usize;
     if ids.len() >= max_pos {
         return Err(Error::Msg(format!(
             "the prompt has {} tokens; the model takes at most {max_pos}",
@@ -352,13 +353,13 @@ pub fn generate(
     }
     let budget = o.max_new_tokens.min(max_pos - ids.len());
     let mut rng = SplitMix64::new(o.seed);
-    let mut cache = KvCache::default();
+    let mut state = net.new_state();
     let mut new_ids: Vec<u32> = Vec::new();
     let t0 = Instant::now();
     tch::no_grad(|| {
         let mut input = Tensor::from_slice(&ids).unsqueeze(0).to_device(l.device);
         for _ in 0..budget {
-            let logits = llama.forward(&input, Some(&mut cache));
+            let logits = net.forward_with(&input, &mut state);
             let last = logits
                 .select(1, -1)
                 .squeeze_dim(0)

@@ -144,10 +144,13 @@ impl AdapterConfig {
             return Ok(());
         }
         self.lora().validate("adapter")?;
-        if cfg.is_encoder() {
+        if cfg.model.kind != "llama" {
             return Err(Error::config(
                 "adapter.kind",
-                "adapters are available for model.kind = \"llama\" only (encoder: not yet)",
+                format!(
+                    "adapters are available for model.kind = \"llama\" only ({}: not yet)",
+                    cfg.model.kind
+                ),
             ));
         }
         if self.base_linear().is_some() && cfg.model.linear != LinearKind::Dense {
@@ -856,10 +859,53 @@ impl Config {
                     }
                 }
             }
+            "hgrn-bit" => {
+                use frugal_models::hgrn_bit::PRESETS as HGRN_PRESETS;
+                if frugal_models::hgrn_bit::HgrnBitConfig::preset(&m.size).is_none() {
+                    return Err(Error::config(
+                        "model.size",
+                        format!(
+                            "'{}' is not an hgrn-bit preset (presets: {})",
+                            m.size,
+                            HGRN_PRESETS.join(", ")
+                        ),
+                    ));
+                }
+                if self.objective() != "lm" {
+                    return Err(Error::config(
+                        "train.objective",
+                        format!("'{}': hgrn-bit is a causal LM (\"lm\")", t.objective),
+                    ));
+                }
+                if m.linear != LinearKind::Dense {
+                    return Err(Error::config(
+                        "model.linear",
+                        "hgrn-bit's projections are BitLinear by definition; leave model.linear \
+                         unset",
+                    ));
+                }
+                // The forget gates' lower bounds are shared by all blocks: a per-block backward
+                // pass would drop their gradient.
+                if self.optim.layerwise {
+                    return Err(Error::config(
+                        "optim.layerwise",
+                        "is not available for model.kind = \"hgrn-bit\" yet",
+                    ));
+                }
+                if !m.from_pretrained.is_empty() {
+                    return Err(Error::config(
+                        "model.from_pretrained",
+                        "is not available for model.kind = \"hgrn-bit\" yet",
+                    ));
+                }
+            }
             other => {
                 return Err(Error::config(
                     "model.kind",
-                    format!("'{other}' is not available yet (available: \"llama\", \"encoder\")"),
+                    format!(
+                        "'{other}' is not available (available: \"llama\", \"encoder\", \
+                         \"hgrn-bit\")"
+                    ),
                 ))
             }
         }
@@ -954,6 +1000,48 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// The causal model's shape: [`Config::llama_config`] for a LLaMA, the hgrn-bit preset with
+    /// the config's overrides (`hidden_size`, `intermediate_size`, `num_layers`, `vocab_size`;
+    /// `tiny` takes the tokenizer's vocabulary) for the MatMul-free LM.
+    pub fn decoder_config(
+        &self,
+        tokenizer_vocab: i64,
+    ) -> Result<frugal_models::decoder::DecoderConfig> {
+        use frugal_models::decoder::DecoderConfig;
+        let m = &self.model;
+        if m.kind != "hgrn-bit" {
+            return self.llama_config(tokenizer_vocab).map(DecoderConfig::Llama);
+        }
+        let mut c = frugal_models::hgrn_bit::HgrnBitConfig::preset(&m.size).expect("validated");
+        if m.size == "tiny" {
+            c.vocab_size = tokenizer_vocab;
+        }
+        if m.hidden_size > 0 {
+            c.hidden_size = m.hidden_size;
+            c.intermediate_size = frugal_models::hgrn_bit::glu_width(m.hidden_size);
+        }
+        for (v, field) in [
+            (m.intermediate_size, &mut c.intermediate_size),
+            (m.num_layers, &mut c.num_hidden_layers),
+            (m.vocab_size, &mut c.vocab_size),
+        ] {
+            if v > 0 {
+                *field = v;
+            }
+        }
+        c.validate()?;
+        if c.vocab_size < tokenizer_vocab {
+            return Err(Error::config(
+                "model.vocab_size",
+                format!(
+                    "{} is smaller than the tokenizer's vocabulary ({tokenizer_vocab})",
+                    c.vocab_size
+                ),
+            ));
+        }
+        Ok(DecoderConfig::HgrnBit(c))
     }
 
     /// The model shape: the preset with the config's overrides; `tokenizer_vocab` sizes the

@@ -90,8 +90,9 @@ fn load(base: &Path, adapter: &Path) -> Result<(run::Model, peft::AdapterFile)> 
     }
     let weights = safetensors_io::model_weights(base)
         .ok_or_else(|| Error::Msg(format!("{}: no model.safetensors", base.display())))?;
+    let shape = frugal_models::decoder::DecoderConfig::Llama(shape);
     let mut m = run::model(&cfg, &shape, tch::Device::Cpu, Some(&weights))?;
-    frugal_models::adapted::load_adapter(&m.vs, m.llama.linears_mut(), "default", &file)?;
+    frugal_models::adapted::load_adapter(&m.vs, m.net.linears_mut(), "default", &file)?;
     m.adapter = Some(file.config.clone());
     Ok((m, file))
 }
@@ -109,7 +110,7 @@ fn merged_tensors(
         }
     }
     let mut merged = 0;
-    for (name, layer) in m.llama.linears() {
+    for (name, layer) in m.net.linears() {
         let adapted = layer.adapted();
         match (format, layer.quantized(), adapted) {
             (MergeFormat::Int4, Some(q), Some(a)) => {
@@ -175,7 +176,7 @@ pub fn merge_folders(
     let (tensors, merged) = merged_tensors(&m, format, dtype)?;
     let int4 = match (
         format,
-        &m.llama.linears().first().and_then(|(_, l)| l.quantized()),
+        &m.net.linears().first().and_then(|(_, l)| l.quantized()),
     ) {
         (MergeFormat::Int4, Some(q)) => Some(q.weight.format()),
         _ => None,

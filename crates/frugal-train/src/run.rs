@@ -5,7 +5,7 @@ use crate::config::{Config, Dtype};
 use crate::data::{self, Document, TokenDataset};
 use crate::tokenize;
 use frugal_core::{atomic, Error, Result};
-use frugal_models::llama::{Llama, LlamaConfig};
+use frugal_models::decoder::{Decoder, DecoderConfig};
 use std::path::{Path, PathBuf};
 use tch::nn::VarStore;
 use tokenizers::Tokenizer;
@@ -97,7 +97,7 @@ pub struct Model {
     /// The variables (parameters), by Hugging Face name.
     pub vs: VarStore,
     /// The network.
-    pub llama: Llama,
+    pub net: Decoder,
     /// The settings of the adapter trained on the frozen base, in an adapter run.
     pub adapter: Option<frugal_adapters::LoraConfig>,
 }
@@ -107,7 +107,7 @@ pub struct Model {
 /// whose weights the model ends with, so none is read only to be overwritten.
 pub fn model(
     cfg: &Config,
-    shape: &LlamaConfig,
+    shape: &DecoderConfig,
     device: tch::Device,
     weights: Option<&Path>,
 ) -> Result<Model> {
@@ -121,15 +121,19 @@ pub fn model(
         Dtype::F32 => tch::Kind::Float,
         Dtype::Bf16 => tch::Kind::BFloat16,
     };
-    // QLoRA and QA-LoRA choose the frozen base's quantization.
-    let kind = cfg
-        .adapter
-        .base_linear()
-        .unwrap_or_else(|| cfg.model.linear.clone());
-    let llama = Llama::new(&vs.root(), shape, &kind, compute)?;
+    // QLoRA and QA-LoRA choose the frozen base's quantization; the MatMul-free LM is BitLinear
+    // throughout.
+    let kind = match shape {
+        DecoderConfig::HgrnBit(_) => frugal_models::LinearKind::BitLinear { eps: 1e-8 },
+        DecoderConfig::Llama(_) => cfg
+            .adapter
+            .base_linear()
+            .unwrap_or_else(|| cfg.model.linear.clone()),
+    };
+    let net = Decoder::new(&vs.root(), shape, &kind, compute)?;
     let mut m = Model {
         vs,
-        llama,
+        net,
         adapter: None,
     };
     if let Some(file) = weights {
@@ -142,7 +146,7 @@ impl Model {
     /// Loads the weights in `file`: the variables, and the frozen quantized layers' weights
     /// (read as stored, or quantized from dense weights).
     pub fn load(&mut self, file: &Path) -> Result<()> {
-        let mut linears = self.llama.linears_mut();
+        let mut linears = self.net.linears_mut();
         frugal_models::weights::load_model(&mut self.vs, &mut linears, file)
     }
 
@@ -154,14 +158,14 @@ impl Model {
         match &self.adapter {
             Some(cfg) => {
                 let dir = file.parent().unwrap_or(Path::new("."));
-                let linears = self.llama.linears();
+                let linears = self.net.linears();
                 frugal_adapters::peft::write_into(
                     dir,
                     cfg,
                     &frugal_models::adapted::active_adapters(&linears),
                 )
             }
-            None => frugal_models::weights::save_model(&self.vs, &self.llama.linears(), file),
+            None => frugal_models::weights::save_model(&self.vs, &self.net.linears(), file),
         }
     }
 
@@ -171,7 +175,7 @@ impl Model {
             .adapter
             .as_ref()
             .ok_or_else(|| Error::Msg("the model has no adapter".into()))?;
-        let linears = self.llama.linears();
+        let linears = self.net.linears();
         frugal_adapters::peft::write(dir, cfg, &frugal_models::adapted::active_adapters(&linears))
     }
 
@@ -183,7 +187,7 @@ impl Model {
             (!cfg.model.from_pretrained.is_empty()).then(|| cfg.model.from_pretrained.clone());
         let chosen = frugal_models::adapted::add_adapter(
             &self.vs,
-            self.llama.linears_mut(),
+            self.net.linears_mut(),
             &cfg.adapter.name,
             &lora,
             "adapter",
@@ -203,14 +207,14 @@ impl Model {
     /// else; returns the adapter's variables.
     pub fn load_adapter(&mut self, dir: &Path, name: &str) -> Result<Vec<(String, tch::Tensor)>> {
         let file = frugal_adapters::peft::read(dir)?;
-        frugal_models::adapted::load_adapter(&self.vs, self.llama.linears_mut(), name, &file)?;
+        frugal_models::adapted::load_adapter(&self.vs, self.net.linears_mut(), name, &file)?;
         self.adapter = Some(file.config);
         Ok(frugal_models::adapted::freeze_base(&self.vs))
     }
 
     /// Switches the adapters' dropout on (training) or off.
     pub fn set_training(&mut self, training: bool) {
-        frugal_models::adapted::set_training(self.llama.linears_mut(), training);
+        frugal_models::adapted::set_training(self.net.linears_mut(), training);
     }
 }
 
@@ -245,7 +249,7 @@ pub fn read_config(run: &Path, overrides: &[String]) -> Result<Config> {
 
 /// Mean loss over up to `max_batches` batches of `ds` (all when 0), and the tokens scored.
 pub fn evaluate(
-    model: &Llama,
+    model: &Decoder,
     ds: &TokenDataset,
     batch_size: usize,
     max_batches: usize,

@@ -14,7 +14,7 @@
 //! embedding. Without any of the three options, it is the plain `loss.backward()`.
 
 use frugal_core::{Error, Result};
-use frugal_models::llama::Llama;
+use frugal_models::decoder::Decoder;
 use tch::{Kind, Tensor};
 
 /// How a micro-batch runs.
@@ -56,7 +56,7 @@ impl Groups {
             head: Vec::new(),
         };
         for (i, name) in names.iter().enumerate() {
-            if name.starts_with("model.embed_tokens.") {
+            if name.starts_with("model.embed_tokens.") || name.starts_with("model.embeddings.") {
                 g.embed.push(i);
             } else if let Some(rest) = name.strip_prefix("model.layers.") {
                 let block: usize = rest
@@ -105,7 +105,7 @@ pub type Sink<'a> = dyn FnMut(&[usize], Vec<Tensor>) -> Result<()> + 'a;
 /// group's gradients go to `sink` in backward order and none is kept; otherwise they
 /// accumulate in the parameters' `.grad` as `loss.backward()` would leave them.
 pub fn micro_step(
-    model: &Llama,
+    model: &Decoder,
     params: &[Tensor],
     groups: &Groups,
     plan: &Plan,
@@ -122,20 +122,20 @@ pub fn micro_step(
     let (b, t) = ids
         .size2()
         .map_err(|e| Error::Msg(format!("batch ids: {e}")))?;
-    let (cos, sin) = model.rope(0, t);
 
     // Forward: keep each block's input (a leaf that takes a gradient), and its output graph
     // unless the block is to be recomputed.
     let embedded = model.embed(ids);
-    let mut inputs = Vec::with_capacity(model.layers.len());
-    let mut outputs = Vec::with_capacity(model.layers.len());
+    let blocks = model.num_blocks();
+    let mut inputs = Vec::with_capacity(blocks);
+    let mut outputs = Vec::with_capacity(blocks);
     let mut h = embedded.detach();
-    for block in &model.layers {
+    for i in 0..blocks {
         let input = h.detach().set_requires_grad(true);
         let out = if plan.checkpointing {
-            tch::no_grad(|| block.forward(&input, &cos, &sin, None))
+            tch::no_grad(|| model.block(i, &input))
         } else {
-            block.forward(&input, &cos, &sin, None)
+            model.block(i, &input)
         };
         h = out.shallow_clone();
         inputs.push(input);
@@ -206,11 +206,11 @@ pub fn micro_step(
     drop(upstream_parts);
 
     // Blocks, last to first.
-    for (i, block) in model.layers.iter().enumerate().rev() {
+    for i in (0..blocks).rev() {
         let input = &inputs[i];
         let out = match outputs[i].take() {
             Some(out) if !plan.checkpointing => out,
-            _ => block.forward(input, &cos, &sin, None),
+            _ => model.block(i, input),
         };
         let s = (&out * &upstream).sum(Kind::Float);
         if plan.layerwise {
@@ -257,11 +257,11 @@ fn grads_of(y: &Tensor, wrt: &[&Tensor]) -> Result<Vec<Tensor>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use frugal_models::llama::LlamaConfig;
+    use frugal_models::llama::{Llama, LlamaConfig};
     use frugal_models::LinearKind;
     use tch::{nn::VarStore, Device};
 
-    fn tiny() -> (VarStore, Llama, Vec<(String, Tensor)>) {
+    fn tiny() -> (VarStore, Decoder, Vec<(String, Tensor)>) {
         tch::manual_seed(3);
         let mut cfg = LlamaConfig::preset("tiny").unwrap();
         cfg.vocab_size = 96;
@@ -273,7 +273,7 @@ mod tests {
         let vs = VarStore::new(Device::Cpu);
         let model = Llama::new(&vs.root(), &cfg, &LinearKind::Dense, Kind::Float).unwrap();
         let params = frugal_models::weights::named_variables(&vs);
-        (vs, model, params)
+        (vs, Decoder::Llama(model), params)
     }
 
     fn batch() -> (Tensor, Tensor) {

@@ -69,7 +69,7 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
     let (train_docs, val_docs) = run::documents(cfg)?;
     let tok = run::tokenizer(cfg, run_dir, &train_docs, resume)?;
     let vocab = tok.get_vocab_size(true) as i64;
-    let shape = cfg.llama_config(vocab)?;
+    let shape = cfg.decoder_config(vocab)?;
     // The resolved config marks the folder as a run: written once the inputs are known good,
     // so that a run refused for bad input can be retried into the same folder.
     let resolved = toml::to_string(cfg).map_err(|e| Error::Msg(format!("config: {e}")))?;
@@ -116,7 +116,8 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
     let tensors: Vec<tch::Tensor> = params.iter().map(|(_, t)| t.shallow_clone()).collect();
     let n_params: i64 = tensors.iter().map(|t| t.numel() as i64).sum();
     eprintln!(
-        "frugal: llama {} ({:.2}M {}parameters) on {device:?}, {:?}",
+        "frugal: {} {} ({:.2}M {}parameters) on {device:?}, {:?}",
+        cfg.model.kind,
         if cfg.model.from_pretrained.is_empty() {
             &cfg.model.size
         } else {
@@ -127,7 +128,7 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
         cfg.train.dtype
     );
     let names: Vec<String> = params.iter().map(|(n, _)| n.clone()).collect();
-    let groups = Groups::of(&names, shape.num_hidden_layers as usize)?;
+    let groups = Groups::of(&names, shape.num_blocks())?;
     let mut opt = crate::optimizers::build(cfg, params, t.lr)?;
     let plan = Plan {
         layerwise: cfg.optim.layerwise,
@@ -207,7 +208,7 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
                 targets: &y.to_device(device),
                 scale: 1.0 / t.grad_accum as f64,
             };
-            loss_sum += step::micro_step(&m.llama, &tensors, &groups, &plan, &batch, &mut sink)?;
+            loss_sum += step::micro_step(&m.net, &tensors, &groups, &plan, &batch, &mut sink)?;
             micro_norms += sq.sqrt();
         }
         let loss = loss_sum / t.grad_accum as f64;
@@ -251,7 +252,7 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
                 t.eval_batches
             };
             m.set_training(false);
-            let (vl, _) = run::evaluate(&m.llama, &val_ds, t.batch_size, batches, device);
+            let (vl, _) = run::evaluate(&m.net, &val_ds, t.batch_size, batches, device);
             m.set_training(true);
             val_loss = vl;
             line["val_loss"] = json!(vl);
@@ -284,21 +285,15 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
     m.set_training(false);
     if val_loss.is_nan() && !interrupted {
         // Nothing left to train (a resume at or past max_steps): still report the model.
-        val_loss = run::evaluate(
-            &m.llama,
-            &val_ds,
-            t.batch_size,
-            t.final_eval_batches,
-            device,
-        )
-        .0;
+        val_loss = run::evaluate(&m.net, &val_ds, t.batch_size, t.final_eval_batches, device).0;
     }
     history.plot(&run_dir.join("loss.png"), unigram);
 
-    let (planned, adamw) = crate::memplan::plan(cfg, &shape);
+    // The accounting from shapes exists for the LLaMA (`--dry-run`).
+    let plans = shape.llama().map(|s| crate::memplan::plan(cfg, s));
     let mut acc = Accounting::default();
     acc.add_tensors("parameters", tensors.iter());
-    if plan.layerwise {
+    if let (true, Some((planned, _))) = (plan.layerwise, &plans) {
         // One group's gradients at a time, never kept in `.grad`.
         acc.add("gradients", planned.get("gradients"));
     } else {
@@ -309,8 +304,10 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
     if adapter {
         report["frozen_base"] = frozen_base_bytes(&m);
     }
-    report["plan"] = planned.to_json();
-    report["adamw_full_gradients"] = adamw.to_json();
+    if let Some((planned, adamw)) = &plans {
+        report["plan"] = planned.to_json();
+        report["adamw_full_gradients"] = adamw.to_json();
+    }
     report["plan_note"] = json!("plan: the accounting computed from shapes (activations and logits estimated), as `frugal train --dry-run` prints it; adamw_full_gradients: the same for plain AdamW with full gradients, no checkpointing, no chunking");
     atomic::write(
         &run_dir.join("memory.json"),
@@ -578,7 +575,7 @@ pub fn print_summary(s: &Summary) {
 /// linear weights).
 fn frozen_base_bytes(m: &run::Model) -> serde_json::Value {
     let (mut qbytes, mut qparams) = (0u64, 0u64);
-    for (_, l) in m.llama.linears() {
+    for (_, l) in m.net.linears() {
         if let Some(q) = l.quantized() {
             qbytes += q.weight.stored_bytes();
             qparams += q.weight.numel() as u64;

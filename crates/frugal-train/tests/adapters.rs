@@ -158,7 +158,7 @@ fn only_the_adapter_trains() {
         ("dora", Plan::default()),
     ] {
         let cfg = config_of(&settings(&base, &data, kind));
-        let shape = cfg.llama_config(64).unwrap();
+        let shape = cfg.decoder_config(64).unwrap();
         let weights = frun::pretrained_weights(&cfg).unwrap();
         let mut m = frun::model(&cfg, &shape, Device::Cpu, Some(&weights)).unwrap();
         let params = m.add_adapter(&cfg).unwrap();
@@ -170,10 +170,7 @@ fn only_the_adapter_trains() {
             .map(|(n, t)| (n, t.detach().copy()))
             .collect();
         if kind == "qlora" {
-            let q = m.llama.linears()[0]
-                .1
-                .quantized()
-                .map(|q| q.weight.family());
+            let q = m.net.linears()[0].1.quantized().map(|q| q.weight.family());
             assert_eq!(q, Some("4bit"), "the QLoRA base is NF4");
         }
         let before: Vec<Tensor> = params.iter().map(|(_, t)| t.detach().copy()).collect();
@@ -191,7 +188,7 @@ fn only_the_adapter_trains() {
                 scale: 1.0,
             };
             let mut sink = |idx: &[usize], g: Vec<Tensor>| opt.step_with_grads(idx, g);
-            step::micro_step(&m.llama, &tensors, &groups, &plan, &batch, &mut sink).unwrap();
+            step::micro_step(&m.net, &tensors, &groups, &plan, &batch, &mut sink).unwrap();
             if !plan.layerwise {
                 opt.step().unwrap();
                 opt.zero_grad();
@@ -339,7 +336,7 @@ fn qalora_merges_into_int4_without_loss() {
 
     // Base + adapter, as trained (int4 base of group 32).
     let cfg = config_of(&settings(&base, &data, "qalora"));
-    let shape = cfg.llama_config(64).unwrap();
+    let shape = cfg.decoder_config(64).unwrap();
     let mut unmerged = frun::model(
         &cfg,
         &shape,
@@ -360,12 +357,7 @@ fn qalora_merges_into_int4_without_loss() {
     )
     .unwrap();
     let ids = Tensor::randint(64, [2, 24], (Kind::Int64, Device::Cpu));
-    let (a, b) = tch::no_grad(|| {
-        (
-            unmerged.llama.forward(&ids, None),
-            merged_model.llama.forward(&ids, None),
-        )
-    });
+    let (a, b) = tch::no_grad(|| (unmerged.net.forward(&ids), merged_model.net.forward(&ids)));
     let base_model = frun::model(
         &plain,
         &shape,
@@ -373,7 +365,7 @@ fn qalora_merges_into_int4_without_loss() {
         frun::pretrained_weights(&cfg).as_deref(),
     )
     .unwrap();
-    let c0 = tch::no_grad(|| base_model.llama.forward(&ids, None));
+    let c0 = tch::no_grad(|| base_model.net.forward(&ids));
     let d = (&a - &b).abs().max().double_value(&[]);
     assert!(d < 1e-4, "merged int4 vs base + adapter: {d}");
     let moved = (&a - &c0).abs().max().double_value(&[]);
