@@ -4,7 +4,6 @@
 mod common;
 
 use common::*;
-use std::path::Path;
 
 /// Guarantee: a run writes the run folder of DESIGN.md, and eval / generate / inspect work on it.
 #[test]
@@ -212,18 +211,6 @@ fn resume_is_bit_identical() {
         a == b,
         "weights after resume differ from the uninterrupted run"
     );
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap().flatten() {
-        let t = to.join(e.file_name());
-        if e.path().is_dir() {
-            copy_dir(&e.path(), &t);
-        } else {
-            std::fs::copy(e.path(), t).unwrap();
-        }
-    }
 }
 
 /// Guarantee: Ctrl-C saves a checkpoint and exits with 130; resuming finishes the run with the

@@ -383,19 +383,6 @@ fn resume_across_a_pruning_gives_the_same_run() {
     }
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let target = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &target);
-        } else {
-            std::fs::copy(e.path(), target).unwrap();
-        }
-    }
-}
-
 /// Guarantee: the late stage descends the size while it is relatively further from its target
 /// than the loss (a far size target, a loss target above the loss: every late step is a size
 /// step, and the main optimizer rests), and the loss otherwise (a size target

@@ -164,18 +164,6 @@ fn mlm_resume_is_bit_identical() {
     );
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap().flatten() {
-        let t = to.join(e.file_name());
-        if e.path().is_dir() {
-            copy_dir(&e.path(), &t);
-        } else {
-            std::fs::copy(e.path(), t).unwrap();
-        }
-    }
-}
-
 /// Writes `n` examples with a header: 6 words of the test corpus, drawn from the first half
 /// of the word list for label "yes" (every other row), from the second half for "no".
 fn task_tsv(path: &Path, n: usize, seed: u64) {
