@@ -182,6 +182,10 @@ impl Linear for Adapted {
         self.base.tt_eps()
     }
 
+    fn accepts(&self, w: &frugal_quant::layer::QuantizedWeight) -> std::result::Result<(), String> {
+        self.base.accepts(w)
+    }
+
     fn bit_linear(&self) -> Option<&crate::linear::BitLinear> {
         self.base.bit_linear()
     }

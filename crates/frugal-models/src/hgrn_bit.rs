@@ -348,7 +348,7 @@ impl HgrnBit {
             .collect::<Result<Vec<_>>>()?;
         let norm = RmsNorm::new(&(&model / "norm"), cfg.hidden_size, cfg.rms_norm_eps);
         let head_kind = match kind {
-            LinearKind::BitLinear { .. } => kind.clone(),
+            LinearKind::BitLinear { .. } | LinearKind::PackedBitLinear { .. } => kind.clone(),
             _ => LinearKind::Dense,
         };
         let lm_head = linear::build(
@@ -391,28 +391,35 @@ impl HgrnBit {
         });
     }
 
-    /// Every linear layer but the output head, with its full name.
+    /// Every linear layer with its full name, the output head (`lm_head`, a BitLinear too)
+    /// last: unlike the LLaMA's, the head is packed and loaded like the blocks' layers.
     pub fn linears(&self) -> Vec<(String, &dyn Linear)> {
-        self.layers
+        let mut v: Vec<(String, &dyn Linear)> = self
+            .layers
             .iter()
             .enumerate()
             .flat_map(|(i, b)| {
                 b.linears()
                     .map(|(n, l)| (format!("model.layers.{i}.{n}"), l))
             })
-            .collect()
+            .collect();
+        v.push(("lm_head".into(), self.lm_head.as_ref()));
+        v
     }
 
     /// [`HgrnBit::linears`], mutable.
     pub fn linears_mut(&mut self) -> Vec<(String, &mut Box<dyn Linear>)> {
-        self.layers
+        let mut v: Vec<(String, &mut Box<dyn Linear>)> = self
+            .layers
             .iter_mut()
             .enumerate()
             .flat_map(|(i, b)| {
                 b.linears_mut()
                     .map(|(n, l)| (format!("model.layers.{i}.{n}"), l))
             })
-            .collect()
+            .collect();
+        v.push(("lm_head".into(), &mut self.lm_head));
+        v
     }
 
     /// The output head.

@@ -3,7 +3,7 @@
 
 use frugal_core::{Error, Result};
 use frugal_quant::convert::Format;
-use frugal_quant::layer::QuantizedLinear;
+use frugal_quant::layer::{QuantizedLinear, QuantizedWeight};
 use frugal_tt::{balanced_modes, TtLinear};
 use serde::{Deserialize, Serialize};
 use tch::{nn, Device, Kind, Tensor};
@@ -64,6 +64,16 @@ pub enum LinearKind {
         #[serde(default = "default_bit_eps")]
         eps: f64,
     },
+    /// A trained BitLinear for inference: the ternary weight packed four codes per byte
+    /// (frugal-quant's ternary format under `{layer}.weight`, one absmean scale), the input
+    /// gain in f32; products run the ternary kernel on int8 activations, with no multiplication
+    /// per weight. Frozen: no gradient. Loading a training checkpoint packs its latent weights.
+    #[serde(rename = "bitlinear-packed")]
+    PackedBitLinear {
+        /// The input RMSNorm's epsilon.
+        #[serde(default = "default_bit_eps")]
+        eps: f64,
+    },
 }
 
 fn default_bit_eps() -> f64 {
@@ -91,7 +101,10 @@ impl LinearKind {
     /// name `model.linear.format` when the format or its options are unknown.
     pub fn quant_format(&self) -> Result<Option<Format>> {
         match self {
-            LinearKind::Dense | LinearKind::Tt { .. } | LinearKind::BitLinear { .. } => Ok(None),
+            LinearKind::Dense
+            | LinearKind::Tt { .. }
+            | LinearKind::BitLinear { .. }
+            | LinearKind::PackedBitLinear { .. } => Ok(None),
             LinearKind::Quantized {
                 format,
                 block_size,
@@ -114,7 +127,7 @@ impl LinearKind {
         if let LinearKind::Tt { rank, order, eps } = self {
             check_tt_options("model.linear", *rank, *order, *eps, "per side")?;
         }
-        if let LinearKind::BitLinear { eps } = self {
+        if let LinearKind::BitLinear { eps } | LinearKind::PackedBitLinear { eps } = self {
             if !(eps.is_finite() && *eps > 0.0) {
                 return Err(Error::Config {
                     key: "model.linear.eps".into(),
@@ -186,6 +199,13 @@ pub trait Linear: std::fmt::Debug + Send {
     /// The layer's weight as a dense f32 tensor: a dense layer's, a quantized layer's
     /// dequantized (on the CPU), a TT layer's reconstructed.
     fn weight_f32(&self) -> Tensor;
+
+    /// Whether this layer can compute with quantized weight `w` read from a file (a packed
+    /// BitLinear takes only a ternary weight with one scale); the reason when not.
+    fn accepts(&self, w: &QuantizedWeight) -> std::result::Result<(), String> {
+        let _ = w;
+        Ok(())
+    }
 
     /// The BitLinear layer, for a BitLinear layer (latent weight, gain, ternary parts).
     fn bit_linear(&self) -> Option<&BitLinear> {
@@ -424,6 +444,82 @@ impl Linear for BitLinear {
     }
 }
 
+/// A trained BitLinear packed for inference: see [`LinearKind::PackedBitLinear`].
+#[derive(Debug)]
+pub struct PackedBitLinear {
+    /// The packed ternary weight (always [`QuantizedWeight::Ternary`] with one scale).
+    pub layer: QuantizedLinear,
+    /// The input RMSNorm's gain `(in,)`.
+    pub norm: Tensor,
+    eps: f64,
+    compute: Kind,
+}
+
+impl PackedBitLinear {
+    fn ternary(&self) -> &frugal_quant::ternary::Ternary {
+        match &self.layer.weight {
+            QuantizedWeight::Ternary(t) => t,
+            _ => unreachable!("checked when loaded"),
+        }
+    }
+}
+
+impl Linear for PackedBitLinear {
+    fn shape(&self) -> (i64, i64) {
+        (
+            self.layer.out_features as i64,
+            self.layer.in_features as i64,
+        )
+    }
+
+    fn weight_f32(&self) -> Tensor {
+        self.layer.dequantize()
+    }
+
+    fn quantized(&self) -> Option<&QuantizedLinear> {
+        Some(&self.layer)
+    }
+
+    fn quantized_mut(&mut self) -> Option<&mut QuantizedLinear> {
+        Some(&mut self.layer)
+    }
+
+    fn accepts(&self, w: &QuantizedWeight) -> std::result::Result<(), String> {
+        match w {
+            QuantizedWeight::Ternary(t) if t.rows_per_scale == t.rows => Ok(()),
+            QuantizedWeight::Ternary(_) => Err(
+                "a packed BitLinear takes one ternary scale per tensor, not per row group".into(),
+            ),
+            other => Err(format!(
+                "a packed BitLinear takes a ternary weight, the file holds {}",
+                other.family()
+            )),
+        }
+    }
+
+    /// RMSNorm with the gain, then the ternary kernel: each row quantized to int8 as in
+    /// training (`round(x 127 / max|x|)`), integer sums of the codes, one scale per row.
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let size = x.size();
+        let cols = *size.last().expect("at least 1-D");
+        let rows = x.numel() as i64 / cols.max(1);
+        let xn = tch::no_grad(|| {
+            let x = x.to_kind(Kind::Float);
+            let var = x.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float);
+            x * (var + self.eps).rsqrt() * &self.norm
+        });
+        let flat = Vec::<f32>::try_from(xn.reshape([-1]).to_device(Device::Cpu)).expect("f32 rows");
+        let y = frugal_quant::matmul::ternary_matmul(self.ternary(), &flat, rows as usize)
+            .expect("shapes checked when built and loaded");
+        let mut out = size.clone();
+        *out.last_mut().expect("at least 1-D") = self.layer.out_features as i64;
+        Tensor::from_slice(&y)
+            .reshape(&out)
+            .to_device(x.device())
+            .to_kind(self.compute)
+    }
+}
+
 /// Builds a linear layer of kind `kind` under `path` (a dense weight is `path.weight`, TT
 /// cores `path.cores.{k}`). A quantized layer starts from a quantized N(0, 0.02) weight, like a
 /// dense one, until loaded; a TT layer from CoMERA's initialisation
@@ -443,6 +539,21 @@ pub fn build(
     if let LinearKind::BitLinear { eps } = kind {
         return Ok(Box::new(BitLinear {
             weight: path.var("weight", &[out_dim, in_dim], init),
+            norm: (path / "norm").var("weight", &[in_dim], nn::Init::Const(1.0)),
+            eps: *eps,
+            compute,
+        }));
+    }
+    if let LinearKind::PackedBitLinear { eps } = kind {
+        let w = Tensor::randn([out_dim, in_dim], (Kind::Float, Device::Cpu)) * 0.02;
+        let layer = QuantizedLinear::quantize(&w, &Format::Ternary).map_err(|e| {
+            Error::Msg(format!(
+                "{}: cannot pack a ({out_dim}, {in_dim}) ternary weight: {e}",
+                path.components().collect::<Vec<_>>().join(".")
+            ))
+        })?;
+        return Ok(Box::new(PackedBitLinear {
+            layer,
             norm: (path / "norm").var("weight", &[in_dim], nn::Init::Const(1.0)),
             eps: *eps,
             compute,

@@ -819,6 +819,9 @@ pub fn load_model_with_tables(
                 got: weight.shape(),
             });
         }
+        layer
+            .accepts(&weight)
+            .map_err(|e| Error::Msg(format!("{}: {name}: {e}", path.display())))?;
         replacements.push((i, weight));
     }
     let vars: Vec<(String, Tensor)> = named_variables(vs)

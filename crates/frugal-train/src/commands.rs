@@ -196,19 +196,32 @@ pub(crate) fn stored_linear_kind(hf: &serde_json::Value) -> Option<frugal_models
 fn load_model_dir(dir: &Path, adapter: Option<&Path>) -> Result<Loaded> {
     let cfg_path = dir.join("config.json");
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
-    let shape = LlamaConfig::from_hf_json(&text)
-        .map_err(|e| Error::Msg(format!("{}: {e}", cfg_path.display())))?;
     let tok = tokenize::load_tokenizer_file(&dir.join("tokenizer.json"))?;
     let mut cfg = Config::default();
     let hf: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| Error::Msg(format!("{}: {e}", cfg_path.display())))?;
-    if let Some(kind) = stored_linear_kind(&hf) {
-        cfg.model.linear = kind;
-    }
+    let shape = match crate::export_cmd::hgrn_config(&hf) {
+        // A MatMul-free LM from `frugal export`: packed ternary layers.
+        Some(c) => {
+            let c = c.map_err(|e| Error::Msg(format!("{}: {e}", cfg_path.display())))?;
+            cfg.model.kind = "hgrn-bit".into();
+            cfg.model.linear = frugal_models::LinearKind::PackedBitLinear { eps: 1e-8 };
+            DecoderConfig::HgrnBit(c)
+        }
+        None => {
+            if let Some(kind) = stored_linear_kind(&hf) {
+                cfg.model.linear = kind;
+            }
+            DecoderConfig::Llama(
+                LlamaConfig::from_hf_json(&text)
+                    .map_err(|e| Error::Msg(format!("{}: {e}", cfg_path.display())))?,
+            )
+        }
+    };
     let device = cfg.train.device.resolve()?;
     let weights = frugal_core::safetensors_io::model_weights(dir)
         .unwrap_or_else(|| dir.join("model.safetensors"));
-    let mut model = run::model(&cfg, &DecoderConfig::Llama(shape), device, Some(&weights))?;
+    let mut model = run::model(&cfg, &shape, device, Some(&weights))?;
     if let Some(a) = adapter {
         model.load_adapter(a, "default")?;
     }

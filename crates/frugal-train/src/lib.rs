@@ -19,6 +19,7 @@ pub mod data;
 pub mod encoder_eval;
 mod encoder_io;
 pub mod encoder_train;
+pub mod export_cmd;
 pub mod memplan;
 pub mod merge_cmd;
 pub mod optimizers;

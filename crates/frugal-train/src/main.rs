@@ -111,6 +111,15 @@ enum Command {
         #[arg(long)]
         exclude: Option<String>,
     },
+    /// Pack a trained MatMul-free LM (hgrn-bit run) into a ternary model folder for inference.
+    Export {
+        /// The run folder (its latest checkpoint is packed).
+        #[arg(long)]
+        run: PathBuf,
+        /// The model folder to write.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Fold an adapter into its base model and write a model folder.
     Merge {
         /// The base model folder (config.json, model.safetensors or shards, tokenizer.json).
@@ -197,6 +206,7 @@ fn main() -> ExitCode {
             adapter,
             data,
         } => commands::eval(run, model, adapter, data),
+        Command::Export { run, out } => frugal_train::export_cmd::export(&run, &out),
         Command::Merge {
             base,
             adapter,

@@ -124,7 +124,11 @@ pub fn model(
     // QLoRA and QA-LoRA choose the frozen base's quantization; the MatMul-free LM is BitLinear
     // throughout.
     let kind = match shape {
-        DecoderConfig::HgrnBit(_) => frugal_models::LinearKind::BitLinear { eps: 1e-8 },
+        DecoderConfig::HgrnBit(_) => match &cfg.model.linear {
+            // An exported (packed) model, for inference.
+            k @ frugal_models::LinearKind::PackedBitLinear { .. } => k.clone(),
+            _ => frugal_models::LinearKind::BitLinear { eps: 1e-8 },
+        },
         DecoderConfig::Llama(_) => cfg
             .adapter
             .base_linear()

@@ -92,6 +92,61 @@ fn hgrn_bit_trains_resumes_evaluates_generates() {
     let o = run(c);
     assert!(o.status.success());
     assert!(String::from_utf8_lossy(&o.stdout).starts_with("the model"));
+
+    // Packed for inference: ternary codes four per byte, then generation and evaluation from
+    // the folder through the ternary kernels.
+    let packed = dir.path().join("packed");
+    let mut c = frugal(dir.path());
+    c.arg("export")
+        .arg("--run")
+        .arg(&full)
+        .arg("--out")
+        .arg(&packed);
+    assert!(run(c).status.success());
+    let f = frugal_core::safetensors_io::SafetensorsFile::open(&packed.join("model.safetensors"))
+        .unwrap();
+    let (shape, dtype) = f.info("model.layers.0.attn.i_proj.weight").unwrap();
+    assert_eq!(
+        (shape, format!("{dtype:?}")),
+        (vec![32 * 32 / 4], "U8".to_string())
+    );
+    assert!(f.names().contains(&"lm_head.weight.scale".to_string()));
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(packed.join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg["model_type"], "hgrn_bit");
+    let mut c = frugal(dir.path());
+    c.arg("generate").arg("--model").arg(&packed);
+    c.args([
+        "--prompt",
+        "the model",
+        "--max-new-tokens",
+        "5",
+        "--temperature",
+        "0",
+    ]);
+    let o = run(c);
+    assert!(o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("tokens/s"));
+    let mut c = frugal(dir.path());
+    c.arg("eval")
+        .arg("--model")
+        .arg(&packed)
+        .arg("--data")
+        .arg(&corpus);
+    let o = run(c);
+    assert!(o.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(v["loss"].as_f64().unwrap().is_finite());
+
+    // Only hgrn-bit runs are exported: anything else is a clear error.
+    let mut c = frugal(dir.path());
+    c.arg("export")
+        .arg("--run")
+        .arg(&packed)
+        .arg("--out")
+        .arg(dir.path().join("y"));
+    assert_clean_error(&run(c), "config.toml");
 }
 
 /// Guarantee: what hgrn-bit does not support yet is refused by key.
