@@ -11,6 +11,7 @@ pub const NAMES: &[&str] = &[
     "galore-quality",
     "tt",
     "adapters",
+    "matmulfree",
 ];
 
 /// Runs benchmark `name` with extra arguments `args`.
@@ -22,6 +23,7 @@ pub fn run(env: &TorchEnv, name: &str, args: &[String]) -> Result<()> {
         "galore-quality" => crate::bench_galore_quality::run(env, args),
         "tt" => crate::bench_tt::run(env, args),
         "adapters" => crate::bench_adapters::run(env, args),
+        "matmulfree" => crate::bench_matmulfree::run(env, args),
         other => Err(Failure::new(format!(
             "unknown benchmark '{other}'; benchmarks: {}",
             NAMES.join(", ")

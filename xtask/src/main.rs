@@ -14,6 +14,7 @@ mod bench;
 mod bench_adapters;
 mod bench_galore;
 mod bench_galore_quality;
+mod bench_matmulfree;
 mod bench_quant;
 mod bench_train_step;
 mod bench_tt;

@@ -520,6 +520,38 @@ impl Linear for PackedBitLinear {
     }
 }
 
+/// A ternary weight of random codes (from torch's generator; -1 and 1 a quarter of the codes
+/// each) and scale 0.02, built in its packed form.
+fn random_ternary(rows: usize, cols: usize) -> frugal_quant::ternary::Ternary {
+    let n = rows * cols;
+    let bytes = n.div_ceil(4);
+    // One random byte per packed byte, each 2-bit field mapped onto a stored code in 0..=2;
+    // fields past the last weight hold code 1 (zero), as the format pads.
+    let noise = Tensor::randint(256, [bytes as i64], (Kind::Uint8, Device::Cpu));
+    let noise: Vec<u8> = Vec::try_from(noise).expect("u8 noise");
+    let packed = noise
+        .iter()
+        .enumerate()
+        .map(|(k, &b)| {
+            (0..4).fold(0u8, |acc, j| {
+                let code = if 4 * k + j < n {
+                    ((b >> (2 * j)) & 3) % 3
+                } else {
+                    1
+                };
+                acc | (code << (2 * j))
+            })
+        })
+        .collect();
+    frugal_quant::ternary::Ternary {
+        rows,
+        cols,
+        rows_per_scale: rows,
+        packed,
+        scales: vec![0.02],
+    }
+}
+
 /// Builds a linear layer of kind `kind` under `path` (a dense weight is `path.weight`, TT
 /// cores `path.cores.{k}`). A quantized layer starts from a quantized N(0, 0.02) weight, like a
 /// dense one, until loaded; a TT layer from CoMERA's initialisation
@@ -545,13 +577,13 @@ pub fn build(
         }));
     }
     if let LinearKind::PackedBitLinear { eps } = kind {
-        let w = Tensor::randn([out_dim, in_dim], (Kind::Float, Device::Cpu)) * 0.02;
-        let layer = QuantizedLinear::quantize(&w, &Format::Ternary).map_err(|e| {
-            Error::Msg(format!(
-                "{}: cannot pack a ({out_dim}, {in_dim}) ternary weight: {e}",
-                path.components().collect::<Vec<_>>().join(".")
-            ))
-        })?;
+        // Random codes made directly in the packed form (never an f32 copy of the weight),
+        // until loaded.
+        let layer = QuantizedLinear {
+            weight: QuantizedWeight::Ternary(random_ternary(out_dim as usize, in_dim as usize)),
+            out_features: out_dim as usize,
+            in_features: in_dim as usize,
+        };
         return Ok(Box::new(PackedBitLinear {
             layer,
             norm: (path / "norm").var("weight", &[in_dim], nn::Init::Const(1.0)),
