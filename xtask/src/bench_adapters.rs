@@ -18,8 +18,7 @@
 
 use crate::report::{
     frugal_train, json_num as num, json_number, json_object, json_opt, json_str as string,
-    last_json_line, load_average, mean_step_time, mib, parse_memory, python_json, utc_date,
-    Machine,
+    last_json_line, load_average, mib, python_json, utc_date, Machine,
 };
 use crate::setup::TorchEnv;
 use crate::{Failure, Result};
@@ -391,22 +390,8 @@ fn run_frugal(
     let out = format!("target/bench/adapters/{}-run", side.key());
     let out_dir = frugal_train(bin, vars, root, &out, &frugal_sets(opts, side))?;
 
-    let read = |name: &str| {
-        std::fs::read_to_string(out_dir.join(name))
-            .map_err(|e| Failure::new(format!("cannot read {out}/{name}: {e}")))
-    };
-    let metrics = read("metrics.jsonl")?;
-    let step_s = mean_step_time(&metrics, opts.warmup).ok_or_else(|| {
-        Failure::new(format!(
-            "{out}/metrics.jsonl has fewer than {total} training steps with step_time_s"
-        ))
-    })?;
-    let memory = read("memory.json")?;
-    let (baseline_rss_bytes, peak_rss_bytes) = parse_memory(&memory).ok_or_else(|| {
-        Failure::new(format!(
-            "{out}/memory.json lacks baseline_rss_bytes and peak_rss_bytes"
-        ))
-    })?;
+    let (step_s, baseline_rss_bytes, peak_rss_bytes, memory) =
+        crate::report::read_train_run(&out_dir, &out, opts.warmup, total)?;
     let frozen = parse_frozen(&memory);
     if side != Side::Full && frozen.is_none() {
         eprintln!("bench adapters: {out}/memory.json has no frozen_base");

@@ -27,8 +27,8 @@
 
 use crate::report::{
     find_key, frugal_train, json_num as num, json_number, json_object, json_opt,
-    json_str as string, last_json_line, load_average, mean_step_time, metric_points, mib,
-    parse_memory, utc_date, Machine,
+    json_str as string, last_json_line, load_average, mean_step_time, metric_points, mib, utc_date,
+    Machine,
 };
 use crate::setup::TorchEnv;
 use crate::{Failure, Result};
@@ -488,22 +488,8 @@ fn run_train(
     let total = opts.warmup + opts.steps;
     let out = format!("{OUT_DIR}/train-{}", side.key());
     let out_dir = frugal_train(bin, vars, root, &out, &train_sets(opts, side))?;
-    let read = |name: &str| {
-        std::fs::read_to_string(out_dir.join(name))
-            .map_err(|e| Failure::new(format!("cannot read {out}/{name}: {e}")))
-    };
-    let metrics = read("metrics.jsonl")?;
-    let step_s = mean_step_time(&metrics, opts.warmup).ok_or_else(|| {
-        Failure::new(format!(
-            "{out}/metrics.jsonl has fewer than {total} training steps with step_time_s"
-        ))
-    })?;
-    let memory = read("memory.json")?;
-    let (baseline_rss_bytes, peak_rss_bytes) = parse_memory(&memory).ok_or_else(|| {
-        Failure::new(format!(
-            "{out}/memory.json lacks baseline_rss_bytes and peak_rss_bytes"
-        ))
-    })?;
+    let (step_s, baseline_rss_bytes, peak_rss_bytes, memory) =
+        crate::report::read_train_run(&out_dir, &out, opts.warmup, total)?;
     let param_bytes = json_object(&memory, "accounting")
         .and_then(|a| json_number(a, "parameters"))
         .map(|v| v as u64);

@@ -347,3 +347,31 @@ pub fn parse_steps_warmup(
     }
     Ok((steps, warmup))
 }
+
+/// What a finished `frugal train` run in `out_dir` (shown as `out`) measured: the mean step
+/// time after `warmup` steps (of `total`), baseline and peak resident memory, and the text of
+/// `memory.json` for more. Errors name the file that lacks them.
+pub fn read_train_run(
+    out_dir: &std::path::Path,
+    out: &str,
+    warmup: u64,
+    total: u64,
+) -> Result<(f64, u64, u64, String)> {
+    let read = |name: &str| {
+        std::fs::read_to_string(out_dir.join(name))
+            .map_err(|e| Failure::new(format!("cannot read {out}/{name}: {e}")))
+    };
+    let metrics = read("metrics.jsonl")?;
+    let step_s = mean_step_time(&metrics, warmup).ok_or_else(|| {
+        Failure::new(format!(
+            "{out}/metrics.jsonl has fewer than {total} training steps with step_time_s"
+        ))
+    })?;
+    let memory = read("memory.json")?;
+    let (baseline, peak) = parse_memory(&memory).ok_or_else(|| {
+        Failure::new(format!(
+            "{out}/memory.json lacks baseline_rss_bytes and peak_rss_bytes"
+        ))
+    })?;
+    Ok((step_s, baseline, peak, memory))
+}

@@ -981,15 +981,7 @@ impl Config {
         c: &frugal_models::encoder::EncoderConfig,
         tokenizer_vocab: i64,
     ) -> Result<()> {
-        if c.vocab_size < tokenizer_vocab {
-            return Err(Error::config(
-                "model.vocab_size",
-                format!(
-                    "{} is smaller than the tokenizer's vocabulary ({tokenizer_vocab})",
-                    c.vocab_size
-                ),
-            ));
-        }
+        check_vocab(c.vocab_size, tokenizer_vocab)?;
         if self.train.seq_len as i64 > c.max_position_embeddings {
             return Err(Error::config(
                 "train.seq_len",
@@ -1032,15 +1024,7 @@ impl Config {
             }
         }
         c.validate()?;
-        if c.vocab_size < tokenizer_vocab {
-            return Err(Error::config(
-                "model.vocab_size",
-                format!(
-                    "{} is smaller than the tokenizer's vocabulary ({tokenizer_vocab})",
-                    c.vocab_size
-                ),
-            ));
-        }
+        check_vocab(c.vocab_size, tokenizer_vocab)?;
         Ok(DecoderConfig::HgrnBit(c))
     }
 
@@ -1081,15 +1065,7 @@ impl Config {
         set(m.vocab_size, &mut c.vocab_size);
         set(m.max_seq_len, &mut c.max_position_embeddings);
         c.validate()?;
-        if c.vocab_size < tokenizer_vocab {
-            return Err(Error::config(
-                "model.vocab_size",
-                format!(
-                    "{} is smaller than the tokenizer's vocabulary ({tokenizer_vocab})",
-                    c.vocab_size
-                ),
-            ));
-        }
+        check_vocab(c.vocab_size, tokenizer_vocab)?;
         if self.train.seq_len as i64 > c.max_position_embeddings {
             return Err(Error::config(
                 "train.seq_len",
@@ -1101,6 +1077,17 @@ impl Config {
         }
         Ok(c)
     }
+}
+
+/// The model's vocabulary must hold the tokenizer's; the error names `model.vocab_size`.
+fn check_vocab(model_vocab: i64, tokenizer_vocab: i64) -> Result<()> {
+    if model_vocab < tokenizer_vocab {
+        return Err(Error::config(
+            "model.vocab_size",
+            format!("{model_vocab} is smaller than the tokenizer's vocabulary ({tokenizer_vocab})"),
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
