@@ -351,21 +351,13 @@ fn parse_peft(stdout: &str) -> Option<(Row, PeftExtra)> {
 /// The `--set` values of one `frugal train` side.
 fn frugal_sets(opts: Options, side: Side) -> Vec<String> {
     let kind = side.adapter_kind().unwrap_or("none");
-    let mut sets = vec![
-        format!("model.from_pretrained=\"{BASE}\""),
-        format!("train.seq_len={SEQ}"),
-        format!("train.batch_size={BATCH}"),
-        "train.dtype=\"f32\"".into(),
-        "train.device=\"cpu\"".into(),
-        format!("train.max_steps={}", opts.warmup + opts.steps),
-        "train.warmup_steps=0".into(),
-        "train.eval_every=0".into(),
-        "train.eval_batches=1".into(),
-        "train.final_eval_batches=1".into(),
-        "train.save_every=0".into(),
-        "train.lr=0.0001".into(),
-        format!("adapter.kind=\"{kind}\""),
-    ];
+    let mut sets = vec![format!("model.from_pretrained=\"{BASE}\"")];
+    sets.extend(crate::report::timing_sets(
+        SEQ,
+        BATCH,
+        opts.warmup + opts.steps,
+    ));
+    sets.extend(["train.lr=0.0001".into(), format!("adapter.kind=\"{kind}\"")]);
     if kind != "none" {
         sets.extend([
             format!("adapter.r={R}"),

@@ -429,21 +429,13 @@ fn cases(opts: &Options) -> Vec<Case> {
 
 /// The `--set` overrides of `frugal train` for `config` at `case`.
 fn frugal_sets(opts: &Options, case: Case, config: Config) -> Vec<String> {
-    let mut s = vec![
-        format!("model.size=\"{}\"", case.size.name),
-        format!("train.seq_len={SEQ}"),
-        format!("train.batch_size={}", case.batch),
-        "train.dtype=\"f32\"".into(),
-        "train.device=\"cpu\"".into(),
-        format!("train.max_steps={}", opts.warmup + opts.steps),
-        "train.warmup_steps=0".into(),
-        "train.eval_every=0".into(),
-        "train.eval_batches=1".into(),
-        // The final evaluation scores the whole split by default: hours at 1B on a CPU.
-        "train.final_eval_batches=1".into(),
-        "train.save_every=0".into(),
-        "train.lr=0.001".into(),
-    ];
+    let mut s = vec![format!("model.size=\"{}\"", case.size.name)];
+    s.extend(crate::report::timing_sets(
+        SEQ,
+        case.batch,
+        opts.warmup + opts.steps,
+    ));
+    s.push("train.lr=0.001".into());
     let galore = |s: &mut Vec<String>, name: &str| {
         s.push(format!("optim.name=\"{name}\""));
         s.push(format!("optim.galore.rank={}", case.size.rank));

@@ -462,20 +462,16 @@ impl TrainRow {
 
 /// The `--set` values of one training side.
 fn train_sets(opts: &Options, side: TrainSide) -> Vec<String> {
-    vec![
+    let mut sets = vec![
         format!("model.kind=\"{}\"", side.kind),
         format!("model.size=\"{}\"", side.size),
-        format!("train.seq_len={SEQ}"),
-        format!("train.batch_size={BATCH}"),
-        "train.dtype=\"f32\"".into(),
-        "train.device=\"cpu\"".into(),
-        format!("train.max_steps={}", opts.warmup + opts.steps),
-        "train.warmup_steps=0".into(),
-        "train.eval_every=0".into(),
-        "train.eval_batches=1".into(),
-        "train.final_eval_batches=1".into(),
-        "train.save_every=0".into(),
-    ]
+    ];
+    sets.extend(crate::report::timing_sets(
+        SEQ,
+        BATCH,
+        opts.warmup + opts.steps,
+    ));
+    sets
 }
 
 fn run_train(
@@ -607,22 +603,8 @@ fn frugal_train_capture(
     out: &str,
     sets: &[String],
 ) -> Result<(PathBuf, String)> {
-    let out_dir = root.join(out);
-    if out_dir.exists() {
-        std::fs::remove_dir_all(&out_dir)
-            .map_err(|e| Failure::new(format!("cannot remove {out}: {e}")))?;
-    }
-    let mut c = Command::new(bin);
-    c.current_dir(root)
-        .args(["train", "--config", "configs/default.toml"]);
-    for s in sets {
-        c.arg("--set").arg(s);
-    }
-    c.arg("--out").arg(out);
-    c.envs(vars.iter().map(|(k, v)| (k, v)));
-    c.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
+    let (mut c, out_dir) = crate::report::frugal_train_command(bin, vars, root, out, sets)?;
+    c.stdout(Stdio::piped());
     let mut child = c
         .spawn()
         .map_err(|e| Failure::new(format!("could not start frugal train: {e}")))?;

@@ -11,8 +11,8 @@
 //! ```
 
 use crate::report::{
-    frugal_train, json_num as num, json_number, json_str as string, last_json_line, mean_step_time,
-    mib, parse_memory, python_json, utc_date, Machine,
+    frugal_train, json_num as num, json_number, json_str as string, last_json_line, mib,
+    python_json, utc_date, Machine,
 };
 use crate::setup::TorchEnv;
 use crate::{Failure, Result};
@@ -155,39 +155,13 @@ fn parse_pytorch(stdout: &str) -> Option<(Row, PytorchExtra)> {
 
 fn run_frugal(vars: &[(String, String)], root: &Path, bin: &Path, opts: Options) -> Result<Row> {
     let total = opts.warmup + opts.steps;
-    let sets = [
-        "model.size=\"60m\"".to_string(),
-        format!("train.seq_len={SEQ}"),
-        format!("train.batch_size={BATCH}"),
-        "train.dtype=\"f32\"".into(),
-        "train.device=\"cpu\"".into(),
-        format!("train.max_steps={total}"),
-        "train.warmup_steps=0".into(),
-        "train.eval_every=0".into(),
-        "train.eval_batches=1".into(),
-        "train.final_eval_batches=1".into(),
-        "train.save_every=0".into(),
-        "train.lr=0.001".into(),
-    ];
+    let mut sets = vec!["model.size=\"60m\"".to_string()];
+    sets.extend(crate::report::timing_sets(SEQ, BATCH, total));
+    sets.push("train.lr=0.001".into());
     let out_dir = frugal_train(bin, vars, root, FRUGAL_OUT, &sets)?;
 
-    let read = |name: &str| {
-        let p = out_dir.join(name);
-        std::fs::read_to_string(&p)
-            .map_err(|e| Failure::new(format!("cannot read {FRUGAL_OUT}/{name}: {e}")))
-    };
-    let metrics = read("metrics.jsonl")?;
-    let step_s = mean_step_time(&metrics, opts.warmup).ok_or_else(|| {
-        Failure::new(format!(
-            "{FRUGAL_OUT}/metrics.jsonl has fewer than {total} training steps with step_time_s"
-        ))
-    })?;
-    let memory = read("memory.json")?;
-    let (baseline_rss_bytes, peak_rss_bytes) = parse_memory(&memory).ok_or_else(|| {
-        Failure::new(format!(
-            "{FRUGAL_OUT}/memory.json lacks baseline_rss_bytes and peak_rss_bytes"
-        ))
-    })?;
+    let (step_s, baseline_rss_bytes, peak_rss_bytes, _) =
+        crate::report::read_train_run(&out_dir, FRUGAL_OUT, opts.warmup, total)?;
     Ok(Row {
         step_s,
         baseline_rss_bytes,
@@ -293,6 +267,7 @@ fn result_json(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::report::{mean_step_time, parse_memory};
 
     const METRICS: &str = r#"{"step": 1, "loss": 10.5, "tokens_per_s": 300.0, "step_time_s": 9.0}
 {"step": 2, "loss": 10.4, "tokens_per_s": 400.0, "step_time_s": 2.5e0}

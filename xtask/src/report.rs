@@ -187,16 +187,34 @@ pub fn parse_memory(text: &str) -> Option<(u64, u64)> {
     ))
 }
 
+/// The `--set`s of a timed CPU run at sequence `seq`, batch `batch`, for `steps` steps: f32,
+/// no learning-rate warmup, no evaluation or checkpoint along the way, and a final evaluation
+/// of one batch (by default it scores the whole split: hours at 1B on a CPU).
+pub fn timing_sets(seq: u64, batch: u64, steps: u64) -> Vec<String> {
+    vec![
+        format!("train.seq_len={seq}"),
+        format!("train.batch_size={batch}"),
+        "train.dtype=\"f32\"".into(),
+        "train.device=\"cpu\"".into(),
+        format!("train.max_steps={steps}"),
+        "train.warmup_steps=0".into(),
+        "train.eval_every=0".into(),
+        "train.eval_batches=1".into(),
+        "train.final_eval_batches=1".into(),
+        "train.save_every=0".into(),
+    ]
+}
+
 /// `frugal train --config configs/default.toml --set S... --out OUT` in `root`, with `vars` in
-/// its environment, after removing a stale `OUT`; its output goes to our stderr, so that our
-/// stdout holds only the benchmark's table. Returns the run folder.
-pub fn frugal_train(
+/// its environment and no stdin, after removing a stale `OUT`: the command (stdout and stderr
+/// for the caller to choose) and the run folder.
+pub fn frugal_train_command(
     bin: &Path,
     vars: &[(String, String)],
     root: &Path,
     out: &str,
     sets: &[String],
-) -> Result<PathBuf> {
+) -> Result<(Command, PathBuf)> {
     let out_dir = root.join(out);
     if out_dir.exists() {
         std::fs::remove_dir_all(&out_dir)
@@ -210,9 +228,21 @@ pub fn frugal_train(
     }
     c.arg("--out").arg(out);
     c.envs(vars.iter().map(|(k, v)| (k, v)));
-    c.stdin(Stdio::null())
-        .stdout(Stdio::from(std::io::stderr()))
-        .stderr(Stdio::inherit());
+    c.stdin(Stdio::null()).stderr(Stdio::inherit());
+    Ok((c, out_dir))
+}
+
+/// [`frugal_train_command`] run to its end; its output goes to our stderr, so that our stdout
+/// holds only the benchmark's table. Returns the run folder.
+pub fn frugal_train(
+    bin: &Path,
+    vars: &[(String, String)],
+    root: &Path,
+    out: &str,
+    sets: &[String],
+) -> Result<PathBuf> {
+    let (mut c, out_dir) = frugal_train_command(bin, vars, root, out, sets)?;
+    c.stdout(Stdio::from(std::io::stderr()));
     crate::status(c, "frugal train")?;
     Ok(out_dir)
 }
