@@ -394,30 +394,14 @@ impl HgrnBit {
     /// Every linear layer with its full name, the output head (`lm_head`, a BitLinear too)
     /// last: unlike the LLaMA's, the head is packed and loaded like the blocks' layers.
     pub fn linears(&self) -> Vec<(String, &dyn Linear)> {
-        let mut v: Vec<(String, &dyn Linear)> = self
-            .layers
-            .iter()
-            .enumerate()
-            .flat_map(|(i, b)| {
-                b.linears()
-                    .map(|(n, l)| (format!("model.layers.{i}.{n}"), l))
-            })
-            .collect();
+        let mut v = linear::stack_linears("model.layers", &self.layers, Block::linears);
         v.push(("lm_head".into(), self.lm_head.as_ref()));
         v
     }
 
     /// [`HgrnBit::linears`], mutable.
     pub fn linears_mut(&mut self) -> Vec<(String, &mut Box<dyn Linear>)> {
-        let mut v: Vec<(String, &mut Box<dyn Linear>)> = self
-            .layers
-            .iter_mut()
-            .enumerate()
-            .flat_map(|(i, b)| {
-                b.linears_mut()
-                    .map(|(n, l)| (format!("model.layers.{i}.{n}"), l))
-            })
-            .collect();
+        let mut v = linear::stack_linears_mut("model.layers", &mut self.layers, Block::linears_mut);
         v.push(("lm_head".into(), &mut self.lm_head));
         v
     }

@@ -436,26 +436,12 @@ impl Llama {
 
     /// Every linear layer but the output head, with its full name (`model.layers.3.mlp.up_proj`).
     pub fn linears(&self) -> Vec<(String, &dyn Linear)> {
-        self.layers
-            .iter()
-            .enumerate()
-            .flat_map(|(i, b)| {
-                b.linears()
-                    .map(|(n, l)| (format!("model.layers.{i}.{n}"), l))
-            })
-            .collect()
+        linear::stack_linears("model.layers", &self.layers, Block::linears)
     }
 
     /// [`Llama::linears`], mutable (to load or replace layers).
     pub fn linears_mut(&mut self) -> Vec<(String, &mut Box<dyn Linear>)> {
-        self.layers
-            .iter_mut()
-            .enumerate()
-            .flat_map(|(i, b)| {
-                b.linears_mut()
-                    .map(|(n, l)| (format!("model.layers.{i}.{n}"), l))
-            })
-            .collect()
+        linear::stack_linears_mut("model.layers", &mut self.layers, Block::linears_mut)
     }
 
     /// The input embeddings `(B, T, d)` of token ids `(B, T)`, in f32 whatever the

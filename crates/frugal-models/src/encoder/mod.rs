@@ -296,14 +296,7 @@ pub struct Encoder {
 /// The linear layers of `blocks`, mutable, named relative to the encoder's path
 /// (`encoder.layer.3.intermediate.dense`).
 fn blocks_linears_mut(blocks: &mut [EncoderLayer]) -> Vec<(String, &mut Box<dyn Linear>)> {
-    blocks
-        .iter_mut()
-        .enumerate()
-        .flat_map(|(i, b)| {
-            b.linears_mut()
-                .map(|(n, l)| (format!("encoder.layer.{i}.{n}"), l))
-        })
-        .collect()
+    crate::linear::stack_linears_mut("encoder.layer", blocks, EncoderLayer::linears_mut)
 }
 
 /// The word table's name relative to the encoder's path.
@@ -347,14 +340,7 @@ impl Encoder {
     /// Every linear layer of the blocks with its name relative to the encoder's path
     /// (`encoder.layer.3.intermediate.dense`).
     pub fn linears(&self) -> Vec<(String, &dyn Linear)> {
-        self.layers
-            .iter()
-            .enumerate()
-            .flat_map(|(i, b)| {
-                b.linears()
-                    .map(|(n, l)| (format!("encoder.layer.{i}.{n}"), l))
-            })
-            .collect()
+        crate::linear::stack_linears("encoder.layer", &self.layers, EncoderLayer::linears)
     }
 
     /// [`Encoder::linears`], mutable.
