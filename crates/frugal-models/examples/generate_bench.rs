@@ -10,7 +10,9 @@
 //! Models:
 //! - `packed`: the MatMul-free LM ([`HgrnBit`]) with `LinearKind::PackedBitLinear` (every
 //!   projection and the head a packed ternary weight, products by the ternary kernel on int8
-//!   activations), generating with its recurrent [`State`];
+//!   activations), generating with its recurrent [`State`]; on the CPU its forward pass is
+//!   `frugal_models::hgrn_bit_cpu` (plain loops around the kernel, no libtorch operation in
+//!   the blocks);
 //! - `f32`: the same shape with `LinearKind::Dense` (plain f32 matmuls; the head dense too);
 //! - `llama`: a LLaMA ([`Llama`], `LinearKind::Dense`, f32) with its [`KvCache`].
 //!

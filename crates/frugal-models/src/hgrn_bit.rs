@@ -128,7 +128,7 @@ impl HgrnBitConfig {
 /// The recurrent state of every block: `h` `(B, D)` per layer.
 #[derive(Debug, Default)]
 pub struct State {
-    layers: Vec<Option<Tensor>>,
+    pub(crate) layers: Vec<Option<Tensor>>,
 }
 
 impl State {
@@ -218,6 +218,19 @@ impl Glu {
     }
 }
 
+/// A block's norms and projections (see [`Block::parts`]).
+pub(crate) struct BlockParts<'a> {
+    pub attn_norm: &'a RmsNorm,
+    pub i_proj: &'a dyn Linear,
+    pub f_proj: &'a dyn Linear,
+    pub g_proj: &'a dyn Linear,
+    pub o_proj: &'a dyn Linear,
+    pub g_norm: &'a RmsNorm,
+    pub mlp_norm: &'a RmsNorm,
+    pub gate_proj: &'a dyn Linear,
+    pub down_proj: &'a dyn Linear,
+}
+
 /// One block: MLGRU token mixer and GLU channel mixer, each pre-normed with a residual.
 #[derive(Debug)]
 pub struct Block {
@@ -249,6 +262,22 @@ impl Block {
                 down_proj: lin(&m / "down_proj", f, d)?,
             },
         })
+    }
+
+    /// The block's norms and projections, by name.
+    pub(crate) fn parts(&self) -> BlockParts<'_> {
+        let (a, m) = (&self.attn, &self.mlp);
+        BlockParts {
+            attn_norm: &self.attn_norm,
+            i_proj: a.i_proj.as_ref(),
+            f_proj: a.f_proj.as_ref(),
+            g_proj: a.g_proj.as_ref(),
+            o_proj: a.o_proj.as_ref(),
+            g_norm: &a.g_norm,
+            mlp_norm: &self.mlp_norm,
+            gate_proj: m.gate_proj.as_ref(),
+            down_proj: m.down_proj.as_ref(),
+        }
     }
 
     /// The block's linear layers with their names relative to the block.
@@ -411,6 +440,21 @@ impl HgrnBit {
         self.lm_head.as_ref()
     }
 
+    /// The learned rows behind [`HgrnBit::lower_bounds`] `(layers, d)`.
+    pub(crate) fn lower_bound_logits(&self) -> &Tensor {
+        &self.lower_bounds
+    }
+
+    /// The input embedding table `(vocab, d)`.
+    pub(crate) fn embedding_table(&self) -> &Tensor {
+        &self.embeddings
+    }
+
+    /// The final norm, before the head.
+    pub(crate) fn final_norm(&self) -> &RmsNorm {
+        &self.norm
+    }
+
     /// The input embeddings `(B, T, d)` in f32.
     pub fn embed(&self, ids: &Tensor) -> Tensor {
         Tensor::embedding(&self.embeddings, ids, -1, false, false).to_kind(Kind::Float)
@@ -435,7 +479,20 @@ impl HgrnBit {
 
     /// Logits `(B, T, vocab)` of ids `(B, T)`. With a state, the ids continue the sequence the
     /// state summarizes, and the state moves past them (constant memory per token).
-    pub fn forward(&self, ids: &Tensor, state: Option<&mut State>) -> Tensor {
+    ///
+    /// A packed model (every projection [`LinearKind::PackedBitLinear`], f32, on the CPU) runs
+    /// the packed inference path of [`crate::hgrn_bit_cpu`], without gradients; any other
+    /// runs [`HgrnBit::forward_graph`].
+    pub fn forward(&self, ids: &Tensor, mut state: Option<&mut State>) -> Tensor {
+        if let Some(logits) = crate::hgrn_bit_cpu::forward(self, ids, state.as_deref_mut()) {
+            return logits;
+        }
+        self.forward_graph(ids, state)
+    }
+
+    /// [`HgrnBit::forward`] through libtorch's operations (differentiable), whatever the
+    /// layers.
+    pub fn forward_graph(&self, ids: &Tensor, state: Option<&mut State>) -> Tensor {
         let lbs = self.lower_bounds();
         let mut x = self.embed(ids);
         match state {

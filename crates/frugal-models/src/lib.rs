@@ -26,6 +26,7 @@ pub mod decoder;
 pub mod embedding;
 pub mod encoder;
 pub mod hgrn_bit;
+pub mod hgrn_bit_cpu;
 pub mod linear;
 pub mod llama;
 pub mod weights;

@@ -239,6 +239,11 @@ pub trait Linear: std::fmt::Debug + Send {
         None
     }
 
+    /// The packed BitLinear layer, for one (ternary weight, gain, epsilon).
+    fn packed_bit_linear(&self) -> Option<&PackedBitLinear> {
+        None
+    }
+
     /// The adapters on this layer, for an adapted layer.
     fn adapted(&self) -> Option<&crate::adapted::Adapted> {
         None
@@ -483,7 +488,18 @@ pub struct PackedBitLinear {
 }
 
 impl PackedBitLinear {
-    fn ternary(&self) -> &frugal_quant::ternary::Ternary {
+    /// The input RMSNorm's epsilon.
+    pub fn eps(&self) -> f64 {
+        self.eps
+    }
+
+    /// The kind the outputs are given in.
+    pub fn compute(&self) -> Kind {
+        self.compute
+    }
+
+    /// The packed ternary weight (one scale).
+    pub fn ternary(&self) -> &frugal_quant::ternary::Ternary {
         match &self.layer.weight {
             QuantizedWeight::Ternary(t) => t,
             _ => unreachable!("checked when loaded"),
@@ -492,6 +508,10 @@ impl PackedBitLinear {
 }
 
 impl Linear for PackedBitLinear {
+    fn packed_bit_linear(&self) -> Option<&PackedBitLinear> {
+        Some(self)
+    }
+
     fn shape(&self) -> (i64, i64) {
         (
             self.layer.out_features as i64,

@@ -525,10 +525,11 @@ pub struct GaloreSettings {
     pub reproject_moments: bool,
 }
 
-/// The default of `optim.galore.target_modules`: the attention and feed-forward weights of
-/// both models (llama `model.layers.N.{self_attn,mlp}.*`, encoder
-/// `bert.encoder.layer.N.{attention,intermediate,output}.*`); embeddings and heads never match.
-pub const DEFAULT_TARGET_MODULES: &str = r"\.(self_attn|mlp|attention|intermediate|output)\.";
+/// The default of `optim.galore.target_modules`: the token- and channel-mixing weights of every
+/// model (llama `model.layers.N.{self_attn,mlp}.*`, hgrn-bit `model.layers.N.{attn,mlp}.*`,
+/// encoder `bert.encoder.layer.N.{attention,intermediate,output}.*`); embeddings and heads never
+/// match.
+pub const DEFAULT_TARGET_MODULES: &str = r"\.(self_attn|attn|mlp|attention|intermediate|output)\.";
 
 impl Default for GaloreSettings {
     fn default() -> Self {
@@ -884,14 +885,6 @@ impl Config {
                          unset",
                     ));
                 }
-                // The forget gates' lower bounds are shared by all blocks: a per-block backward
-                // pass would drop their gradient.
-                if self.optim.layerwise {
-                    return Err(Error::config(
-                        "optim.layerwise",
-                        "is not available for model.kind = \"hgrn-bit\" yet",
-                    ));
-                }
                 if !m.from_pretrained.is_empty() {
                     return Err(Error::config(
                         "model.from_pretrained",
@@ -1149,8 +1142,8 @@ mod tests {
         assert!(err.starts_with("train.seq_len:"), "{err}");
     }
 
-    /// Guarantee: GaLore's default targets are the attention and feed-forward weights of both
-    /// models, never embeddings, norms or heads.
+    /// Guarantee: GaLore's default targets are the token- and channel-mixing weights of the
+    /// three models, never embeddings, norms, lower bounds or heads.
     #[test]
     fn galore_default_targets_both_models() {
         let o = OptimConfig {
@@ -1164,6 +1157,9 @@ mod tests {
             "bert.encoder.layer.0.attention.output.dense.weight",
             "bert.encoder.layer.3.intermediate.dense.weight",
             "bert.encoder.layer.3.output.dense.weight",
+            "model.layers.0.attn.i_proj.weight",
+            "model.layers.2.attn.o_proj.weight",
+            "model.layers.2.mlp.gate_proj.weight",
         ] {
             assert!(o.projects(n, &[8, 8]), "{n}");
         }
@@ -1175,6 +1171,8 @@ mod tests {
             "cls.predictions.transform.dense.weight",
             "bert.pooler.dense.weight",
             "classifier.weight",
+            "model.embeddings.weight",
+            "model.lower_bounds",
         ] {
             assert!(!o.projects(n, &[8, 8]), "{n}");
         }

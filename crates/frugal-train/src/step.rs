@@ -45,6 +45,9 @@ pub struct Groups {
     pub blocks: Vec<Vec<usize>>,
     /// Everything else: `model.norm.*`, `lm_head.*`.
     pub head: Vec<usize>,
+    /// Parameters every block reads (HGRN-bit's `model.lower_bounds`): their gradient is the
+    /// sum over the blocks, complete only after the first block, so it comes last.
+    pub shared: Vec<usize>,
 }
 
 impl Groups {
@@ -54,10 +57,13 @@ impl Groups {
             embed: Vec::new(),
             blocks: vec![Vec::new(); layers],
             head: Vec::new(),
+            shared: Vec::new(),
         };
         for (i, name) in names.iter().enumerate() {
             if name.starts_with("model.embed_tokens.") || name.starts_with("model.embeddings.") {
                 g.embed.push(i);
+            } else if name == "model.lower_bounds" {
+                g.shared.push(i);
             } else if let Some(rest) = name.strip_prefix("model.layers.") {
                 let block: usize = rest
                     .split('.')
@@ -75,11 +81,15 @@ impl Groups {
         Ok(g)
     }
 
-    /// Every group in backward order: head, blocks from last to first, embedding.
+    /// Every group in backward order: head, blocks from last to first, embedding, then the
+    /// shared parameters (when the model has any).
     pub fn backward_order(&self) -> Vec<&[usize]> {
         let mut v: Vec<&[usize]> = vec![&self.head];
         v.extend(self.blocks.iter().rev().map(|b| b.as_slice()));
         v.push(&self.embed);
+        if !self.shared.is_empty() {
+            v.push(&self.shared);
+        }
         v
     }
 }
@@ -205,7 +215,9 @@ pub fn micro_step(
     let mut upstream = Tensor::cat(&upstream_parts, 0).reshape([b, t, d]);
     drop(upstream_parts);
 
-    // Blocks, last to first.
+    // Blocks, last to first; the shared parameters' gradients summed over them.
+    let shared: Vec<&Tensor> = groups.shared.iter().map(|&i| &params[i]).collect();
+    let mut shared_grads: Option<Vec<Tensor>> = None;
     for i in (0..blocks).rev() {
         let input = &inputs[i];
         let out = match outputs[i].take() {
@@ -215,9 +227,15 @@ pub fn micro_step(
         let s = (&out * &upstream).sum(Kind::Float);
         if plan.layerwise {
             let mut wrt: Vec<&Tensor> = groups.blocks[i].iter().map(|&j| &params[j]).collect();
+            wrt.extend(&shared);
             wrt.push(input);
             let mut g = grads_of(&s, &wrt)?;
             upstream = g.pop().expect("input gradient");
+            let gs = g.split_off(groups.blocks[i].len());
+            shared_grads = Some(match shared_grads.take() {
+                Some(acc) => acc.into_iter().zip(gs).map(|(a, b)| a + b).collect(),
+                None => gs,
+            });
             sink(&groups.blocks[i], g)?;
         } else {
             s.backward();
@@ -227,16 +245,18 @@ pub fn micro_step(
     drop(inputs);
 
     // Embedding (nothing to do when it is frozen, as in an adapter run).
-    if !embedded.requires_grad() {
-        return Ok(loss_sum / scored as f64);
+    if embedded.requires_grad() {
+        let s = (&embedded * &upstream).sum(Kind::Float);
+        if plan.layerwise {
+            let wrt: Vec<&Tensor> = groups.embed.iter().map(|&j| &params[j]).collect();
+            let g = grads_of(&s, &wrt)?;
+            sink(&groups.embed, g)?;
+        } else {
+            s.backward();
+        }
     }
-    let s = (&embedded * &upstream).sum(Kind::Float);
-    if plan.layerwise {
-        let wrt: Vec<&Tensor> = groups.embed.iter().map(|&j| &params[j]).collect();
-        let g = grads_of(&s, &wrt)?;
-        sink(&groups.embed, g)?;
-    } else {
-        s.backward();
+    if let Some(g) = shared_grads.filter(|_| !groups.shared.is_empty()) {
+        sink(&groups.shared, g)?;
     }
     Ok(loss_sum / scored as f64)
 }
@@ -260,6 +280,31 @@ mod tests {
     use frugal_models::llama::{Llama, LlamaConfig};
     use frugal_models::LinearKind;
     use tch::{nn::VarStore, Device};
+
+    /// A tiny HGRN-bit (BitLinear projections, reference mixer: lower bounds shared by the
+    /// blocks), its lower bounds random.
+    fn tiny_hgrn() -> (VarStore, Decoder, Vec<(String, Tensor)>) {
+        use frugal_models::hgrn_bit::{HgrnBit, HgrnBitConfig, Mixer};
+        tch::manual_seed(4);
+        let cfg = HgrnBitConfig {
+            vocab_size: 96,
+            hidden_size: 32,
+            intermediate_size: 64,
+            num_hidden_layers: 3,
+            rms_norm_eps: 1e-6,
+            mixer: Mixer::Reference,
+            initializer_range: 0.02,
+        };
+        let vs = VarStore::new(Device::Cpu);
+        let kind = LinearKind::BitLinear { eps: 1e-8 };
+        let model = HgrnBit::new(&vs.root(), &cfg, &kind, Kind::Float).unwrap();
+        tch::no_grad(|| {
+            let lb = &vs.variables()["model.lower_bounds"];
+            lb.shallow_clone().copy_(&lb.randn_like());
+        });
+        let params = frugal_models::weights::named_variables(&vs);
+        (vs, Decoder::HgrnBit(model), params)
+    }
 
     fn tiny() -> (VarStore, Decoder, Vec<(String, Tensor)>) {
         tch::manual_seed(3);
@@ -305,16 +350,33 @@ mod tests {
 
     /// Guarantee: every plan gives the gradients (and loss) of the plain `loss.backward()`:
     /// checkpointing and chunking in `.grad`, per-layer updates through the sink, each group
-    /// once, in backward order.
+    /// once, in backward order; for the LLaMA and for HGRN-bit, whose lower bounds every block
+    /// reads (their gradient summed over the blocks, handed over last).
     #[test]
     fn every_plan_gives_the_plain_gradients() {
         let (_vs, model, params) = tiny();
-        let tensors: Vec<Tensor> = params.iter().map(|(_, t)| t.shallow_clone()).collect();
         let names: Vec<String> = params.iter().map(|(n, _)| n.clone()).collect();
         let groups = Groups::of(&names, 3).unwrap();
         assert_eq!(groups.embed.len(), 1);
         assert_eq!(groups.head.len(), 2);
+        assert!(groups.shared.is_empty());
         assert!(groups.blocks.iter().all(|b| b.len() == 9));
+        plans_give_the_plain_gradients(&model, &params, &groups);
+
+        let (_vs, model, params) = tiny_hgrn();
+        let names: Vec<String> = params.iter().map(|(n, _)| n.clone()).collect();
+        let groups = Groups::of(&names, 3).unwrap();
+        assert_eq!(groups.shared.len(), 1);
+        assert_eq!(names[groups.shared[0]], "model.lower_bounds");
+        plans_give_the_plain_gradients(&model, &params, &groups);
+    }
+
+    fn plans_give_the_plain_gradients(
+        model: &Decoder,
+        params: &[(String, Tensor)],
+        groups: &Groups,
+    ) {
+        let tensors: Vec<Tensor> = params.iter().map(|(_, t)| t.shallow_clone()).collect();
         let (x, y) = batch();
         let b = Batch {
             ids: &x,
@@ -323,8 +385,8 @@ mod tests {
         };
         let mut none = |_: &[usize], _: Vec<Tensor>| -> Result<()> { panic!("no sink") };
         let plain = Plan::default();
-        let l0 = micro_step(&model, &tensors, &groups, &plain, &b, &mut none).unwrap();
-        let want = take_grads(&params);
+        let l0 = micro_step(model, &tensors, groups, &plain, &b, &mut none).unwrap();
+        let want = take_grads(params);
         assert!(want
             .iter()
             .all(|g| g.abs().sum(Kind::Float).double_value(&[]) > 0.0));
@@ -343,9 +405,9 @@ mod tests {
                 ..Plan::default()
             },
         ] {
-            let l = micro_step(&model, &tensors, &groups, &plan, &b, &mut none).unwrap();
+            let l = micro_step(model, &tensors, groups, &plan, &b, &mut none).unwrap();
             assert!((l - l0).abs() < 1e-6, "{plan:?}");
-            let got = take_grads(&params);
+            let got = take_grads(params);
             assert!(
                 max_diff(&got, &want) < 1e-6,
                 "{plan:?}: {}",
@@ -372,7 +434,7 @@ mod tests {
                 }
                 Ok(())
             };
-            let l = micro_step(&model, &tensors, &groups, &plan, &b, &mut sink).unwrap();
+            let l = micro_step(model, &tensors, groups, &plan, &b, &mut sink).unwrap();
             assert!((l - l0).abs() < 1e-6);
             let order_want: Vec<Vec<usize>> = groups
                 .backward_order()
@@ -387,7 +449,7 @@ mod tests {
                 max_diff(&got, &want)
             );
             // Nothing went into `.grad` (zeroed by the plain runs above).
-            for (n, p) in &params {
+            for (n, p) in params {
                 let g = p.grad();
                 assert!(
                     g.abs().sum(Kind::Float).double_value(&[]) == 0.0,

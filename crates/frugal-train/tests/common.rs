@@ -123,3 +123,30 @@ pub fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+/// The largest difference between the weights of two runs' latest checkpoints.
+pub fn weight_diff(a: &Path, b: &Path) -> f64 {
+    let file = |r: &Path| {
+        let latest = std::fs::read_to_string(r.join("checkpoints/latest")).unwrap();
+        frugal_core::safetensors_io::SafetensorsFile::open(
+            &r.join("checkpoints")
+                .join(latest.trim())
+                .join("model.safetensors"),
+        )
+        .unwrap()
+    };
+    let (fa, fb) = (file(a), file(b));
+    let mut worst = 0.0f64;
+    for name in fa.names() {
+        let x = fa
+            .tensor(&name, tch::Device::Cpu)
+            .unwrap()
+            .to_kind(tch::Kind::Double);
+        let y = fb
+            .tensor(&name, tch::Device::Cpu)
+            .unwrap()
+            .to_kind(tch::Kind::Double);
+        worst = worst.max((x - y).abs().max().double_value(&[]));
+    }
+    worst
+}

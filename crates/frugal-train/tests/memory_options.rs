@@ -5,10 +5,8 @@
 
 mod common;
 
-use common::{corpus, frugal, run, small_settings, train_cmd};
-use frugal_core::safetensors_io::SafetensorsFile;
+use common::{corpus, frugal, run, small_settings, train_cmd, weight_diff};
 use std::path::Path;
-use tch::{Device, Kind};
 
 /// Trains `steps` steps with `extra` settings into `dir/name` and returns the run folder.
 fn train<S: AsRef<str>>(
@@ -30,28 +28,6 @@ fn train<S: AsRef<str>>(
     let o = run(train_cmd(dir, &out, &sets));
     assert!(o.status.success(), "{name} failed");
     out
-}
-
-/// The largest difference between two runs' final weights, and the largest change any weight
-/// made from `start` (to show that training moved them).
-fn weight_diff(a: &Path, b: &Path) -> f64 {
-    let file = |r: &Path| {
-        let latest = std::fs::read_to_string(r.join("checkpoints/latest")).unwrap();
-        SafetensorsFile::open(
-            &r.join("checkpoints")
-                .join(latest.trim())
-                .join("model.safetensors"),
-        )
-        .unwrap()
-    };
-    let (fa, fb) = (file(a), file(b));
-    let mut worst = 0.0f64;
-    for name in fa.names() {
-        let x = fa.tensor(&name, Device::Cpu).unwrap().to_kind(Kind::Double);
-        let y = fb.tensor(&name, Device::Cpu).unwrap().to_kind(Kind::Double);
-        worst = worst.max((x - y).abs().max().double_value(&[]));
-    }
-    worst
 }
 
 /// Guarantee: after two steps (one with accumulation), per-layer updates, checkpointing and

@@ -222,6 +222,9 @@ fn ternary_matches_plain_math() {
         (6, 301, Some(2)),
         (4, 256, Some(1)),
         (3, 16 * 128 * 2 + 384 + 44, None),
+        // Batch 1 takes 8 rows per pass: full passes and a remainder.
+        (19, 300, Some(1)),
+        (17, 16 * 128 + 128 + 4, None),
     ] {
         let wf = data(rows * cols, 7);
         let t = Ternary::quantize(&wf, rows, cols, rps).unwrap();
@@ -246,13 +249,14 @@ fn ternary_matches_plain_math() {
             assert_eq!(avx2, scalar, "{what}");
         }
     }
-    // Worst case for the 16-bit sums: all codes +1 and all activations 127, 16 blocks long.
-    let cols = 16 * 128 + 128;
-    let t = Ternary::quantize(&vec![1.0; cols], 1, cols, None).unwrap();
+    // Worst case for the 16-bit sums: all codes +1 and all activations 127, 16 blocks long;
+    // 9 rows: one pass of 8 and one single row at batch 1.
+    let (rows, cols) = (9, 16 * 128 + 128);
+    let t = Ternary::quantize(&vec![1.0; rows * cols], rows, cols, None).unwrap();
     let y = ternary_matmul(&t, &vec![1.0; cols], 1).unwrap();
-    assert_eq!(y, vec![cols as f32]);
+    assert_eq!(y, vec![cols as f32; rows]);
     let y = ternary_matmul_with(&t, &vec![1.0; cols], 1, Kernel::Avx2).unwrap();
-    assert_eq!(y, vec![cols as f32]);
+    assert_eq!(y, vec![cols as f32; rows]);
 }
 
 /// Activations of the wrong length, or a batch of 0, are refused with a shape error.
