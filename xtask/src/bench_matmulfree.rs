@@ -22,8 +22,11 @@
 //!
 //! ```text
 //! cargo xtask bench matmulfree [-- --parts generate,train,quality --steps 3 --warmup 1
-//!                                  --tokens 256 --prompt 16]
+//!                                  --tokens 256 --prompt 16 --checkpointing]
 //! ```
+//!
+//! `--checkpointing` trains every side of the training part with activation checkpointing
+//! (`train.checkpointing = true`).
 
 use crate::report::{
     find_key, frugal_train, json_num as num, json_number, json_object, json_opt,
@@ -52,7 +55,7 @@ const GOAL_SPEEDUP: f64 = 5.0;
 const GOAL_MATRIX_FRACTION: f64 = 0.1;
 
 const USAGE: &str = "usage: cargo xtask bench matmulfree [-- --parts generate,train,quality \
-                     --steps N --warmup W --tokens N --prompt N]";
+                     --steps N --warmup W --tokens N --prompt N --checkpointing]";
 
 /// The benchmark's parts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,6 +90,8 @@ struct Options {
     tokens: u64,
     /// Prompt tokens.
     prompt: u64,
+    /// Train with activation checkpointing.
+    checkpointing: bool,
 }
 
 impl Options {
@@ -98,6 +103,7 @@ impl Options {
 fn parse_args(args: &[String]) -> Result<Options> {
     let mut parts: Option<Vec<Part>> = None;
     let (mut tokens, mut prompt) = (256u64, 16u64);
+    let mut checkpointing = false;
     let mut rest = Vec::new();
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -113,6 +119,10 @@ fn parse_args(args: &[String]) -> Result<Options> {
                         rest.push(v.clone());
                     }
                 }
+                continue;
+            }
+            "--checkpointing" if inline.is_none() => {
+                checkpointing = true;
                 continue;
             }
             "--parts" | "--tokens" | "--prompt" => {}
@@ -168,6 +178,7 @@ fn parse_args(args: &[String]) -> Result<Options> {
         warmup,
         tokens,
         prompt,
+        checkpointing,
     })
 }
 
@@ -471,6 +482,9 @@ fn train_sets(opts: &Options, side: TrainSide) -> Vec<String> {
         BATCH,
         opts.warmup + opts.steps,
     ));
+    if opts.checkpointing {
+        sets.push("train.checkpointing=true".into());
+    }
     sets
 }
 
@@ -1018,9 +1032,15 @@ fn train_table(opts: &Options, train: &[Outcome<TrainSide, TrainRow>]) -> String
         }
     }
     s.push_str(&format!(
-        "\n`frugal train`, seq {SEQ}, batch {BATCH}, f32, CPU, AdamW, {} timed steps after {} \
+        "\n`frugal train`, seq {SEQ}, batch {BATCH}, f32, CPU, AdamW{}, {} timed steps after {} \
          warmup; HGRN-bit 370m is compared with LLaMA 350m.\n",
-        opts.steps, opts.warmup
+        if opts.checkpointing {
+            ", activation checkpointing"
+        } else {
+            ""
+        },
+        opts.steps,
+        opts.warmup
     ));
     for o in train {
         if let Err(e) = &o.row {
@@ -1224,9 +1244,9 @@ fn train_json(opts: &Options, train: &[Outcome<TrainSide, TrainRow>]) -> String 
         .join(", ");
     format!(
         "{{\n    \"steps\": {}, \"warmup\": {}, \"batch\": {BATCH}, \"seq\": {SEQ}, \
-         \"optimizer\": \"adamw\",\n    \"sides\": {{\n{sides}\n    }},\n    \"ratios\": \
-         {{{ratios}}}\n  }}",
-        opts.steps, opts.warmup
+         \"optimizer\": \"adamw\", \"checkpointing\": {},\n    \"sides\": {{\n{sides}\n    \
+         }},\n    \"ratios\": {{{ratios}}}\n  }}",
+        opts.steps, opts.warmup, opts.checkpointing
     )
 }
 
@@ -1337,6 +1357,14 @@ mod tests {
         .unwrap();
         assert_eq!(o.parts, vec![Part::Generate, Part::Quality]);
         assert_eq!((o.steps, o.warmup, o.tokens, o.prompt), (5, 0, 32, 4));
+        assert!(!o.checkpointing);
+        let c = args(&["--checkpointing", "--parts", "train"]).ok().unwrap();
+        assert!(c.checkpointing);
+        assert!(train_sets(&c, TRAIN_SIDES[0]).contains(&"train.checkpointing=true".to_string()));
+        assert!(!train_sets(&o, TRAIN_SIDES[0])
+            .iter()
+            .any(|s| s.contains("checkpointing")));
+        assert!(args(&["--checkpointing=yes"]).is_err());
         assert!(args(&["--parts", "bogus"]).is_err());
         assert!(args(&["--parts", ""]).is_err());
         assert!(args(&["--steps", "0"]).is_err());
@@ -1470,6 +1498,7 @@ mod tests {
             warmup: 1,
             tokens: 256,
             prompt: 16,
+            checkpointing: false,
         }
     }
 

@@ -262,7 +262,7 @@ fn packed_layer_reproduces_the_integer_sums() {
 /// on loading) whose logits agree with the training graph's within 1e-2 relative; the packed
 /// file takes at most a tenth of the f32 bytes for the BitLinear matrices, reloads to the same
 /// logits, and generates token by token as its full forward does (1e-4); a packed file whose
-/// codes do not match the shape is an error naming the tensor.
+/// codes or scales do not match the shape is an error naming the tensor.
 #[test]
 fn packed_model_matches_training_and_reloads() {
     use frugal_core::safetensors_io::{self, SafetensorsFile};
@@ -331,6 +331,17 @@ fn packed_model_matches_training_and_reloads() {
     safetensors_io::save(&bad, &tensors, None).unwrap();
     let err = load(&bad).err().unwrap().to_string();
     assert!(err.contains("model.layers.1.mlp.down_proj"), "{err}");
+
+    // Scales that do not match the shape: two for a head of one.
+    let mut tensors = safetensors_io::load(&packed_file, Device::Cpu).unwrap();
+    for (n, t) in tensors.iter_mut() {
+        if n == "lm_head.weight.scale" {
+            *t = Tensor::cat(&[&*t, &*t], 0);
+        }
+    }
+    safetensors_io::save(&bad, &tensors, None).unwrap();
+    let err = load(&bad).err().unwrap().to_string();
+    assert!(err.contains("lm_head.weight.scale"), "{err}");
 }
 
 /// Guarantee: a packed model on the CPU runs the packed inference path (plain loops and the

@@ -159,6 +159,16 @@ fn train_writes_the_run_folder_and_eval_generate_inspect_read_it() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("the model"));
     assert!(String::from_utf8_lossy(&out.stderr).contains("tokens/s"));
+    // A prompt past the model's positions (512 for tiny) is refused, not truncated.
+    let long = "the model ".repeat(600);
+    let out = run({
+        let mut c = frugal(dir.path());
+        c.args(["generate", "--run"])
+            .arg(&runp)
+            .args(["--prompt", long.as_str()]);
+        c
+    });
+    assert_clean_error(&out, "the model takes at most 512");
 
     let out = run({
         let mut c = frugal(dir.path());
