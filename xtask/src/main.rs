@@ -94,6 +94,11 @@ fn run(args: &[String]) -> Result<()> {
                 c.env("FRUGAL_PEFT", "1");
             }
             c.args(["test", "--workspace", "--no-fail-fast"]);
+            if setup::ensure_mpi() {
+                // The MPI backend is built and its tests under mpirun must run.
+                c.args(["--features", "frugal-dist/mpi"]);
+                c.env("FRUGAL_MPI", "1");
+            }
             c.args(&rest);
             status(c, "cargo test")
         }

@@ -229,3 +229,76 @@ pub fn ensure_test_packages(env: &TorchEnv) -> bool {
     }
     true
 }
+
+/// Debian's packages that build and run the MPI backend (`--features mpi`): Open MPI's
+/// launcher and headers, and libclang for the bindings' generator.
+pub const MPI_PACKAGES: &[&str] = &["openmpi-bin", "libopenmpi-dev", "libclang-dev"];
+
+/// Makes sure Open MPI (`mpirun`, `mpicc`) and libclang are there, installing
+/// [`MPI_PACKAGES`] with apt-get where they are missing and this process may (root). Returns
+/// whether they are there: elsewhere the tests build without MPI and the MPI tests are not run.
+pub fn ensure_mpi() -> bool {
+    let present = || {
+        let runs = |cmd: &str, arg: &str| {
+            Command::new(cmd)
+                .arg(arg)
+                .output()
+                .is_ok_and(|o| o.status.success())
+        };
+        // libclang where clang-sys looks: LIBCLANG_PATH, or Debian's /usr/lib/llvm-N/lib.
+        let libclang = std::env::var("LIBCLANG_PATH")
+            .ok()
+            .map(PathBuf::from)
+            .into_iter()
+            .chain(
+                std::fs::read_dir("/usr/lib")
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .filter(|e| e.file_name().to_string_lossy().starts_with("llvm-"))
+                    .map(|e| e.path().join("lib")),
+            )
+            .any(|d| d.join("libclang.so").exists());
+        runs("mpirun", "--version") && runs("mpicc", "--showme:version") && libclang
+    };
+    if present() {
+        return true;
+    }
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    if !root {
+        eprintln!(
+            "xtask: warning: Open MPI or libclang is missing and this is not root: the MPI tests \
+             will not run (install {})",
+            MPI_PACKAGES.join(" ")
+        );
+        return false;
+    }
+    eprintln!("xtask: installing {} (once)", MPI_PACKAGES.join(" "));
+    let install = || {
+        Command::new("apt-get")
+            .args(["install", "-y", "-q"])
+            .args(MPI_PACKAGES)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdout(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let ok = install()
+        || (Command::new("apt-get")
+            .args(["update", "-q"])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+            && install());
+    if !ok || !present() {
+        eprintln!(
+            "xtask: warning: could not install {}: the MPI tests will not run",
+            MPI_PACKAGES.join(" ")
+        );
+        return false;
+    }
+    true
+}

@@ -1,0 +1,202 @@
+//! Collectives for data-parallel training, behind one trait ([`Collective`]) so that the trainer
+//! is written once for one process and for many:
+//! - [`Single`]: one process; every collective is the identity.
+//! - `Mpi` (cargo feature `mpi`): the processes of an `mpirun` (Open MPI or MPICH), over the
+//!   MPI library's own transports (shared memory on one machine, TCP or InfiniBand across).
+//!
+//! Every collective that waits on other ranks has a deadline ([`Collective::timeout`]): a rank
+//! that died or stalled makes the others stop with an error naming the operation, instead of
+//! hanging. Each backend counts the payload bytes it reduced or broadcast, so that benchmarks can
+//! report the traffic of full against projected gradients.
+//!
+//! [`from_env`] picks the backend from the launcher's environment (`OMPI_COMM_WORLD_SIZE`,
+//! `PMI_SIZE`): more than one process without the `mpi` feature is an error that says so.
+
+#[cfg(feature = "mpi")]
+mod mpi_backend;
+
+#[cfg(feature = "mpi")]
+pub use mpi_backend::Mpi;
+
+use std::time::Duration;
+
+/// What a collective can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum DistError {
+    /// Another rank did not join within the deadline (it died, stalled or diverged).
+    #[error(
+        "rank {rank} of {size}: {op} did not complete within {} s (another rank stopped or \
+         stalled)",
+        timeout.as_secs_f64()
+    )]
+    Timeout {
+        /// This rank.
+        rank: usize,
+        /// Number of ranks.
+        size: usize,
+        /// The operation, with its size.
+        op: String,
+        /// The deadline that passed.
+        timeout: Duration,
+    },
+    /// The launcher's environment asks for something this build or machine cannot do.
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// Result of a collective.
+pub type Result<T> = std::result::Result<T, DistError>;
+
+/// Collective operations over the ranks of one job. Every rank must call the same operations in
+/// the same order with buffers of the same length.
+pub trait Collective {
+    /// This process's rank, 0..size.
+    fn rank(&self) -> usize;
+
+    /// Number of processes.
+    fn size(&self) -> usize;
+
+    /// Replaces `buf` on every rank by its element-wise sum over the ranks.
+    fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<()>;
+
+    /// Replaces `buf` on every rank by rank `root`'s.
+    fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<()>;
+
+    /// Returns once every rank has called it.
+    fn barrier(&mut self) -> Result<()>;
+
+    /// How long an operation waits for the other ranks before it fails.
+    fn timeout(&self) -> Duration;
+
+    /// Payload bytes this rank has passed to all-reduces so far (4 per f32 element; what the
+    /// transport moves is a multiple of it that depends on the algorithm).
+    fn bytes_reduced(&self) -> u64;
+
+    /// Payload bytes this rank has passed to broadcasts so far.
+    fn bytes_broadcast(&self) -> u64;
+
+    /// Whether this rank writes the run's files (rank 0).
+    fn is_main(&self) -> bool {
+        self.rank() == 0
+    }
+
+    /// Replaces `buf` by its mean over the ranks.
+    fn all_reduce_mean(&mut self, buf: &mut [f32]) -> Result<()> {
+        self.all_reduce_sum(buf)?;
+        let n = self.size() as f32;
+        if n > 1.0 {
+            for v in buf.iter_mut() {
+                *v /= n;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One process: every collective leaves its buffer as it is.
+#[derive(Debug, Default, Clone)]
+pub struct Single {
+    reduced: u64,
+    broadcast: u64,
+}
+
+impl Collective for Single {
+    fn rank(&self) -> usize {
+        0
+    }
+
+    fn size(&self) -> usize {
+        1
+    }
+
+    fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<()> {
+        self.reduced += 4 * buf.len() as u64;
+        Ok(())
+    }
+
+    fn broadcast(&mut self, buf: &mut [f32], _root: usize) -> Result<()> {
+        self.broadcast += 4 * buf.len() as u64;
+        Ok(())
+    }
+
+    fn barrier(&mut self) -> Result<()> {
+        Ok(())
+    }
+
+    fn timeout(&self) -> Duration {
+        Duration::MAX
+    }
+
+    fn bytes_reduced(&self) -> u64 {
+        self.reduced
+    }
+
+    fn bytes_broadcast(&self) -> u64 {
+        self.broadcast
+    }
+}
+
+/// The number of processes and this one's rank as the launcher set them (Open MPI's
+/// `OMPI_COMM_WORLD_SIZE` / `_RANK`, else PMI's `PMI_SIZE` / `PMI_RANK` of MPICH and Slurm);
+/// None outside a launcher.
+pub fn launcher_world() -> Option<(usize, usize)> {
+    let get = |k: &str| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+    };
+    for (size, rank) in [
+        ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK"),
+        ("PMI_SIZE", "PMI_RANK"),
+    ] {
+        if let (Some(s), Some(r)) = (get(size), get(rank)) {
+            return Some((s, r));
+        }
+    }
+    None
+}
+
+/// Whether this build has the MPI backend.
+pub const HAS_MPI: bool = cfg!(feature = "mpi");
+
+/// The collectives of this process: MPI's when a launcher started more than one process (the
+/// `mpi` feature), else [`Single`]. `timeout` bounds every wait on other ranks.
+pub fn from_env(timeout: Duration) -> Result<Box<dyn Collective>> {
+    match launcher_world() {
+        Some((size, _)) if size > 1 => {
+            #[cfg(feature = "mpi")]
+            {
+                Ok(Box::new(Mpi::init(timeout)?))
+            }
+            #[cfg(not(feature = "mpi"))]
+            {
+                let _ = timeout;
+                Err(DistError::Setup(format!(
+                    "started as one of {size} processes, but this frugal was built without MPI: \
+                     build it with `--features mpi` (Open MPI's libopenmpi-dev and libclang \
+                     needed)"
+                )))
+            }
+        }
+        _ => Ok(Box::new(Single::default())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Guarantee: one process leaves buffers as they are, counts their bytes, and is rank 0 of 1.
+    #[test]
+    fn single_is_the_identity() {
+        let mut c = Single::default();
+        let mut v = vec![1.0f32, -2.0, 3.5];
+        c.all_reduce_sum(&mut v).unwrap();
+        c.all_reduce_mean(&mut v).unwrap();
+        c.broadcast(&mut v, 0).unwrap();
+        c.barrier().unwrap();
+        assert_eq!(v, vec![1.0, -2.0, 3.5]);
+        assert_eq!((c.rank(), c.size(), c.is_main()), (0, 1, true));
+        assert_eq!((c.bytes_reduced(), c.bytes_broadcast()), (24, 12));
+    }
+}
