@@ -20,33 +20,49 @@ pub fn train(
     out: Option<PathBuf>,
     resume: Option<PathBuf>,
 ) -> Result<u8> {
-    let (cfg, run_dir, resume) = match resume {
+    let (cfg, out, resume) = match resume {
         Some(dir) => {
             if config.is_some() {
                 return Err(Error::Msg(
                     "--resume continues a run with its own config.toml; leave out --config (use --set to change keys)".into(),
                 ));
             }
-            (run::read_config(&dir, set)?, dir, true)
+            (run::read_config(&dir, set)?, Some(dir), true)
         }
         None => {
             let path = config.ok_or_else(|| {
                 Error::Msg("--config FILE is required (or --resume RUN_DIR)".into())
             })?;
-            let cfg = config::load(&path, set)?;
-            let dir = out.unwrap_or_else(default_run_dir);
-            if dir.join("config.toml").exists() {
-                return Err(Error::Msg(format!(
-                    "{}: already holds a run; continue it with --resume {0}, or choose another --out",
-                    dir.display()
-                )));
-            }
-            (cfg, dir, false)
+            (config::load(&path, set)?, out, false)
         }
     };
+    // The processes of a launcher (mpirun), or this one alone.
+    let mut dist = frugal_dist::from_env(std::time::Duration::from_secs_f64(cfg.dist.timeout_s))
+        .map_err(|e| Error::Msg(e.to_string()))?;
+    let run_dir = match out {
+        Some(d) => d,
+        None if dist.size() > 1 => {
+            return Err(Error::Msg(format!(
+                "{} processes: give --out RUN_DIR, the same folder for every rank (on a \
+                 filesystem they all see)",
+                dist.size()
+            )))
+        }
+        None => default_run_dir(),
+    };
+    if !resume && run_dir.join("config.toml").exists() {
+        return Err(Error::Msg(format!(
+            "{}: already holds a run; continue it with --resume {0}, or choose another --out",
+            run_dir.display()
+        )));
+    }
+    // Every rank has looked at the folder before rank 0 writes into it.
+    dist.barrier().map_err(|e| Error::Msg(e.to_string()))?;
     install_ctrl_c();
-    let summary = train::train(&cfg, &run_dir, resume)?;
-    train::print_summary(&summary);
+    let summary = train::train_with(&cfg, &run_dir, resume, dist.as_mut())?;
+    if dist.is_main() {
+        train::print_summary(&summary);
+    }
     Ok(if summary.interrupted { 130 } else { 0 })
 }
 

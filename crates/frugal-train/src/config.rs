@@ -1,4 +1,5 @@
-//! The run configuration: TOML tables `model`, `data`, `tokenizer`, `train`, `optim`, `tt`, with
+//! The run configuration: TOML tables `model`, `data`, `tokenizer`, `train`, `optim`, `tt`,
+//! `adapter`, `dist`, with
 //! `--set key=value` overrides. Unknown keys and wrong types are errors that name the key.
 //! Every key and its default is documented in `docs/config.md`; later issues add keys, never
 //! rename them.
@@ -27,6 +28,24 @@ pub struct Config {
     pub tt: TtConfig,
     /// An adapter trained on a frozen base (LoRA, DoRA, QLoRA, QA-LoRA).
     pub adapter: AdapterConfig,
+    /// Data-parallel training across processes.
+    pub dist: DistConfig,
+}
+
+/// `[dist]`: data-parallel training across processes (`mpirun -n N frugal train ...`); the
+/// number of processes and the ranks come from the launcher.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DistConfig {
+    /// Seconds a rank waits for the others in a collective before the job stops with an error
+    /// (a rank that died or stalled); it must cover rank 0's evaluations and checkpoints.
+    pub timeout_s: f64,
+}
+
+impl Default for DistConfig {
+    fn default() -> Self {
+        Self { timeout_s: 600.0 }
+    }
 }
 
 /// `[adapter]`: fine-tune an adapter on a frozen base (`model.from_pretrained`) instead of the
@@ -664,11 +683,18 @@ impl Config {
             ("train.grad_accum", t.grad_accum as f64),
             ("train.lr", t.lr),
             ("data.val_every", self.data.val_every as f64),
+            ("dist.timeout_s", self.dist.timeout_s),
         ];
         for (k, v) in positive {
             if !(v > 0.0) {
                 return Err(Error::config(k, format!("must be positive, got {v}")));
             }
+        }
+        if !self.dist.timeout_s.is_finite() {
+            return Err(Error::config(
+                "dist.timeout_s",
+                "must be a finite number of seconds",
+            ));
         }
         if !(0.0..=1.0).contains(&t.min_lr_ratio) {
             return Err(Error::config(

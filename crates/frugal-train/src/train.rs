@@ -11,6 +11,7 @@ use crate::schedule::lr_at;
 use crate::step::{self, Groups, Plan};
 use frugal_core::memory::{self, human_bytes, Accounting};
 use frugal_core::{atomic, Error, Result};
+use frugal_dist::Collective;
 use frugal_optim::clip_grad_norm;
 use serde::Serialize;
 use serde_json::json;
@@ -55,7 +56,75 @@ pub struct Summary {
 /// Trains as `cfg` says into `run_dir`. With `resume`, continues from the run's latest
 /// checkpoint (exactly: on CPU the losses and weights equal those of an uninterrupted run).
 pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
+    train_with(cfg, run_dir, resume, &mut frugal_dist::Single::default())
+}
+
+/// A collective's error as the trainer's.
+fn dist_err(e: frugal_dist::DistError) -> Error {
+    Error::Msg(e.to_string())
+}
+
+/// Replaces every tensor's values by their mean over the ranks, in buckets of at most
+/// [`BUCKET`] values (one f32 copy of a bucket at a time).
+fn all_reduce_mean(dist: &mut dyn Collective, tensors: &[&tch::Tensor]) -> Result<()> {
+    if dist.size() == 1 {
+        return Ok(());
+    }
+    let mut i = 0;
+    while i < tensors.len() {
+        // Tensors i..j, up to BUCKET values (a larger tensor alone).
+        let mut j = i;
+        let mut n = 0usize;
+        while j < tensors.len() && (j == i || n + tensors[j].numel() <= BUCKET) {
+            n += tensors[j].numel();
+            j += 1;
+        }
+        let mut buf = Vec::with_capacity(n);
+        for t in &tensors[i..j] {
+            let v = Vec::<f32>::try_from(
+                t.to_kind(tch::Kind::Float)
+                    .to_device(tch::Device::Cpu)
+                    .reshape([-1]),
+            )
+            .map_err(|e| Error::Msg(format!("gradient to all-reduce: {e}")))?;
+            buf.extend_from_slice(&v);
+        }
+        dist.all_reduce_mean(&mut buf).map_err(dist_err)?;
+        let mut off = 0;
+        for t in &tensors[i..j] {
+            let k = t.numel();
+            let mean = tch::Tensor::from_slice(&buf[off..off + k])
+                .view(t.size().as_slice())
+                .to_device(t.device());
+            tch::no_grad(|| t.shallow_clone().copy_(&mean));
+            off += k;
+        }
+        i = j;
+    }
+    Ok(())
+}
+
+/// Values per all-reduce bucket (25 MiB of f32, as PyTorch DDP's default bucket).
+const BUCKET: usize = 25 << 18;
+
+/// [`train`] as one of the ranks of `dist` (data parallelism): every rank holds the whole model
+/// and its optimizer state, trains on its own share of each step's sequences, and averages the
+/// gradients with the others before each update; rank 0 alone writes the run's files.
+pub fn train_with(
+    cfg: &Config,
+    run_dir: &Path,
+    resume: bool,
+    dist: &mut dyn Collective,
+) -> Result<Summary> {
+    let (world, rank, main) = (dist.size(), dist.rank(), dist.is_main());
     if cfg.is_encoder() {
+        if world > 1 {
+            return Err(Error::config(
+                "model.kind",
+                "data-parallel training (several processes) is available for the decoders \
+                 (llama, hgrn-bit), not yet for the encoder",
+            ));
+        }
         return crate::encoder_train::train(cfg, run_dir, resume);
     }
     std::fs::create_dir_all(run_dir).map_err(|e| Error::io(run_dir, e))?;
@@ -65,26 +134,53 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
     let device = cfg.train.device.resolve()?;
     let t = &cfg.train;
 
-    eprintln!("frugal: loading data");
+    if main {
+        eprintln!("frugal: loading data");
+    }
     let (train_docs, val_docs) = run::documents(cfg)?;
-    let tok = run::tokenizer(cfg, run_dir, &train_docs, resume)?;
+    // Rank 0 makes the tokenizer (trained or copied) and writes it into the run folder; the
+    // other ranks then read that file.
+    let tok = if main {
+        run::tokenizer(cfg, run_dir, &train_docs, resume)
+    } else {
+        Err(Error::Msg(String::new()))
+    };
+    dist.barrier().map_err(dist_err)?;
+    let tok = match tok {
+        Ok(t) => t,
+        Err(_) if !main => run::tokenizer(cfg, run_dir, &train_docs, true)?,
+        Err(e) => return Err(e),
+    };
     let vocab = tok.get_vocab_size(true) as i64;
     let shape = cfg.decoder_config(vocab)?;
     // The resolved config marks the folder as a run: written once the inputs are known good,
     // so that a run refused for bad input can be retried into the same folder.
-    let resolved = toml::to_string(cfg).map_err(|e| Error::Msg(format!("config: {e}")))?;
-    atomic::write(&run_dir.join("config.toml"), resolved.as_bytes())?;
+    if main {
+        let resolved = toml::to_string(cfg).map_err(|e| Error::Msg(format!("config: {e}")))?;
+        atomic::write(&run_dir.join("config.toml"), resolved.as_bytes())?;
+    }
     let train_ds = run::dataset(&tok, &train_docs, t.seq_len, "training data")?;
     let val_ds = run::dataset(&tok, &val_docs, t.seq_len, "validation data")?;
     drop((train_docs, val_docs));
     let unigram = run::unigram_loss(train_ds.tokens(), val_ds.tokens(), vocab as usize);
-    eprintln!(
-        "frugal: {} training tokens ({} sequences of {}), {} validation tokens, vocabulary {vocab}",
-        train_ds.tokens().len(),
-        train_ds.num_sequences(),
-        t.seq_len,
-        val_ds.tokens().len()
-    );
+    if main {
+        eprintln!(
+            "frugal: {} training tokens ({} sequences of {}), {} validation tokens, vocabulary \
+             {vocab}{}",
+            train_ds.tokens().len(),
+            train_ds.num_sequences(),
+            t.seq_len,
+            val_ds.tokens().len(),
+            if world > 1 {
+                format!(
+                    "; {world} processes, each {} sequences per micro-batch",
+                    t.batch_size
+                )
+            } else {
+                String::new()
+            }
+        );
+    }
 
     let baseline_rss = memory::current_rss_bytes();
     let checkpoint = if resume {
@@ -114,19 +210,37 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
         frugal_models::weights::named_variables(&m.vs)
     };
     let tensors: Vec<tch::Tensor> = params.iter().map(|(_, t)| t.shallow_clone()).collect();
+    if world > 1 {
+        // Every rank starts from rank 0's weights.
+        for t in &tensors {
+            let mut v = Vec::<f32>::try_from(
+                t.to_kind(tch::Kind::Float)
+                    .to_device(tch::Device::Cpu)
+                    .reshape([-1]),
+            )
+            .map_err(|e| Error::Msg(format!("parameter to broadcast: {e}")))?;
+            dist.broadcast(&mut v, 0).map_err(dist_err)?;
+            let w = tch::Tensor::from_slice(&v)
+                .view(t.size().as_slice())
+                .to_device(t.device());
+            tch::no_grad(|| t.shallow_clone().copy_(&w));
+        }
+    }
     let n_params: i64 = tensors.iter().map(|t| t.numel() as i64).sum();
-    eprintln!(
-        "frugal: {} {} ({:.2}M {}parameters) on {device:?}, {:?}",
-        cfg.model.kind,
-        if cfg.model.from_pretrained.is_empty() {
-            &cfg.model.size
-        } else {
-            &cfg.model.from_pretrained
-        },
-        n_params as f64 / 1e6,
-        if adapter { "trainable " } else { "" },
-        cfg.train.dtype
-    );
+    if main {
+        eprintln!(
+            "frugal: {} {} ({:.2}M {}parameters) on {device:?}, {:?}",
+            cfg.model.kind,
+            if cfg.model.from_pretrained.is_empty() {
+                &cfg.model.size
+            } else {
+                &cfg.model.from_pretrained
+            },
+            n_params as f64 / 1e6,
+            if adapter { "trainable " } else { "" },
+            cfg.train.dtype
+        );
+    }
     let names: Vec<String> = params.iter().map(|(n, _)| n.clone()).collect();
     let groups = Groups::of(&names, shape.num_blocks())?;
     let mut opt = crate::optimizers::build(cfg, params, t.lr)?;
@@ -147,21 +261,31 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
     if let Some(ck) = &checkpoint {
         opt.load(&ck.join("optimizer.safetensors"))?;
         state = checkpoint::read_state(&ck)?;
-        eprintln!(
-            "frugal: resuming from {} (step {})",
-            ck.display(),
-            state.step
-        );
+        if main {
+            eprintln!(
+                "frugal: resuming from {} (step {})",
+                ck.display(),
+                state.step
+            );
+        }
     }
     let metrics_path = run_dir.join("metrics.jsonl");
-    let mut history = Metrics::open(&metrics_path, state.step)?;
+    let mut history = if main {
+        Metrics::open(&metrics_path, state.step)?
+    } else {
+        Metrics::in_memory()
+    };
     let mut sampler = Sampler::from_state(train_ds.num_sequences(), state.sampler.clone());
 
-    let mut progress = Progress::new(t.max_steps, state.step);
+    let mut progress = if main {
+        Progress::new(t.max_steps, state.step)
+    } else {
+        Progress::with_writer(t.max_steps, state.step, false, Box::new(std::io::sink()))
+    };
     let mut clock = StepClock::new(&state, cfg.optim.is_galore());
     let mut val_loss = f64::NAN;
     let mut interrupted = false;
-    let tokens_per_step = (t.batch_size * t.seq_len * t.grad_accum) as u64;
+    let tokens_per_step = (t.batch_size * t.seq_len * t.grad_accum * world) as u64;
     while state.step < t.max_steps {
         let step = state.step + 1;
         if adapter {
@@ -183,9 +307,13 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
         let mut micro_norms = 0.0;
         for k in 0..t.grad_accum {
             let last = k + 1 == t.grad_accum;
-            let (x, y) = train_ds.batch(&sampler.next_indices(t.batch_size));
+            // The step's sequences for all ranks, drawn alike on every rank; this rank's share.
+            let all = sampler.next_indices(t.batch_size * world);
+            let (x, y) = train_ds.batch(&all[rank * t.batch_size..(rank + 1) * t.batch_size]);
             let mut sq = 0.0;
             let mut sink = |idx: &[usize], grads: Vec<tch::Tensor>| -> Result<()> {
+                // Each group's gradients averaged over the ranks before its update.
+                all_reduce_mean(dist, &grads.iter().collect::<Vec<_>>())?;
                 for g in &grads {
                     // As `grad_norm`: each tensor's norm in f32, squares summed.
                     let n = g.to_kind(tch::Kind::Float).norm().double_value(&[]);
@@ -211,7 +339,15 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
             loss_sum += step::micro_step(&m.net, &tensors, &groups, &plan, &batch, &mut sink)?;
             micro_norms += sq.sqrt();
         }
-        let loss = loss_sum / t.grad_accum as f64;
+        let mut loss = loss_sum / t.grad_accum as f64;
+        // The mean loss over the ranks, and whether any rank was asked to stop.
+        let mut stop = INTERRUPTED.load(Ordering::SeqCst);
+        if world > 1 {
+            let mut v = [loss as f32, stop as u8 as f32];
+            dist.all_reduce_sum(&mut v).map_err(dist_err)?;
+            loss = f64::from(v[0]) / world as f64;
+            stop = v[1] > 0.0;
+        }
         if !loss.is_finite() {
             return Err(Error::Msg(format!(
                 "step {step}: loss is {loss}; lower train.lr (now {}) or check the data",
@@ -222,6 +358,13 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
             state.prev_grad_norm = Some(micro_norms);
             micro_norms
         } else {
+            // The gradients averaged over the ranks (every rank has the same defined ones).
+            let grads: Vec<tch::Tensor> = tensors
+                .iter()
+                .map(|t| t.grad())
+                .filter(|g| g.defined())
+                .collect();
+            all_reduce_mean(dist, &grads.iter().collect::<Vec<_>>())?;
             let n = if t.max_grad_norm > 0.0 {
                 clip_grad_norm(&tensors, t.max_grad_norm)
             } else {
@@ -243,8 +386,8 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
         progress.update(step, loss, tps);
 
         let last = step == t.max_steps;
-        let stop = INTERRUPTED.load(Ordering::SeqCst);
-        if (t.eval_every > 0 && step % t.eval_every == 0) || last {
+        // Rank 0 alone evaluates and writes; the others go on to the next step's all-reduce.
+        if main && ((t.eval_every > 0 && step % t.eval_every == 0) || last) {
             // The last evaluation scores the whole split (as `frugal eval` does) unless told.
             let batches = if last {
                 t.final_eval_batches
@@ -263,10 +406,10 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
             ));
         }
         history.push(line)?;
-        if line_has_val(&history) {
+        if main && line_has_val(&history) {
             history.plot(&run_dir.join("loss.png"), unigram);
         }
-        if (t.save_every > 0 && step % t.save_every == 0) || last || stop {
+        if main && ((t.save_every > 0 && step % t.save_every == 0) || last || stop) {
             checkpoint::save(run_dir, &m, opt.as_ref(), &state, t.keep_checkpoints)?;
             if adapter {
                 m.save_adapter(&run_dir.join("adapter"))?;
@@ -283,6 +426,21 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
     }
     progress.finish();
     m.set_training(false);
+    if !main {
+        return Ok(Summary {
+            run_dir: run_dir.to_path_buf(),
+            steps: state.step,
+            tokens: state.tokens,
+            train_loss: history.recent_loss(10),
+            val_loss,
+            unigram_val_loss: unigram,
+            peak_rss_bytes: memory::peak_rss_bytes(),
+            baseline_rss_bytes: baseline_rss,
+            interrupted,
+            val_accuracy: None,
+            baseline_name: None,
+        });
+    }
     if val_loss.is_nan() && !interrupted {
         // Nothing left to train (a resume at or past max_steps): still report the model.
         val_loss = run::evaluate(&m.net, &val_ds, t.batch_size, t.final_eval_batches, device).0;
@@ -433,7 +591,7 @@ pub(crate) fn line_has_val(m: &Metrics) -> bool {
 pub(crate) struct Metrics {
     path: PathBuf,
     lines: Vec<serde_json::Value>,
-    file: std::fs::File,
+    file: Option<std::fs::File>,
 }
 
 impl Metrics {
@@ -459,12 +617,23 @@ impl Metrics {
         Ok(Self {
             path: path.to_path_buf(),
             lines,
-            file,
+            file: Some(file),
         })
     }
 
+    /// Lines kept in memory only (the ranks other than 0 of a data-parallel run).
+    pub(crate) fn in_memory() -> Self {
+        Self {
+            path: PathBuf::new(),
+            lines: Vec::new(),
+            file: None,
+        }
+    }
+
     pub(crate) fn push(&mut self, line: serde_json::Value) -> Result<()> {
-        writeln!(self.file, "{line}").map_err(|e| Error::io(&self.path, e))?;
+        if let Some(f) = &mut self.file {
+            writeln!(f, "{line}").map_err(|e| Error::io(&self.path, e))?;
+        }
         self.lines.push(line);
         Ok(())
     }

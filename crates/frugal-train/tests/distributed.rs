@@ -1,0 +1,100 @@
+//! Data-parallel training under a real `mpirun` on this machine (loopback, one thread per
+//! rank): two processes with a micro-batch of B each give the weights of one process with 2B;
+//! rank 0 alone writes the run's files. Needs the MPI backend (`--features frugal-dist/mpi`, as
+//! `cargo xtask test` builds where Open MPI is installed) and `mpirun`; without them the tests
+//! say so and pass, unless `FRUGAL_MPI=1` makes them mandatory.
+
+mod common;
+
+use common::{corpus, run, small_settings, train_cmd, weight_diff};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Whether MPI runs here; panics when `FRUGAL_MPI=1` says it must.
+fn mpi_ready() -> bool {
+    let mpirun = Command::new("mpirun").arg("--version").output().is_ok();
+    let ready = frugal_dist::HAS_MPI && mpirun;
+    if !ready {
+        assert!(
+            std::env::var("FRUGAL_MPI").as_deref() != Ok("1"),
+            "FRUGAL_MPI=1 but the MPI backend (built: {}) or mpirun (found: {mpirun}) is missing",
+            frugal_dist::HAS_MPI
+        );
+        eprintln!("skipped: needs the mpi feature and Open MPI's mpirun");
+    }
+    ready
+}
+
+/// `mpirun -n N frugal train ...` with the test's private cache.
+fn mpirun_train(dir: &Path, n: usize, out: &Path, sets: &[String]) -> std::process::Output {
+    let single = train_cmd(dir, out, sets);
+    let mut c = Command::new("mpirun");
+    c.env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("FRUGAL_CACHE", dir.join("cache"))
+        .env("FRUGAL_PROGRESS", "plain")
+        .args(["--oversubscribe", "-n", &n.to_string()])
+        .arg(single.get_program())
+        .args(single.get_args());
+    run(c)
+}
+
+fn settings(corpus: &Path, batch: usize, extra: &[&str]) -> Vec<String> {
+    let mut s = small_settings(corpus);
+    s.extend([
+        format!("train.batch_size={batch}"),
+        "train.max_steps=3".into(),
+        "train.eval_every=0".into(),
+        "train.save_every=3".into(),
+        "train.final_eval_batches=2".into(),
+    ]);
+    s.extend(extra.iter().map(|e| e.to_string()));
+    s
+}
+
+/// Guarantee: 2 ranks with micro-batch 2 give the weights of 1 process with micro-batch 4
+/// (within 1e-5), plain and with per-layer updates, for AdamW and GaLore-AdamW; rank 0 alone
+/// writes metrics (one line per step) and checkpoints; a different batch lands elsewhere, so
+/// the comparison can fail.
+#[test]
+fn two_ranks_equal_one_process_with_twice_the_batch() {
+    if !mpi_ready() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = corpus(dir.path(), 12);
+    let galore = [
+        "optim.name=\"galore-adamw\"",
+        "optim.galore.rank=8",
+        "optim.galore.update_proj_gap=2",
+    ];
+    for (tag, extra) in [
+        ("adamw", &[][..]),
+        ("layerwise", &["optim.layerwise=true"][..]),
+        ("galore", &galore[..]),
+    ] {
+        let one: PathBuf = dir.path().join(format!("{tag}-one"));
+        assert!(
+            run(train_cmd(dir.path(), &one, &settings(&corpus, 4, extra)))
+                .status
+                .success()
+        );
+        let two = dir.path().join(format!("{tag}-two"));
+        let o = mpirun_train(dir.path(), 2, &two, &settings(&corpus, 2, extra));
+        assert!(o.status.success(), "{tag}: mpirun failed");
+        let d = weight_diff(&one, &two);
+        assert!(d < 1e-5, "{tag}: 2 ranks differ from 1 process by {d}");
+        let metrics = std::fs::read_to_string(two.join("metrics.jsonl")).unwrap();
+        assert_eq!(metrics.lines().count(), 3, "{tag}: {metrics}");
+        assert!(two.join("checkpoints/step-3/model.safetensors").exists());
+    }
+    // Not vacuous: one process with the per-rank batch trains elsewhere.
+    let half = dir.path().join("half");
+    assert!(
+        run(train_cmd(dir.path(), &half, &settings(&corpus, 2, &[])))
+            .status
+            .success()
+    );
+    let d = weight_diff(&half, &dir.path().join("adamw-two"));
+    assert!(d > 1e-4, "batch 2 vs 2 x 2 differ by only {d}");
+}
