@@ -98,3 +98,75 @@ fn two_ranks_equal_one_process_with_twice_the_batch() {
     let d = weight_diff(&half, &dir.path().join("adamw-two"));
     assert!(d > 1e-4, "batch 2 vs 2 x 2 differ by only {d}");
 }
+
+/// The process ids of rank `rank` of the `mpirun` whose command line names `out`.
+fn rank_pids(out: &Path, rank: usize) -> Vec<u32> {
+    let want = format!("OMPI_COMM_WORLD_RANK={rank}");
+    let out = out.to_string_lossy().to_string();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
+        .filter(|pid| {
+            let read = |f: &str| std::fs::read(format!("/proc/{pid}/{f}")).unwrap_or_default();
+            let cmd = String::from_utf8_lossy(&read("cmdline")).to_string();
+            let env = String::from_utf8_lossy(&read("environ")).to_string();
+            cmd.contains(&out) && !cmd.contains("mpirun") && env.split('\0').any(|v| v == want)
+        })
+        .collect()
+}
+
+/// Guarantee: a rank that stalls (stopped by SIGSTOP) makes rank 0 stop after `dist.timeout_s`
+/// with an error naming the all-reduce, the job ends instead of hanging, and the last
+/// checkpoint stays whole (it evaluates).
+#[test]
+fn a_stalled_rank_stops_the_job_and_the_checkpoint_survives() {
+    if !mpi_ready() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = corpus(dir.path(), 12);
+    let out = dir.path().join("stalled");
+    let mut sets = settings(&corpus, 2, &["dist.timeout_s=3"]);
+    sets.extend(["train.max_steps=100000".into(), "train.save_every=2".into()]);
+    let single = train_cmd(dir.path(), &out, &sets);
+    let mut c = Command::new("mpirun");
+    c.env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("FRUGAL_CACHE", dir.path().join("cache"))
+        .env("FRUGAL_PROGRESS", "plain")
+        .args(["--oversubscribe", "-n", "2"])
+        .arg(single.get_program())
+        .args(single.get_args())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let child = c.spawn().unwrap();
+    let t0 = std::time::Instant::now();
+    while !out.join("checkpoints/step-4").exists() {
+        assert!(
+            t0.elapsed().as_secs() < 120,
+            "no checkpoint after 2 minutes"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let pids = rank_pids(&out, 1);
+    assert_eq!(pids.len(), 1, "rank 1's process: {pids:?}");
+    let stop = Command::new("kill")
+        .args(["-STOP", &pids[0].to_string()])
+        .status()
+        .unwrap();
+    assert!(stop.success());
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("rank 0 of 2: all-reduce of") && err.contains("did not complete within 3 s"),
+        "{err}"
+    );
+    assert!(t0.elapsed().as_secs() < 120, "took {:?}", t0.elapsed());
+    // The latest checkpoint is whole: it evaluates.
+    let mut e = common::frugal(dir.path());
+    e.arg("eval").arg("--run").arg(&out);
+    let o = run(e);
+    assert!(o.status.success());
+}
