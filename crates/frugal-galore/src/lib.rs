@@ -73,6 +73,31 @@ pub trait GradientProjector: std::fmt::Debug + Send {
     /// Bytes held by the projector (its basis).
     fn state_bytes(&self) -> u64;
 
+    /// Whether [`GradientProjector::project`] at `step` would compute a new basis from the
+    /// gradient it is given (so that data-parallel ranks must give it the same, averaged,
+    /// gradient). The default says yes, the safe answer.
+    fn refresh_due(&self, step: i64) -> bool {
+        let _ = step;
+        true
+    }
+
+    /// `grad` projected with the current basis, changing nothing (no refresh, no counters);
+    /// None when there is no basis yet. Projection is linear: the mean of the ranks'
+    /// projections is the projection of their mean, at `r/min(m, n)` of the bytes.
+    fn project_current(&self, grad: &Tensor) -> Option<Result<Tensor>> {
+        let _ = grad;
+        None
+    }
+
+    /// `low` (of the projected shape) mapped back to the parameter's shape without the scale:
+    /// for an orthonormal basis, projecting the result gives `low` again.
+    fn lift(&self, low: &Tensor) -> Result<Tensor> {
+        let _ = low;
+        Err(frugal_core::Error::Msg(
+            "this projector cannot lift a projected gradient".into(),
+        ))
+    }
+
     /// Wall-clock seconds this projector has spent computing bases (SVDs) since it was built,
     /// so that a trainer can report the cost of the refreshes beside the step time.
     fn basis_seconds(&self) -> f64 {

@@ -443,6 +443,48 @@ impl GaloreProjector {
     }
 }
 
+impl GaloreProjector {
+    /// `g` (2-D) projected with the current basis.
+    fn apply(&self, g: &Tensor) -> Result<Tensor> {
+        let kind = g.kind();
+        let to = |p: &Tensor| p.f_to_kind(kind);
+        let Some(basis) = self.basis.as_ref() else {
+            return Err(Error::Msg(format!("{}: no GaLore basis", self.name)));
+        };
+        Ok(match basis {
+            Basis::Left(p) => to(p)?.f_transpose(0, 1)?.f_matmul(g)?,
+            Basis::Right(p) => g.f_matmul(&to(p)?.f_transpose(0, 1)?)?,
+            Basis::Full(l, r) => to(l)?
+                .f_transpose(0, 1)?
+                .f_matmul(g)?
+                .f_matmul(&to(r)?.f_transpose(0, 1)?)?,
+        })
+    }
+
+    /// `low` mapped back to the parameter's shape through the basis (no scale).
+    fn unproject(&self, low: &Tensor) -> Result<Tensor> {
+        let (Some(basis), Some(expected)) = (self.basis.as_ref(), self.low_shape()) else {
+            return Err(Error::Msg(format!(
+                "{}: project_back before any project (no basis yet)",
+                self.name
+            )));
+        };
+        if low.size() != expected {
+            return Err(Error::Shape {
+                name: format!("{} (projected update)", self.name),
+                expected,
+                got: low.size(),
+            });
+        }
+        let full = match basis {
+            Basis::Left(p) => p.f_matmul(&low.f_to_kind(p.kind())?)?,
+            Basis::Right(p) => low.f_to_kind(p.kind())?.f_matmul(p)?,
+            Basis::Full(l, r) => l.f_matmul(&low.f_to_kind(l.kind())?)?.f_matmul(r)?,
+        };
+        Ok(full.f_reshape(&self.shape)?)
+    }
+}
+
 impl GradientProjector for GaloreProjector {
     fn project(&mut self, grad: &Tensor, step: i64) -> Result<Tensor> {
         if step < 0 {
@@ -472,43 +514,35 @@ impl GradientProjector for GaloreProjector {
             self.refresh(&g, side, step)?;
         }
         self.last_step = Some(step);
-        let kind = g.kind();
-        let to = |p: &Tensor| p.f_to_kind(kind);
-        let Some(basis) = self.basis.as_ref() else {
-            return Err(Error::Msg(format!("{}: no GaLore basis", self.name)));
-        };
-        Ok(match basis {
-            Basis::Left(p) => to(p)?.f_transpose(0, 1)?.f_matmul(&g)?,
-            Basis::Right(p) => g.f_matmul(&to(p)?.f_transpose(0, 1)?)?,
-            Basis::Full(l, r) => to(l)?
-                .f_transpose(0, 1)?
-                .f_matmul(&g)?
-                .f_matmul(&to(r)?.f_transpose(0, 1)?)?,
+        self.apply(&g)
+    }
+
+    fn refresh_due(&self, step: i64) -> bool {
+        self.due(step)
+    }
+
+    fn project_current(&self, grad: &Tensor) -> Option<Result<Tensor>> {
+        self.basis.as_ref()?;
+        let shape = grad.size();
+        Some(if shape != self.shape {
+            Err(Error::Shape {
+                name: self.name.clone(),
+                expected: self.shape.clone(),
+                got: shape,
+            })
+        } else {
+            self.matrix_dims(&shape)
+                .and_then(|(m, n)| Ok(grad.f_reshape([m, n])?))
+                .and_then(|g| self.apply(&g))
         })
     }
 
+    fn lift(&self, low: &Tensor) -> Result<Tensor> {
+        self.unproject(low)
+    }
+
     fn project_back(&self, low: &Tensor) -> Result<Tensor> {
-        let (Some(basis), Some(expected)) = (self.basis.as_ref(), self.low_shape()) else {
-            return Err(Error::Msg(format!(
-                "{}: project_back before any project (no basis yet)",
-                self.name
-            )));
-        };
-        if low.size() != expected {
-            return Err(Error::Shape {
-                name: format!("{} (projected update)", self.name),
-                expected,
-                got: low.size(),
-            });
-        }
-        let full = match basis {
-            Basis::Left(p) => p.f_matmul(&low.f_to_kind(p.kind())?)?,
-            Basis::Right(p) => low.f_to_kind(p.kind())?.f_matmul(p)?,
-            Basis::Full(l, r) => l.f_matmul(&low.f_to_kind(l.kind())?)?.f_matmul(r)?,
-        };
-        Ok(full
-            .f_mul_scalar(self.config.scale)?
-            .f_reshape(&self.shape)?)
+        Ok(self.unproject(low)?.f_mul_scalar(self.config.scale)?)
     }
 
     fn moments_need_reprojection(&self) -> bool {

@@ -552,3 +552,48 @@ fn config_reads_like_galore_torch() {
     let s = serde_json::to_string(&c).unwrap();
     assert_eq!(serde_json::from_str::<GaloreConfig>(&s).unwrap(), c);
 }
+
+/// Guarantee: between refreshes, `project_current` is `project` without its side effects, and
+/// `project` of `lift(low)` gives `low` back (orthonormal basis), on both sides and with both
+/// sides projected; `refresh_due` says when `project` would compute a new basis.
+#[test]
+fn project_current_and_lift_invert_between_refreshes() {
+    use frugal_galore::{GaloreConfig, GaloreProjector, GradientProjector, ProjType};
+    use tch::{Device, Kind, Tensor};
+    tch::manual_seed(5);
+    for (shape, proj_type) in [
+        ([12i64, 20i64], ProjType::Std),
+        ([20, 12], ProjType::Std),
+        ([12, 20], ProjType::Full),
+    ] {
+        let config = GaloreConfig {
+            rank: 4,
+            update_proj_gap: 3,
+            proj_type,
+            ..GaloreConfig::default()
+        };
+        let mut p = GaloreProjector::new(config).unwrap().with_name("w");
+        let g0 = Tensor::randn(shape, (Kind::Float, Device::Cpu));
+        assert!(p.refresh_due(0));
+        assert!(p.project_current(&g0).is_none(), "no basis yet");
+        p.project(&g0, 0).unwrap();
+        assert!(!p.refresh_due(1) && !p.refresh_due(2) && p.refresh_due(3));
+        let g1 = Tensor::randn(shape, (Kind::Float, Device::Cpu));
+        let current = p.project_current(&g1).unwrap().unwrap();
+        let low = p.project(&g1, 1).unwrap();
+        assert_eq!(current.size(), low.size());
+        assert!((&current - &low).abs().max().double_value(&[]) < 1e-6);
+        let lifted = p.lift(&low).unwrap();
+        assert_eq!(lifted.size(), shape.to_vec());
+        let again = p.project(&lifted, 1).unwrap();
+        let err = (&again - &low).abs().max().double_value(&[]);
+        assert!(
+            err < 1e-5 * low.abs().max().double_value(&[]),
+            "{proj_type:?}: {err}"
+        );
+        // The lift is not the gradient: the part outside the subspace is gone.
+        assert!((&lifted - &g1).abs().max().double_value(&[]) > 1e-2);
+        let wrong = Tensor::randn([shape[0] + 1, shape[1]], (Kind::Float, Device::Cpu));
+        assert!(p.project_current(&wrong).unwrap().is_err());
+    }
+}

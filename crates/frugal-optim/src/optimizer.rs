@@ -75,6 +75,10 @@ pub trait Optimizer: Send + std::fmt::Debug {
     /// moment does not slice, starts the parameter's state afresh. A parameter with a
     /// gradient projector cannot be replaced.
     fn replace_parameter(&mut self, name: &str, tensor: Tensor, slice: &Slicer) -> Result<()>;
+    /// The gradient projector of the parameter at `index` and the step its next projection
+    /// will be for (its step count), when it has one: a data-parallel trainer averages the
+    /// projected gradients instead of the full ones between basis refreshes.
+    fn projection(&self, index: usize) -> Option<(&dyn frugal_galore::GradientProjector, i64)>;
 }
 
 /// Maps a tensor of a parameter's old shape to its new shape (see
@@ -671,6 +675,13 @@ macro_rules! impl_optimizer {
                 slice: &$crate::optimizer::Slicer,
             ) -> frugal_core::Result<()> {
                 self.slots.replace(name, tensor, slice, Self::rule_slice)
+            }
+            fn projection(
+                &self,
+                index: usize,
+            ) -> Option<(&dyn frugal_galore::GradientProjector, i64)> {
+                let s = self.slots.slots.get(index)?;
+                Some((s.projector.as_deref()?, s.step))
             }
             fn load(&mut self, path: &std::path::Path) -> frugal_core::Result<()> {
                 let meta = self.slots.load(path, Self::load_rule)?;

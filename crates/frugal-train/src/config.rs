@@ -40,11 +40,18 @@ pub struct DistConfig {
     /// Seconds a rank waits for the others in a collective before the job stops with an error
     /// (a rank that died or stalled); it must cover rank 0's evaluations and checkpoints.
     pub timeout_s: f64,
+    /// With a GaLore optimizer: average the projected gradients (`r x n`) of the projected
+    /// matrices instead of their full gradients (`m x n`), except at basis refreshes, where
+    /// the full gradient is averaged so that every rank computes the same basis.
+    pub galore_projected: bool,
 }
 
 impl Default for DistConfig {
     fn default() -> Self {
-        Self { timeout_s: 600.0 }
+        Self {
+            timeout_s: 600.0,
+            galore_projected: false,
+        }
     }
 }
 

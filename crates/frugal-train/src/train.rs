@@ -104,6 +104,46 @@ fn all_reduce_mean(dist: &mut dyn Collective, tensors: &[&tch::Tensor]) -> Resul
     Ok(())
 }
 
+/// Averages a group's gradients `grads` (of the optimizer's parameters at `idx`) over the
+/// ranks, in place. With `projected`, a parameter whose GaLore basis is not due for a refresh
+/// has its projected gradient averaged (`r x n` values instead of `m x n`) and lifted back
+/// through the basis: the optimizer projects the lifted mean to the averaged projection again
+/// (the basis is orthonormal), which is what it would have made of the full mean.
+fn reduce_grads(
+    dist: &mut dyn Collective,
+    opt: &dyn frugal_optim::Optimizer,
+    idx: &[usize],
+    grads: &[&tch::Tensor],
+    projected: bool,
+) -> Result<()> {
+    if dist.size() == 1 {
+        return Ok(());
+    }
+    let mut full: Vec<&tch::Tensor> = Vec::new();
+    let mut low: Vec<(usize, tch::Tensor)> = Vec::new();
+    for (k, (&i, g)) in idx.iter().zip(grads).enumerate() {
+        if projected {
+            if let Some((p, step)) = opt.projection(i) {
+                if !p.refresh_due(step) {
+                    if let Some(l) = p.project_current(g) {
+                        low.push((k, l?));
+                        continue;
+                    }
+                }
+            }
+        }
+        full.push(g);
+    }
+    all_reduce_mean(dist, &full)?;
+    all_reduce_mean(dist, &low.iter().map(|(_, l)| l).collect::<Vec<_>>())?;
+    for (k, l) in &low {
+        let (p, _) = opt.projection(idx[*k]).expect("checked above");
+        let lifted = p.lift(l)?;
+        tch::no_grad(|| grads[*k].shallow_clone().copy_(&lifted));
+    }
+    Ok(())
+}
+
 /// Values per all-reduce bucket (25 MiB of f32, as PyTorch DDP's default bucket).
 const BUCKET: usize = 25 << 18;
 
@@ -286,6 +326,7 @@ pub fn train_with(
     let mut val_loss = f64::NAN;
     let mut interrupted = false;
     let tokens_per_step = (t.batch_size * t.seq_len * t.grad_accum * world) as u64;
+    let projected = cfg.dist.galore_projected && cfg.optim.is_galore();
     while state.step < t.max_steps {
         let step = state.step + 1;
         if adapter {
@@ -296,6 +337,7 @@ pub fn train_with(
         let lr = lr_at(step, t.lr, t.warmup_steps, t.max_steps, t.min_lr_ratio);
         opt.set_lr(lr);
         let t0 = Instant::now();
+        let reduced_before = dist.bytes_reduced();
         let mut loss_sum = 0.0;
         // Per-layer updates clip by the previous step's norm (the first step is not clipped).
         let clip = match state.prev_grad_norm {
@@ -313,7 +355,13 @@ pub fn train_with(
             let mut sq = 0.0;
             let mut sink = |idx: &[usize], grads: Vec<tch::Tensor>| -> Result<()> {
                 // Each group's gradients averaged over the ranks before its update.
-                all_reduce_mean(dist, &grads.iter().collect::<Vec<_>>())?;
+                reduce_grads(
+                    dist,
+                    opt.as_ref(),
+                    idx,
+                    &grads.iter().collect::<Vec<_>>(),
+                    projected,
+                )?;
                 for g in &grads {
                     // As `grad_norm`: each tensor's norm in f32, squares summed.
                     let n = g.to_kind(tch::Kind::Float).norm().double_value(&[]);
@@ -359,12 +407,19 @@ pub fn train_with(
             micro_norms
         } else {
             // The gradients averaged over the ranks (every rank has the same defined ones).
-            let grads: Vec<tch::Tensor> = tensors
+            let (idx, grads): (Vec<usize>, Vec<tch::Tensor>) = tensors
                 .iter()
                 .map(|t| t.grad())
-                .filter(|g| g.defined())
-                .collect();
-            all_reduce_mean(dist, &grads.iter().collect::<Vec<_>>())?;
+                .enumerate()
+                .filter(|(_, g)| g.defined())
+                .unzip();
+            reduce_grads(
+                dist,
+                opt.as_ref(),
+                &idx,
+                &grads.iter().collect::<Vec<_>>(),
+                projected,
+            )?;
             let n = if t.max_grad_norm > 0.0 {
                 clip_grad_norm(&tensors, t.max_grad_norm)
             } else {
@@ -383,6 +438,10 @@ pub fn train_with(
             tokens_per_step,
             (loss, lr, grad_norm),
         );
+        if world > 1 {
+            // Payload bytes this rank all-reduced in the step (gradients, loss and stop flag).
+            line["allreduce_bytes"] = json!(dist.bytes_reduced() - reduced_before);
+        }
         progress.update(step, loss, tps);
 
         let last = step == t.max_steps;
