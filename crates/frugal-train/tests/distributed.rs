@@ -25,9 +25,9 @@ fn mpi_ready() -> bool {
     ready
 }
 
-/// `mpirun -n N frugal train ...` with the test's private cache.
-fn mpirun_train(dir: &Path, n: usize, out: &Path, sets: &[String]) -> std::process::Output {
-    let single = train_cmd(dir, out, sets);
+/// `mpirun -n N` of the command `single` (a `frugal` command), as root where need be, with the
+/// test's private cache.
+fn mpirun(dir: &Path, n: usize, single: &Command) -> Command {
     let mut c = Command::new("mpirun");
     c.env("OMPI_ALLOW_RUN_AS_ROOT", "1")
         .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
@@ -36,7 +36,12 @@ fn mpirun_train(dir: &Path, n: usize, out: &Path, sets: &[String]) -> std::proce
         .args(["--oversubscribe", "-n", &n.to_string()])
         .arg(single.get_program())
         .args(single.get_args());
-    run(c)
+    c
+}
+
+/// `mpirun -n N frugal train ...`, run.
+fn mpirun_train(dir: &Path, n: usize, out: &Path, sets: &[String]) -> std::process::Output {
+    run(mpirun(dir, n, &train_cmd(dir, out, sets)))
 }
 
 fn settings(corpus: &Path, batch: usize, extra: &[&str]) -> Vec<String> {
@@ -129,16 +134,8 @@ fn a_stalled_rank_stops_the_job_and_the_checkpoint_survives() {
     let out = dir.path().join("stalled");
     let mut sets = settings(&corpus, 2, &["dist.timeout_s=3"]);
     sets.extend(["train.max_steps=100000".into(), "train.save_every=2".into()]);
-    let single = train_cmd(dir.path(), &out, &sets);
-    let mut c = Command::new("mpirun");
-    c.env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .env("FRUGAL_CACHE", dir.path().join("cache"))
-        .env("FRUGAL_PROGRESS", "plain")
-        .args(["--oversubscribe", "-n", "2"])
-        .arg(single.get_program())
-        .args(single.get_args())
-        .stdout(std::process::Stdio::piped())
+    let mut c = mpirun(dir.path(), 2, &train_cmd(dir.path(), &out, &sets));
+    c.stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
     let child = c.spawn().unwrap();
     let t0 = std::time::Instant::now();
@@ -231,4 +228,32 @@ fn projected_all_reduce_follows_the_full_one() {
             );
         }
     }
+}
+
+/// Guarantee: every rank resumes from the run's latest checkpoint: a 2-rank run cut back to its
+/// step-2 checkpoint and resumed under mpirun ends with the uninterrupted run's losses and
+/// weights.
+#[test]
+fn two_ranks_resume_exactly() {
+    if !mpi_ready() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = corpus(dir.path(), 12);
+    let sets = settings(&corpus, 2, &["train.max_steps=4", "train.save_every=2"]);
+    let full = dir.path().join("full");
+    assert!(mpirun_train(dir.path(), 2, &full, &sets).status.success());
+    let part = dir.path().join("part");
+    common::copy_dir(&full, &part);
+    std::fs::remove_dir_all(part.join("checkpoints/step-4")).unwrap();
+    std::fs::write(part.join("checkpoints/latest"), "step-2\n").unwrap();
+    let single = {
+        let mut c = common::frugal(dir.path());
+        c.arg("train").arg("--resume").arg(&part);
+        c
+    };
+    assert!(run(mpirun(dir.path(), 2, &single)).status.success());
+    assert_eq!(common::losses(&full), common::losses(&part));
+    let d = weight_diff(&full, &part);
+    assert!(d == 0.0, "resumed weights differ by {d}");
 }
