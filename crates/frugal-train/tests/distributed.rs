@@ -257,3 +257,37 @@ fn two_ranks_resume_exactly() {
     let d = weight_diff(&full, &part);
     assert!(d == 0.0, "resumed weights differ by {d}");
 }
+
+/// Guarantee: what several processes cannot do yet, or need, is a clear error: the encoder,
+/// and a run without `--out` (every rank must name the same folder).
+#[test]
+fn refusals_under_mpirun_are_named() {
+    if !mpi_ready() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = corpus(dir.path(), 5);
+    let mut sets = settings(&corpus, 2, &[]);
+    sets.push("model.kind=\"encoder\"".into());
+    sets.push("model.size=\"encoder-tiny\"".into());
+    let o = mpirun_train(dir.path(), 2, &dir.path().join("enc"), &sets);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("model.kind") && err.contains("not yet for the encoder"),
+        "{err}"
+    );
+
+    let mut single = common::frugal(dir.path());
+    single
+        .arg("train")
+        .arg("--config")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/default.toml"));
+    for s in settings(&corpus, 2, &[]) {
+        single.arg("--set").arg(s);
+    }
+    let o = run(mpirun(dir.path(), 2, &single));
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("give --out RUN_DIR"), "{err}");
+}
