@@ -576,7 +576,7 @@ fn project_current_and_lift_invert_between_refreshes() {
         let g0 = Tensor::randn(shape, (Kind::Float, Device::Cpu));
         assert!(p.refresh_due(0));
         assert!(p.project_current(&g0).is_none(), "no basis yet");
-        p.project(&g0, 0).unwrap();
+        let _ = p.project(&g0, 0).unwrap();
         assert!(!p.refresh_due(1) && !p.refresh_due(2) && p.refresh_due(3));
         let g1 = Tensor::randn(shape, (Kind::Float, Device::Cpu));
         let current = p.project_current(&g1).unwrap().unwrap();

@@ -2,7 +2,9 @@
 //! `trainer_state.json`, built in a temporary folder and renamed into place; then
 //! `checkpoints/latest` names it. An interrupted write leaves the previous checkpoint intact.
 //! Runs with more than one optimizer write the others beside `optimizer.safetensors` under
-//! their own names (rank adaptation: [`crate::comera::TT_OPTIMIZER_FILE`]).
+//! their own names (rank adaptation: [`crate::comera::TT_OPTIMIZER_FILE`]); data-parallel runs
+//! with a sharded optimizer state (`dist.zero1`) add each other rank's shard,
+//! `optimizer-rank{r}.safetensors` ([`shard_file`]).
 
 use crate::data::SamplerState;
 use frugal_core::{atomic, Error, Result};
@@ -68,6 +70,20 @@ pub fn save_with_extra(
     state: &TrainerState,
     keep: usize,
 ) -> Result<PathBuf> {
+    save_with_files(run, write_model, opt, extra, &[], state, keep)
+}
+
+/// [`save_with_extra`] plus files written elsewhere (the other ranks' optimizer shards), each
+/// moved into the checkpoint under the name it comes with.
+pub fn save_with_files(
+    run: &Path,
+    write_model: &dyn Fn(&Path) -> Result<()>,
+    opt: &dyn Optimizer,
+    extra: &[(&str, &dyn Optimizer)],
+    files: &[(String, PathBuf)],
+    state: &TrainerState,
+    keep: usize,
+) -> Result<PathBuf> {
     let root = dir(run);
     std::fs::create_dir_all(&root).map_err(|e| Error::io(&root, e))?;
     let name = format!("step-{}", state.step);
@@ -77,6 +93,12 @@ pub fn save_with_extra(
         opt.save(&tmp.join("optimizer.safetensors"))?;
         for (file, o) in extra {
             o.save(&tmp.join(file))?;
+        }
+        for (name, src) in files {
+            let to = tmp.join(name);
+            std::fs::rename(src, &to)
+                .or_else(|_| std::fs::copy(src, &to).map(|_| ()))
+                .map_err(|e| Error::io(src, e))?;
         }
         let json = serde_json::to_vec_pretty(state).expect("plain struct");
         atomic::write(&tmp.join("trainer_state.json"), &json)
@@ -134,4 +156,14 @@ pub fn read_state(checkpoint: &Path) -> Result<TrainerState> {
     let p = checkpoint.join("trainer_state.json");
     let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
     serde_json::from_str(&text).map_err(|e| Error::Msg(format!("{}: {e}", p.display())))
+}
+
+/// The checkpoint file of rank `rank`'s optimizer shard (`dist.zero1`): rank 0's is
+/// `optimizer.safetensors`, as in any run.
+pub fn shard_file(rank: usize) -> String {
+    if rank == 0 {
+        "optimizer.safetensors".into()
+    } else {
+        format!("optimizer-rank{rank}.safetensors")
+    }
 }

@@ -44,6 +44,9 @@ pub struct DistConfig {
     /// matrices instead of their full gradients (`m x n`), except at basis refreshes, where
     /// the full gradient is averaged so that every rank computes the same basis.
     pub galore_projected: bool,
+    /// Shard the optimizer state (ZeRO stage 1): each rank keeps the state of its share of the
+    /// parameters (balanced by size), steps only those, and broadcasts them to the others.
+    pub zero1: bool,
 }
 
 impl Default for DistConfig {
@@ -51,6 +54,7 @@ impl Default for DistConfig {
         Self {
             timeout_s: 600.0,
             galore_projected: false,
+            zero1: false,
         }
     }
 }
@@ -697,6 +701,13 @@ impl Config {
                 return Err(Error::config(k, format!("must be positive, got {v}")));
             }
         }
+        if self.dist.zero1 && self.dist.galore_projected {
+            return Err(Error::config(
+                "dist.zero1",
+                "cannot be combined with dist.galore_projected yet: only a parameter's owner \
+                 holds its GaLore basis, which the projected all-reduce needs on every rank",
+            ));
+        }
         if !self.dist.timeout_s.is_finite() {
             return Err(Error::config(
                 "dist.timeout_s",
@@ -1173,6 +1184,36 @@ mod tests {
         c.train.seq_len = 100_000;
         let err = c.llama_config(8192).unwrap_err().to_string();
         assert!(err.starts_with("train.seq_len:"), "{err}");
+    }
+
+    /// Guarantee: the `[dist]` keys are checked: a timeout must be positive and finite, and a
+    /// sharded optimizer state does not combine with the projected all-reduce.
+    #[test]
+    fn dist_keys_are_checked() {
+        let with = |d: DistConfig| {
+            Config {
+                dist: d,
+                ..Config::default()
+            }
+            .validate()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+        };
+        assert_eq!(with(DistConfig::default()), "");
+        for t in [0.0, -1.0, f64::INFINITY, f64::NAN] {
+            let e = with(DistConfig {
+                timeout_s: t,
+                ..DistConfig::default()
+            });
+            assert!(e.contains("dist.timeout_s"), "{t}: {e}");
+        }
+        let e = with(DistConfig {
+            zero1: true,
+            galore_projected: true,
+            ..DistConfig::default()
+        });
+        assert!(e.contains("dist.zero1"), "{e}");
     }
 
     /// Guarantee: GaLore's default targets are the token- and channel-mixing weights of the

@@ -59,6 +59,54 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
     train_with(cfg, run_dir, resume, &mut frugal_dist::Single::default())
 }
 
+/// Saves a checkpoint (rank 0). With a sharded optimizer state, every rank takes part: the
+/// others write their shards beside the checkpoints, and rank 0 moves them into the new
+/// checkpoint before it is renamed into place.
+fn save_checkpoint(
+    run_dir: &Path,
+    m: &run::Model,
+    opt: &dyn frugal_optim::Optimizer,
+    state: &TrainerState,
+    keep: usize,
+    dist: &mut dyn Collective,
+    zero1: bool,
+) -> Result<()> {
+    let (rank, world) = (dist.rank(), dist.size());
+    if !zero1 {
+        if rank == 0 {
+            checkpoint::save(run_dir, m, opt, state, keep)?;
+        }
+        return Ok(());
+    }
+    let staging = checkpoint::dir(run_dir).join(format!(".shards-step-{}", state.step));
+    if rank > 0 {
+        std::fs::create_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
+        opt.save(&staging.join(checkpoint::shard_file(rank)))?;
+    }
+    dist.barrier().map_err(dist_err)?;
+    if rank == 0 {
+        let files: Vec<(String, PathBuf)> = (1..world)
+            .map(|r| {
+                (
+                    checkpoint::shard_file(r),
+                    staging.join(checkpoint::shard_file(r)),
+                )
+            })
+            .collect();
+        checkpoint::save_with_files(
+            run_dir,
+            &|file: &Path| m.save(file),
+            opt,
+            &[],
+            &files,
+            state,
+            keep,
+        )?;
+        let _ = std::fs::remove_dir_all(&staging);
+    }
+    Ok(())
+}
+
 /// A collective's error as the trainer's.
 fn dist_err(e: frugal_dist::DistError) -> Error {
     Error::Msg(e.to_string())
@@ -140,6 +188,49 @@ fn reduce_grads(
         let (p, _) = opt.projection(idx[*k]).expect("checked above");
         let lifted = p.lift(l)?;
         tch::no_grad(|| grads[*k].shallow_clone().copy_(&lifted));
+    }
+    Ok(())
+}
+
+/// The rank that owns each parameter of sizes `sizes` under a sharded optimizer state
+/// (`dist.zero1`): largest first, each to the rank with the fewest values so far (the lowest
+/// rank on ties), the same on every rank.
+fn owners(sizes: &[usize], world: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..sizes.len()).collect();
+    order.sort_by_key(|&i| (std::cmp::Reverse(sizes[i]), i));
+    let mut load = vec![0usize; world];
+    let mut own = vec![0usize; sizes.len()];
+    for i in order {
+        let r = (0..world)
+            .min_by_key(|&r| (load[r], r))
+            .expect("world >= 1");
+        own[i] = r;
+        load[r] += sizes[i];
+    }
+    own
+}
+
+/// Gives every rank the values of the parameters at `idx` from their owners.
+fn broadcast_from_owners(
+    dist: &mut dyn Collective,
+    tensors: &[tch::Tensor],
+    idx: &[usize],
+    owner: &[usize],
+) -> Result<()> {
+    for &i in idx {
+        let t = &tensors[i];
+        let mut v = Vec::<f32>::try_from(
+            t.to_kind(tch::Kind::Float)
+                .to_device(tch::Device::Cpu)
+                .reshape([-1]),
+        )
+        .map_err(|e| Error::Msg(format!("parameter to broadcast: {e}")))?;
+        dist.broadcast(&mut v, owner[i]).map_err(dist_err)?;
+        let w = tch::Tensor::from_slice(&v)
+            .view(t.size().as_slice())
+            .to_device(t.device())
+            .to_kind(t.kind());
+        tch::no_grad(|| t.shallow_clone().copy_(&w));
     }
     Ok(())
 }
@@ -250,21 +341,21 @@ pub fn train_with(
         frugal_models::weights::named_variables(&m.vs)
     };
     let tensors: Vec<tch::Tensor> = params.iter().map(|(_, t)| t.shallow_clone()).collect();
+    // Which rank steps each parameter: all of them everywhere, or each its owner's with a
+    // sharded optimizer state.
+    let zero1 = cfg.dist.zero1 && world > 1;
+    let owner = if zero1 {
+        owners(
+            &tensors.iter().map(|t| t.numel()).collect::<Vec<_>>(),
+            world,
+        )
+    } else {
+        vec![rank; tensors.len()]
+    };
     if world > 1 {
         // Every rank starts from rank 0's weights.
-        for t in &tensors {
-            let mut v = Vec::<f32>::try_from(
-                t.to_kind(tch::Kind::Float)
-                    .to_device(tch::Device::Cpu)
-                    .reshape([-1]),
-            )
-            .map_err(|e| Error::Msg(format!("parameter to broadcast: {e}")))?;
-            dist.broadcast(&mut v, 0).map_err(dist_err)?;
-            let w = tch::Tensor::from_slice(&v)
-                .view(t.size().as_slice())
-                .to_device(t.device());
-            tch::no_grad(|| t.shallow_clone().copy_(&w));
-        }
+        let all: Vec<usize> = (0..tensors.len()).collect();
+        broadcast_from_owners(dist, &tensors, &all, &vec![0; tensors.len()])?;
     }
     let n_params: i64 = tensors.iter().map(|t| t.numel() as i64).sum();
     if main {
@@ -299,7 +390,16 @@ pub fn train_with(
         tt_late_start_size: None,
     };
     if let Some(ck) = &checkpoint {
-        opt.load(&ck.join("optimizer.safetensors"))?;
+        // With a sharded state, each rank its own shard.
+        let file = ck.join(checkpoint::shard_file(if zero1 { rank } else { 0 }));
+        if !file.is_file() {
+            return Err(Error::Msg(format!(
+                "{}: no optimizer state for rank {rank} (was the run saved with dist.zero1 by \
+                 {world} ranks?)",
+                file.display()
+            )));
+        }
+        opt.load(&file)?;
         state = checkpoint::read_state(&ck)?;
         if main {
             eprintln!(
@@ -373,10 +473,21 @@ pub fn train_with(
                         let _ = g.shallow_clone().g_mul_scalar_(clip);
                     }
                 }
+                // This rank's share (all of them without a sharded state).
+                let (mine, grads): (Vec<usize>, Vec<tch::Tensor>) = idx
+                    .iter()
+                    .zip(grads)
+                    .filter(|(i, _)| owner[**i] == rank)
+                    .map(|(i, g)| (*i, g))
+                    .unzip();
                 if last {
-                    opt.step_with_grads(idx, grads)
+                    opt.step_with_grads(&mine, grads)?;
+                    if zero1 {
+                        broadcast_from_owners(dist, &tensors, idx, &owner)?;
+                    }
+                    Ok(())
                 } else {
-                    opt.accumulate_with_grads(idx, grads)
+                    opt.accumulate_with_grads(&mine, grads)
                 }
             };
             let batch = step::Batch {
@@ -425,7 +536,14 @@ pub fn train_with(
             } else {
                 frugal_optim::grad_norm(&tensors)
             };
-            opt.step()?;
+            if zero1 {
+                let mine: Vec<usize> = (0..tensors.len()).filter(|&i| owner[i] == rank).collect();
+                opt.step_indices(&mine)?;
+                let all: Vec<usize> = (0..tensors.len()).collect();
+                broadcast_from_owners(dist, &tensors, &all, &owner)?;
+            } else {
+                opt.step()?;
+            }
             opt.zero_grad();
             n
         };
@@ -468,9 +586,17 @@ pub fn train_with(
         if main && line_has_val(&history) {
             history.plot(&run_dir.join("loss.png"), unigram);
         }
-        if main && ((t.save_every > 0 && step % t.save_every == 0) || last || stop) {
-            checkpoint::save(run_dir, &m, opt.as_ref(), &state, t.keep_checkpoints)?;
-            if adapter {
+        if (t.save_every > 0 && step % t.save_every == 0) || last || stop {
+            save_checkpoint(
+                run_dir,
+                &m,
+                opt.as_ref(),
+                &state,
+                t.keep_checkpoints,
+                dist,
+                zero1,
+            )?;
+            if main && adapter {
                 m.save_adapter(&run_dir.join("adapter"))?;
             }
         }
@@ -520,6 +646,14 @@ pub fn train_with(
     let (mut report, peak) = clock.memory_report(device, baseline_rss, &acc, &m.vs);
     if adapter {
         report["frozen_base"] = frozen_base_bytes(&m);
+    }
+    if world > 1 {
+        // The accounting is rank 0's: with a sharded state, its share of the optimizer state.
+        report["dist"] = json!({
+            "processes": world,
+            "zero1": zero1,
+            "galore_projected": projected,
+        });
     }
     if let Some((planned, adamw)) = &plans {
         report["plan"] = planned.to_json();
@@ -824,4 +958,18 @@ fn frozen_base_bytes(m: &run::Model) -> serde_json::Value {
         "other_params": other_params,
         "total_bytes": qbytes + other,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::owners;
+
+    /// Guarantee: the sharded state's owners balance the values, largest first, lowest rank on
+    /// ties, and one rank owns everything alone.
+    #[test]
+    fn owners_balance_by_size() {
+        assert_eq!(owners(&[10, 3, 7, 2, 1], 2), vec![0, 1, 1, 0, 1]);
+        assert_eq!(owners(&[4, 4, 4], 3), vec![0, 1, 2]);
+        assert_eq!(owners(&[5, 6, 7], 1), vec![0, 0, 0]);
+    }
 }
