@@ -390,13 +390,21 @@ pub fn train_with(
         tt_late_start_size: None,
     };
     if let Some(ck) = &checkpoint {
-        // With a sharded state, each rank its own shard.
+        // With a sharded state, each rank its own shard; a sharded checkpoint resumes sharded
+        // only (its optimizer.safetensors holds rank 0's share alone).
         let file = ck.join(checkpoint::shard_file(if zero1 { rank } else { 0 }));
-        if !file.is_file() {
+        if zero1 && !file.is_file() {
             return Err(Error::Msg(format!(
                 "{}: no optimizer state for rank {rank} (was the run saved with dist.zero1 by \
                  {world} ranks?)",
                 file.display()
+            )));
+        }
+        if !zero1 && ck.join(checkpoint::shard_file(1)).is_file() {
+            return Err(Error::Msg(format!(
+                "{}: the optimizer state is sharded (saved with dist.zero1); resume it with \
+                 dist.zero1 and as many ranks",
+                ck.display()
             )));
         }
         opt.load(&file)?;

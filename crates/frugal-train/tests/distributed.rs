@@ -361,4 +361,15 @@ fn sharded_optimizer_state_keeps_the_weights_and_resumes() {
     assert!(run(mpirun(dir.path(), 2, &single)).status.success());
     assert_eq!(common::losses(&full), common::losses(&part));
     assert!(weight_diff(&full, &part) == 0.0);
+    // A sharded checkpoint does not resume unsharded (it would lose rank 1's state).
+    let mut single = common::frugal(dir.path());
+    single.args(["train", "--resume"]).arg(&part).args([
+        "--set",
+        "dist.zero1=false",
+        "--set",
+        "train.max_steps=6",
+    ]);
+    let o = run(mpirun(dir.path(), 2, &single));
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("the optimizer state is sharded"));
 }
