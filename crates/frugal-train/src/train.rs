@@ -619,20 +619,21 @@ pub fn train_with(
     }
     progress.finish();
     m.set_training(false);
+    let summary = |val_loss: f64, peak_rss_bytes: u64| Summary {
+        run_dir: run_dir.to_path_buf(),
+        steps: state.step,
+        tokens: state.tokens,
+        train_loss: history.recent_loss(10),
+        val_loss,
+        unigram_val_loss: unigram,
+        peak_rss_bytes,
+        baseline_rss_bytes: baseline_rss,
+        interrupted,
+        val_accuracy: None,
+        baseline_name: None,
+    };
     if !main {
-        return Ok(Summary {
-            run_dir: run_dir.to_path_buf(),
-            steps: state.step,
-            tokens: state.tokens,
-            train_loss: history.recent_loss(10),
-            val_loss,
-            unigram_val_loss: unigram,
-            peak_rss_bytes: memory::peak_rss_bytes(),
-            baseline_rss_bytes: baseline_rss,
-            interrupted,
-            val_accuracy: None,
-            baseline_name: None,
-        });
+        return Ok(summary(val_loss, memory::peak_rss_bytes()));
     }
     if val_loss.is_nan() && !interrupted {
         // Nothing left to train (a resume at or past max_steps): still report the model.
@@ -675,19 +676,7 @@ pub fn train_with(
             .as_bytes(),
     )?;
 
-    Ok(Summary {
-        run_dir: run_dir.to_path_buf(),
-        steps: state.step,
-        tokens: state.tokens,
-        train_loss: history.recent_loss(10),
-        val_loss,
-        unigram_val_loss: unigram,
-        peak_rss_bytes: peak,
-        baseline_rss_bytes: baseline_rss,
-        interrupted,
-        val_accuracy: None,
-        baseline_name: None,
-    })
+    Ok(summary(val_loss, peak))
 }
 
 /// The bookkeeping every training loop does once a step's update is done: the trainer state's

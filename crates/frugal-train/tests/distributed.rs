@@ -25,6 +25,25 @@ fn mpi_ready() -> bool {
     ready
 }
 
+/// A temporary folder with a 12-document corpus when MPI runs here (see [`mpi_ready`]).
+fn mpi_dir() -> Option<(tempfile::TempDir, PathBuf)> {
+    if !mpi_ready() {
+        return None;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = corpus(dir.path(), 12);
+    Some((dir, corpus))
+}
+
+/// A copy of the 4-step run `full` named `name`, cut back to its step-2 checkpoint.
+fn cut_back(full: &Path, name: &str) -> PathBuf {
+    let part = full.with_file_name(name);
+    common::copy_dir(full, &part);
+    std::fs::remove_dir_all(part.join("checkpoints/step-4")).unwrap();
+    std::fs::write(part.join("checkpoints/latest"), "step-2\n").unwrap();
+    part
+}
+
 /// `mpirun -n N` of the command `single` (a `frugal` command), as root where need be, with the
 /// test's private cache.
 fn mpirun(dir: &Path, n: usize, single: &Command) -> Command {
@@ -63,11 +82,9 @@ fn settings(corpus: &Path, batch: usize, extra: &[&str]) -> Vec<String> {
 /// the comparison can fail.
 #[test]
 fn two_ranks_equal_one_process_with_twice_the_batch() {
-    if !mpi_ready() {
+    let Some((dir, corpus)) = mpi_dir() else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let corpus = corpus(dir.path(), 12);
+    };
     let galore = [
         "optim.name=\"galore-adamw\"",
         "optim.galore.rank=8",
@@ -126,11 +143,9 @@ fn rank_pids(out: &Path, rank: usize) -> Vec<u32> {
 /// checkpoint stays whole (it evaluates).
 #[test]
 fn a_stalled_rank_stops_the_job_and_the_checkpoint_survives() {
-    if !mpi_ready() {
+    let Some((dir, corpus)) = mpi_dir() else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let corpus = corpus(dir.path(), 12);
+    };
     let out = dir.path().join("stalled");
     let mut sets = settings(&corpus, 2, &["dist.timeout_s=3"]);
     sets.extend(["train.max_steps=100000".into(), "train.save_every=2".into()]);
@@ -187,11 +202,9 @@ fn allreduce_bytes(run: &Path) -> Vec<u64> {
 /// both ranks compute the same basis).
 #[test]
 fn projected_all_reduce_follows_the_full_one() {
-    if !mpi_ready() {
+    let Some((dir, corpus)) = mpi_dir() else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let corpus = corpus(dir.path(), 12);
+    };
     let galore = [
         "optim.name=\"galore-adamw\"",
         "optim.galore.rank=4",
@@ -235,18 +248,13 @@ fn projected_all_reduce_follows_the_full_one() {
 /// weights.
 #[test]
 fn two_ranks_resume_exactly() {
-    if !mpi_ready() {
+    let Some((dir, corpus)) = mpi_dir() else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let corpus = corpus(dir.path(), 12);
+    };
     let sets = settings(&corpus, 2, &["train.max_steps=4", "train.save_every=2"]);
     let full = dir.path().join("full");
     assert!(mpirun_train(dir.path(), 2, &full, &sets).status.success());
-    let part = dir.path().join("part");
-    common::copy_dir(&full, &part);
-    std::fs::remove_dir_all(part.join("checkpoints/step-4")).unwrap();
-    std::fs::write(part.join("checkpoints/latest"), "step-2\n").unwrap();
+    let part = cut_back(&full, "part");
     let single = {
         let mut c = common::frugal(dir.path());
         c.arg("train").arg("--resume").arg(&part);
@@ -305,11 +313,9 @@ fn optimizer_state_bytes(run: &Path) -> f64 {
 /// exactly where the uninterrupted one does.
 #[test]
 fn sharded_optimizer_state_keeps_the_weights_and_resumes() {
-    if !mpi_ready() {
+    let Some((dir, corpus)) = mpi_dir() else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let corpus = corpus(dir.path(), 12);
+    };
     let galore = ["optim.name=\"galore-adamw\"", "optim.galore.rank=8"];
     for (tag, extra) in [
         ("adamw", &[][..]),
@@ -352,10 +358,7 @@ fn sharded_optimizer_state_keeps_the_weights_and_resumes() {
     );
     let full = dir.path().join("zero1-full");
     assert!(mpirun_train(dir.path(), 2, &full, &sets).status.success());
-    let part = dir.path().join("zero1-part");
-    common::copy_dir(&full, &part);
-    std::fs::remove_dir_all(part.join("checkpoints/step-4")).unwrap();
-    std::fs::write(part.join("checkpoints/latest"), "step-2\n").unwrap();
+    let part = cut_back(&full, "zero1-part");
     let mut single = common::frugal(dir.path());
     single.arg("train").arg("--resume").arg(&part);
     assert!(run(mpirun(dir.path(), 2, &single)).status.success());
