@@ -12,6 +12,7 @@ pub const NAMES: &[&str] = &[
     "tt",
     "adapters",
     "matmulfree",
+    "distributed",
 ];
 
 /// Runs benchmark `name` with extra arguments `args`.
@@ -24,6 +25,7 @@ pub fn run(env: &TorchEnv, name: &str, args: &[String]) -> Result<()> {
         "tt" => crate::bench_tt::run(env, args),
         "adapters" => crate::bench_adapters::run(env, args),
         "matmulfree" => crate::bench_matmulfree::run(env, args),
+        "distributed" => crate::bench_distributed::run(env, args),
         other => Err(Failure::new(format!(
             "unknown benchmark '{other}'; benchmarks: {}",
             NAMES.join(", ")

@@ -272,23 +272,12 @@ pub fn run(env: &TorchEnv, args: &[String]) -> Result<()> {
         .map_err(|e| Failure::new(format!("cannot write {RESULT}: {e}")))?;
     eprintln!("bench adapters: wrote {RESULT}");
 
-    let failed = results.failures();
-    if failed.is_empty() {
-        return Ok(());
-    }
-    Err(Failure::new(format!(
-        "{} did not complete the benchmark ({}); {RESULT} holds the sides that were measured",
-        failed
-            .iter()
-            .map(|(s, _)| s.label())
-            .collect::<Vec<_>>()
-            .join(", "),
-        failed
-            .iter()
-            .map(|(s, e)| format!("{}: {e}", s.label()))
-            .collect::<Vec<_>>()
-            .join("; ")
-    )))
+    let failed: Vec<(String, String)> = results
+        .failures()
+        .iter()
+        .map(|(s, e)| (s.label().to_string(), e.to_string()))
+        .collect();
+    crate::report::sides_failed(RESULT, &failed)
 }
 
 fn parse_args(args: &[String]) -> Result<Options> {

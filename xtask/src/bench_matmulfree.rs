@@ -863,23 +863,12 @@ pub fn run(env: &TorchEnv, args: &[String]) -> Result<()> {
         .map_err(|e| Failure::new(format!("cannot write {RESULT}: {e}")))?;
     eprintln!("bench matmulfree: wrote {RESULT}");
 
-    let failed = res.failures();
-    if failed.is_empty() {
-        return Ok(());
-    }
-    Err(Failure::new(format!(
-        "{} did not complete the benchmark ({}); {RESULT} holds what was measured",
-        failed
-            .iter()
-            .map(|(p, s, _)| format!("{p} {s}"))
-            .collect::<Vec<_>>()
-            .join(", "),
-        failed
-            .iter()
-            .map(|(p, s, e)| format!("{p} {s}: {e}"))
-            .collect::<Vec<_>>()
-            .join("; ")
-    )))
+    let failed: Vec<(String, String)> = res
+        .failures()
+        .iter()
+        .map(|(p, s, e)| (format!("{p} {s}"), e.to_string()))
+        .collect();
+    crate::report::sides_failed(RESULT, &failed)
 }
 
 // ---------------------------------------------------------------------------------------------

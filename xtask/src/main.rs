@@ -12,6 +12,7 @@
 
 mod bench;
 mod bench_adapters;
+mod bench_distributed;
 mod bench_galore;
 mod bench_galore_quality;
 mod bench_matmulfree;
@@ -141,6 +142,11 @@ pub fn cargo(env: &setup::TorchEnv) -> Command {
 
 /// Builds the `frugal` binary in release mode and returns its path.
 pub fn build_frugal(env: &setup::TorchEnv) -> Result<PathBuf> {
+    build_frugal_with(env, &[])
+}
+
+/// [`build_frugal`] with frugal-train's cargo `features` (`mpi`).
+pub fn build_frugal_with(env: &setup::TorchEnv, features: &[&str]) -> Result<PathBuf> {
     let mut c = cargo(env);
     c.args([
         "build",
@@ -150,6 +156,9 @@ pub fn build_frugal(env: &setup::TorchEnv) -> Result<PathBuf> {
         "--bin",
         "frugal",
     ]);
+    if !features.is_empty() {
+        c.args(["--features", &features.join(",")]);
+    }
     status(c, "cargo build")?;
     Ok(root().join("target/release/frugal"))
 }

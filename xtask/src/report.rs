@@ -117,6 +117,12 @@ pub fn json_object<'a>(text: &'a str, key: &str) -> Option<&'a str> {
     if !text[start..].starts_with('{') {
         return None;
     }
+    json_balanced(text, start)
+}
+
+/// The text of the JSON value (an array or object, brackets included) that starts at byte
+/// `start` of `text`; brackets inside strings are skipped.
+pub fn json_balanced(text: &str, start: usize) -> Option<&str> {
     let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
     for (i, c) in text[start..].char_indices() {
         if in_string {
@@ -130,9 +136,9 @@ pub fn json_object<'a>(text: &'a str, key: &str) -> Option<&'a str> {
         }
         match c {
             '"' => in_string = true,
-            '{' => depth += 1,
-            '}' => {
-                depth -= 1;
+            '[' | '{' => depth += 1,
+            ']' | '}' => {
+                depth = depth.checked_sub(1)?;
                 if depth == 0 {
                     return Some(&text[start..start + i + 1]);
                 }
@@ -141,6 +147,27 @@ pub fn json_object<'a>(text: &'a str, key: &str) -> Option<&'a str> {
         }
     }
     None
+}
+
+/// Ok when every side completed; else the error that names the `failed` sides (name, why) and
+/// says that `result` holds the sides that were measured.
+pub fn sides_failed(result: &str, failed: &[(String, String)]) -> crate::Result<()> {
+    if failed.is_empty() {
+        return Ok(());
+    }
+    Err(crate::Failure::new(format!(
+        "{} did not complete the benchmark ({}); {result} holds the sides that were measured",
+        failed
+            .iter()
+            .map(|(s, _)| s.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+        failed
+            .iter()
+            .map(|(s, e)| format!("{s}: {e}"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    )))
 }
 
 /// The last line of a child's stdout that is a JSON object.
