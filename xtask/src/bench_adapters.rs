@@ -139,14 +139,8 @@ struct PeftExtra {
     threads: u64,
 }
 
-/// One side's outcome: its row or why it has none, and the 1-minute load average when it
-/// started.
-#[derive(Debug, Clone)]
-struct Outcome {
-    side: Side,
-    row: std::result::Result<Row, String>,
-    load: Option<f64>,
-}
+/// One side's outcome: its row or why it has none, and the load when it started.
+type Outcome = crate::report::Outcome<Side, Row>;
 
 /// All five outcomes (in [`SIDES`] order) and the PEFT extras.
 struct Results {
@@ -156,10 +150,7 @@ struct Results {
 
 impl Results {
     fn row(&self, side: Side) -> Option<&Row> {
-        self.outcomes
-            .iter()
-            .find(|o| o.side == side)
-            .and_then(|o| o.row.as_ref().ok())
+        crate::report::row_of(&self.outcomes, side)
     }
 
     /// `a`'s step time over `b`'s, when both were measured.
@@ -194,10 +185,7 @@ impl Results {
     }
 
     fn failures(&self) -> Vec<(Side, &str)> {
-        self.outcomes
-            .iter()
-            .filter_map(|o| o.row.as_ref().err().map(|e| (o.side, e.as_str())))
-            .collect()
+        crate::report::failures(&self.outcomes)
     }
 }
 
@@ -477,15 +465,7 @@ fn table(opts: Options, res: &Results) -> String {
         opts.steps,
         opts.warmup,
         res.peft.threads,
-        res.outcomes
-            .iter()
-            .map(|o| format!(
-                "{} {}",
-                o.side.key(),
-                o.load.map_or_else(|| "?".into(), |l| format!("{l:.2}"))
-            ))
-            .collect::<Vec<_>>()
-            .join(", ")
+        crate::report::loads(&res.outcomes, |s| s.key().to_string())
     ));
     s
 }

@@ -438,14 +438,8 @@ fn run_side(
     })
 }
 
-/// One side's outcome: its row or why it has none, and the 1-minute load average when it
-/// started.
-#[derive(Debug, Clone)]
-struct Outcome {
-    side: Side,
-    row: std::result::Result<Row, String>,
-    load: Option<f64>,
-}
+/// One side's outcome: its row or why it has none, and the load when it started.
+type Outcome = crate::report::Outcome<Side, Row>;
 
 struct Results {
     outcomes: Vec<Outcome>,
@@ -467,10 +461,7 @@ impl Goal {
 
 impl Results {
     fn row(&self, side: Side) -> Option<&Row> {
-        self.outcomes
-            .iter()
-            .find(|o| o.side == side)
-            .and_then(|o| o.row.as_ref().ok())
+        crate::report::row_of(&self.outcomes, side)
     }
 
     /// `a`'s tokens/s over `b`'s.
@@ -522,10 +513,7 @@ impl Results {
     }
 
     fn failures(&self) -> Vec<(Side, &str)> {
-        self.outcomes
-            .iter()
-            .filter_map(|o| o.row.as_ref().err().map(|e| (o.side, e.as_str())))
-            .collect()
+        crate::report::failures(&self.outcomes)
     }
 }
 
@@ -698,15 +686,7 @@ fn tables(opts: Options, res: &Results, machine: &Machine, date: &str) -> String
     }
     s.push_str(&format!(
         "\nLoad average (1 min) when each side started: {}.\n",
-        res.outcomes
-            .iter()
-            .map(|o| format!(
-                "{} {}",
-                o.side.key(),
-                o.load.map_or_else(|| "?".into(), |l| format!("{l:.2}"))
-            ))
-            .collect::<Vec<_>>()
-            .join(", ")
+        crate::report::loads(&res.outcomes, |s| s.key().to_string())
     ));
     s
 }

@@ -29,9 +29,9 @@
 //! (`train.checkpointing = true`).
 
 use crate::report::{
-    find_key, frugal_train, json_num as num, json_number, json_object, json_opt,
-    json_str as string, last_json_line, load_average, mean_step_time, metric_points, mib, utc_date,
-    Machine,
+    failures, find_key, frugal_train, json_num as num, json_number, json_object, json_opt,
+    json_str as string, last_json_line, load_average, loads, mean_step_time, metric_points, mib,
+    row_of, utc_date, Machine, Outcome,
 };
 use crate::setup::TorchEnv;
 use crate::{Failure, Result};
@@ -180,23 +180,6 @@ fn parse_args(args: &[String]) -> Result<Options> {
         prompt,
         checkpointing,
     })
-}
-
-/// One side's outcome: its row or why it has none, and the 1-minute load average when it
-/// started.
-#[derive(Debug, Clone)]
-struct Outcome<S, R> {
-    side: S,
-    row: std::result::Result<R, String>,
-    load: Option<f64>,
-}
-
-/// The row of `side` among `outcomes`, when it was measured.
-fn row_of<S: PartialEq + Copy, R>(outcomes: &[Outcome<S, R>], side: S) -> Option<&R> {
-    outcomes
-        .iter()
-        .find(|o| o.side == side)
-        .and_then(|o| o.row.as_ref().ok())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -730,20 +713,14 @@ impl Results {
     /// `(part, side, error)` of every side that failed.
     fn failures(&self) -> Vec<(&'static str, String, &str)> {
         let mut v = Vec::new();
-        for o in self.gen() {
-            if let Err(e) = &o.row {
-                v.push(("generate", o.side.key().to_string(), e.as_str()));
-            }
+        for (s, e) in failures(self.gen()) {
+            v.push(("generate", s.key().to_string(), e));
         }
-        for o in self.train.as_deref().unwrap_or_default() {
-            if let Err(e) = &o.row {
-                v.push(("train", o.side.key(), e.as_str()));
-            }
+        for (s, e) in failures(self.train.as_deref().unwrap_or_default()) {
+            v.push(("train", s.key(), e));
         }
-        for o in self.quality.as_deref().unwrap_or_default() {
-            if let Err(e) = &o.row {
-                v.push(("quality", o.side.key().to_string(), e.as_str()));
-            }
+        for (s, e) in failures(self.quality.as_deref().unwrap_or_default()) {
+            v.push(("quality", s.key().to_string(), e));
         }
         v
     }
@@ -887,20 +864,6 @@ fn mib1(bytes: u64) -> String {
 /// Bytes as KiB with one decimal.
 fn kib1(bytes: u64) -> String {
     format!("{:.1}", bytes as f64 / 1024.0)
-}
-
-fn loads<S: Copy, R>(outcomes: &[Outcome<S, R>], key: impl Fn(S) -> String) -> String {
-    outcomes
-        .iter()
-        .map(|o| {
-            format!(
-                "{} {}",
-                key(o.side),
-                o.load.map_or_else(|| "?".into(), |l| format!("{l:.2}"))
-            )
-        })
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 fn gen_table(opts: &Options, gen: &[Outcome<GenModel, GenRow>]) -> String {

@@ -432,3 +432,46 @@ pub fn read_train_run(
     })?;
     Ok((step_s, baseline, peak, memory))
 }
+
+/// One side's outcome in a benchmark: its row or why it has none, and the 1-minute load average
+/// when it started.
+#[derive(Debug, Clone)]
+pub struct Outcome<S, R> {
+    /// Which side.
+    pub side: S,
+    /// Its measurements, or why there are none.
+    pub row: std::result::Result<R, String>,
+    /// The load average when it started.
+    pub load: Option<f64>,
+}
+
+/// The row of `side` among `outcomes`, when it was measured.
+pub fn row_of<S: PartialEq + Copy, R>(outcomes: &[Outcome<S, R>], side: S) -> Option<&R> {
+    outcomes
+        .iter()
+        .find(|o| o.side == side)
+        .and_then(|o| o.row.as_ref().ok())
+}
+
+/// The sides among `outcomes` that failed, with why.
+pub fn failures<S: Copy, R>(outcomes: &[Outcome<S, R>]) -> Vec<(S, &str)> {
+    outcomes
+        .iter()
+        .filter_map(|o| o.row.as_ref().err().map(|e| (o.side, e.as_str())))
+        .collect()
+}
+
+/// `key(side) load` of every outcome, comma-separated (`?` for an unknown load).
+pub fn loads<S: Copy, R>(outcomes: &[Outcome<S, R>], key: impl Fn(S) -> String) -> String {
+    outcomes
+        .iter()
+        .map(|o| {
+            format!(
+                "{} {}",
+                key(o.side),
+                o.load.map_or_else(|| "?".into(), |l| format!("{l:.2}"))
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
