@@ -218,19 +218,6 @@ impl Glu {
     }
 }
 
-/// A block's norms and projections (see [`Block::parts`]).
-pub(crate) struct BlockParts<'a> {
-    pub attn_norm: &'a RmsNorm,
-    pub i_proj: &'a dyn Linear,
-    pub f_proj: &'a dyn Linear,
-    pub g_proj: &'a dyn Linear,
-    pub o_proj: &'a dyn Linear,
-    pub g_norm: &'a RmsNorm,
-    pub mlp_norm: &'a RmsNorm,
-    pub gate_proj: &'a dyn Linear,
-    pub down_proj: &'a dyn Linear,
-}
-
 /// One block: MLGRU token mixer and GLU channel mixer, each pre-normed with a residual.
 #[derive(Debug)]
 pub struct Block {
@@ -264,20 +251,9 @@ impl Block {
         })
     }
 
-    /// The block's norms and projections, by name.
-    pub(crate) fn parts(&self) -> BlockParts<'_> {
-        let (a, m) = (&self.attn, &self.mlp);
-        BlockParts {
-            attn_norm: &self.attn_norm,
-            i_proj: a.i_proj.as_ref(),
-            f_proj: a.f_proj.as_ref(),
-            g_proj: a.g_proj.as_ref(),
-            o_proj: a.o_proj.as_ref(),
-            g_norm: &a.g_norm,
-            mlp_norm: &self.mlp_norm,
-            gate_proj: m.gate_proj.as_ref(),
-            down_proj: m.down_proj.as_ref(),
-        }
+    /// The block's norms: `attn_norm`, `attn.g_norm`, `mlp_norm`.
+    pub(crate) fn norms(&self) -> [&RmsNorm; 3] {
+        [&self.attn_norm, &self.attn.g_norm, &self.mlp_norm]
     }
 
     /// The block's linear layers with their names relative to the block.

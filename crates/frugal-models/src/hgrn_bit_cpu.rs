@@ -139,18 +139,19 @@ impl<'a> Plan<'a> {
         };
         let mut blocks = Vec::with_capacity(m.layers.len());
         for (k, b) in m.layers.iter().enumerate() {
-            let p = b.parts();
-            let proj = |l: &'a dyn crate::linear::Linear| packed(l).map(Proj::new);
+            // In `Block::linears` order.
+            let [i, f, g, o, gate, down] = b.linears().map(|(_, l)| packed(l).map(Proj::new));
+            let [attn_norm, g_norm, mlp_norm] = b.norms().map(|n| values(&n.weight));
             blocks.push(BlockPlan {
-                attn_norm: values(&p.attn_norm.weight),
-                i: proj(p.i_proj)?,
-                f: proj(p.f_proj)?,
-                g: proj(p.g_proj)?,
-                o: proj(p.o_proj)?,
-                g_norm: values(&p.g_norm.weight),
-                mlp_norm: values(&p.mlp_norm.weight),
-                gate: proj(p.gate_proj)?,
-                down: proj(p.down_proj)?,
+                attn_norm,
+                i: i?,
+                f: f?,
+                g: g?,
+                o: o?,
+                g_norm,
+                mlp_norm,
+                gate: gate?,
+                down: down?,
                 lower_bound: lbs
                     .as_ref()
                     .filter(|_| k > 0)
