@@ -22,6 +22,24 @@ fn tiny(mixer: Mixer) -> HgrnBitConfig {
     }
 }
 
+/// BitLinear projections with the reference code's epsilon.
+const BIT: LinearKind = LinearKind::BitLinear { eps: 1e-8 };
+
+/// A model of shape `cfg` with projections of `kind`, in f32 on the CPU, and its variables.
+fn build(cfg: &HgrnBitConfig, kind: &LinearKind) -> (VarStore, HgrnBit) {
+    let vs = VarStore::new(Device::Cpu);
+    let model = HgrnBit::new(&vs.root(), cfg, kind, Kind::Float).unwrap();
+    (vs, model)
+}
+
+/// Random (non-trivial) lower bounds.
+fn randomize_lower_bounds(vs: &VarStore) {
+    tch::no_grad(|| {
+        let lb = &vs.variables()["model.lower_bounds"];
+        lb.shallow_clone().copy_(&lb.randn_like());
+    });
+}
+
 /// Guarantee: the Hillis-Steele scan gives `h_t = f_t h_{t-1} + i_t` as a loop over t does,
 /// from zero and from a given state, for lengths that are and are not powers of two, and its
 /// gradients are the loop's.
@@ -76,13 +94,8 @@ fn recurrent_generation_equals_the_full_forward() {
         (Mixer::Reference, LinearKind::Dense),
     ] {
         tch::manual_seed(2);
-        let vs = VarStore::new(Device::Cpu);
-        let model = HgrnBit::new(&vs.root(), &tiny(mixer), &kind, Kind::Float).unwrap();
-        // Non-trivial lower bounds.
-        tch::no_grad(|| {
-            let lb = &vs.variables()["model.lower_bounds"];
-            let _ = lb.shallow_clone().copy_(&lb.randn_like());
-        });
+        let (vs, model) = build(&tiny(mixer), &kind);
+        randomize_lower_bounds(&vs);
         let ids = Tensor::randint(50, [2, 9], (Kind::Int64, Device::Cpu));
         let full = tch::no_grad(|| model.forward(&ids, None));
         let mut state = State::default();
@@ -108,15 +121,8 @@ fn recurrent_generation_equals_the_full_forward() {
 #[test]
 fn every_parameter_gets_a_gradient() {
     tch::manual_seed(3);
-    let vs = VarStore::new(Device::Cpu);
     let cfg = tiny(Mixer::Reference);
-    let model = HgrnBit::new(
-        &vs.root(),
-        &cfg,
-        &LinearKind::BitLinear { eps: 1e-8 },
-        Kind::Float,
-    )
-    .unwrap();
+    let (vs, model) = build(&cfg, &BIT);
     let ids = Tensor::randint(50, [2, 7], (Kind::Int64, Device::Cpu));
     let targets = Tensor::randint(50, [2, 7], (Kind::Int64, Device::Cpu));
     model.loss(&ids, &targets).backward();
@@ -166,18 +172,11 @@ fn published_shapes_and_init() {
     assert_eq!(HgrnBitConfig::preset("2.7b").unwrap().num_hidden_layers, 32);
 
     tch::manual_seed(4);
-    let vs = VarStore::new(Device::Cpu);
     let mut cfg = tiny(Mixer::Reference);
     cfg.hidden_size = 256;
     cfg.intermediate_size = 512;
     cfg.num_hidden_layers = 8;
-    let _m = HgrnBit::new(
-        &vs.root(),
-        &cfg,
-        &LinearKind::BitLinear { eps: 1e-8 },
-        Kind::Float,
-    )
-    .unwrap();
+    let (vs, _m) = build(&cfg, &BIT);
     let v = vs.variables();
     let bound = 2f64.powf(-2.5) * (6.0 / 512.0f64).sqrt();
     let i = &v["model.layers.0.attn.i_proj.weight"];
@@ -270,18 +269,8 @@ fn packed_model_matches_training_and_reloads() {
     tch::manual_seed(6);
     let cfg = tiny(Mixer::Reference);
     let dir = tempfile::tempdir().unwrap();
-    let vs = VarStore::new(Device::Cpu);
-    let model = HgrnBit::new(
-        &vs.root(),
-        &cfg,
-        &LinearKind::BitLinear { eps: 1e-8 },
-        Kind::Float,
-    )
-    .unwrap();
-    tch::no_grad(|| {
-        let lb = &vs.variables()["model.lower_bounds"];
-        let _ = lb.shallow_clone().copy_(&lb.randn_like());
-    });
+    let (vs, model) = build(&cfg, &BIT);
+    randomize_lower_bounds(&vs);
     let trained = dir.path().join("train.safetensors");
     weights::save_model(&vs, &model.linears(), &trained).unwrap();
     let ids = Tensor::randint(50, [2, 11], (Kind::Int64, Device::Cpu));
@@ -355,14 +344,7 @@ fn packed_cpu_path_equals_the_graph() {
     tch::manual_seed(8);
     for mixer in [Mixer::Reference, Mixer::Paper] {
         let cfg = tiny(mixer);
-        let vs = VarStore::new(Device::Cpu);
-        let model = HgrnBit::new(
-            &vs.root(),
-            &cfg,
-            &LinearKind::PackedBitLinear { eps: 1e-8 },
-            Kind::Float,
-        )
-        .unwrap();
+        let (vs, model) = build(&cfg, &LinearKind::PackedBitLinear { eps: 1e-8 });
         tch::no_grad(|| {
             for (name, v) in vs.variables() {
                 let noise = v.randn_like();

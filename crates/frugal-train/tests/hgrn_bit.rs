@@ -80,17 +80,21 @@ fn hgrn_bit_trains_resumes_evaluates_generates() {
     assert!(o.status.success());
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert!(v["loss"].as_f64().unwrap().is_finite());
-    let mut c = frugal(dir.path());
-    c.arg("generate").arg("--run").arg(&full);
-    c.args([
-        "--prompt",
-        "the model",
-        "--max-new-tokens",
-        "5",
-        "--temperature",
-        "0",
-    ]);
-    let o = run(c);
+    // Five greedy tokens after "the model", from a run (`--run`) or a model folder (`--model`).
+    let generate = |from: &str, path: &std::path::Path| {
+        let mut c = frugal(dir.path());
+        c.arg("generate").arg(from).arg(path);
+        c.args([
+            "--prompt",
+            "the model",
+            "--max-new-tokens",
+            "5",
+            "--temperature",
+            "0",
+        ]);
+        run(c)
+    };
+    let o = generate("--run", &full);
     assert!(o.status.success());
     assert!(String::from_utf8_lossy(&o.stdout).starts_with("the model"));
 
@@ -116,17 +120,7 @@ fn hgrn_bit_trains_resumes_evaluates_generates() {
         serde_json::from_str(&std::fs::read_to_string(packed.join("config.json")).unwrap())
             .unwrap();
     assert_eq!(cfg["model_type"], "hgrn_bit");
-    let mut c = frugal(dir.path());
-    c.arg("generate").arg("--model").arg(&packed);
-    c.args([
-        "--prompt",
-        "the model",
-        "--max-new-tokens",
-        "5",
-        "--temperature",
-        "0",
-    ]);
-    let o = run(c);
+    let o = generate("--model", &packed);
     assert!(o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("tokens/s"));
     let mut c = frugal(dir.path());
