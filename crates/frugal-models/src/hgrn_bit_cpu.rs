@@ -85,13 +85,20 @@ fn lower_bounds(logits: &[f32], d: usize) -> Vec<f32> {
     let layers = logits.len() / d;
     let mut out = vec![0f32; logits.len()];
     for j in 0..d {
-        let col = |k: usize| logits[k * d + j];
-        let max = (0..layers).map(col).fold(f32::NEG_INFINITY, f32::max);
-        let sum: f32 = (0..layers).map(|k| (col(k) - max).exp()).sum();
-        let first = (col(0) - max).exp() / sum;
+        let max = (0..layers)
+            .map(|k| logits[k * d + j])
+            .fold(f32::NEG_INFINITY, f32::max);
+        // The exponentials once, kept in `out` until they are normalized and cumulated.
+        let mut sum = 0f32;
+        for k in 0..layers {
+            let e = (logits[k * d + j] - max).exp();
+            out[k * d + j] = e;
+            sum += e;
+        }
+        let first = out[j] / sum;
         let mut acc = 0f32;
         for k in 0..layers {
-            acc += (col(k) - max).exp() / sum;
+            acc += out[k * d + j] / sum;
             out[k * d + j] = acc - first;
         }
     }
