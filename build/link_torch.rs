@@ -28,7 +28,8 @@ fn torch_lib_dir() -> Option<PathBuf> {
     None
 }
 
-fn main() {
+/// Emits the link arguments above (the build script of each crate that links libtorch).
+pub fn main() {
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     println!("cargo:rerun-if-env-changed=LIBTORCH_USE_PYTORCH");
     if let Some(lib) = torch_lib_dir() {

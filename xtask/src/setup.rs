@@ -11,6 +11,10 @@ use std::process::Command;
 
 /// The torch wheel that carries the libtorch tch 0.24 wants.
 pub const TORCH_SPEC: &str = "torch==2.11.0";
+/// The CUDA compiler headers (`crt/host_config.h`) that `cuda_runtime_api.h` includes and the
+/// wheel's CUDA runtime package leaves out; the version of the wheel's nvrtc (CUDA 13.0).
+/// Frugal's libtorch extension needs them to compile its CUDA parts.
+pub const CRT_SPEC: &str = "nvidia-cuda-crt==13.0.88";
 const MARKER: &str = "frugal-setup.ok";
 /// Space the wheel and its CUDA dependencies take once installed, with some margin.
 const NEEDED_BYTES: u64 = 6 << 30;
@@ -83,6 +87,7 @@ pub fn ensure() -> Result<TorchEnv> {
     let python = venv.join("bin/python");
     if venv.join(MARKER).is_file() {
         if let Some(torch) = find_torch(&venv) {
+            ensure_cuda_headers(&python, &torch);
             return Ok(TorchEnv {
                 libtorch: torch,
                 python,
@@ -99,11 +104,35 @@ pub fn ensure() -> Result<TorchEnv> {
     })?;
     std::fs::write(venv.join(MARKER), format!("{}\n", torch.display()))
         .map_err(|e| Failure::new(format!("cannot write {}: {e}", venv.join(MARKER).display())))?;
+    ensure_cuda_headers(&python, &torch);
     Ok(TorchEnv {
         libtorch: torch,
         python,
         user_set: false,
     })
+}
+
+/// Installs [`CRT_SPEC`] beside the wheel's CUDA runtime headers where they lack it (once;
+/// small). Without it the extension builds without its CUDA parts, so a failure only warns.
+fn ensure_cuda_headers(python: &Path, torch: &Path) {
+    let Some(include) = torch.parent().map(|site| site.join("nvidia/cu13/include")) else {
+        return;
+    };
+    if !include.join("cuda_runtime_api.h").is_file() || include.join("crt/host_config.h").is_file()
+    {
+        return;
+    }
+    eprintln!("xtask setup: installing {CRT_SPEC} (the CUDA headers the libtorch extension needs)");
+    let ok = Command::new(python)
+        .args(["-m", "pip", "install", "--quiet", "--no-deps", CRT_SPEC])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok || !include.join("crt/host_config.h").is_file() {
+        eprintln!(
+            "xtask setup: warning: could not install {CRT_SPEC}; Frugal's libtorch extension \
+             will be built without its CUDA parts (streams, CUDA graphs, allocator statistics)"
+        );
+    }
 }
 
 fn find_torch(venv: &Path) -> Option<PathBuf> {

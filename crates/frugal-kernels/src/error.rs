@@ -31,6 +31,10 @@ pub enum KernelError {
     /// Arguments of the wrong device, dtype, shape or layout.
     #[error("invalid argument: {0}")]
     Invalid(String),
+    /// An error reported by libtorch through Frugal's extension (a message of its own, or of
+    /// the Rust function it called back).
+    #[error("{0}")]
+    Libtorch(String),
     /// An error from tch.
     #[error(transparent)]
     Torch(#[from] tch::TchError),

@@ -2,14 +2,16 @@
 //!
 //! [`Kernels`] retains each device's primary context through `CudaContext::new(ordinal)` (the
 //! same context libtorch uses), compiles and loads each kernel family once per device, and
-//! launches on the legacy default stream, which is libtorch's default stream, so launches are
-//! ordered with torch's own work. Pointers are passed as `data_ptr() as u64`; outputs are
+//! launches on libtorch's current stream (from Frugal's extension, [`crate::torch_cuda`]), so
+//! launches are ordered with torch's own work and are captured into CUDA graphs. Pointers are passed as `data_ptr() as u64`; outputs are
 //! allocated by tch, so torch's caching allocator owns all memory and cudarc frees none of it.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaStream, LaunchConfig, PushKernelArg,
+};
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{KernelError, Result};
@@ -122,6 +124,20 @@ fn gemv_config(blocks: usize) -> Result<LaunchConfig> {
     })
 }
 
+/// libtorch's current stream on `ordinal`, borrowed (see [`crate::torch_cuda::current_stream`]),
+/// so that launches are ordered with torch's work and can be captured into a CUDA graph; the
+/// legacy default stream, libtorch's default, where the extension was built without CUDA.
+fn current_stream(ctx: &Arc<CudaContext>, ordinal: usize) -> Result<Arc<CudaStream>> {
+    if !crate::torch_cuda::built_with_cuda() {
+        return Ok(ctx.default_stream());
+    }
+    let raw = crate::torch_cuda::current_stream(ordinal)?;
+    // SAFETY: `raw` is a stream of libtorch's on this device's primary context (the context
+    // `ctx` retains), which libtorch keeps alive for the process (pool and default streams are
+    // never destroyed); launches on it are ordered with torch's own work by construction.
+    Ok(unsafe { ctx.wrap_borrowed_stream(raw.cast()) })
+}
+
 fn elementwise(n: usize) -> LaunchConfig {
     let blocks = (n as u64).div_ceil(u64::from(THREADS)).clamp(1, MAX_BLOCKS);
     LaunchConfig {
@@ -204,7 +220,7 @@ impl Kernels {
             return Ok(out);
         }
         let (ctx, func) = self.function(ordinal, &QUANT, "dequant_nf4_f32")?;
-        let stream = ctx.default_stream();
+        let stream = current_stream(&ctx, ordinal)?;
         let (p, a, o) = (
             packed.data_ptr() as u64,
             absmax.data_ptr() as u64,
@@ -215,7 +231,7 @@ impl Kernels {
         launch.arg(&p).arg(&a).arg(&o).arg(&n64).arg(&bs);
         // SAFETY: the argument list matches the kernel's signature (three device pointers, two
         // i64); the sizes of all three buffers were checked above, and `out` is alive (owned by
-        // torch's allocator) until the launch, ordered on torch's default stream, completes.
+        // torch's allocator) until the launch, ordered on torch's current stream, completes.
         unsafe { launch.launch(elementwise(n)) }?;
         Ok(out)
     }
@@ -255,7 +271,7 @@ impl Kernels {
         }
         let cfg = gemv_config(out_features)?;
         let (ctx, func) = self.function(ordinal, &QUANT, "gemv_nf4_f32")?;
-        let stream = ctx.default_stream();
+        let stream = current_stream(&ctx, ordinal)?;
         let (p, a) = (packed.data_ptr() as u64, absmax.data_ptr() as u64);
         let (xp, yp) = (x.data_ptr() as u64, y.data_ptr() as u64);
         let (o64, i64_, bs) = (
@@ -274,7 +290,7 @@ impl Kernels {
             .arg(&bs);
         // SAFETY: arguments match the kernel's signature (four device pointers, three i64);
         // buffer sizes were checked above; THREADS is a multiple of 32 as the kernel requires;
-        // all memory is torch's and stays alive while the launch runs on torch's default stream.
+        // all memory is torch's and stays alive while the launch runs on torch's current stream.
         unsafe { launch.launch(cfg) }?;
         Ok(y)
     }
@@ -320,7 +336,7 @@ impl Kernels {
             return Ok(out);
         }
         let (ctx, func) = self.function(ordinal, &QUANT, "dequant_int4_gptq_f32")?;
-        let stream = ctx.default_stream();
+        let stream = current_stream(&ctx, ordinal)?;
         let (qw, qz) = (qweight.data_ptr() as u64, qzeros.data_ptr() as u64);
         let (sc, o) = (scales.data_ptr() as u64, out.data_ptr() as u64);
         let (in64, out64, gs) = (shape[1], shape[0], to_i64(group_size, "group_size")?);
@@ -357,7 +373,7 @@ impl Kernels {
             return Ok(out);
         }
         let (ctx, func) = self.function(ordinal, &QUANT, "dequant_ternary_f32")?;
-        let stream = ctx.default_stream();
+        let stream = current_stream(&ctx, ordinal)?;
         let (p, o, n64) = (
             packed.data_ptr() as u64,
             out.data_ptr() as u64,
@@ -419,7 +435,7 @@ impl Kernels {
         // One warp per output, THREADS / 32 outputs per block.
         let cfg = gemv_config(out_features.div_ceil((THREADS / 32) as usize))?;
         let (ctx, func) = self.function(ordinal, &QUANT, "gemv_int4_gptq_f32")?;
-        let stream = ctx.default_stream();
+        let stream = current_stream(&ctx, ordinal)?;
         let (qw, qz) = (qweight.data_ptr() as u64, qzeros.data_ptr() as u64);
         let (sc, xp, yp) = (
             scales.data_ptr() as u64,
@@ -444,7 +460,7 @@ impl Kernels {
         // SAFETY: arguments match the kernel's signature (five device pointers, three i64);
         // buffer sizes were checked above; THREADS is a multiple of 32 and the grid covers every
         // output at one warp each, as the kernel requires; all memory is torch's and stays alive
-        // while the launch runs on torch's default stream.
+        // while the launch runs on torch's current stream.
         unsafe { launch.launch(cfg) }?;
         Ok(y)
     }
@@ -479,7 +495,7 @@ impl Kernels {
         }
         let cfg = gemv_config(out_features)?;
         let (ctx, func) = self.function(ordinal, &QUANT, "gemv_ternary_f32")?;
-        let stream = ctx.default_stream();
+        let stream = current_stream(&ctx, ordinal)?;
         let (p, xp, yp) = (
             packed.data_ptr() as u64,
             x.data_ptr() as u64,
@@ -499,7 +515,7 @@ impl Kernels {
             .arg(&i64_);
         // SAFETY: arguments match the kernel's signature (pointer, f32, two pointers, two i64);
         // buffer sizes were checked above; THREADS is a multiple of 32 as the kernel requires;
-        // all memory is torch's and stays alive while the launch runs on torch's default stream.
+        // all memory is torch's and stays alive while the launch runs on torch's current stream.
         unsafe { launch.launch(cfg) }?;
         Ok(y)
     }

@@ -32,11 +32,14 @@
 //! # }
 //! ```
 
+pub mod autograd;
 pub mod cpu;
 mod error;
+mod ext_ffi;
 pub mod gpu;
 pub mod nvrtc;
 pub mod registry;
+pub mod torch_cuda;
 
 pub use cudarc::nvrtc::Ptx;
 pub use error::{KernelError, Result};
