@@ -157,6 +157,9 @@ char* frugal_ext_apply(RustCallbacks cb, at::Tensor* const* inputs, size_t n_in,
   });
 }
 
+// Whether autograd records operations on this thread now (torch.is_grad_enabled()).
+int frugal_ext_grad_enabled(void) { return at::GradMode::is_enabled() ? 1 : 0; }
+
 int frugal_ext_has_cuda(void) {
 #ifdef FRUGAL_WITH_CUDA
   return 1;

@@ -169,6 +169,13 @@ unsafe extern "C" fn sink(ctx: *mut c_void, t: *mut C_tensor) {
     unsafe { (*ctx.cast::<Vec<Tensor>>()).push(Tensor::from_ptr(t)) };
 }
 
+/// Whether autograd records operations on this thread now (`torch.is_grad_enabled()`): false
+/// inside `tch::no_grad`.
+pub fn grad_enabled() -> bool {
+    // SAFETY: reads a thread-local flag.
+    unsafe { ext_ffi::frugal_ext_grad_enabled() != 0 }
+}
+
 /// Applies `function` to `inputs`, recording it in the autograd graph: the outputs' gradients
 /// reach the inputs through [`CustomFunction::backward`].
 ///

@@ -40,6 +40,7 @@ unsafe extern "C" {
         sink: unsafe extern "C" fn(*mut c_void, *mut C_tensor),
         sink_ctx: *mut c_void,
     ) -> *mut c_char;
+    pub(crate) fn frugal_ext_grad_enabled() -> c_int;
     pub(crate) fn frugal_ext_has_cuda() -> c_int;
     pub(crate) fn frugal_ext_current_stream(device: c_int, stream: *mut *mut c_void)
         -> *mut c_char;

@@ -19,7 +19,7 @@ use crate::nvrtc::compile_named;
 use crate::registry::{KernelSource, QUANT};
 
 /// Threads per block for every launch here.
-const THREADS: u32 = 256;
+pub(crate) const THREADS: u32 = 256;
 /// Most blocks an elementwise (grid-stride) launch uses.
 const MAX_BLOCKS: u64 = 1 << 20;
 
@@ -67,7 +67,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// The CUDA ordinal of `t`, after checking its dtype and layout.
-fn cuda_input(t: &Tensor, name: &str, kind: Kind) -> Result<usize> {
+pub(crate) fn cuda_input(t: &Tensor, name: &str, kind: Kind) -> Result<usize> {
     let Device::Cuda(ordinal) = t.device() else {
         return Err(KernelError::Invalid(format!(
             "{name} must be on a CUDA device, is on {:?}",
@@ -86,7 +86,7 @@ fn cuda_input(t: &Tensor, name: &str, kind: Kind) -> Result<usize> {
     Ok(ordinal)
 }
 
-fn same_device(ordinals: &[(usize, &str)]) -> Result<usize> {
+pub(crate) fn same_device(ordinals: &[(usize, &str)]) -> Result<usize> {
     let (first, _) = ordinals[0];
     match ordinals.iter().find(|(o, _)| *o != first) {
         Some((o, name)) => Err(KernelError::Invalid(format!(
@@ -96,7 +96,7 @@ fn same_device(ordinals: &[(usize, &str)]) -> Result<usize> {
     }
 }
 
-fn expect_numel(t: &Tensor, name: &str, want: usize) -> Result<()> {
+pub(crate) fn expect_numel(t: &Tensor, name: &str, want: usize) -> Result<()> {
     let have = t.numel();
     if have != want {
         return Err(KernelError::Invalid(format!(
@@ -106,7 +106,7 @@ fn expect_numel(t: &Tensor, name: &str, want: usize) -> Result<()> {
     Ok(())
 }
 
-fn to_i64(v: usize, name: &str) -> Result<i64> {
+pub(crate) fn to_i64(v: usize, name: &str) -> Result<i64> {
     i64::try_from(v).map_err(|_| KernelError::Invalid(format!("{name} too large")))
 }
 
@@ -127,7 +127,7 @@ fn gemv_config(blocks: usize) -> Result<LaunchConfig> {
 /// libtorch's current stream on `ordinal`, borrowed (see [`crate::torch_cuda::current_stream`]),
 /// so that launches are ordered with torch's work and can be captured into a CUDA graph; the
 /// legacy default stream, libtorch's default, where the extension was built without CUDA.
-fn current_stream(ctx: &Arc<CudaContext>, ordinal: usize) -> Result<Arc<CudaStream>> {
+pub(crate) fn current_stream(ctx: &Arc<CudaContext>, ordinal: usize) -> Result<Arc<CudaStream>> {
     if !crate::torch_cuda::built_with_cuda() {
         return Ok(ctx.default_stream());
     }
@@ -138,7 +138,7 @@ fn current_stream(ctx: &Arc<CudaContext>, ordinal: usize) -> Result<Arc<CudaStre
     Ok(unsafe { ctx.wrap_borrowed_stream(raw.cast()) })
 }
 
-fn elementwise(n: usize) -> LaunchConfig {
+pub(crate) fn elementwise(n: usize) -> LaunchConfig {
     let blocks = (n as u64).div_ceil(u64::from(THREADS)).clamp(1, MAX_BLOCKS);
     LaunchConfig {
         grid_dim: (blocks as u32, 1, 1),
@@ -170,7 +170,7 @@ impl Kernels {
     }
 
     /// Loads `entry` of `source` on device `ordinal`, compiling the family the first time.
-    fn function(
+    pub(crate) fn function(
         &self,
         ordinal: usize,
         source: &KernelSource,

@@ -32,7 +32,9 @@
 //! # }
 //! ```
 
+pub mod adamw8bit;
 pub mod autograd;
+pub mod bitlinear;
 pub mod cpu;
 mod error;
 mod ext_ffi;

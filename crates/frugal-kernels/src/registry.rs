@@ -30,8 +30,27 @@ pub const QUANT: KernelSource = KernelSource {
     ],
 };
 
+/// `kernels/bitlinear.cu`: BitLinear's RMSNorm fused with int8 activation quantization, and
+/// its straight-through backward.
+pub const BITLINEAR: KernelSource = KernelSource {
+    name: "bitlinear.cu",
+    source: include_str!("../../../kernels/bitlinear.cu"),
+    entries: &[
+        "rmsnorm_quant_f32",
+        "rmsnorm_quant_backward_f32",
+        "rmsnorm_gain_grad_f32",
+    ],
+};
+
+/// `kernels/adamw8bit.cu`: the 8-bit block-wise AdamW step.
+pub const ADAMW8BIT: KernelSource = KernelSource {
+    name: "adamw8bit.cu",
+    source: include_str!("../../../kernels/adamw8bit.cu"),
+    entries: &["adamw8bit_step_f32"],
+};
+
 /// Every kernel source of the crate.
-pub const ALL: &[KernelSource] = &[QUANT];
+pub const ALL: &[KernelSource] = &[QUANT, BITLINEAR, ADAMW8BIT];
 
 /// Replaces each line `#include "NAME"` whose NAME is in [`HEADERS`] by that header's text (once
 /// per header; `#pragma once` lines are dropped). Other lines, system includes among them, stay.

@@ -32,11 +32,17 @@ fn quant_cu_compiles_through_nvrtc() {
 #[test]
 fn every_registered_source_compiles() {
     for source in registry::ALL {
-        let ptx = compile_ptx(source.source, "sm_80")
-            .unwrap_or_else(|e| panic!("{} failed to compile: {e}", source.name))
-            .to_src();
-        for entry in source.entries {
-            assert!(ptx.contains(entry), "{} lacks {entry}", source.name);
+        for arch in ["sm_80", "sm_90"] {
+            let ptx = compile_ptx(source.source, arch)
+                .unwrap_or_else(|e| panic!("{} failed to compile for {arch}: {e}", source.name))
+                .to_src();
+            for entry in source.entries {
+                assert!(
+                    ptx.contains(&format!(".entry {entry}(")),
+                    "{} lacks {entry} for {arch}",
+                    source.name
+                );
+            }
         }
     }
 }

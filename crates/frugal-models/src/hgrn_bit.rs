@@ -143,9 +143,26 @@ impl State {
 }
 
 /// `h_t = f_t h_{t-1} + i_t` over dimension 1 of `(B, T, D)` tensors, from `h0` `(B, D)` (zero
-/// when None), by a Hillis-Steele scan: after the pass with offset k, position t holds the
-/// composition of the steps t-2k+1..t; differentiable.
+/// when None); differentiable with respect to `f`, `i` and `h0`.
+///
+/// The forward pass is a Hillis-Steele scan ([`scan_values`]). Its backward pass is written by
+/// hand ([`frugal_kernels::autograd`]): the gradient of the hidden states runs backwards
+/// through the same recurrence, `G_t = g_t + f_{t+1} G_{t+1}`, one more scan, and then
+/// `di_t = G_t`, `df_t = G_t h_{t-1}`, `dh0 = f_1 G_1`. Only `f`, `h` and `h0` are kept for it,
+/// where autograd through the scan's passes would keep two `(B, T, D)` tensors per pass
+/// (`2 log2 T` of them).
 pub fn linear_scan(f: &Tensor, i: &Tensor, h0: Option<&Tensor>) -> Tensor {
+    let mut inputs = vec![f, i];
+    inputs.extend(h0);
+    let mut out = frugal_kernels::autograd::apply(Scan::default(), &inputs)
+        .unwrap_or_else(|e| panic!("linear_scan: {e}"));
+    out.remove(0)
+}
+
+/// The values of [`linear_scan`], without a custom backward: after the pass with offset k,
+/// position t holds the composition of the steps t-2k+1..t. Differentiable through tch (keeps
+/// the passes' tensors), and used as is where no gradient is recorded.
+pub fn scan_values(f: &Tensor, i: &Tensor, h0: Option<&Tensor>) -> Tensor {
     let t = f.size()[1];
     let mut b = match h0 {
         Some(h) => {
@@ -168,6 +185,52 @@ pub fn linear_scan(f: &Tensor, i: &Tensor, h0: Option<&Tensor>) -> Tensor {
         k *= 2;
     }
     b
+}
+
+/// [`linear_scan`] as a custom autograd function: keeps `f`, `h0` and the detached output.
+#[derive(Default)]
+struct Scan {
+    f: Option<Tensor>,
+    h: Option<Tensor>,
+    h0: Option<Tensor>,
+}
+
+impl frugal_kernels::autograd::CustomFunction for Scan {
+    fn forward(&mut self, inputs: &[Tensor]) -> frugal_kernels::Result<Vec<Tensor>> {
+        let (f, i, h0) = (&inputs[0], &inputs[1], inputs.get(2));
+        let h = scan_values(f, i, h0);
+        self.f = Some(f.shallow_clone());
+        self.h0 = h0.map(Tensor::shallow_clone);
+        self.h = Some(h.detach());
+        Ok(vec![h])
+    }
+
+    fn backward(&mut self, grads: &[Tensor]) -> frugal_kernels::Result<Vec<Option<Tensor>>> {
+        let (Some(f), Some(h)) = (self.f.take(), self.h.take()) else {
+            return Err(frugal_kernels::KernelError::Invalid(
+                "linear_scan: backward ran twice (retain_graph is not supported)".into(),
+            ));
+        };
+        let h0 = self.h0.take();
+        let t = f.size()[1];
+        // G_t = g_t + f_{t+1} G_{t+1}: the same recurrence run from the end.
+        let f_next = Tensor::cat(&[f.narrow(1, 1, t - 1), f.narrow(1, 0, 1).zeros_like()], 1);
+        let g_total = scan_values(&f_next.flip([1]), &grads[0].flip([1]), None).flip([1]);
+        let h_prev = {
+            let first = match &h0 {
+                Some(h0) => h0.unsqueeze(1).to_kind(h.kind()),
+                None => h.narrow(1, 0, 1).zeros_like(),
+            };
+            Tensor::cat(&[first, h.narrow(1, 0, t - 1)], 1)
+        };
+        let d_f = &g_total * h_prev;
+        let mut out = vec![Some(d_f), None];
+        if h0.is_some() {
+            out.push(Some(f.select(1, 0) * g_total.select(1, 0)));
+        }
+        out[1] = Some(g_total);
+        Ok(out)
+    }
 }
 
 #[derive(Debug)]

@@ -461,18 +461,134 @@ impl Linear for BitLinear {
     }
 
     fn forward(&self, x: &Tensor) -> Tensor {
-        let xn = self.normalize(x);
-        let (q, scale) = tch::no_grad(|| activation_quant(&xn));
-        let x_ste = &xn + (q / scale - &xn).detach();
-        let (wq, s) = self.ternary();
-        let w_ste = &self.weight + (wq * s - &self.weight).detach();
-        if self.compute == Kind::Float {
-            x_ste.linear(&w_ste, None::<Tensor>)
-        } else {
-            x_ste
-                .to_kind(self.compute)
-                .linear(&w_ste.to_kind(self.compute), None::<Tensor>)
+        let records = frugal_kernels::autograd::grad_enabled()
+            && (x.requires_grad() || self.weight.requires_grad() || self.norm.requires_grad());
+        if !records {
+            return tch::no_grad(|| self.fused(x).0);
         }
+        let function = BitLinearFn {
+            eps: self.eps,
+            compute: self.compute,
+            saved: None,
+        };
+        frugal_kernels::autograd::apply(function, &[x, &self.weight, &self.norm])
+            .unwrap_or_else(|e| panic!("BitLinear: {e}"))
+            .remove(0)
+    }
+}
+
+impl BitLinear {
+    /// The layer's output and the per-token `rstd` of its RMSNorm, without recording: the
+    /// normalized input quantized per token (the fused kernel of `frugal_kernels::bitlinear`
+    /// on CUDA, libtorch operations elsewhere) times the ternary weight.
+    fn fused(&self, x: &Tensor) -> (Tensor, Tensor) {
+        let (xq, rstd) = norm_quant(x, &self.norm, self.eps);
+        let y = ternary_product(&xq, &self.weight, self.compute);
+        (with_rows_of(y, x), rstd)
+    }
+}
+
+/// `x` (`(..., in)`) normalized with gain `norm` and quantized per token, dequantized to f32
+/// `(rows, in)`, with the per-row `rstd` `(rows,)`.
+fn norm_quant(x: &Tensor, norm: &Tensor, eps: f64) -> (Tensor, Tensor) {
+    let n = norm.size()[0];
+    let rows = x.to_kind(Kind::Float).reshape([-1, n]);
+    if rows.device().is_cuda() {
+        let kernels = frugal_kernels::Kernels::global();
+        return kernels
+            .rmsnorm_quant_f32(&rows.contiguous(), &norm.contiguous(), eps as f32)
+            .unwrap_or_else(|e| panic!("BitLinear's fused RMSNorm kernel: {e}"));
+    }
+    let var = rows.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float);
+    let rstd = (var + eps).rsqrt();
+    let (q, scale) = activation_quant(&(&rows * &rstd * norm));
+    (q / scale, rstd.squeeze_dim(-1))
+}
+
+/// `xq W^T` for the ternary form of latent weight `w`, computed and returned in `compute`.
+fn ternary_product(xq: &Tensor, w: &Tensor, compute: Kind) -> Tensor {
+    let (wq, s) = weight_quant(w);
+    let w_eff = wq * s;
+    if compute == Kind::Float {
+        xq.linear(&w_eff, None::<Tensor>)
+    } else {
+        xq.to_kind(compute)
+            .linear(&w_eff.to_kind(compute), None::<Tensor>)
+    }
+}
+
+/// `y` `(rows, out)` shaped as `x` `(..., in)`, with `out` features.
+fn with_rows_of(y: Tensor, x: &Tensor) -> Tensor {
+    let mut shape = x.size();
+    let out = y.size()[1];
+    *shape
+        .last_mut()
+        .expect("BitLinear input has a feature dimension") = out;
+    y.reshape(&shape[..])
+}
+
+/// BitLinear as one autograd function (straight-through estimator on the activations and the
+/// weight). The graph keeps only the input and the per-token `rstd`: the quantized input and
+/// the ternary weight are recomputed in the backward pass, where composing libtorch operations
+/// kept four activation-sized tensors and a copy of the weight per layer.
+struct BitLinearFn {
+    eps: f64,
+    compute: Kind,
+    /// The input, the latent weight, the gain and `rstd`.
+    saved: Option<[Tensor; 4]>,
+}
+
+impl frugal_kernels::autograd::CustomFunction for BitLinearFn {
+    fn forward(&mut self, inputs: &[Tensor]) -> frugal_kernels::Result<Vec<Tensor>> {
+        let (x, w, norm) = (&inputs[0], &inputs[1], &inputs[2]);
+        let (xq, rstd) = norm_quant(x, norm, self.eps);
+        let y = with_rows_of(ternary_product(&xq, w, self.compute), x);
+        self.saved = Some([
+            x.shallow_clone(),
+            w.shallow_clone(),
+            norm.shallow_clone(),
+            rstd,
+        ]);
+        Ok(vec![y])
+    }
+
+    fn backward(&mut self, grads: &[Tensor]) -> frugal_kernels::Result<Vec<Option<Tensor>>> {
+        let Some([x, w, norm, rstd]) = self.saved.take() else {
+            return Err(frugal_kernels::KernelError::Invalid(
+                "BitLinear: backward ran twice (retain_graph is not supported)".into(),
+            ));
+        };
+        let n = norm.size()[0];
+        let (xq, _) = norm_quant(&x, &norm, self.eps);
+        let (wq, s) = weight_quant(&w);
+        let w_eff = (wq * s).to_kind(self.compute);
+        let dy = grads[0].reshape([-1, w.size()[0]]).to_kind(self.compute);
+        let dw = dy
+            .tr()
+            .matmul(&xq.to_kind(self.compute))
+            .to_kind(Kind::Float);
+        let dxq = dy.matmul(&w_eff).to_kind(Kind::Float);
+        let x32 = x.to_kind(Kind::Float).reshape([-1, n]);
+        let (dx, dnorm) = if x32.device().is_cuda() {
+            frugal_kernels::Kernels::global().rmsnorm_quant_backward_f32(
+                &dxq.contiguous(),
+                &x32.contiguous(),
+                &norm.contiguous(),
+                &rstd,
+            )?
+        } else {
+            let x_hat = &x32 * rstd.unsqueeze(-1);
+            let dxh = &dxq * &norm;
+            let mean = (&dxh * &x_hat).mean_dim(-1, true, Kind::Float);
+            let dx = rstd.unsqueeze(-1) * (dxh - &x_hat * mean);
+            (dx, (&dxq * &x_hat).sum_dim_intlist(0, false, Kind::Float))
+        };
+        let dx = dx.reshape(x.size()).to_kind(x.kind());
+        Ok(vec![
+            Some(dx),
+            Some(dw.to_kind(w.kind())),
+            Some(dnorm.to_kind(norm.kind())),
+        ])
     }
 }
 

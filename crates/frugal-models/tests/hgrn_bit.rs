@@ -42,17 +42,17 @@ fn randomize_lower_bounds(vs: &VarStore) {
 
 /// Guarantee: the Hillis-Steele scan gives `h_t = f_t h_{t-1} + i_t` as a loop over t does,
 /// from zero and from a given state, for lengths that are and are not powers of two, and its
-/// gradients are the loop's.
+/// hand-written backward gives the loop's autograd gradients (for `f`, `i` and the state).
 #[test]
 fn scan_equals_the_step_loop() {
     tch::manual_seed(1);
     for t in [1, 2, 5, 8, 13] {
         let f = Tensor::rand([2, t, 6], (Kind::Double, Device::Cpu)).set_requires_grad(true);
         let i = Tensor::randn([2, t, 6], (Kind::Double, Device::Cpu)).set_requires_grad(true);
-        let h0 = Tensor::randn([2, 6], (Kind::Double, Device::Cpu));
+        let h0 = Tensor::randn([2, 6], (Kind::Double, Device::Cpu)).set_requires_grad(true);
         for start in [None, Some(&h0)] {
             let scanned = linear_scan(&f, &i, start);
-            let mut h = start.map_or_else(|| h0.zeros_like(), |h| h.shallow_clone());
+            let mut h = start.map_or_else(|| h0.detach().zeros_like(), |h| h.shallow_clone());
             let mut steps = Vec::new();
             for s in 0..t {
                 h = f.select(1, s) * &h + i.select(1, s);
@@ -61,14 +61,10 @@ fn scan_equals_the_step_loop() {
             let looped = Tensor::stack(&steps, 1);
             assert!(max_diff(&scanned, &looped) < 1e-12, "t {t}");
             let w = Tensor::randn([2, t, 6], (Kind::Double, Device::Cpu));
-            let g1 = Tensor::run_backward(
-                &[(&scanned * &w).sum(Kind::Double)],
-                &[&f, &i],
-                false,
-                false,
-            );
-            let g2 =
-                Tensor::run_backward(&[(&looped * &w).sum(Kind::Double)], &[&f, &i], false, false);
+            let wrt: Vec<&Tensor> = [&f, &i].into_iter().chain(start).collect();
+            let g1 = Tensor::run_backward(&[(&scanned * &w).sum(Kind::Double)], &wrt, false, false);
+            let g2 = Tensor::run_backward(&[(&looped * &w).sum(Kind::Double)], &wrt, false, false);
+            assert_eq!(g1.len(), wrt.len());
             for (a, b) in g1.iter().zip(&g2) {
                 // A gradient the scan never needs (f of a single step from zero) is undefined:
                 // zero.

@@ -36,8 +36,8 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
-/// Values per quantization block.
-pub const BLOCK_SIZE: usize = 256;
+pub use frugal_kernels::adamw8bit::BLOCK_SIZE;
+use frugal_kernels::adamw8bit::{step_block, StepConsts};
 
 /// 8-bit AdamW's hyper-parameters.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -258,43 +258,17 @@ struct Q8Chunk<'a> {
 
 /// One step of block-wise 8-bit moments `m`, `v` in place with gradient `g` (f32, their
 /// length), at step `t` (counted from 1): writes to `delta` what bitsandbytes adds to the
-/// weight before decay, `-lr / c1 · m / (sqrt(v) / c2 + eps)`.
+/// weight before decay, `-lr / c1 · m / (sqrt(v) / c2 + eps)`. Each block is
+/// [`frugal_kernels::adamw8bit::step_block`], the CPU reference of the CUDA kernel.
 fn fused_q8(c: &AdamW8bitConfig, t: f64, g: &[f32], m: Q8Chunk, v: Q8Chunk, delta: &mut [f32]) {
-    let (b1, b2) = (c.beta1 as f32, c.beta2 as f32);
-    let (one_b1, one_b2) = ((1.0 - c.beta1) as f32, (1.0 - c.beta2) as f32);
-    let c1 = 1.0 - c.beta1.powf(t);
-    let c2 = ((1.0 - c.beta2.powf(t)).sqrt()) as f32;
-    let step = (-c.lr / c1) as f32;
-    let eps = c.eps as f32;
-    let (sm, sv) = (DynamicMap::Signed.lookup(), DynamicMap::Unsigned.lookup());
+    let k = StepConsts::new(c.lr, c.beta1, c.beta2, c.eps, t);
     let bs = BLOCK_SIZE;
     delta
         .par_chunks_mut(bs)
         .zip(g.par_chunks(bs))
         .zip(m.codes.par_chunks_mut(bs).zip(m.absmax.par_iter_mut()))
         .zip(v.codes.par_chunks_mut(bs).zip(v.absmax.par_iter_mut()))
-        .for_each(|(((d, g), (qm, am)), (qv, av))| {
-            let mut mb = [0f32; BLOCK_SIZE];
-            let mut vb = [0f32; BLOCK_SIZE];
-            let n = g.len();
-            let (mut mmax, mut vmax) = (0f32, 0f32);
-            for j in 0..n {
-                let mj = sm.codes()[qm[j] as usize] * *am * b1 + g[j] * one_b1;
-                let vj = sv.codes()[qv[j] as usize] * *av * b2 + g[j] * one_b2 * g[j];
-                d[j] = (mj * step) / (vj.sqrt() / c2 + eps);
-                mmax = mmax.max(mj.abs());
-                vmax = vmax.max(vj.abs());
-                mb[j] = mj;
-                vb[j] = vj;
-            }
-            let (dm, dv) = (mmax.max(f32::MIN_POSITIVE), vmax.max(f32::MIN_POSITIVE));
-            for j in 0..n {
-                qm[j] = sm.index((mb[j] / dm).clamp(-1.0, 1.0));
-                qv[j] = sv.index((vb[j] / dv).clamp(-1.0, 1.0));
-            }
-            *am = mmax;
-            *av = vmax;
-        });
+        .for_each(|(((d, g), (qm, am)), (qv, av))| step_block(&k, g, qm, am, qv, av, d));
 }
 
 /// Zero moments of `n` values in block-wise 8-bit form.
