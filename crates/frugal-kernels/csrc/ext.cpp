@@ -157,6 +157,32 @@ char* frugal_ext_apply(RustCallbacks cb, at::Tensor* const* inputs, size_t n_in,
   });
 }
 
+// libtorch's fused AdamW (torch.optim.AdamW(fused=True)) over `n` parameters in place: a
+// baseline for Frugal's optimizer kernels. `steps` are f32 scalar tensors, incremented.
+char* frugal_ext_fused_adamw(at::Tensor* const* params, at::Tensor* const* grads,
+                             at::Tensor* const* exp_avgs, at::Tensor* const* exp_avg_sqs,
+                             at::Tensor* const* steps, size_t n, double lr, double beta1,
+                             double beta2, double weight_decay, double eps) {
+  return guarded([&] {
+    auto list = [n](at::Tensor* const* ts) {
+      std::vector<at::Tensor> out;
+      out.reserve(n);
+      for (size_t i = 0; i < n; ++i) {
+        out.push_back(*ts[i]);
+      }
+      return out;
+    };
+    at::NoGradGuard no_grad;
+    // As torch.optim.AdamW does: the counters advance before the fused kernel reads them.
+    auto counters = list(steps);
+    for (auto& step : counters) {
+      step.add_(1);
+    }
+    at::_fused_adamw_(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), {},
+                      counters, lr, beta1, beta2, weight_decay, eps, false, false);
+  });
+}
+
 // Whether autograd records operations on this thread now (torch.is_grad_enabled()).
 int frugal_ext_grad_enabled(void) { return at::GradMode::is_enabled() ? 1 : 0; }
 

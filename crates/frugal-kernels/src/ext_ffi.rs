@@ -40,6 +40,20 @@ unsafe extern "C" {
         sink: unsafe extern "C" fn(*mut c_void, *mut C_tensor),
         sink_ctx: *mut c_void,
     ) -> *mut c_char;
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn frugal_ext_fused_adamw(
+        params: *const *mut C_tensor,
+        grads: *const *mut C_tensor,
+        exp_avgs: *const *mut C_tensor,
+        exp_avg_sqs: *const *mut C_tensor,
+        steps: *const *mut C_tensor,
+        n: usize,
+        lr: f64,
+        beta1: f64,
+        beta2: f64,
+        weight_decay: f64,
+        eps: f64,
+    ) -> *mut c_char;
     pub(crate) fn frugal_ext_grad_enabled() -> c_int;
     pub(crate) fn frugal_ext_has_cuda() -> c_int;
     pub(crate) fn frugal_ext_current_stream(device: c_int, stream: *mut *mut c_void)

@@ -39,6 +39,7 @@ pub mod cpu;
 mod error;
 mod ext_ffi;
 pub mod gpu;
+pub mod libtorch_ops;
 pub mod nvrtc;
 pub mod registry;
 pub mod torch_cuda;

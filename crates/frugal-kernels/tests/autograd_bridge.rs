@@ -231,3 +231,41 @@ fn runs_inside_a_larger_graph_and_frees_its_state() {
     assert!(max_abs_diff(&a.grad(), &expected) < 1e-12);
     assert_eq!(drops.load(Ordering::SeqCst), 3);
 }
+
+/// libtorch's fused AdamW through the extension equals AdamW's formulas (torch.optim.AdamW).
+#[test]
+fn fused_adamw_follows_the_adamw_formulas() {
+    use frugal_kernels::libtorch_ops::{fused_adamw, AdamWHyper};
+    tch::manual_seed(4);
+    let h = AdamWHyper {
+        lr: 1e-2,
+        beta1: 0.9,
+        beta2: 0.99,
+        weight_decay: 0.1,
+        eps: 1e-8,
+    };
+    let p = Tensor::randn([5, 3], (Kind::Float, tch::Device::Cpu));
+    let (m, v) = (p.zeros_like(), p.zeros_like());
+    let step = Tensor::zeros([], (Kind::Float, tch::Device::Cpu));
+    let p0 = p.copy();
+    let (mut want, mut wm, mut wv) = (p.copy(), p.zeros_like(), p.zeros_like());
+    for t in 1..=3 {
+        let g = Tensor::randn([5, 3], (Kind::Float, tch::Device::Cpu));
+        fused_adamw(&[&p], &[&g], &[&m], &[&v], &[&step], h).unwrap();
+        want = &want * (1.0 - h.lr * h.weight_decay);
+        wm = &wm * h.beta1 + &g * (1.0 - h.beta1);
+        wv = &wv * h.beta2 + g.square() * (1.0 - h.beta2);
+        let c1 = 1.0 - h.beta1.powi(t);
+        let c2 = (1.0 - h.beta2.powi(t)).sqrt();
+        want = &want - (&wm / c1) / (wv.sqrt() / c2 + h.eps) * h.lr;
+        let d = max_abs_diff(&p.to_kind(Kind::Double), &want.to_kind(Kind::Double));
+        let moved = max_abs_diff(&p.to_kind(Kind::Double), &p0.to_kind(Kind::Double));
+        assert!(d < 1e-6, "step {t}: {d} (moved {moved})");
+    }
+    assert_eq!(step.double_value(&[]), 3.0);
+    let err = fused_adamw(&[&p], &[], &[&m], &[&v], &[&step], h).unwrap_err();
+    assert!(
+        err.to_string().contains("1 parameters but 0 gradients"),
+        "{err}"
+    );
+}

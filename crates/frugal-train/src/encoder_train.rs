@@ -384,7 +384,7 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
     };
 
     let mut progress = Progress::new(t.max_steps, state.step);
-    let mut clock = StepClock::new(&state, cfg.optim.is_galore());
+    let mut clock = StepClock::new(&state, cfg.optim.is_galore(), device);
     let (mut val_loss, mut val_acc) = (f64::NAN, None);
     let mut interrupted = false;
     while state.step < t.max_steps {

@@ -314,6 +314,10 @@ pub fn train_with(
     }
 
     let baseline_rss = memory::current_rss_bytes();
+    if let tch::Device::Cuda(i) = device {
+        // memory.json's GPU peaks count from here (the model is not built yet).
+        let _ = frugal_kernels::torch_cuda::reset_peak(i);
+    }
     let checkpoint = if resume {
         Some(checkpoint::latest(run_dir)?)
     } else {
@@ -430,7 +434,7 @@ pub fn train_with(
     } else {
         Progress::with_writer(t.max_steps, state.step, false, Box::new(std::io::sink()))
     };
-    let mut clock = StepClock::new(&state, cfg.optim.is_galore());
+    let mut clock = StepClock::new(&state, cfg.optim.is_galore(), device);
     let mut val_loss = f64::NAN;
     let mut interrupted = false;
     let tokens_per_step = (t.batch_size * t.seq_len * t.grad_accum * world) as u64;
@@ -689,17 +693,36 @@ pub(crate) struct StepClock {
     /// checkpoint).
     pub steps_peak: u64,
     galore: bool,
+    /// The CUDA device whose caching allocator the steps' GPU peaks are read from.
+    cuda: Option<usize>,
+    /// The allocator's peak of allocated bytes when the last step ended.
+    steps_gpu_peak: Option<i64>,
+}
+
+/// The caching allocator's statistics of `device` when it is a CUDA device whose statistics
+/// Frugal's libtorch extension can read.
+fn gpu_stats(device: tch::Device) -> Option<frugal_kernels::torch_cuda::MemoryStats> {
+    match device {
+        tch::Device::Cuda(i) => frugal_kernels::torch_cuda::memory_stats(i).ok(),
+        _ => None,
+    }
 }
 
 impl StepClock {
     /// Starts the clock of a run that has already trained for `state.elapsed_s` seconds;
     /// `galore`: report `svd_s` (seconds of the step spent computing bases).
-    pub fn new(state: &TrainerState, galore: bool) -> Self {
+    pub fn new(state: &TrainerState, galore: bool, device: tch::Device) -> Self {
+        let cuda = match device {
+            tch::Device::Cuda(i) => Some(i),
+            _ => None,
+        };
         Self {
             started: Instant::now() - std::time::Duration::from_secs_f64(state.elapsed_s),
             svd_seen: 0.0,
             steps_peak: 0,
             galore,
+            cuda,
+            steps_gpu_peak: None,
         }
     }
 
@@ -735,6 +758,11 @@ impl StepClock {
             // Seconds of this step spent computing GaLore bases (part of step_time_s).
             line["svd_s"] = json!(svd_s);
         }
+        if let Some(stats) = self.cuda.and_then(|i| gpu_stats(tch::Device::Cuda(i))) {
+            // The caching allocator's peak so far: what the GPU's memory must hold.
+            self.steps_gpu_peak = Some(stats.peak_allocated);
+            line["gpu_peak_allocated_bytes"] = json!(stats.peak_allocated);
+        }
         (line, tps)
     }
 
@@ -768,6 +796,20 @@ impl StepClock {
             "activations_and_workspace_bytes": peak.saturating_sub(baseline_rss).saturating_sub(acc.total()),
             "parameters": by_tensor,
         });
+        let mut report = report;
+        if let Some(stats) = gpu_stats(device) {
+            let peak_gpu = u64::try_from(stats.peak_allocated).unwrap_or(0);
+            report["measured"]["gpu"] = json!({
+                "allocated_bytes": stats.allocated,
+                "peak_allocated_bytes": stats.peak_allocated,
+                "reserved_bytes": stats.reserved,
+                "peak_reserved_bytes": stats.peak_reserved,
+                "steps_peak_allocated_bytes": self.steps_gpu_peak,
+                "note": "libtorch's CUDA caching allocator: allocated counts live tensors, reserved what it holds from the driver (its cache too); peaks since the run started",
+            });
+            // On a GPU the model, its state and the activations live in the allocator's memory.
+            report["activations_and_workspace_bytes"] = json!(peak_gpu.saturating_sub(acc.total()));
+        }
         (report, peak)
     }
 }
