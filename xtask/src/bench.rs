@@ -13,6 +13,7 @@ pub const NAMES: &[&str] = &[
     "adapters",
     "matmulfree",
     "distributed",
+    "kernels",
 ];
 
 /// Runs benchmark `name` with extra arguments `args`.
@@ -26,6 +27,7 @@ pub fn run(env: &TorchEnv, name: &str, args: &[String]) -> Result<()> {
         "adapters" => crate::bench_adapters::run(env, args),
         "matmulfree" => crate::bench_matmulfree::run(env, args),
         "distributed" => crate::bench_distributed::run(env, args),
+        "kernels" => crate::bench_kernels::run(env, args),
         other => Err(Failure::new(format!(
             "unknown benchmark '{other}'; benchmarks: {}",
             NAMES.join(", ")

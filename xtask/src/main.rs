@@ -15,6 +15,7 @@ mod bench_adapters;
 mod bench_distributed;
 mod bench_galore;
 mod bench_galore_quality;
+mod bench_kernels;
 mod bench_matmulfree;
 mod bench_quant;
 mod bench_train_step;
