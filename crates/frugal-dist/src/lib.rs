@@ -3,6 +3,8 @@
 //! - [`Single`]: one process; every collective is the identity.
 //! - `Mpi` (cargo feature `mpi`): the processes of an `mpirun` (Open MPI or MPICH), over the
 //!   MPI library's own transports (shared memory on one machine, TCP or InfiniBand across).
+//! - [`Nccl`]: one process per GPU over NCCL, found at run time (the torch wheel's, which a CUDA
+//!   libtorch has loaded); it also reduces GPU memory in place ([`DeviceCollective`]).
 //!
 //! Every collective that waits on other ranks has a deadline ([`Collective::timeout`]): a rank
 //! that died or stalled makes the others stop with an error naming the operation, instead of
@@ -18,6 +20,10 @@ mod mpi_backend;
 #[cfg(feature = "mpi")]
 pub use mpi_backend::Mpi;
 
+mod nccl_backend;
+pub use nccl_backend::Nccl;
+
+use std::path::Path;
 use std::time::Duration;
 
 /// What a collective can fail with.
@@ -75,6 +81,12 @@ pub trait Collective {
     /// Payload bytes this rank has passed to broadcasts so far.
     fn bytes_broadcast(&self) -> u64;
 
+    /// The in-place collectives on GPU memory, for backends that have them (NCCL); None where
+    /// the backend works on host memory only.
+    fn device_collective(&mut self) -> Option<&mut dyn DeviceCollective> {
+        None
+    }
+
     /// Whether this rank writes the run's files (rank 0).
     fn is_main(&self) -> bool {
         self.rank() == 0
@@ -91,6 +103,39 @@ pub trait Collective {
         }
         Ok(())
     }
+}
+
+/// Collectives on GPU memory, queued on a CUDA stream and waited for (with the deadline of
+/// [`Collective::timeout`]). Every rank must call the same operations in the same order.
+pub trait DeviceCollective {
+    /// The CUDA device (ordinal) of this rank's buffers.
+    fn device(&self) -> usize;
+
+    /// Replaces the `len` f32 values at device address `ptr` by their sum over the ranks,
+    /// queued on `stream` (a `cudaStream_t`, e.g. libtorch's current stream) after the work
+    /// already there.
+    ///
+    /// # Safety
+    /// `ptr` addresses `len` f32 values on [`DeviceCollective::device`], which stay allocated
+    /// until the call returns; `stream` is a live stream of that device.
+    unsafe fn all_reduce_sum_device(
+        &mut self,
+        ptr: u64,
+        len: usize,
+        stream: *mut std::ffi::c_void,
+    ) -> Result<()>;
+
+    /// Replaces the `len` f32 values at `ptr` by rank `root`'s, on `stream`.
+    ///
+    /// # Safety
+    /// As for [`DeviceCollective::all_reduce_sum_device`].
+    unsafe fn broadcast_device(
+        &mut self,
+        ptr: u64,
+        len: usize,
+        root: usize,
+        stream: *mut std::ffi::c_void,
+    ) -> Result<()>;
 }
 
 /// One process: every collective leaves its buffer as it is.
@@ -137,8 +182,8 @@ impl Collective for Single {
 }
 
 /// The number of processes and this one's rank as the launcher set them (Open MPI's
-/// `OMPI_COMM_WORLD_SIZE` / `_RANK`, else PMI's `PMI_SIZE` / `PMI_RANK` of MPICH and Slurm);
-/// None outside a launcher.
+/// `OMPI_COMM_WORLD_SIZE` / `_RANK`, else PMI's `PMI_SIZE` / `PMI_RANK` of MPICH and Slurm, else
+/// `WORLD_SIZE` / `RANK` of torchrun); None outside a launcher.
 pub fn launcher_world() -> Option<(usize, usize)> {
     let get = |k: &str| {
         std::env::var(k)
@@ -148,12 +193,61 @@ pub fn launcher_world() -> Option<(usize, usize)> {
     for (size, rank) in [
         ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK"),
         ("PMI_SIZE", "PMI_RANK"),
+        // torchrun and other launchers of one process per GPU (NCCL backend only).
+        ("WORLD_SIZE", "RANK"),
     ] {
         if let (Some(s), Some(r)) = (get(size), get(rank)) {
             return Some((s, r));
         }
     }
     None
+}
+
+/// This process's rank among the processes of its machine, as the launcher set it (Open MPI,
+/// MPICH, Slurm, torchrun); 0 outside a launcher. Each rank of the NCCL backend takes the GPU of
+/// this ordinal.
+pub fn local_rank() -> usize {
+    [
+        "OMPI_COMM_WORLD_LOCAL_RANK",
+        "MPI_LOCALRANKID",
+        "SLURM_LOCALID",
+        "LOCAL_RANK",
+    ]
+    .iter()
+    .find_map(|k| std::env::var(k).ok()?.trim().parse().ok())
+    .unwrap_or(0)
+}
+
+/// Which library carries a job's collectives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// MPI for several processes, one process alone otherwise ([`from_env`]).
+    Mpi,
+    /// NCCL, one GPU per process (also for a single process, which then runs NCCL's path).
+    Nccl,
+}
+
+/// The collectives of this process for `backend`: [`from_env`] for MPI; for NCCL, the
+/// launcher's world ([`launcher_world`], one process outside a launcher) on the GPU of
+/// [`local_rank`], meeting through a file in `rendezvous_dir`.
+pub fn connect(
+    backend: Backend,
+    timeout: Duration,
+    rendezvous_dir: &Path,
+) -> Result<Box<dyn Collective>> {
+    match backend {
+        Backend::Mpi => from_env(timeout),
+        Backend::Nccl => {
+            let (size, rank) = launcher_world().unwrap_or((1, 0));
+            Ok(Box::new(Nccl::init(
+                rank,
+                size,
+                local_rank(),
+                rendezvous_dir,
+                timeout,
+            )?))
+        }
+    }
 }
 
 /// Whether this build has the MPI backend.
@@ -198,5 +292,45 @@ mod tests {
         assert_eq!(v, vec![1.0, -2.0, 3.5]);
         assert_eq!((c.rank(), c.size(), c.is_main()), (0, 1, true));
         assert_eq!((c.bytes_reduced(), c.bytes_broadcast()), (24, 12));
+    }
+
+    /// Guarantee: the NCCL backend either runs (one rank: collectives are the identity, on host
+    /// and via its device path) or says what is missing, without panicking, on any machine.
+    #[test]
+    fn nccl_runs_or_says_what_is_missing() {
+        let dir = std::env::temp_dir().join(format!("frugal-nccl-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        match Nccl::init(0, 1, 0, &dir, Duration::from_secs(30)) {
+            Ok(mut c) => {
+                let mut v = vec![1.5f32, -2.0];
+                c.all_reduce_sum(&mut v).unwrap();
+                c.broadcast(&mut v, 0).unwrap();
+                assert_eq!(v, vec![1.5, -2.0]);
+                assert!(c.device_collective().is_some());
+                assert!(!id_left(&dir), "rendezvous file removed");
+            }
+            Err(DistError::Setup(msg)) => {
+                assert!(
+                    msg.contains("NCCL backend") || msg.contains("CUDA"),
+                    "{msg}"
+                );
+            }
+            Err(e) => panic!("unexpected: {e}"),
+        }
+        assert!(
+            Nccl::init(2, 2, 0, &dir, Duration::from_secs(1)).is_err(),
+            "rank 2 of 2"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Whether a rendezvous file is left in `dir`.
+    fn id_left(dir: &Path) -> bool {
+        std::fs::read_dir(dir)
+            .map(|d| {
+                d.flatten()
+                    .any(|e| e.file_name().to_string_lossy().starts_with(".nccl-id"))
+            })
+            .unwrap_or(false)
     }
 }

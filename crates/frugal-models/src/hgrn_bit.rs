@@ -12,8 +12,9 @@
 //!
 //! Training computes the recurrence over the whole sequence with a Hillis-Steele scan
 //! ([`linear_scan`]): log2(T) passes of element-wise products over `(B, T, D)`, so O(T log T)
-//! work and, for autograd, two `(B, T, D)` tensors kept per pass, instead of T dependent steps
-//! of `(B, D)` work (a loop per token) whose graph has T nodes per layer. Generation runs the
+//! work instead of T dependent steps of `(B, D)` work (a loop per token) whose graph has T nodes
+//! per layer. Its backward pass is written by hand (the same scan run from the end), so the graph
+//! keeps only the gates and the hidden states. Generation runs the
 //! recurrence one token at a time with a constant-size state per layer ([`State`]).
 
 use crate::linear::{self, Linear, LinearKind};

@@ -36,20 +36,30 @@ pub fn train(
             (config::load(&path, set)?, out, false)
         }
     };
-    // The processes of a launcher (mpirun), or this one alone.
-    let mut dist = frugal_dist::from_env(std::time::Duration::from_secs_f64(cfg.dist.timeout_s))
-        .map_err(|e| Error::Msg(e.to_string()))?;
+    // The processes of a launcher (mpirun, torchrun), or this one alone.
+    let world = frugal_dist::launcher_world().map_or(1, |(size, _)| size);
     let run_dir = match out {
         Some(d) => d,
-        None if dist.size() > 1 => {
+        None if world > 1 => {
             return Err(Error::Msg(format!(
-                "{} processes: give --out RUN_DIR, the same folder for every rank (on a \
-                 filesystem they all see)",
-                dist.size()
+                "{world} processes: give --out RUN_DIR, the same folder for every rank (on a \
+                 filesystem they all see)"
             )))
         }
         None => default_run_dir(),
     };
+    let backend = cfg.dist.backend_for(world, cfg.train.device.resolve()?)?;
+    let timeout = std::time::Duration::from_secs_f64(cfg.dist.timeout_s);
+    let mut dist = match backend {
+        frugal_dist::Backend::Mpi => frugal_dist::from_env(timeout),
+        frugal_dist::Backend::Nccl => {
+            // NCCL's ranks meet through a file in the run folder.
+            std::fs::create_dir_all(&run_dir)
+                .map_err(|e| Error::Msg(format!("cannot create {}: {e}", run_dir.display())))?;
+            frugal_dist::connect(backend, timeout, &run_dir)
+        }
+    }
+    .map_err(|e| Error::Msg(e.to_string()))?;
     if !resume && run_dir.join("config.toml").exists() {
         return Err(Error::Msg(format!(
             "{}: already holds a run; continue it with --resume {0}, or choose another --out",

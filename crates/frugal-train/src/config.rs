@@ -47,6 +47,9 @@ pub struct DistConfig {
     /// Shard the optimizer state (ZeRO stage 1): each rank keeps the state of its share of the
     /// parameters (balanced by size), steps only those, and broadcasts them to the others.
     pub zero1: bool,
+    /// The collectives' library: `"auto"` (NCCL when several processes train on CUDA, else
+    /// MPI), `"mpi"`, or `"nccl"` (one GPU per process; also for one process alone).
+    pub backend: String,
 }
 
 impl Default for DistConfig {
@@ -55,6 +58,27 @@ impl Default for DistConfig {
             timeout_s: 600.0,
             galore_projected: false,
             zero1: false,
+            backend: "auto".into(),
+        }
+    }
+}
+
+impl DistConfig {
+    /// The backend for `world` processes training on `device`.
+    pub fn backend_for(&self, world: usize, device: tch::Device) -> Result<frugal_dist::Backend> {
+        use frugal_dist::Backend;
+        match self.backend.as_str() {
+            "auto" if world > 1 && device.is_cuda() => Ok(Backend::Nccl),
+            "auto" | "mpi" => Ok(Backend::Mpi),
+            "nccl" if device.is_cuda() => Ok(Backend::Nccl),
+            "nccl" => Err(Error::config(
+                "dist.backend",
+                "\"nccl\" reduces GPU memory: set train.device to \"cuda\" (or use \"mpi\")",
+            )),
+            other => Err(Error::config(
+                "dist.backend",
+                format!("\"{other}\" is not a backend: \"auto\", \"mpi\" or \"nccl\""),
+            )),
         }
     }
 }

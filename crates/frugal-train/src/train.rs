@@ -115,8 +115,11 @@ fn dist_err(e: frugal_dist::DistError) -> Error {
 /// Replaces every tensor's values by their mean over the ranks, in buckets of at most
 /// [`BUCKET`] values (one f32 copy of a bucket at a time).
 fn all_reduce_mean(dist: &mut dyn Collective, tensors: &[&tch::Tensor]) -> Result<()> {
-    if dist.size() == 1 {
+    if dist.size() == 1 && dist.device_collective().is_none() {
         return Ok(());
+    }
+    if on_device(dist, tensors) {
+        return device_all_reduce_mean(dist, tensors);
     }
     let mut i = 0;
     while i < tensors.len() {
@@ -164,7 +167,7 @@ fn reduce_grads(
     grads: &[&tch::Tensor],
     projected: bool,
 ) -> Result<()> {
-    if dist.size() == 1 {
+    if dist.size() == 1 && dist.device_collective().is_none() {
         return Ok(());
     }
     let mut full: Vec<&tch::Tensor> = Vec::new();
@@ -217,6 +220,19 @@ fn broadcast_from_owners(
     idx: &[usize],
     owner: &[usize],
 ) -> Result<()> {
+    let group: Vec<&tch::Tensor> = idx.iter().map(|&i| &tensors[i]).collect();
+    if on_device(dist, &group) {
+        for &i in idx {
+            let root = owner[i];
+            device_buckets(dist, &[&tensors[i]], |dc, bucket, stream| {
+                // SAFETY: as in `device_all_reduce_mean`.
+                unsafe {
+                    dc.broadcast_device(bucket.data_ptr() as u64, bucket.numel(), root, stream)
+                }
+            })?;
+        }
+        return Ok(());
+    }
     for &i in idx {
         let t = &tensors[i];
         let mut v = Vec::<f32>::try_from(
@@ -233,6 +249,88 @@ fn broadcast_from_owners(
         tch::no_grad(|| t.shallow_clone().copy_(&w));
     }
     Ok(())
+}
+
+/// The device this rank trains on: the backend's GPU for NCCL; with several MPI ranks on CUDA,
+/// the GPU of the rank's local ordinal (modulo the GPUs there are); else `device`.
+fn rank_device(device: tch::Device, dist: &mut dyn Collective) -> tch::Device {
+    if !device.is_cuda() {
+        return device;
+    }
+    if let Some(dc) = dist.device_collective() {
+        return tch::Device::Cuda(dc.device());
+    }
+    if dist.size() > 1 {
+        let gpus = tch::Cuda::device_count().max(1) as usize;
+        return tch::Device::Cuda(frugal_dist::local_rank() % gpus);
+    }
+    device
+}
+
+/// Whether `tensors` are on the GPU of a backend that reduces GPU memory in place (NCCL).
+fn on_device(dist: &mut dyn Collective, tensors: &[&tch::Tensor]) -> bool {
+    match (
+        dist.device_collective(),
+        tensors.first().map(|t| t.device()),
+    ) {
+        (Some(dc), Some(tch::Device::Cuda(i))) => i == dc.device(),
+        _ => false,
+    }
+}
+
+/// Runs `op` on each bucket of `tensors` (one f32 copy per bucket of at most [`BUCKET`]
+/// values, or one tensor) on the GPU, on libtorch's current stream, and copies the result
+/// back into the tensors.
+fn device_buckets(
+    dist: &mut dyn Collective,
+    tensors: &[&tch::Tensor],
+    mut op: impl FnMut(
+        &mut dyn frugal_dist::DeviceCollective,
+        &tch::Tensor,
+        *mut std::ffi::c_void,
+    ) -> frugal_dist::Result<()>,
+) -> Result<()> {
+    let dc = dist
+        .device_collective()
+        .ok_or_else(|| Error::Msg("the backend has no GPU collectives".into()))?;
+    let stream = frugal_kernels::torch_cuda::current_stream(dc.device())
+        .map_err(|e| Error::Msg(format!("GPU all-reduce: {e}")))?;
+    let mut i = 0;
+    while i < tensors.len() {
+        let mut j = i;
+        let mut n = 0usize;
+        while j < tensors.len() && (j == i || n + tensors[j].numel() <= BUCKET) {
+            n += tensors[j].numel();
+            j += 1;
+        }
+        let flat: Vec<tch::Tensor> = tensors[i..j]
+            .iter()
+            .map(|t| t.to_kind(tch::Kind::Float).reshape([-1]))
+            .collect();
+        let bucket = tch::Tensor::cat(&flat, 0).contiguous();
+        op(dc, &bucket, stream).map_err(dist_err)?;
+        let mut off = 0;
+        for t in &tensors[i..j] {
+            let k = t.numel() as i64;
+            let part = bucket.narrow(0, off, k).view(t.size().as_slice());
+            tch::no_grad(|| t.shallow_clone().copy_(&part));
+            off += k;
+        }
+        i = j;
+    }
+    Ok(())
+}
+
+/// [`all_reduce_mean`] on the GPU through NCCL, without host copies.
+fn device_all_reduce_mean(dist: &mut dyn Collective, tensors: &[&tch::Tensor]) -> Result<()> {
+    let world = dist.size() as f64;
+    device_buckets(dist, tensors, |dc, bucket, stream| {
+        // SAFETY: `bucket` is a contiguous f32 tensor on the backend's device, alive for the
+        // call, which waits for the stream.
+        unsafe { dc.all_reduce_sum_device(bucket.data_ptr() as u64, bucket.numel(), stream) }?;
+        let _ = tch::no_grad(|| bucket.shallow_clone().g_div_scalar_(world));
+        Ok(())
+    })
 }
 
 /// Values per all-reduce bucket (25 MiB of f32, as PyTorch DDP's default bucket).
@@ -262,7 +360,7 @@ pub fn train_with(
     if cfg.train.threads > 0 {
         tch::set_num_threads(cfg.train.threads as i32);
     }
-    let device = cfg.train.device.resolve()?;
+    let device = rank_device(cfg.train.device.resolve()?, dist);
     let t = &cfg.train;
 
     if main {
@@ -356,7 +454,9 @@ pub fn train_with(
     } else {
         vec![rank; tensors.len()]
     };
-    if world > 1 {
+    // NCCL runs its collectives even for one process (the path a one-GPU test can check).
+    let nccl = dist.device_collective().is_some();
+    if world > 1 || nccl {
         // Every rank starts from rank 0's weights.
         let all: Vec<usize> = (0..tensors.len()).collect();
         broadcast_from_owners(dist, &tensors, &all, &vec![0; tensors.len()])?;
@@ -568,7 +668,7 @@ pub fn train_with(
             tokens_per_step,
             (loss, lr, grad_norm),
         );
-        if world > 1 {
+        if world > 1 || nccl {
             // Payload bytes this rank all-reduced in the step (gradients, loss and stop flag).
             line["allreduce_bytes"] = json!(dist.bytes_reduced() - reduced_before);
         }
