@@ -81,6 +81,27 @@ pub trait Collective {
     /// Payload bytes this rank has passed to broadcasts so far.
     fn bytes_broadcast(&self) -> u64;
 
+    /// Starts the all-reduce (sum) of `buf` and returns without waiting for it where the
+    /// backend can (MPI's `MPI_Iallreduce`), so that the caller computes meanwhile;
+    /// [`Collective::progress`] advances started operations and
+    /// [`Collective::finish_all_reduce`] waits for one and gives its buffer back. Every rank
+    /// must start the same operations in the same order. The default reduces at once.
+    fn start_all_reduce_sum(&mut self, mut buf: Vec<f32>) -> Result<InFlight> {
+        self.all_reduce_sum(&mut buf)?;
+        Ok(InFlight::done(buf))
+    }
+
+    /// Lets started operations advance (MPI progresses them only inside its calls).
+    fn progress(&mut self, _started: &mut [InFlight]) -> Result<()> {
+        Ok(())
+    }
+
+    /// Waits (within the deadline) for `op`, started by [`Collective::start_all_reduce_sum`] of
+    /// this backend, and returns its reduced buffer.
+    fn finish_all_reduce(&mut self, op: InFlight) -> Result<Vec<f32>> {
+        op.into_done()
+    }
+
     /// The in-place collectives on GPU memory, for backends that have them (NCCL); None where
     /// the backend works on host memory only.
     fn device_collective(&mut self) -> Option<&mut dyn DeviceCollective> {
@@ -102,6 +123,57 @@ pub trait Collective {
             }
         }
         Ok(())
+    }
+}
+
+/// An all-reduce started by [`Collective::start_all_reduce_sum`]: finished already, or the
+/// backend's operation in flight.
+pub struct InFlight {
+    done: Option<Vec<f32>>,
+    op: Option<Box<dyn std::any::Any>>,
+}
+
+impl std::fmt::Debug for InFlight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InFlight")
+            .field("done", &self.done.as_ref().map(Vec::len))
+            .field("in_flight", &self.op.is_some())
+            .finish()
+    }
+}
+
+impl InFlight {
+    /// An operation that has completed with `buf`.
+    pub fn done(buf: Vec<f32>) -> Self {
+        Self {
+            done: Some(buf),
+            op: None,
+        }
+    }
+
+    /// A backend's operation in flight (the backend downcasts it back).
+    pub fn pending(op: Box<dyn std::any::Any>) -> Self {
+        Self {
+            done: None,
+            op: Some(op),
+        }
+    }
+
+    /// The backend's operation, if still in flight.
+    pub fn op_mut(&mut self) -> Option<&mut Box<dyn std::any::Any>> {
+        self.op.as_mut()
+    }
+
+    /// Takes the backend's operation out (None once completed).
+    pub fn take_op(&mut self) -> Option<Box<dyn std::any::Any>> {
+        self.op.take()
+    }
+
+    /// The completed buffer; an error for an operation still in flight (another backend's).
+    pub fn into_done(self) -> Result<Vec<f32>> {
+        self.done.ok_or_else(|| {
+            DistError::Setup("an all-reduce in flight was finished by another backend".into())
+        })
     }
 }
 
@@ -292,6 +364,10 @@ mod tests {
         assert_eq!(v, vec![1.0, -2.0, 3.5]);
         assert_eq!((c.rank(), c.size(), c.is_main()), (0, 1, true));
         assert_eq!((c.bytes_reduced(), c.bytes_broadcast()), (24, 12));
+        let mut started = vec![c.start_all_reduce_sum(vec![4.0, 5.0]).unwrap()];
+        c.progress(&mut started).unwrap();
+        let op = started.pop().unwrap();
+        assert_eq!(c.finish_all_reduce(op).unwrap(), vec![4.0, 5.0]);
     }
 
     /// Guarantee: the NCCL backend either runs (one rank: collectives are the identity, on host

@@ -7,9 +7,9 @@
 //! trainer writes its files through a temporary file and a rename, so the last checkpoint
 //! stays intact.
 
-use crate::{Collective, DistError, Result};
+use crate::{Collective, DistError, InFlight, Result};
 use mpi::collective::SystemOperation;
-use mpi::request::{Request, Scope};
+use mpi::request::{Request, Scope, StaticScope};
 use mpi::topology::SimpleCommunicator;
 use mpi::traits::*;
 use std::time::{Duration, Instant};
@@ -93,7 +93,113 @@ impl Mpi {
     }
 }
 
+/// An `MPI_Iallreduce` in flight: its buffers are leaked for the request's `'static` scope and
+/// taken back once it completes.
+struct MpiAllReduce {
+    send: *mut [f32],
+    recv: *mut [f32],
+    req: Option<Request<'static, [f32], StaticScope>>,
+}
+
+impl MpiAllReduce {
+    fn start(world: &SimpleCommunicator, buf: Vec<f32>) -> Self {
+        let send: &'static mut [f32] = Box::leak(buf.clone().into_boxed_slice());
+        let recv: &'static mut [f32] = Box::leak(buf.into_boxed_slice());
+        let (send_ptr, recv_ptr) = (send as *mut [f32], recv as *mut [f32]);
+        let req =
+            world.immediate_all_reduce_into(StaticScope, &*send, recv, SystemOperation::sum());
+        Self {
+            send: send_ptr,
+            recv: recv_ptr,
+            req: Some(req),
+        }
+    }
+
+    /// Tests the request once; true when complete.
+    fn test(&mut self) -> bool {
+        match self.req.take() {
+            None => true,
+            Some(req) => match req.test() {
+                Ok(_) => true,
+                Err(req) => {
+                    self.req = Some(req);
+                    false
+                }
+            },
+        }
+    }
+
+    /// The reduced buffer of a completed operation.
+    fn into_buffer(mut self) -> Vec<f32> {
+        assert!(self.req.is_none(), "taken only once complete");
+        // SAFETY: both buffers came from `Box::leak` in `start`, and the request that borrowed
+        // them has completed; each is taken back once (the pointers are nulled for Drop).
+        let (send, recv) = unsafe { (Box::from_raw(self.send), Box::from_raw(self.recv)) };
+        self.send = std::ptr::slice_from_raw_parts_mut(std::ptr::null_mut(), 0);
+        self.recv = std::ptr::slice_from_raw_parts_mut(std::ptr::null_mut(), 0);
+        drop(send);
+        recv.into_vec()
+    }
+}
+
+impl Drop for MpiAllReduce {
+    fn drop(&mut self) {
+        if let Some(req) = self.req.take() {
+            // Dropped while in flight (the job is failing): MPI may still write into the
+            // buffers, so leak them with the request.
+            std::mem::forget(req);
+            return;
+        }
+        if !self.recv.cast::<f32>().is_null() {
+            // SAFETY: as in `into_buffer`, for an operation completed but never taken.
+            unsafe {
+                drop(Box::from_raw(self.send));
+                drop(Box::from_raw(self.recv));
+            }
+        }
+    }
+}
+
 impl Collective for Mpi {
+    fn start_all_reduce_sum(&mut self, buf: Vec<f32>) -> Result<InFlight> {
+        if buf.len() > CHUNK {
+            // Larger than one MPI call takes: reduce at once, in chunks.
+            let mut buf = buf;
+            self.all_reduce_sum(&mut buf)?;
+            return Ok(InFlight::done(buf));
+        }
+        self.reduced += 4 * buf.len() as u64;
+        Ok(InFlight::pending(Box::new(MpiAllReduce::start(
+            &self.world,
+            buf,
+        ))))
+    }
+
+    fn progress(&mut self, started: &mut [InFlight]) -> Result<()> {
+        for op in started {
+            if let Some(op) = op.op_mut().and_then(|o| o.downcast_mut::<MpiAllReduce>()) {
+                op.test();
+            }
+        }
+        Ok(())
+    }
+
+    fn finish_all_reduce(&mut self, mut op: InFlight) -> Result<Vec<f32>> {
+        let Some(any) = op.take_op() else {
+            return op.into_done();
+        };
+        let mut mine = any.downcast::<MpiAllReduce>().map_err(|_| {
+            DistError::Setup("an all-reduce in flight was started by another backend".into())
+        })?;
+        let n = mine.recv.len();
+        if let Some(req) = mine.req.take() {
+            self.wait(req, &|| {
+                format!("all-reduce of {n} f32 values (overlapped)")
+            });
+        }
+        Ok(mine.into_buffer())
+    }
+
     fn rank(&self) -> usize {
         self.rank
     }

@@ -50,6 +50,10 @@ pub struct DistConfig {
     /// The collectives' library: `"auto"` (NCCL when several processes train on CUDA, else
     /// MPI), `"mpi"`, or `"nccl"` (one GPU per process; also for one process alone).
     pub backend: String,
+    /// Start averaging each block's gradients as soon as the backward pass has computed them,
+    /// while it goes on to the blocks before (without per-layer updates, which already average
+    /// each block just before its update).
+    pub overlap: bool,
 }
 
 impl Default for DistConfig {
@@ -59,6 +63,7 @@ impl Default for DistConfig {
             galore_projected: false,
             zero1: false,
             backend: "auto".into(),
+            overlap: false,
         }
     }
 }
@@ -724,6 +729,20 @@ impl Config {
             if !(v > 0.0) {
                 return Err(Error::config(k, format!("must be positive, got {v}")));
             }
+        }
+        if self.dist.overlap && self.dist.galore_projected {
+            return Err(Error::config(
+                "dist.overlap",
+                "cannot be combined with dist.galore_projected yet: the projected gradients are \
+                 formed after the backward pass",
+            ));
+        }
+        if self.dist.overlap && self.optim.layerwise {
+            return Err(Error::config(
+                "dist.overlap",
+                "has no effect with optim.layerwise, which already averages each block's \
+                 gradients as they are computed, just before its update",
+            ));
         }
         if self.dist.zero1 && self.dist.galore_projected {
             return Err(Error::config(

@@ -26,12 +26,21 @@ pub struct Plan {
     pub checkpointing: bool,
     /// Tokens per cross-entropy chunk (0: all at once).
     pub ce_chunk: i64,
+    /// Without per-layer updates: run the backward pass block by block all the same, and tell
+    /// the sink (with no gradients) as each group's `.grad` is complete, so that averaging them
+    /// across ranks overlaps the rest of the backward pass.
+    pub blockwise: bool,
 }
 
 impl Plan {
     /// Whether the plain `loss.backward()` does.
     fn plain(&self) -> bool {
-        !self.layerwise && !self.checkpointing && self.ce_chunk == 0
+        !self.layerwise && !self.checkpointing && self.ce_chunk == 0 && !self.blockwise
+    }
+
+    /// Whether the sink hears of each group whose `.grad` is complete.
+    fn tells_ready(&self) -> bool {
+        self.blockwise && !self.layerwise
     }
 }
 
@@ -107,13 +116,15 @@ pub struct Batch<'a> {
 }
 
 /// Receives a group's gradients (indices, and one gradient per index, in order) during a
-/// per-layer backward pass.
-pub type Sink<'a> = dyn FnMut(&[usize], Vec<Tensor>) -> Result<()> + 'a;
+/// per-layer backward pass; with [`Plan::blockwise`] (and no per-layer updates), the group's
+/// indices with `None` once their `.grad` is complete.
+pub type Sink<'a> = dyn FnMut(&[usize], Option<Vec<Tensor>>) -> Result<()> + 'a;
 
 /// Runs one micro-batch: forward, mean next-token cross-entropy of its targets, and backward of
 /// the loss times its scale. Returns the (unscaled) mean loss. With `plan.layerwise`, every
 /// group's gradients go to `sink` in backward order and none is kept; otherwise they
-/// accumulate in the parameters' `.grad` as `loss.backward()` would leave them.
+/// accumulate in the parameters' `.grad` as `loss.backward()` would leave them (and with
+/// `plan.blockwise`, `sink` hears of each group once its `.grad` is complete).
 pub fn micro_step(
     model: &Decoder,
     params: &[Tensor],
@@ -210,7 +221,9 @@ pub fn micro_step(
             .zip(&head_params)
             .map(|(g, p)| g.unwrap_or_else(|| p.zeros_like()))
             .collect();
-        sink(&groups.head, g)?;
+        sink(&groups.head, Some(g))?;
+    } else if plan.tells_ready() {
+        sink(&groups.head, None)?;
     }
     let mut upstream = Tensor::cat(&upstream_parts, 0).reshape([b, t, d]);
     drop(upstream_parts);
@@ -236,10 +249,13 @@ pub fn micro_step(
                 Some(acc) => acc.into_iter().zip(gs).map(|(a, b)| a + b).collect(),
                 None => gs,
             });
-            sink(&groups.blocks[i], g)?;
+            sink(&groups.blocks[i], Some(g))?;
         } else {
             s.backward();
             upstream = input.grad();
+            if plan.tells_ready() {
+                sink(&groups.blocks[i], None)?;
+            }
         }
     }
     drop(inputs);
@@ -250,13 +266,18 @@ pub fn micro_step(
         if plan.layerwise {
             let wrt: Vec<&Tensor> = groups.embed.iter().map(|&j| &params[j]).collect();
             let g = grads_of(&s, &wrt)?;
-            sink(&groups.embed, g)?;
+            sink(&groups.embed, Some(g))?;
         } else {
             s.backward();
         }
     }
+    if plan.tells_ready() {
+        sink(&groups.embed, None)?;
+    }
     if let Some(g) = shared_grads.filter(|_| !groups.shared.is_empty()) {
-        sink(&groups.shared, g)?;
+        sink(&groups.shared, Some(g))?;
+    } else if plan.tells_ready() && !groups.shared.is_empty() {
+        sink(&groups.shared, None)?;
     }
     Ok(loss_sum / scored as f64)
 }
@@ -383,7 +404,7 @@ mod tests {
             targets: &y,
             scale: 0.5,
         };
-        let mut none = |_: &[usize], _: Vec<Tensor>| -> Result<()> { panic!("no sink") };
+        let mut none = |_: &[usize], _: Option<Vec<Tensor>>| -> Result<()> { panic!("no sink") };
         let plain = Plan::default();
         let l0 = micro_step(model, &tensors, groups, &plain, &b, &mut none).unwrap();
         let want = take_grads(params);
@@ -414,6 +435,47 @@ mod tests {
                 max_diff(&got, &want)
             );
         }
+        // Block by block: each group is announced once, in backward order, when its `.grad`
+        // is already the plain one.
+        for plan in [
+            Plan {
+                blockwise: true,
+                ..Plan::default()
+            },
+            Plan {
+                blockwise: true,
+                checkpointing: true,
+                ce_chunk: 6,
+                ..Plan::default()
+            },
+        ] {
+            let mut order = Vec::new();
+            let mut ready = |idx: &[usize], g: Option<Vec<Tensor>>| -> Result<()> {
+                assert!(
+                    g.is_none(),
+                    "no gradients handed over without per-layer updates"
+                );
+                for &i in idx {
+                    let d = (params[i].1.grad() - &want[i])
+                        .abs()
+                        .max()
+                        .double_value(&[]);
+                    assert!(d < 1e-6, "{}: announced before complete ({d})", params[i].0);
+                }
+                order.push(idx.to_vec());
+                Ok(())
+            };
+            let l = micro_step(model, &tensors, groups, &plan, &b, &mut ready).unwrap();
+            assert!((l - l0).abs() < 1e-6, "{plan:?}");
+            let order_want: Vec<Vec<usize>> = groups
+                .backward_order()
+                .into_iter()
+                .map(|g| g.to_vec())
+                .collect();
+            assert_eq!(order, order_want, "{plan:?}");
+            let got = take_grads(params);
+            assert!(max_diff(&got, &want) < 1e-6, "{plan:?}");
+        }
         for plan in [
             Plan {
                 layerwise: true,
@@ -423,13 +485,14 @@ mod tests {
                 layerwise: true,
                 checkpointing: true,
                 ce_chunk: 4,
+                ..Plan::default()
             },
         ] {
             let mut got: Vec<Option<Tensor>> = (0..params.len()).map(|_| None).collect();
             let mut order = Vec::new();
-            let mut sink = |idx: &[usize], g: Vec<Tensor>| -> Result<()> {
+            let mut sink = |idx: &[usize], g: Option<Vec<Tensor>>| -> Result<()> {
                 order.push(idx.to_vec());
-                for (&i, g) in idx.iter().zip(g) {
+                for (&i, g) in idx.iter().zip(g.expect("per-layer gradients")) {
                     assert!(got[i].replace(g).is_none(), "parameter {i} twice");
                 }
                 Ok(())

@@ -130,27 +130,46 @@ fn all_reduce_mean(dist: &mut dyn Collective, tensors: &[&tch::Tensor]) -> Resul
             n += tensors[j].numel();
             j += 1;
         }
-        let mut buf = Vec::with_capacity(n);
-        for t in &tensors[i..j] {
-            let v = Vec::<f32>::try_from(
-                t.to_kind(tch::Kind::Float)
-                    .to_device(tch::Device::Cpu)
-                    .reshape([-1]),
-            )
-            .map_err(|e| Error::Msg(format!("gradient to all-reduce: {e}")))?;
-            buf.extend_from_slice(&v);
-        }
-        dist.all_reduce_mean(&mut buf).map_err(dist_err)?;
-        let mut off = 0;
-        for t in &tensors[i..j] {
-            let k = t.numel();
-            let mean = tch::Tensor::from_slice(&buf[off..off + k])
-                .view(t.size().as_slice())
-                .to_device(t.device());
-            tch::no_grad(|| t.shallow_clone().copy_(&mean));
-            off += k;
-        }
+        let mut buf = host_f32(&tensors[i..j])?;
+        dist.all_reduce_sum(&mut buf).map_err(dist_err)?;
+        copy_mean_into(&tensors[i..j], &buf, dist.size())?;
         i = j;
+    }
+    Ok(())
+}
+
+/// `tensors` flattened, one after the other, into one host f32 buffer.
+fn host_f32(tensors: &[&tch::Tensor]) -> Result<Vec<f32>> {
+    let mut buf = Vec::with_capacity(tensors.iter().map(|t| t.numel()).sum());
+    for t in tensors {
+        let v = Vec::<f32>::try_from(
+            t.to_kind(tch::Kind::Float)
+                .to_device(tch::Device::Cpu)
+                .reshape([-1]),
+        )
+        .map_err(|e| Error::Msg(format!("gradient to all-reduce: {e}")))?;
+        buf.extend_from_slice(&v);
+    }
+    Ok(buf)
+}
+
+/// Writes `sum / world` back into `tensors` (laid out as [`host_f32`] flattened them).
+fn copy_mean_into(tensors: &[&tch::Tensor], sum: &[f32], world: usize) -> Result<()> {
+    let want: usize = tensors.iter().map(|t| t.numel()).sum();
+    if sum.len() != want {
+        return Err(Error::Msg(format!(
+            "all-reduce returned {} values for {want}",
+            sum.len()
+        )));
+    }
+    let mut off = 0;
+    for t in tensors {
+        let k = t.numel();
+        let mean = (tch::Tensor::from_slice(&sum[off..off + k]) / world as f64)
+            .view(t.size().as_slice())
+            .to_device(t.device());
+        tch::no_grad(|| t.shallow_clone().copy_(&mean));
+        off += k;
     }
     Ok(())
 }
@@ -483,6 +502,7 @@ pub fn train_with(
         layerwise: cfg.optim.layerwise,
         checkpointing: t.checkpointing,
         ce_chunk: t.ce_chunk as i64,
+        blockwise: false,
     };
 
     let mut state = TrainerState {
@@ -539,6 +559,9 @@ pub fn train_with(
     let mut interrupted = false;
     let tokens_per_step = (t.batch_size * t.seq_len * t.grad_accum * world) as u64;
     let projected = cfg.dist.galore_projected && cfg.optim.is_galore();
+    // Overlapping the all-reduces with the backward pass (not with per-layer updates, nor with
+    // the projected all-reduce: the config refuses those).
+    let overlap = cfg.dist.overlap && world > 1 && !plan.layerwise && !projected;
     while state.step < t.max_steps {
         let step = state.step + 1;
         if adapter {
@@ -559,13 +582,36 @@ pub fn train_with(
             _ => 1.0,
         };
         let mut micro_norms = 0.0;
+        // All-reduces started during the last micro-batch's backward pass (`dist.overlap`): the
+        // parameters of each, and the operations.
+        let mut started_idx: Vec<Vec<usize>> = Vec::new();
+        let mut started: Vec<frugal_dist::InFlight> = Vec::new();
         for k in 0..t.grad_accum {
             let last = k + 1 == t.grad_accum;
             // The step's sequences for all ranks, drawn alike on every rank; this rank's share.
             let all = sampler.next_indices(t.batch_size * world);
             let (x, y) = train_ds.batch(&all[rank * t.batch_size..(rank + 1) * t.batch_size]);
             let mut sq = 0.0;
-            let mut sink = |idx: &[usize], grads: Vec<tch::Tensor>| -> Result<()> {
+            let plan = step::Plan {
+                blockwise: overlap && last,
+                ..plan
+            };
+            let mut sink = |idx: &[usize], grads: Option<Vec<tch::Tensor>>| -> Result<()> {
+                let Some(grads) = grads else {
+                    // The group's `.grad` is complete: start averaging it while the backward
+                    // pass goes on.
+                    let (defined, grads): (Vec<usize>, Vec<tch::Tensor>) = idx
+                        .iter()
+                        .map(|&i| (i, tensors[i].grad()))
+                        .filter(|(_, g)| g.defined())
+                        .unzip();
+                    if !defined.is_empty() {
+                        let buf = host_f32(&grads.iter().collect::<Vec<_>>())?;
+                        started.push(dist.start_all_reduce_sum(buf).map_err(dist_err)?);
+                        started_idx.push(defined);
+                    }
+                    return dist.progress(&mut started).map_err(dist_err);
+                };
                 // Each group's gradients averaged over the ranks before its update.
                 reduce_grads(
                     dist,
@@ -610,6 +656,13 @@ pub fn train_with(
             loss_sum += step::micro_step(&m.net, &tensors, &groups, &plan, &batch, &mut sink)?;
             micro_norms += sq.sqrt();
         }
+        // The overlapped all-reduces: wait for each, in the order started, and put the means
+        // into `.grad`.
+        for (idx, op) in started_idx.into_iter().zip(started) {
+            let buf = dist.finish_all_reduce(op).map_err(dist_err)?;
+            let grads: Vec<tch::Tensor> = idx.iter().map(|&i| tensors[i].grad()).collect();
+            copy_mean_into(&grads.iter().collect::<Vec<_>>(), &buf, world)?;
+        }
         let mut loss = loss_sum / t.grad_accum as f64;
         // The mean loss over the ranks, and whether any rank was asked to stop.
         let mut stop = INTERRUPTED.load(Ordering::SeqCst);
@@ -629,20 +682,23 @@ pub fn train_with(
             state.prev_grad_norm = Some(micro_norms);
             micro_norms
         } else {
-            // The gradients averaged over the ranks (every rank has the same defined ones).
+            // The gradients averaged over the ranks (every rank has the same defined ones),
+            // unless that overlapped the backward pass.
             let (idx, grads): (Vec<usize>, Vec<tch::Tensor>) = tensors
                 .iter()
                 .map(|t| t.grad())
                 .enumerate()
                 .filter(|(_, g)| g.defined())
                 .unzip();
-            reduce_grads(
-                dist,
-                opt.as_ref(),
-                &idx,
-                &grads.iter().collect::<Vec<_>>(),
-                projected,
-            )?;
+            if !overlap {
+                reduce_grads(
+                    dist,
+                    opt.as_ref(),
+                    &idx,
+                    &grads.iter().collect::<Vec<_>>(),
+                    projected,
+                )?;
+            }
             let n = if t.max_grad_norm > 0.0 {
                 clip_grad_norm(&tensors, t.max_grad_norm)
             } else {
@@ -766,6 +822,7 @@ pub fn train_with(
             "processes": world,
             "zero1": zero1,
             "galore_projected": projected,
+            "overlap": overlap,
         });
     }
     if let Some((planned, adamw)) = &plans {

@@ -77,7 +77,8 @@ fn settings(corpus: &Path, batch: usize, extra: &[&str]) -> Vec<String> {
 }
 
 /// Guarantee: 2 ranks with micro-batch 2 give the weights of 1 process with micro-batch 4
-/// (within 1e-5), plain and with per-layer updates, for AdamW and GaLore-AdamW; rank 0 alone
+/// (within 1e-5), plain and with per-layer updates, for AdamW and GaLore-AdamW, and with the
+/// all-reduces overlapping the backward pass (also with accumulation and checkpointing); rank 0 alone
 /// writes metrics (one line per step) and checkpoints; a different batch lands elsewhere, so
 /// the comparison can fail.
 #[test]
@@ -90,10 +91,17 @@ fn two_ranks_equal_one_process_with_twice_the_batch() {
         "optim.galore.rank=8",
         "optim.galore.update_proj_gap=2",
     ];
+    let overlap_accum = [
+        "dist.overlap=true",
+        "train.grad_accum=2",
+        "train.checkpointing=true",
+    ];
     for (tag, extra) in [
         ("adamw", &[][..]),
         ("layerwise", &["optim.layerwise=true"][..]),
         ("galore", &galore[..]),
+        ("overlap", &["dist.overlap=true"][..]),
+        ("overlap-accum", &overlap_accum[..]),
     ] {
         let one: PathBuf = dir.path().join(format!("{tag}-one"));
         assert!(
@@ -119,6 +127,11 @@ fn two_ranks_equal_one_process_with_twice_the_batch() {
     );
     let d = weight_diff(&half, &dir.path().join("adamw-two"));
     assert!(d > 1e-4, "batch 2 vs 2 x 2 differ by only {d}");
+    // The overlapped all-reduces move the same bytes as the ones after the backward pass.
+    let bytes = |tag: &str| allreduce_bytes(&dir.path().join(format!("{tag}-two")));
+    assert_eq!(bytes("overlap"), bytes("adamw"));
+    let memory = std::fs::read_to_string(dir.path().join("overlap-two/memory.json")).unwrap();
+    assert!(memory.contains("\"overlap\": true"), "{memory}");
 }
 
 /// The process ids of rank `rank` of the `mpirun` whose command line names `out`.
@@ -298,6 +311,29 @@ fn refusals_under_mpirun_are_named() {
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("give --out RUN_DIR"), "{err}");
+
+    // Overlap with what forms or averages gradients its own way.
+    for (extra, needle) in [
+        (
+            &["dist.overlap=true", "optim.layerwise=true"][..],
+            "has no effect with optim.layerwise",
+        ),
+        (
+            &[
+                "dist.overlap=true",
+                "dist.galore_projected=true",
+                "optim.name=\"galore-adamw\"",
+            ][..],
+            "cannot be combined with dist.galore_projected",
+        ),
+    ] {
+        let o = run(train_cmd(
+            dir.path(),
+            &dir.path().join("refused"),
+            &settings(&corpus, 2, extra),
+        ));
+        common::assert_clean_error(&o, needle);
+    }
 }
 
 /// The optimizer-state bytes of a run's memory accounting (rank 0's).
@@ -317,10 +353,17 @@ fn sharded_optimizer_state_keeps_the_weights_and_resumes() {
         return;
     };
     let galore = ["optim.name=\"galore-adamw\"", "optim.galore.rank=8"];
+    let overlap_accum = [
+        "dist.overlap=true",
+        "train.grad_accum=2",
+        "train.checkpointing=true",
+    ];
     for (tag, extra) in [
         ("adamw", &[][..]),
         ("layerwise", &["optim.layerwise=true"][..]),
         ("galore", &galore[..]),
+        ("overlap", &["dist.overlap=true"][..]),
+        ("overlap-accum", &overlap_accum[..]),
     ] {
         let with = |zero1: bool| {
             let mut v: Vec<String> = extra.iter().map(|s| s.to_string()).collect();

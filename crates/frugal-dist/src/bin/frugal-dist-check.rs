@@ -62,6 +62,32 @@ fn main() {
     if c.bytes_reduced() != 4 * (n as u64 + 7) || c.bytes_broadcast() != 20 {
         fail("byte counts differ");
     }
+    // Non-blocking all-reduces, several in flight at once, finished in order.
+    let mut started = Vec::new();
+    for k in 0..3usize {
+        let buf: Vec<f32> = (0..1000 * (k + 1))
+            .map(|i| (rank * (k + 1) + i) as f32)
+            .collect();
+        started.push(
+            c.start_all_reduce_sum(buf)
+                .unwrap_or_else(|e| fail(&e.to_string())),
+        );
+        c.progress(&mut started)
+            .unwrap_or_else(|e| fail(&e.to_string()));
+    }
+    for (k, op) in started.into_iter().enumerate() {
+        let got = c
+            .finish_all_reduce(op)
+            .unwrap_or_else(|e| fail(&e.to_string()));
+        if got.len() != 1000 * (k + 1)
+            || got
+                .iter()
+                .enumerate()
+                .any(|(i, &x)| x != (ranks * (k + 1) + size * i) as f32)
+        {
+            fail("a non-blocking all-reduce differs from the arithmetic");
+        }
+    }
     if stall == Some(rank) {
         std::thread::sleep(Duration::from_secs(3600));
     }
@@ -69,6 +95,9 @@ fn main() {
     c.all_reduce_sum(&mut last)
         .unwrap_or_else(|e| fail(&e.to_string()));
     if rank == 0 {
-        println!("ranks {size}: all-reduce sum, mean, broadcast, barrier, byte counts: ok");
+        println!(
+            "ranks {size}: all-reduce sum, mean, broadcast, barrier, byte counts, non-blocking \
+             all-reduces: ok"
+        );
     }
 }
