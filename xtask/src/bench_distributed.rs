@@ -6,7 +6,9 @@
 //! - `two-full`: `mpirun --oversubscribe -n 2`, micro-batch B on each rank (twice the tokens per
 //!   step), the full gradients all-reduced (`dist.galore_projected = false`);
 //! - `two-projected`: the same, GaLore's projected gradients all-reduced between basis refreshes
-//!   (`dist.galore_projected = true`).
+//!   (`dist.galore_projected = true`);
+//! - `two-overlap`: as `two-full`, each block's all-reduce started as soon as the backward pass
+//!   has its gradients (`dist.overlap = true`).
 //!
 //! The first `--warmup` steps (default 1: the basis refresh and its SVDs) are not timed, the next
 //! `--steps` (default 3) are. Reported per side: the mean step time, tokens per second (all
@@ -143,9 +145,15 @@ enum Side {
     One,
     TwoFull,
     TwoProjected,
+    TwoOverlap,
 }
 
-const SIDES: [Side; 3] = [Side::One, Side::TwoFull, Side::TwoProjected];
+const SIDES: [Side; 4] = [
+    Side::One,
+    Side::TwoFull,
+    Side::TwoProjected,
+    Side::TwoOverlap,
+];
 
 impl Side {
     /// The key in the JSON and the run folder's name.
@@ -154,6 +162,7 @@ impl Side {
             Side::One => "one",
             Side::TwoFull => "two-full",
             Side::TwoProjected => "two-projected",
+            Side::TwoOverlap => "two-overlap",
         }
     }
 
@@ -162,6 +171,7 @@ impl Side {
             Side::One => "1 process",
             Side::TwoFull => "2 processes, full gradients",
             Side::TwoProjected => "2 processes, projected gradients",
+            Side::TwoOverlap => "2 processes, full gradients, overlapped",
         }
     }
 
@@ -169,7 +179,7 @@ impl Side {
     fn ranks(self) -> u64 {
         match self {
             Side::One => 1,
-            Side::TwoFull | Side::TwoProjected => WORLD,
+            Side::TwoFull | Side::TwoProjected | Side::TwoOverlap => WORLD,
         }
     }
 
@@ -177,7 +187,7 @@ impl Side {
     fn projected(self) -> Option<bool> {
         match self {
             Side::One => None,
-            Side::TwoFull => Some(false),
+            Side::TwoFull | Side::TwoOverlap => Some(false),
             Side::TwoProjected => Some(true),
         }
     }
@@ -198,6 +208,9 @@ fn sets(opts: Options, side: Side) -> Vec<String> {
     ]);
     if let Some(p) = side.projected() {
         s.push(format!("dist.galore_projected={p}"));
+    }
+    if side == Side::TwoOverlap {
+        s.push("dist.overlap=true".into());
     }
     s
 }
@@ -663,12 +676,12 @@ fn tables(opts: Options, res: &Results, machine: &Machine, date: &str) -> String
             s.push_str(&format!("{} failed: {e}\n", o.side.key()));
         }
     }
+    let x = |r: Option<f64>| r.map_or_else(|| "not measured".to_string(), |r| format!("{r:.3}x"));
     s.push_str(&format!(
-        "Throughput over one process's: two-full {}, two-projected {}.\n",
-        res.speedup(Side::TwoFull, Side::One)
-            .map_or_else(|| "not measured".to_string(), |r| format!("{r:.3}x")),
-        res.speedup(Side::TwoProjected, Side::One)
-            .map_or_else(|| "not measured".to_string(), |r| format!("{r:.3}x")),
+        "Throughput over one process's: two-full {}, two-projected {}, two-overlap {}.\n",
+        x(res.speedup(Side::TwoFull, Side::One)),
+        x(res.speedup(Side::TwoProjected, Side::One)),
+        x(res.speedup(Side::TwoOverlap, Side::One)),
     ));
     s.push_str("\nGoals:\n");
     for g in res.goals() {
@@ -781,7 +794,8 @@ fn result_json(opts: Options, res: &Results, machine: &Machine, date: &str) -> S
          \"whole_projected_per_step\": {}, \"whole_full_over_projected\": {}, \
          \"matrices_full_per_step\": {}, \"matrices_projected_per_step\": {}, \
          \"matrices_full_over_projected\": {}}},\n  \"ratios\": {{\"two_full_tokens_per_s_over_one\": \
-         {}, \"two_projected_tokens_per_s_over_one\": {}}},\n  \"goals\": {{\n{goals_json},\n    \
+         {}, \"two_projected_tokens_per_s_over_one\": {}, \"two_overlap_tokens_per_s_over_one\": \
+         {}}},\n  \"goals\": {{\n{goals_json},\n    \
          \"all_met\": {all_met}\n  }}\n}}\n",
         opts.proj_gap(),
         opts.steps,
@@ -800,6 +814,7 @@ fn result_json(opts: Options, res: &Results, machine: &Machine, date: &str) -> S
         json_opt(res.matrix_ratio()),
         json_opt(res.speedup(Side::TwoFull, Side::One)),
         json_opt(res.speedup(Side::TwoProjected, Side::One)),
+        json_opt(res.speedup(Side::TwoOverlap, Side::One)),
     )
 }
 
