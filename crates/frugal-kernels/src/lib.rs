@@ -41,6 +41,7 @@ mod ext_ffi;
 pub mod gpu;
 pub mod libtorch_ops;
 pub mod nvrtc;
+pub mod quantized;
 pub mod registry;
 pub mod torch_cuda;
 

@@ -1,7 +1,7 @@
 //! Each CUDA kernel against its CPU reference (on a GPU), and clean errors without one.
 
 use frugal_kernels::{cpu, KernelError, Kernels};
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 
 /// A small deterministic generator (xorshift), so the test needs no extra crate.
 struct Rng(u64);
@@ -271,4 +271,93 @@ fn without_a_gpu_every_entry_point_says_no_cuda() {
         frugal_kernels::check_cuda(),
         Err(KernelError::NoCuda(_))
     ));
+}
+
+/// Guarantee (GPU): a quantized layer's packed weight uploaded to the GPU gives the CPU layer's
+/// products, through the matrix-vector kernels (few rows) and the GPU dequantization (more),
+/// for NF4 with double quantization, GPTQ int4 and ternary; formats without kernels are not
+/// uploaded.
+#[test]
+fn quantized_layers_on_the_gpu_match_the_cpu() {
+    use frugal_kernels::quantized::{DeviceQuantized, GEMV_MAX_ROWS};
+    use frugal_quant::convert::Format;
+    use frugal_quant::fourbit::{FourBitConfig, FourBitKind};
+    use frugal_quant::layer::QuantizedLinear;
+    if !tch::Cuda::is_available() {
+        println!("skipped: no CUDA GPU");
+        return;
+    }
+    let dev = Device::Cuda(0);
+    tch::manual_seed(8);
+    let w = Tensor::randn([96, 256], (Kind::Float, Device::Cpu)) * 0.05;
+    let nf4 = Format::FourBit(FourBitConfig {
+        kind: FourBitKind::Nf4,
+        block_size: 64,
+        double_quant: true,
+    });
+    for format in [nf4, Format::Int4 { group_size: 64 }, Format::Ternary] {
+        let layer = QuantizedLinear::quantize(&w, &format).unwrap();
+        let gpu = DeviceQuantized::upload(&layer, dev).expect("a format with kernels");
+        let dense = layer.dequantize();
+        let on_gpu = gpu.dequantize().unwrap().to_device(Device::Cpu);
+        let d = (&on_gpu - &dense).abs().max().double_value(&[]);
+        assert!(
+            d < 1e-6,
+            "{format:?}: dequantized on the GPU differs by {d}"
+        );
+        for rows in [1, GEMV_MAX_ROWS + 5] {
+            let x = Tensor::randn([rows, 256], (Kind::Float, Device::Cpu));
+            let want = x.matmul(&dense.tr());
+            let got = gpu
+                .forward(&x.to_device(dev))
+                .unwrap()
+                .to_device(Device::Cpu);
+            let rel = (&got - &want).norm().double_value(&[]) / want.norm().double_value(&[]);
+            assert!(
+                rel < 1e-5,
+                "{format:?}, {rows} rows: relative difference {rel}"
+            );
+        }
+    }
+    let int8 = QuantizedLinear::quantize(&w, &Format::Int8).unwrap();
+    assert!(
+        DeviceQuantized::upload(&int8, dev).is_none(),
+        "int8 has no kernel here"
+    );
+}
+
+/// Guarantee (CI): the kernels' CPU references read frugal-quant's NF4 (double quantization),
+/// GPTQ int4 and ternary layers as those layers dequantize themselves, so a layer uploaded to
+/// the GPU is the same weight there.
+#[test]
+fn kernel_references_read_the_quantized_layers() {
+    use frugal_quant::convert::Format;
+    use frugal_quant::fourbit::{FourBitConfig, FourBitKind};
+    use frugal_quant::layer::{QuantizedLinear, QuantizedWeight};
+    tch::manual_seed(6);
+    let (rows, cols) = (24usize, 128usize);
+    let w = Tensor::randn([rows as i64, cols as i64], (Kind::Float, Device::Cpu)) * 0.05;
+    let nf4 = Format::FourBit(FourBitConfig {
+        kind: FourBitKind::Nf4,
+        block_size: 64,
+        double_quant: true,
+    });
+    for format in [nf4, Format::Int4 { group_size: 64 }, Format::Ternary] {
+        let layer = QuantizedLinear::quantize(&w, &format).unwrap();
+        let want = to_vec(&layer.dequantize());
+        let got = match &layer.weight {
+            QuantizedWeight::FourBit(f) => {
+                cpu::dequant_nf4(&f.packed, &f.absmax_values(), rows * cols, f.block_size)
+            }
+            QuantizedWeight::Int4(g) => {
+                cpu::dequant_int4_gptq(&g.qweight, &g.qzeros, &g.scales, cols, rows, g.group_size)
+            }
+            QuantizedWeight::Ternary(t) => {
+                cpu::dequant_ternary(&t.packed, t.scales[0], rows * cols)
+            }
+            other => panic!("unexpected {}", other.family()),
+        }
+        .unwrap();
+        assert!(max_abs_diff(&got, &want) < 1e-6, "{format:?}");
+    }
 }

@@ -328,12 +328,40 @@ impl Linear for Dense {
 
 /// A frozen quantized linear layer: the packed weight lives on the CPU; products with few
 /// rows at inference use the packed kernels, others dequantize (on the CPU) and move the
-/// weight to the input's device for the product.
+/// weight to the input's device for the product. On a GPU, NF4, GPTQ int4 and ternary weights
+/// are copied there packed, once, and multiplied with `frugal_kernels`' kernels.
 #[derive(Debug)]
 pub struct Quantized {
     /// The packed weight.
     pub layer: QuantizedLinear,
     compute: Kind,
+    gpu: GpuCopy,
+}
+
+/// A quantized layer's packed weight on the GPU, uploaded at the first CUDA input (None inside:
+/// a format without kernels, which keeps the CPU path); dropped when the weight is replaced.
+#[derive(Debug, Default)]
+struct GpuCopy(std::sync::OnceLock<Option<frugal_kernels::quantized::DeviceQuantized>>);
+
+impl GpuCopy {
+    /// `x W^T` on `x`'s GPU through the kernels, or None where they do not apply (CPU input,
+    /// another device than the copy's, a format without kernels, gradients wanted).
+    fn forward(&self, layer: &QuantizedLinear, x: &Tensor) -> Option<Tensor> {
+        if !x.device().is_cuda() || x.requires_grad() {
+            return None;
+        }
+        let copy = self
+            .0
+            .get_or_init(|| frugal_kernels::quantized::DeviceQuantized::upload(layer, x.device()))
+            .as_ref()?;
+        if copy.device() != x.device() {
+            return None;
+        }
+        Some(
+            copy.forward(x)
+                .unwrap_or_else(|e| panic!("quantized layer on {:?}: {e}", x.device())),
+        )
+    }
 }
 
 impl Linear for Quantized {
@@ -349,7 +377,11 @@ impl Linear for Quantized {
     }
 
     fn forward(&self, x: &Tensor) -> Tensor {
-        self.layer.forward(&x.to_kind(self.compute))
+        let x = x.to_kind(self.compute);
+        match self.gpu.forward(&self.layer, &x) {
+            Some(y) => y,
+            None => self.layer.forward(&x),
+        }
     }
 
     fn quantized(&self) -> Option<&QuantizedLinear> {
@@ -357,6 +389,8 @@ impl Linear for Quantized {
     }
 
     fn quantized_mut(&mut self) -> Option<&mut QuantizedLinear> {
+        // The weight may change: the GPU copy goes.
+        self.gpu = GpuCopy::default();
         Some(&mut self.layer)
     }
 }
@@ -601,6 +635,7 @@ pub struct PackedBitLinear {
     pub norm: Tensor,
     eps: f64,
     compute: Kind,
+    gpu: GpuCopy,
 }
 
 impl PackedBitLinear {
@@ -644,6 +679,8 @@ impl Linear for PackedBitLinear {
     }
 
     fn quantized_mut(&mut self) -> Option<&mut QuantizedLinear> {
+        // The weight may change: the GPU copy goes.
+        self.gpu = GpuCopy::default();
         Some(&mut self.layer)
     }
 
@@ -661,8 +698,17 @@ impl Linear for PackedBitLinear {
     }
 
     /// RMSNorm with the gain, then the ternary kernel: each row quantized to int8 as in
-    /// training (`round(x 127 / max|x|)`), integer sums of the codes, one scale per row.
+    /// training (`round(x 127 / max|x|)`), integer sums of the codes, one scale per row. On a
+    /// GPU: the fused RMSNorm and int8 kernel, then the ternary kernels on the packed weight.
     fn forward(&self, x: &Tensor) -> Tensor {
+        if x.device().is_cuda() {
+            let (xq, _) = tch::no_grad(|| norm_quant(x, &self.norm, self.eps));
+            let mut shape = x.size();
+            *shape.last_mut().expect("at least 1-D") = self.layer.in_features as i64;
+            if let Some(y) = self.gpu.forward(&self.layer, &xq.reshape(&shape[..])) {
+                return y.to_kind(self.compute);
+            }
+        }
         let size = x.size();
         let cols = *size.last().expect("at least 1-D");
         let rows = x.numel() as i64 / cols.max(1);
@@ -752,6 +798,7 @@ pub fn build(
             norm: (path / "norm").var("weight", &[in_dim], nn::Init::Const(1.0)),
             eps: *eps,
             compute,
+            gpu: GpuCopy::default(),
         }));
     }
     if let LinearKind::Tt { rank, order, eps } = kind {
@@ -784,7 +831,11 @@ pub fn build(
                     format.name()
                 ))
             })?;
-            Box::new(Quantized { layer, compute })
+            Box::new(Quantized {
+                layer,
+                compute,
+                gpu: GpuCopy::default(),
+            })
         }
     })
 }
