@@ -560,8 +560,9 @@ pub fn train_with(
     let tokens_per_step = (t.batch_size * t.seq_len * t.grad_accum * world) as u64;
     let projected = cfg.dist.galore_projected && cfg.optim.is_galore();
     // Overlapping the all-reduces with the backward pass (not with per-layer updates, nor with
-    // the projected all-reduce: the config refuses those).
-    let overlap = cfg.dist.overlap && world > 1 && !plan.layerwise && !projected;
+    // the projected all-reduce: the config refuses those). Over NCCL the gradients stay on the
+    // GPU and are reduced after the backward pass (overlap is MPI's, on host buffers).
+    let overlap = cfg.dist.overlap && world > 1 && !plan.layerwise && !projected && !nccl;
     while state.step < t.max_steps {
         let step = state.step + 1;
         if adapter {
