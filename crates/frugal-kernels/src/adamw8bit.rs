@@ -9,10 +9,8 @@
 
 use tch::{Device, Kind, Tensor};
 
-use cudarc::driver::PushKernelArg;
-
 use crate::error::{KernelError, Result};
-use crate::gpu::{cuda_input, current_stream, expect_numel, same_device, to_i64, Kernels};
+use crate::gpu::{cuda_input, expect_numel, same_device, to_i64, Kernels, Scalar};
 use crate::registry::ADAMW8BIT;
 use frugal_quant::dynamic::DynamicMap;
 
@@ -128,43 +126,37 @@ impl Kernels {
             .ok_or_else(|| KernelError::Invalid("too many blocks".into()))?;
         let smap = Tensor::from_slice(DynamicMap::Signed.lookup().codes()).to_device(dev);
         let umap = Tensor::from_slice(DynamicMap::Unsigned.lookup().codes()).to_device(dev);
-        let (ctx, func) = self.function(ordinal, &ADAMW8BIT, "adamw8bit_step_f32")?;
-        let stream = current_stream(&ctx, ordinal)?;
-        let ptrs = [
-            g.data_ptr() as u64,
-            m_codes.data_ptr() as u64,
-            m_absmax.data_ptr() as u64,
-            v_codes.data_ptr() as u64,
-            v_absmax.data_ptr() as u64,
-            smap.data_ptr() as u64,
-            umap.data_ptr() as u64,
-            delta.data_ptr() as u64,
-        ];
-        let n64 = to_i64(n, "n")?;
-        let mut launch = stream.launch_builder(&func);
-        for p in &ptrs {
-            launch.arg(p);
-        }
-        launch
-            .arg(&n64)
-            .arg(&k.beta1)
-            .arg(&k.beta2)
-            .arg(&k.one_minus_beta1)
-            .arg(&k.one_minus_beta2)
-            .arg(&k.step)
-            .arg(&k.c2)
-            .arg(&k.eps);
         let cfg = cudarc::driver::LaunchConfig {
             grid_dim: (grid, 1, 1),
             block_dim: (BLOCK_SIZE as u32, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: the arguments match the kernel's signature (eight device pointers, an i64,
-        // seven f32); every buffer's size was checked above; the kernel needs exactly 256 threads
-        // per block, as launched; all memory is torch's (the two maps too, alive until the launch
-        // on torch's current stream completes, since the allocator reuses their blocks only in
-        // that stream's order).
-        unsafe { launch.launch(cfg) }?;
+        let scalars = [
+            Scalar::I64(to_i64(n, "n")?),
+            Scalar::F32(k.beta1),
+            Scalar::F32(k.beta2),
+            Scalar::F32(k.one_minus_beta1),
+            Scalar::F32(k.one_minus_beta2),
+            Scalar::F32(k.step),
+            Scalar::F32(k.c2),
+            Scalar::F32(k.eps),
+        ];
+        // SAFETY: the kernel takes the eight buffers in this order, then an i64 and seven f32;
+        // every buffer's size was checked above; it needs exactly 256 threads per block, as
+        // launched. The two maps stay valid until the launch completes, since torch's
+        // allocator reuses their blocks only in the stream's order.
+        unsafe {
+            self.launch_on(
+                ordinal,
+                &ADAMW8BIT,
+                "adamw8bit_step_f32",
+                &[
+                    g, m_codes, m_absmax, v_codes, v_absmax, &smap, &umap, &delta,
+                ],
+                &scalars,
+                cfg,
+            )
+        }?;
         Ok(delta)
     }
 }

@@ -8,10 +8,8 @@
 
 use tch::{Device, Kind, Tensor};
 
-use cudarc::driver::PushKernelArg;
-
 use crate::error::{KernelError, Result};
-use crate::gpu::{cuda_input, current_stream, expect_numel, same_device, to_i64, Kernels};
+use crate::gpu::{cuda_input, expect_numel, same_device, to_i64, Kernels, Scalar};
 use crate::registry::BITLINEAR;
 
 fn rows_of(len: usize, n: usize, what: &str) -> Result<usize> {
@@ -117,24 +115,19 @@ impl Kernels {
         if rows == 0 {
             return Ok((out, rstd));
         }
-        let (ctx, func) = self.function(ordinal, &BITLINEAR, "rmsnorm_quant_f32")?;
-        let stream = current_stream(&ctx, ordinal)?;
-        let ptrs = [
-            x.data_ptr() as u64,
-            gain.data_ptr() as u64,
-            out.data_ptr() as u64,
-            rstd.data_ptr() as u64,
-        ];
         let (rows64, n64) = (to_i64(rows, "rows")?, to_i64(n, "n")?);
-        let mut launch = stream.launch_builder(&func);
-        for p in &ptrs {
-            launch.arg(p);
-        }
-        launch.arg(&rows64).arg(&n64).arg(&eps);
-        // SAFETY: the arguments match the kernel (four device pointers, two i64, an f32); the
-        // sizes were checked; THREADS is a multiple of 32 as the block reductions need; all
-        // memory is torch's and alive while the launch runs on torch's current stream.
-        unsafe { launch.launch(launch_rows(rows)?) }?;
+        // SAFETY: the kernel takes x, gain, out, rstd, then rows, n (i64) and eps (f32); the
+        // sizes were checked; THREADS is a multiple of 32 as its block reductions need.
+        unsafe {
+            self.launch_on(
+                ordinal,
+                &BITLINEAR,
+                "rmsnorm_quant_f32",
+                &[x, gain, &out, &rstd],
+                &[Scalar::I64(rows64), Scalar::I64(n64), Scalar::F32(eps)],
+                launch_rows(rows)?,
+            )
+        }?;
         Ok((out, rstd))
     }
 
@@ -165,38 +158,30 @@ impl Kernels {
             return Ok((dx, dgain));
         }
         let (rows64, n64) = (to_i64(rows, "rows")?, to_i64(n, "n")?);
-        let (ctx, func) = self.function(ordinal, &BITLINEAR, "rmsnorm_quant_backward_f32")?;
-        let stream = current_stream(&ctx, ordinal)?;
-        let ptrs = [
-            dn.data_ptr() as u64,
-            x.data_ptr() as u64,
-            gain.data_ptr() as u64,
-            rstd.data_ptr() as u64,
-            dx.data_ptr() as u64,
-        ];
-        let mut launch = stream.launch_builder(&func);
-        for p in &ptrs {
-            launch.arg(p);
-        }
-        launch.arg(&rows64).arg(&n64);
-        // SAFETY: as in `rmsnorm_quant_f32` (five device pointers, two i64).
-        unsafe { launch.launch(launch_rows(rows)?) }?;
-
-        let (_, func) = self.function(ordinal, &BITLINEAR, "rmsnorm_gain_grad_f32")?;
-        let ptrs = [
-            dn.data_ptr() as u64,
-            x.data_ptr() as u64,
-            rstd.data_ptr() as u64,
-            dgain.data_ptr() as u64,
-        ];
-        let mut launch = stream.launch_builder(&func);
-        for p in &ptrs {
-            launch.arg(p);
-        }
-        launch.arg(&rows64).arg(&n64);
-        // SAFETY: four device pointers and two i64 as the kernel takes; a grid-stride loop over
-        // the n columns, sizes checked above.
-        unsafe { launch.launch(crate::gpu::elementwise(n)) }?;
+        let sizes = [Scalar::I64(rows64), Scalar::I64(n64)];
+        // SAFETY: the kernel takes dn, x, gain, rstd, dx, then rows and n; sizes checked above.
+        unsafe {
+            self.launch_on(
+                ordinal,
+                &BITLINEAR,
+                "rmsnorm_quant_backward_f32",
+                &[dn, x, gain, rstd, &dx],
+                &sizes,
+                launch_rows(rows)?,
+            )
+        }?;
+        // SAFETY: the kernel takes dn, x, rstd, dgain, then rows and n; a grid-stride loop over
+        // the n columns.
+        unsafe {
+            self.launch_on(
+                ordinal,
+                &BITLINEAR,
+                "rmsnorm_gain_grad_f32",
+                &[dn, x, rstd, &dgain],
+                &sizes,
+                crate::gpu::elementwise(n),
+            )
+        }?;
         Ok((dx, dgain))
     }
 }

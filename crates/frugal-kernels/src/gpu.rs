@@ -124,6 +124,15 @@ fn gemv_config(blocks: usize) -> Result<LaunchConfig> {
     })
 }
 
+/// A scalar kernel argument for [`Kernels::launch_on`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Scalar {
+    /// A 64-bit integer (`i64` in the kernels).
+    I64(i64),
+    /// A 32-bit float.
+    F32(f32),
+}
+
 /// libtorch's current stream on `ordinal`, borrowed (see [`crate::torch_cuda::current_stream`]),
 /// so that launches are ordered with torch's work and can be captured into a CUDA graph; the
 /// legacy default stream, libtorch's default, where the extension was built without CUDA.
@@ -192,6 +201,41 @@ impl Kernels {
             }
         };
         Ok((ctx, module.load_function(entry)?))
+    }
+
+    /// Launches `entry` of `source` on `ordinal`'s current stream with grid `cfg`, passing the
+    /// device addresses of `tensors` in order, then `scalars` (for kernels whose pointers all
+    /// come first).
+    ///
+    /// # Safety
+    /// The arguments must match the kernel's signature, and each tensor must be contiguous and
+    /// hold what the kernel reads or writes through it; they stay alive (torch's allocator
+    /// orders reuse after the stream's work).
+    pub(crate) unsafe fn launch_on(
+        &self,
+        ordinal: usize,
+        source: &KernelSource,
+        entry: &str,
+        tensors: &[&Tensor],
+        scalars: &[Scalar],
+        cfg: LaunchConfig,
+    ) -> Result<()> {
+        let (ctx, func) = self.function(ordinal, source, entry)?;
+        let stream = current_stream(&ctx, ordinal)?;
+        let ptrs: Vec<u64> = tensors.iter().map(|t| t.data_ptr() as u64).collect();
+        let mut launch = stream.launch_builder(&func);
+        for p in &ptrs {
+            launch.arg(p);
+        }
+        for s in scalars {
+            match s {
+                Scalar::I64(v) => launch.arg(v),
+                Scalar::F32(v) => launch.arg(v),
+            };
+        }
+        // SAFETY: per this function's contract.
+        unsafe { launch.launch(cfg) }?;
+        Ok(())
     }
 
     /// Dequantizes packed NF4 (`packed` uint8, two codes per byte, first element in the high
