@@ -82,6 +82,62 @@ pub(crate) enum State {
         m: Blockwise8,
         v: Blockwise8,
     },
+    /// 8-bit moments in GPU memory, stepped by `frugal_kernels`' kernel.
+    Q8Gpu {
+        shape: Vec<i64>,
+        m: GpuQ8,
+        v: GpuQ8,
+    },
+}
+
+/// Block-wise 8-bit moments in GPU memory: the codes (uint8, one per value) and the absmax
+/// values (f32, one per block), in [`Blockwise8`]'s layout.
+#[derive(Debug)]
+pub(crate) struct GpuQ8 {
+    codes: Tensor,
+    absmax: Tensor,
+    map: DynamicMap,
+}
+
+impl GpuQ8 {
+    fn upload(q: &Blockwise8, device: Device) -> Self {
+        Self {
+            codes: Tensor::from_slice(&q.codes).to_device(device),
+            absmax: Tensor::from_slice(&q.absmax).to_device(device),
+            map: q.map,
+        }
+    }
+
+    fn zeros(n: usize, map: DynamicMap, device: Device) -> Self {
+        Self::upload(&zero_q8(n, map), device)
+    }
+
+    fn download(&self) -> Result<Blockwise8> {
+        Ok(Blockwise8 {
+            codes: Vec::<u8>::try_from(&self.codes.to_device(Device::Cpu))?,
+            absmax: Vec::<f32>::try_from(&self.absmax.to_device(Device::Cpu))?,
+            block_size: BLOCK_SIZE,
+            map: self.map,
+        })
+    }
+
+    fn bytes(&self) -> u64 {
+        (self.codes.numel() + 4 * self.absmax.numel()) as u64
+    }
+}
+
+impl State {
+    /// GPU-resident 8-bit moments brought back to host memory (other states as they are).
+    fn on_host(&self) -> Result<Option<State>> {
+        Ok(match self {
+            State::Q8Gpu { shape, m, v } => Some(State::Q8 {
+                shape: shape.clone(),
+                m: m.download()?,
+                v: v.download()?,
+            }),
+            _ => None,
+        })
+    }
 }
 
 /// 8-bit AdamW over named parameters, optionally with a GaLore projector per parameter.
@@ -150,6 +206,20 @@ impl AdamW8bit {
                     SavePart::Tensor(v.shallow_clone()),
                 ),
             ],
+            State::Q8Gpu { shape, m, v } => {
+                let host =
+                    |t: &Tensor, to: &[i64]| SavePart::Tensor(t.to_device(Device::Cpu).reshape(to));
+                let blocks = [m.absmax.numel() as i64];
+                vec![
+                    (format!("{name}.exp_avg.codes"), host(&m.codes, shape)),
+                    (format!("{name}.exp_avg.absmax"), host(&m.absmax, &blocks)),
+                    (format!("{name}.exp_avg_sq.codes"), host(&v.codes, shape)),
+                    (
+                        format!("{name}.exp_avg_sq.absmax"),
+                        host(&v.absmax, &blocks),
+                    ),
+                ]
+            }
             State::Q8 { shape, m, v } => vec![
                 (format!("{name}.exp_avg.codes"), codes(&m.codes, shape)),
                 (
@@ -167,6 +237,9 @@ impl AdamW8bit {
 
     /// 8-bit moments are dequantized, sliced and quantized again (fresh absmax values).
     fn rule_slice(s: &State, slice: &Slicer, shape: &[i64]) -> Result<Option<State>> {
+        if let Some(host) = s.on_host()? {
+            return Self::rule_slice(&host, slice, shape);
+        }
         Ok(Some(match s {
             State::F32 { m, v } => State::F32 {
                 m: slice_to(slice, m, shape, "first moment")?,
@@ -191,6 +264,7 @@ impl AdamW8bit {
                     v: quantize(&v, DynamicMap::Unsigned)?,
                 }
             }
+            State::Q8Gpu { .. } => unreachable!("brought to the host above"),
         }))
     }
 
@@ -200,6 +274,7 @@ impl AdamW8bit {
                 frugal_core::memory::tensor_bytes(m) + frugal_core::memory::tensor_bytes(v)
             }
             State::Q8 { m, v, .. } => (m.bytes() + v.bytes()) as u64,
+            State::Q8Gpu { m, v, .. } => m.bytes() + v.bytes(),
         }
     }
 
@@ -284,6 +359,15 @@ fn zero_q8(n: usize, map: DynamicMap) -> Blockwise8 {
 /// The fused CPU step of 8-bit state, chunk by chunk, so that besides the state only a chunk's
 /// buffers (and, with a projector, the projected update) are allocated.
 fn fused_update(c: &AdamW8bitConfig, slot: &mut Slot<State>, g: &Tensor, wd: f64) -> Result<()> {
+    if let Some(host) = slot
+        .state
+        .as_ref()
+        .map(State::on_host)
+        .transpose()?
+        .flatten()
+    {
+        slot.state = Some(host);
+    }
     let shape = g.size();
     let flat = g.contiguous().view([-1]);
     let n = flat.numel();
@@ -355,6 +439,56 @@ fn fused_update(c: &AdamW8bitConfig, slot: &mut Slot<State>, g: &Tensor, wd: f64
     }
 }
 
+/// The step of 8-bit state on a GPU, with the kernel of `frugal_kernels::adamw8bit` (the same
+/// arithmetic as the CPU's fused pass): the moments stay in GPU memory between steps.
+fn gpu_update(c: &AdamW8bitConfig, slot: &mut Slot<State>, g: &Tensor, wd: f64) -> Result<()> {
+    let shape = g.size();
+    let n = g.numel();
+    let device = g.device();
+    let held = match &slot.state {
+        Some(State::Q8 { m, .. }) => Some(m.codes.len()),
+        Some(State::Q8Gpu { m, .. }) => Some(m.codes.numel()),
+        _ => None,
+    };
+    if let Some(len) = held.filter(|&len| len != n) {
+        return Err(frugal_core::Error::Msg(format!(
+            "{}: 8-bit AdamW state holds {len} values, the gradient {shape:?}",
+            slot.name
+        )));
+    }
+    let (mut m, mut v) = match slot.state.take() {
+        Some(State::Q8Gpu { m, v, .. }) if m.codes.device() == device => (m, v),
+        Some(State::Q8Gpu { m, v, .. }) => (
+            GpuQ8::upload(&m.download()?, device),
+            GpuQ8::upload(&v.download()?, device),
+        ),
+        Some(State::Q8 { m, v, .. }) => (GpuQ8::upload(&m, device), GpuQ8::upload(&v, device)),
+        _ => (
+            GpuQ8::zeros(n, DynamicMap::Signed, device),
+            GpuQ8::zeros(n, DynamicMap::Unsigned, device),
+        ),
+    };
+    let k = StepConsts::new(c.lr, c.beta1, c.beta2, c.eps, (slot.step + 1) as f64);
+    let flat = g.contiguous().view([-1]);
+    let delta = frugal_kernels::Kernels::global()
+        .adamw8bit_step_f32(
+            &flat,
+            &mut m.codes,
+            &mut m.absmax,
+            &mut v.codes,
+            &mut v.absmax,
+            &k,
+        )
+        .map_err(|e| frugal_core::Error::Msg(format!("{}: 8-bit AdamW kernel: {e}", slot.name)))?;
+    slot.step += 1;
+    slot.state = Some(State::Q8Gpu {
+        shape: shape.clone(),
+        m,
+        v,
+    });
+    apply(slot, &delta.view(shape.as_slice()), c.lr, wd)
+}
+
 /// Applies `delta` (in the moments' shape) to the slot's weight, with decay `wd`: before the
 /// update without a projector, after the mapped-back update with one (galore-torch's order).
 fn apply(slot: &Slot<State>, delta: &Tensor, lr: f64, wd: f64) -> Result<()> {
@@ -393,11 +527,32 @@ fn update(c: &AdamW8bitConfig, slot: &mut Slot<State>, g: &Tensor, fuse: bool) -
         && !proj.is_some_and(|p| p.moments_need_reprojection())
         && match &slot.state {
             None => g.numel() as i64 >= c.min_8bit_size,
-            Some(State::Q8 { .. }) => true,
+            Some(State::Q8 { .. } | State::Q8Gpu { .. }) => true,
             Some(State::F32 { .. }) => false,
         };
     if fused {
         return fused_update(c, slot, &g, wd);
+    }
+    let on_gpu = fuse
+        && device.is_cuda()
+        && !proj.is_some_and(|p| p.moments_need_reprojection())
+        && match &slot.state {
+            None => g.numel() as i64 >= c.min_8bit_size,
+            Some(State::Q8 { .. } | State::Q8Gpu { .. }) => true,
+            Some(State::F32 { .. }) => false,
+        }
+        && frugal_kernels::ensure_nvrtc().is_ok();
+    if on_gpu {
+        return gpu_update(c, slot, &g, wd);
+    }
+    if let Some(host) = slot
+        .state
+        .as_ref()
+        .map(State::on_host)
+        .transpose()?
+        .flatten()
+    {
+        slot.state = Some(host);
     }
     let (mut m, mut v, eight) = match &slot.state {
         None => (
@@ -411,6 +566,7 @@ fn update(c: &AdamW8bitConfig, slot: &mut Slot<State>, g: &Tensor, fuse: bool) -
             to_tensor(v, shape, device),
             true,
         ),
+        Some(State::Q8Gpu { .. }) => unreachable!("brought to the host above"),
     };
     if slot.state.is_some() {
         reproject(proj, &mut m, &mut v)?;
