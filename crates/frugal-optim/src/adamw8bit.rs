@@ -22,8 +22,10 @@
 //! bitsandbytes would apply to a zero weight is mapped back and added to the weight, and the
 //! weight decay `w -= lr wd w` comes after.
 //!
-//! The moments live on the CPU (as `Vec`s); a GPU parameter's state is copied to the device and
-//! back at every step. On the CPU, a step of 8-bit state is one fused pass over each 256-value
+//! A CPU parameter's moments live on the CPU (as `Vec`s); a GPU parameter's 8-bit moments live
+//! in GPU memory and are stepped by `frugal_kernels`' CUDA kernel (the same arithmetic), unless
+//! libnvrtc cannot be loaded, in which case they are copied to the device and back at every
+//! step. On the CPU, a step of 8-bit state is one fused pass over each 256-value
 //! block (dequantize, update, requantize, emit the update), in parallel over blocks; it rounds
 //! as the tensor formulas above, operation by operation in f32.
 
