@@ -161,7 +161,11 @@ unsafe extern "C" fn backward<F: CustomFunction>(
 
 unsafe extern "C" fn drop_state<F>(state: *mut c_void) {
     // SAFETY: `state` is the box leaked by `apply`, dropped once by the extension.
-    drop(unsafe { Box::from_raw(state.cast::<State<F>>()) });
+    let state = unsafe { Box::from_raw(state.cast::<State<F>>()) };
+    // A panic must not unwind into C++: report it and go on (the state is gone either way).
+    if catch_unwind(AssertUnwindSafe(|| drop(state))).is_err() {
+        eprintln!("frugal: a custom autograd function panicked while being dropped");
+    }
 }
 
 unsafe extern "C" fn sink(ctx: *mut c_void, t: *mut C_tensor) {
