@@ -475,6 +475,9 @@ pub struct TrainConfig {
     pub objective: String,
     /// `"mlm"`: share of the tokens selected for prediction (BERT's 80/10/10 rule).
     pub mlm_probability: f64,
+    /// On CUDA: capture the forward and backward pass of a step as a CUDA graph after two eager
+    /// steps, and replay it for every later step (the optimizer step stays eager).
+    pub cuda_graph: bool,
 }
 
 impl Default for TrainConfig {
@@ -502,6 +505,7 @@ impl Default for TrainConfig {
             ce_chunk: 0,
             objective: "auto".into(),
             mlm_probability: 0.15,
+            cuda_graph: false,
         }
     }
 }
@@ -728,6 +732,27 @@ impl Config {
         for (k, v) in positive {
             if !(v > 0.0) {
                 return Err(Error::config(k, format!("must be positive, got {v}")));
+            }
+        }
+        if self.train.cuda_graph {
+            let t = &self.train;
+            let conflicts = [
+                (self.optim.layerwise, "optim.layerwise"),
+                (t.checkpointing, "train.checkpointing"),
+                (t.ce_chunk > 0, "train.ce_chunk"),
+                (t.grad_accum > 1, "train.grad_accum > 1"),
+                (self.dist.overlap, "dist.overlap"),
+                (self.adapter.kind != "none", "adapters"),
+                (self.is_encoder(), "the encoder"),
+            ];
+            if let Some((_, what)) = conflicts.iter().find(|(on, _)| *on) {
+                return Err(Error::config(
+                    "train.cuda_graph",
+                    format!(
+                        "captures the plain forward and backward pass of one micro-batch; it \
+                         does not combine with {what} yet"
+                    ),
+                ));
             }
         }
         if self.dist.overlap && self.dist.galore_projected {

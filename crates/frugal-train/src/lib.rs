@@ -15,6 +15,7 @@ pub mod comera;
 pub mod commands;
 pub mod compress_cmd;
 pub mod config;
+pub mod cuda_graph;
 pub mod data;
 pub mod encoder_eval;
 mod encoder_io;

@@ -563,6 +563,15 @@ pub fn train_with(
     // the projected all-reduce: the config refuses those). Over NCCL the gradients stay on the
     // GPU and are reduced after the backward pass (overlap is MPI's, on host buffers).
     let overlap = cfg.dist.overlap && world > 1 && !plan.layerwise && !projected && !nccl;
+    if cfg.train.cuda_graph && !device.is_cuda() {
+        return Err(Error::config(
+            "train.cuda_graph",
+            format!("captures CUDA work: the run is on {device:?} (set train.device = \"cuda\")"),
+        ));
+    }
+    // The captured step (`train.cuda_graph`), and the steps this process has run.
+    let mut step_graph: Option<crate::cuda_graph::StepGraph> = None;
+    let mut steps_here = 0u64;
     while state.step < t.max_steps {
         let step = state.step + 1;
         if adapter {
@@ -654,7 +663,27 @@ pub fn train_with(
                 targets: &y.to_device(device),
                 scale: 1.0 / t.grad_accum as f64,
             };
-            loss_sum += step::micro_step(&m.net, &tensors, &groups, &plan, &batch, &mut sink)?;
+            if cfg.train.cuda_graph && steps_here >= crate::cuda_graph::WARMUP_STEPS {
+                // The captured forward and backward pass (captured at the first such step).
+                if step_graph.is_none() {
+                    step_graph = Some(crate::cuda_graph::StepGraph::capture(
+                        &m.net,
+                        &tensors,
+                        batch.ids,
+                        batch.targets,
+                        batch.scale,
+                    )?);
+                    if main {
+                        progress.message(&format!(
+                            "step {step}: forward and backward captured as a CUDA graph"
+                        ));
+                    }
+                }
+                let graph = step_graph.as_mut().expect("captured above");
+                loss_sum += graph.replay(batch.ids, batch.targets)?;
+            } else {
+                loss_sum += step::micro_step(&m.net, &tensors, &groups, &plan, &batch, &mut sink)?;
+            }
             micro_norms += sq.sqrt();
         }
         // The overlapped all-reduces: wait for each, in the order started, and put the means
@@ -716,6 +745,7 @@ pub fn train_with(
             opt.zero_grad();
             n
         };
+        steps_here += 1;
         let (mut line, tps) = clock.finish(
             &mut state,
             &sampler,
