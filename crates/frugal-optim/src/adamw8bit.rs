@@ -358,18 +358,18 @@ fn zero_q8(n: usize, map: DynamicMap) -> Blockwise8 {
     }
 }
 
+/// Brings GPU-resident 8-bit moments back to host memory (for the CPU steps).
+fn to_host(state: &mut Option<State>) -> Result<()> {
+    if let Some(host) = state.as_ref().map(State::on_host).transpose()?.flatten() {
+        *state = Some(host);
+    }
+    Ok(())
+}
+
 /// The fused CPU step of 8-bit state, chunk by chunk, so that besides the state only a chunk's
 /// buffers (and, with a projector, the projected update) are allocated.
 fn fused_update(c: &AdamW8bitConfig, slot: &mut Slot<State>, g: &Tensor, wd: f64) -> Result<()> {
-    if let Some(host) = slot
-        .state
-        .as_ref()
-        .map(State::on_host)
-        .transpose()?
-        .flatten()
-    {
-        slot.state = Some(host);
-    }
+    to_host(&mut slot.state)?;
     let shape = g.size();
     let flat = g.contiguous().view([-1]);
     let n = flat.numel();
@@ -547,15 +547,7 @@ fn update(c: &AdamW8bitConfig, slot: &mut Slot<State>, g: &Tensor, fuse: bool) -
     if on_gpu {
         return gpu_update(c, slot, &g, wd);
     }
-    if let Some(host) = slot
-        .state
-        .as_ref()
-        .map(State::on_host)
-        .transpose()?
-        .flatten()
-    {
-        slot.state = Some(host);
-    }
+    to_host(&mut slot.state)?;
     let (mut m, mut v, eight) = match &slot.state {
         None => (
             g.zeros_like(),

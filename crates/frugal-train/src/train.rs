@@ -121,21 +121,29 @@ fn all_reduce_mean(dist: &mut dyn Collective, tensors: &[&tch::Tensor]) -> Resul
     if on_device(dist, tensors) {
         return device_all_reduce_mean(dist, tensors);
     }
+    for bucket in buckets(tensors) {
+        let mut buf = host_f32(&tensors[bucket.clone()])?;
+        dist.all_reduce_sum(&mut buf).map_err(dist_err)?;
+        copy_mean_into(&tensors[bucket], &buf, dist.size())?;
+    }
+    Ok(())
+}
+
+/// Consecutive runs of `tensors` of at most [`BUCKET`] values each (a larger tensor alone).
+fn buckets(tensors: &[&tch::Tensor]) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::new();
     let mut i = 0;
     while i < tensors.len() {
-        // Tensors i..j, up to BUCKET values (a larger tensor alone).
         let mut j = i;
         let mut n = 0usize;
         while j < tensors.len() && (j == i || n + tensors[j].numel() <= BUCKET) {
             n += tensors[j].numel();
             j += 1;
         }
-        let mut buf = host_f32(&tensors[i..j])?;
-        dist.all_reduce_sum(&mut buf).map_err(dist_err)?;
-        copy_mean_into(&tensors[i..j], &buf, dist.size())?;
+        out.push(i..j);
         i = j;
     }
-    Ok(())
+    out
 }
 
 /// `tensors` flattened, one after the other, into one host f32 buffer.
@@ -314,28 +322,20 @@ fn device_buckets(
         .ok_or_else(|| Error::Msg("the backend has no GPU collectives".into()))?;
     let stream = frugal_kernels::torch_cuda::current_stream(dc.device())
         .map_err(|e| Error::Msg(format!("GPU all-reduce: {e}")))?;
-    let mut i = 0;
-    while i < tensors.len() {
-        let mut j = i;
-        let mut n = 0usize;
-        while j < tensors.len() && (j == i || n + tensors[j].numel() <= BUCKET) {
-            n += tensors[j].numel();
-            j += 1;
-        }
-        let flat: Vec<tch::Tensor> = tensors[i..j]
+    for run in buckets(tensors) {
+        let flat: Vec<tch::Tensor> = tensors[run.clone()]
             .iter()
             .map(|t| t.to_kind(tch::Kind::Float).reshape([-1]))
             .collect();
         let bucket = tch::Tensor::cat(&flat, 0).contiguous();
         op(dc, &bucket, stream).map_err(dist_err)?;
         let mut off = 0;
-        for t in &tensors[i..j] {
+        for t in &tensors[run] {
             let k = t.numel() as i64;
             let part = bucket.narrow(0, off, k).view(t.size().as_slice());
             tch::no_grad(|| t.shallow_clone().copy_(&part));
             off += k;
         }
-        i = j;
     }
     Ok(())
 }

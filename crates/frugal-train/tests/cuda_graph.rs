@@ -56,17 +56,26 @@ fn replayed_steps_equal_eager_steps_on_a_gpu() {
             dir.path().join(format!("{kind}-graph")),
         );
         let base = ["train.device=\"cuda\"", model.as_str()];
-        assert!(run(train_cmd(dir.path(), &eager, &settings(&corpus, &base)))
-            .status
-            .success());
+        assert!(
+            run(train_cmd(dir.path(), &eager, &settings(&corpus, &base)))
+                .status
+                .success()
+        );
         let with_graph = [base[0], base[1], "train.cuda_graph=true"];
-        let out = run(train_cmd(dir.path(), &graph, &settings(&corpus, &with_graph)));
+        let out = run(train_cmd(
+            dir.path(),
+            &graph,
+            &settings(&corpus, &with_graph),
+        ));
         assert!(out.status.success());
         assert!(
             String::from_utf8_lossy(&out.stderr).contains("captured as a CUDA graph"),
             "{kind}: the graph was captured"
         );
         let d = weight_diff(&eager, &graph);
-        assert!(d < 1e-4, "{kind}: 3 replayed steps moved the weights by {d}");
+        assert!(
+            d < 1e-4,
+            "{kind}: 3 replayed steps moved the weights by {d}"
+        );
     }
 }
