@@ -99,6 +99,16 @@ fn symbol(name: &str, libraries: &[&str]) -> Option<*mut c_void> {
     None
 }
 
+/// The function pointer of type `F` at `ptr`.
+///
+/// # Safety
+/// `F` is a function pointer type whose signature is that of the function at `ptr`.
+unsafe fn as_fn<F: Copy>(ptr: *mut c_void) -> F {
+    assert_eq!(std::mem::size_of::<F>(), std::mem::size_of::<*mut c_void>());
+    // SAFETY: same size (checked), and per the contract a valid value of `F`.
+    unsafe { std::mem::transmute_copy::<*mut c_void, F>(&ptr) }
+}
+
 impl Api {
     fn load() -> Result<Self> {
         const NCCL: &[&str] = &["libnccl.so.2", "libnccl.so"];
@@ -115,7 +125,7 @@ impl Api {
                 let ptr = symbol($name, $libs).ok_or_else(|| missing($name, $libs))?;
                 // SAFETY: the symbol is the C function of that name, whose signature is the
                 // field's (NCCL 2.x and CUDA runtime 12/13 APIs).
-                unsafe { std::mem::transmute::<*mut c_void, _>(ptr) }
+                unsafe { as_fn(ptr) }
             }};
         }
         Ok(Self {

@@ -13,7 +13,7 @@ use crate::gpu::{cuda_input, expect_numel, same_device, to_i64, Kernels, Scalar}
 use crate::registry::BITLINEAR;
 
 fn rows_of(len: usize, n: usize, what: &str) -> Result<usize> {
-    if n == 0 || len % n != 0 {
+    if len.checked_rem(n) != Some(0) {
         return Err(KernelError::Invalid(format!(
             "{what} has {len} values, not a whole number of rows of {n}"
         )));
