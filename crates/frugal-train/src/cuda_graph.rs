@@ -24,6 +24,10 @@ pub struct StepGraph {
     ids: Tensor,
     targets: Tensor,
     loss: Tensor,
+    /// The gradients the captured pass zeroes. Kept alive with the graph, which writes into
+    /// their memory at every replay. Autograd may have given the parameters new `.grad` tensors
+    /// during the capture (it accumulates out of place into a gradient that is shared).
+    _zeroed: Vec<Tensor>,
 }
 
 impl std::fmt::Debug for StepGraph {
@@ -75,6 +79,7 @@ impl StepGraph {
             ids,
             targets,
             loss,
+            _zeroed: grads,
         })
     }
 
