@@ -43,6 +43,13 @@ pub trait GradientProjector: std::fmt::Debug + Send {
     /// by the projector's scale.
     fn project_back(&self, low: &Tensor) -> Result<Tensor>;
 
+    /// Adds `alpha` times [`GradientProjector::project_back`]`(low)` to `weight`, in place. The
+    /// default forms the full-size update first; a projector may multiply into the weight
+    /// directly (GaLore's: one matrix product that accumulates, no full-size temporary).
+    fn add_back(&self, weight: &Tensor, low: &Tensor, alpha: f64) -> Result<()> {
+        add_full_back(self, weight, low, alpha)
+    }
+
     /// When moment re-projection is enabled and the basis changed at the step of the last
     /// [`GradientProjector::project`] (so also after further `project` calls at that same step,
     /// for gradient accumulation): `moment` (a first moment in the old subspace, of the
@@ -103,4 +110,18 @@ pub trait GradientProjector: std::fmt::Debug + Send {
     fn basis_seconds(&self) -> f64 {
         0.0
     }
+}
+
+/// [`GradientProjector::add_back`] through the full-size update (`project_back`, scaled, added).
+pub fn add_full_back<P: GradientProjector + ?Sized>(
+    projector: &P,
+    weight: &Tensor,
+    low: &Tensor,
+    alpha: f64,
+) -> Result<()> {
+    let full = projector.project_back(low)?.f_mul_scalar(alpha)?;
+    let _ = weight
+        .shallow_clone()
+        .f_add_(&full.f_to_kind(weight.kind())?)?;
+    Ok(())
 }

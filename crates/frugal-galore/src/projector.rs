@@ -545,6 +545,38 @@ impl GradientProjector for GaloreProjector {
         Ok(self.unproject(low)?.f_mul_scalar(self.config.scale)?)
     }
 
+    /// `weight += alpha * scale * P low` (or `low Q`, or `P low Q`) as one `addmm_` on the
+    /// weight's memory, when the weight is a contiguous matrix of the basis' dtype; otherwise
+    /// through [`GradientProjector::project_back`].
+    fn add_back(&self, weight: &Tensor, low: &Tensor, alpha: f64) -> Result<()> {
+        let (Some(basis), Some(expected)) = (self.basis.as_ref(), self.low_shape()) else {
+            return Err(Error::Msg(format!(
+                "{}: project_back before any project (no basis yet)",
+                self.name
+            )));
+        };
+        let kind = basis.tensors()[0].1.kind();
+        let dims = self.matrix_dims(&weight.size());
+        let (Ok((m, n)), true, true, true) = (
+            dims,
+            weight.is_contiguous() && weight.size() == self.shape,
+            weight.kind() == kind,
+            low.size() == expected,
+        ) else {
+            return crate::add_full_back(self, weight, low, alpha);
+        };
+        let low = low
+            .f_to_kind(kind)?
+            .f_mul_scalar(alpha * self.config.scale)?;
+        let mut w = weight.f_view([m, n])?;
+        let _ = match basis {
+            Basis::Left(p) => w.f_addmm_(p, &low)?,
+            Basis::Right(p) => w.f_addmm_(&low, p)?,
+            Basis::Full(l, r) => w.f_addmm_(&l.f_matmul(&low)?, r)?,
+        };
+        Ok(())
+    }
+
     fn moments_need_reprojection(&self) -> bool {
         self.config.reproject_moments
             && self.changed_at.is_some()
@@ -711,6 +743,34 @@ mod tests {
             .map(|i| ((i * 37 % 23) as f32 - 11.0) / 7.0)
             .collect();
         Tensor::from_slice(&values).reshape([12, 5])
+    }
+
+    /// Guarantee: `add_back` (one accumulating product into the weight) equals adding the
+    /// scaled `project_back`, for left, right and two-sided bases; a weight of another dtype,
+    /// or one the projector does not describe, takes the full-size path with the same result.
+    #[test]
+    fn add_back_equals_the_full_size_update() {
+        for proj_type in [ProjType::Left, ProjType::Right, ProjType::Full] {
+            let mut p = GaloreProjector::new(GaloreConfig {
+                rank: 2,
+                update_proj_gap: 10,
+                scale: 0.25,
+                proj_type,
+                ..GaloreConfig::default()
+            })
+            .unwrap();
+            let low = p.project(&grad(), 0).unwrap().randn_like();
+            let w = grad() * 0.5 + 1.0;
+            let want = &w + p.project_back(&low).unwrap() * -0.3;
+            p.add_back(&w, &low, -0.3).unwrap();
+            let d = (&w - &want).abs().max().double_value(&[]);
+            assert!(d < 1e-6, "{proj_type:?}: {d}");
+            // Another dtype: the full-size path.
+            let w64 = (grad() * 0.5 + 1.0).to_kind(Kind::Double);
+            p.add_back(&w64, &low, -0.3).unwrap();
+            let d = (&w64.to_kind(Kind::Float) - &want).abs().max().double_value(&[]);
+            assert!(d < 1e-6, "{proj_type:?} f64: {d}");
+        }
     }
 
     /// The fallback order: float32 (configured), then float64 exact, then float64 randomized,

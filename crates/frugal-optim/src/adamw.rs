@@ -11,7 +11,7 @@
 //! With a GaLore projector the moments live in the projected space and `back` maps the
 //! normalized update to the weight's shape (galore-torch's `GaLoreAdamW` is the Hf variant).
 
-use crate::optimizer::{back, impl_optimizer, slice_to, tensor_parts, Reader, Slicer, Slot, Slots};
+use crate::optimizer::{impl_optimizer, slice_to, tensor_parts, Reader, Slicer, Slot, Slots};
 use frugal_core::safetensors_io::SavePart;
 use frugal_core::Result;
 use frugal_galore::GradientProjector;
@@ -239,8 +239,8 @@ fn update(c: &AdamWConfig, slot: &mut Slot<State>, g: &Tensor) -> Result<()> {
                     let _ = w.addcdiv_(&(&st.exp_avg * (-c.lr / bc1)), &denom);
                 }
                 Some(p) => {
-                    let full = p.project_back(&(&st.exp_avg / &denom))?;
-                    let _ = w.g_add_(&(full * (-c.lr / bc1)));
+                    // Mapped back and added in one product, no full-size temporary.
+                    p.add_back(&w, &(&st.exp_avg / &denom), -c.lr / bc1)?;
                 }
             }
         }
@@ -253,8 +253,12 @@ fn update(c: &AdamWConfig, slot: &mut Slot<State>, g: &Tensor) -> Result<()> {
             let bc1 = 1.0 - c.beta1.powf(t);
             let bc2 = 1.0 - c.beta2.powf(t);
             let step_size = c.lr * bc2.sqrt() / bc1;
-            let norm = back(proj, &(&st.exp_avg / &denom))?;
-            let _ = w.g_add_(&(norm * (-step_size)));
+            match proj {
+                Some(p) => p.add_back(&w, &(&st.exp_avg / &denom), -step_size)?,
+                None => {
+                    let _ = w.g_add_(&((&st.exp_avg / &denom) * (-step_size)));
+                }
+            }
             if decay {
                 let d = &w * (-c.lr * wd);
                 let _ = w.g_add_(&d);

@@ -505,8 +505,7 @@ fn apply(slot: &Slot<State>, delta: &Tensor, lr: f64, wd: f64) -> Result<()> {
             let _ = w.g_add_(&d);
         }
         Some(p) => {
-            let full = p.project_back(delta)?;
-            let _ = w.g_add_(&full.to_kind(w.kind()));
+            p.add_back(&w, delta, 1.0)?;
             if decay {
                 let d = &w * (-lr * wd);
                 let _ = w.g_add_(&d);
