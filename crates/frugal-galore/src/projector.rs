@@ -768,7 +768,10 @@ mod tests {
             // Another dtype: the full-size path.
             let w64 = (grad() * 0.5 + 1.0).to_kind(Kind::Double);
             p.add_back(&w64, &low, -0.3).unwrap();
-            let d = (&w64.to_kind(Kind::Float) - &want).abs().max().double_value(&[]);
+            let d = (&w64.to_kind(Kind::Float) - &want)
+                .abs()
+                .max()
+                .double_value(&[]);
             assert!(d < 1e-6, "{proj_type:?} f64: {d}");
         }
     }
