@@ -114,25 +114,42 @@ fn to_message(
     }
 }
 
+/// The body shared by [`forward`] and [`backward`]: `call` on the function's state and the
+/// `n` tensors at `ts`, its results pushed into the extension's list `out`.
+///
+/// # Safety
+/// `state` is the `State<F>` boxed by `apply`, alive until `drop_state`; the extension calls
+/// forward and backward one at a time, with `n` valid tensors at `ts`.
+unsafe fn callback<F: CustomFunction>(
+    what: &str,
+    state: *mut c_void,
+    ts: *const *mut C_tensor,
+    n: usize,
+    out: *mut c_void,
+    call: impl FnOnce(&mut State<F>, &[Tensor]) -> Result<Vec<Option<Tensor>>>,
+) -> *mut c_char {
+    // SAFETY: per this function's contract.
+    let state = unsafe { &mut *state.cast::<State<F>>() };
+    // SAFETY: per this function's contract.
+    let tensors = unsafe { borrowed(ts, n) };
+    to_message(what, || call(state, &tensors), out)
+}
+
 unsafe extern "C" fn forward<F: CustomFunction>(
     state: *mut c_void,
     ts: *const *mut C_tensor,
     n: usize,
     out: *mut c_void,
 ) -> *mut c_char {
-    // SAFETY: `state` is the `State<F>` boxed by `apply`, alive until `drop_state`; the
-    // extension calls forward and backward one at a time.
-    let state = unsafe { &mut *state.cast::<State<F>>() };
-    // SAFETY: the extension passes `n` valid tensors.
-    let inputs = unsafe { borrowed(ts, n) };
-    let body = || {
-        let outputs = state.function.forward(&inputs)?;
+    let call = |state: &mut State<F>, inputs: &[Tensor]| {
+        let outputs = state.function.forward(inputs)?;
         if outputs.is_empty() {
             return Err(KernelError::Invalid("forward returned no outputs".into()));
         }
         Ok(outputs.into_iter().map(Some).collect())
     };
-    to_message("custom autograd forward", body, out)
+    // SAFETY: the extension calls this with the state of `apply` and `n` valid inputs.
+    unsafe { callback("custom autograd forward", state, ts, n, out, call) }
 }
 
 unsafe extern "C" fn backward<F: CustomFunction>(
@@ -141,13 +158,9 @@ unsafe extern "C" fn backward<F: CustomFunction>(
     n: usize,
     out: *mut c_void,
 ) -> *mut c_char {
-    // SAFETY: as in `forward`.
-    let state = unsafe { &mut *state.cast::<State<F>>() };
-    // SAFETY: the extension passes `n` valid gradients.
-    let grads = unsafe { borrowed(ts, n) };
-    let want = state.inputs;
-    let body = || {
-        let grads = state.function.backward(&grads)?;
+    let call = |state: &mut State<F>, grads: &[Tensor]| {
+        let want = state.inputs;
+        let grads = state.function.backward(grads)?;
         if grads.len() != want {
             return Err(KernelError::Invalid(format!(
                 "backward returned {} gradients for {want} inputs",
@@ -156,7 +169,8 @@ unsafe extern "C" fn backward<F: CustomFunction>(
         }
         Ok(grads)
     };
-    to_message("custom autograd backward", body, out)
+    // SAFETY: the extension calls this with the state of `apply` and `n` valid gradients.
+    unsafe { callback("custom autograd backward", state, ts, n, out, call) }
 }
 
 unsafe extern "C" fn drop_state<F>(state: *mut c_void) {
