@@ -2,23 +2,15 @@
 //! against libtorch's own operations and autograd (CI), and each CUDA kernel against its CPU
 //! reference (with a GPU).
 
+mod common;
+
+use common::{max_abs_diff, to_vec};
+
 use frugal_kernels::adamw8bit::{step_block, StepConsts, BLOCK_SIZE};
 use frugal_kernels::bitlinear::{rmsnorm_quant, rmsnorm_quant_backward};
 use frugal_kernels::Kernels;
 use frugal_quant::dynamic::{Blockwise8, DynamicMap};
 use tch::{Device, Kind, Tensor};
-
-fn to_vec(t: &Tensor) -> Vec<f32> {
-    Vec::<f32>::try_from(t.to_device(Device::Cpu).reshape([-1])).unwrap()
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
 
 /// The formulas in libtorch operations, differentiated by autograd with the quantizer's
 /// straight-through estimator: `(out, dx, dgain)` for upstream gradient `dn`.

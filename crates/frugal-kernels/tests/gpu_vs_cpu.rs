@@ -1,5 +1,9 @@
 //! Each CUDA kernel against its CPU reference (on a GPU), and clean errors without one.
 
+mod common;
+
+use common::{max_abs_diff, to_vec};
+
 use frugal_kernels::{cpu, KernelError, Kernels};
 use tch::{Device, Kind, Tensor};
 
@@ -21,18 +25,6 @@ impl Rng {
             .map(|_| lo + (hi - lo) * (self.next() >> 40) as f32 / (1u64 << 24) as f32)
             .collect()
     }
-}
-
-fn to_vec(t: &Tensor) -> Vec<f32> {
-    Vec::<f32>::try_from(t.reshape([-1]).to_device(Device::Cpu)).expect("f32 tensor")
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 #[test]
