@@ -55,6 +55,20 @@ pub fn small_settings(corpus: &Path) -> Vec<String> {
     .collect()
 }
 
+/// [`small_settings`] for a run of `steps` steps that evaluates once at the end (on 2 batches)
+/// and saves one checkpoint there, then the `extra` settings.
+pub fn short_run(corpus: &Path, steps: u64, extra: &[&str]) -> Vec<String> {
+    let mut s = small_settings(corpus);
+    s.extend([
+        format!("train.max_steps={steps}"),
+        "train.eval_every=0".into(),
+        format!("train.save_every={steps}"),
+        "train.final_eval_batches=2".into(),
+    ]);
+    s.extend(extra.iter().map(|e| e.to_string()));
+    s
+}
+
 /// The `frugal` binary with a private tokenizer cache under `dir`.
 pub fn frugal(dir: &Path) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_frugal"));

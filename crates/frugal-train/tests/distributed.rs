@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{corpus, run, small_settings, train_cmd, weight_diff};
+use common::{corpus, run, train_cmd, weight_diff};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -64,16 +64,30 @@ fn mpirun_train(dir: &Path, n: usize, out: &Path, sets: &[String]) -> std::proce
 }
 
 fn settings(corpus: &Path, batch: usize, extra: &[&str]) -> Vec<String> {
-    let mut s = small_settings(corpus);
-    s.extend([
-        format!("train.batch_size={batch}"),
-        "train.max_steps=3".into(),
-        "train.eval_every=0".into(),
-        "train.save_every=3".into(),
-        "train.final_eval_batches=2".into(),
-    ]);
-    s.extend(extra.iter().map(|e| e.to_string()));
-    s
+    let batch = format!("train.batch_size={batch}");
+    let mut sets = vec![batch.as_str()];
+    sets.extend(extra);
+    common::short_run(corpus, 3, &sets)
+}
+
+/// The runs both data-parallel comparisons make: plain AdamW, per-layer updates, GaLore-AdamW
+/// (`galore`'s settings), and the all-reduces overlapping the backward pass, alone and with
+/// gradient accumulation and checkpointing.
+fn plans<'a>(galore: &[&'a str]) -> Vec<(&'static str, Vec<&'a str>)> {
+    vec![
+        ("adamw", vec![]),
+        ("layerwise", vec!["optim.layerwise=true"]),
+        ("galore", galore.to_vec()),
+        ("overlap", vec!["dist.overlap=true"]),
+        (
+            "overlap-accum",
+            vec![
+                "dist.overlap=true",
+                "train.grad_accum=2",
+                "train.checkpointing=true",
+            ],
+        ),
+    ]
 }
 
 /// Guarantee: 2 ranks with micro-batch 2 give the weights of 1 process with micro-batch 4
@@ -91,26 +105,15 @@ fn two_ranks_equal_one_process_with_twice_the_batch() {
         "optim.galore.rank=8",
         "optim.galore.update_proj_gap=2",
     ];
-    let overlap_accum = [
-        "dist.overlap=true",
-        "train.grad_accum=2",
-        "train.checkpointing=true",
-    ];
-    for (tag, extra) in [
-        ("adamw", &[][..]),
-        ("layerwise", &["optim.layerwise=true"][..]),
-        ("galore", &galore[..]),
-        ("overlap", &["dist.overlap=true"][..]),
-        ("overlap-accum", &overlap_accum[..]),
-    ] {
+    for (tag, extra) in plans(&galore) {
         let one: PathBuf = dir.path().join(format!("{tag}-one"));
         assert!(
-            run(train_cmd(dir.path(), &one, &settings(&corpus, 4, extra)))
+            run(train_cmd(dir.path(), &one, &settings(&corpus, 4, &extra)))
                 .status
                 .success()
         );
         let two = dir.path().join(format!("{tag}-two"));
-        let o = mpirun_train(dir.path(), 2, &two, &settings(&corpus, 2, extra));
+        let o = mpirun_train(dir.path(), 2, &two, &settings(&corpus, 2, &extra));
         assert!(o.status.success(), "{tag}: mpirun failed");
         let d = weight_diff(&one, &two);
         assert!(d < 1e-5, "{tag}: 2 ranks differ from 1 process by {d}");
@@ -344,7 +347,8 @@ fn optimizer_state_bytes(run: &Path) -> f64 {
 }
 
 /// Guarantee: with the optimizer state sharded (ZeRO stage 1), 2 ranks give the weights of the
-/// unsharded run within 1e-6 (AdamW plain and per-layer, GaLore-AdamW), rank 0 holds about
+/// unsharded run within 1e-6 (AdamW plain and per-layer, GaLore-AdamW, overlapped all-reduces
+/// alone and with accumulation and checkpointing), rank 0 holds about
 /// half of the optimizer state, each checkpoint carries rank 1's shard, and a resumed run ends
 /// exactly where the uninterrupted one does.
 #[test]
@@ -353,18 +357,7 @@ fn sharded_optimizer_state_keeps_the_weights_and_resumes() {
         return;
     };
     let galore = ["optim.name=\"galore-adamw\"", "optim.galore.rank=8"];
-    let overlap_accum = [
-        "dist.overlap=true",
-        "train.grad_accum=2",
-        "train.checkpointing=true",
-    ];
-    for (tag, extra) in [
-        ("adamw", &[][..]),
-        ("layerwise", &["optim.layerwise=true"][..]),
-        ("galore", &galore[..]),
-        ("overlap", &["dist.overlap=true"][..]),
-        ("overlap-accum", &overlap_accum[..]),
-    ] {
+    for (tag, extra) in plans(&galore) {
         let with = |zero1: bool| {
             let mut v: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
             v.push(format!("dist.zero1={zero1}"));

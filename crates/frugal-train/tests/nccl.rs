@@ -5,18 +5,10 @@
 
 mod common;
 
-use common::{assert_clean_error, corpus, run, small_settings, train_cmd, weight_diff};
+use common::{assert_clean_error, corpus, run, train_cmd, weight_diff};
 
 fn settings(corpus: &std::path::Path, extra: &[&str]) -> Vec<String> {
-    let mut s = small_settings(corpus);
-    s.extend([
-        "train.max_steps=3".into(),
-        "train.eval_every=0".into(),
-        "train.save_every=3".into(),
-        "train.final_eval_batches=2".into(),
-    ]);
-    s.extend(extra.iter().map(|e| e.to_string()));
-    s
+    common::short_run(corpus, 3, extra)
 }
 
 #[test]
