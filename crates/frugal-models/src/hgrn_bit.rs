@@ -155,6 +155,10 @@ impl State {
 pub fn linear_scan(f: &Tensor, i: &Tensor, h0: Option<&Tensor>) -> Tensor {
     let mut inputs = vec![f, i];
     inputs.extend(h0);
+    if !frugal_kernels::autograd::grad_enabled() || !inputs.iter().any(|t| t.requires_grad()) {
+        // Nothing to differentiate (generation, evaluation): no graph node.
+        return scan_values(f, i, h0);
+    }
     let mut out = frugal_kernels::autograd::apply(Scan::default(), &inputs)
         .unwrap_or_else(|e| panic!("linear_scan: {e}"));
     out.remove(0)
