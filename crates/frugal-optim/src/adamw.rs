@@ -11,13 +11,15 @@
 //! With a GaLore projector the moments live in the projected space and `back` maps the
 //! normalized update to the weight's shape (galore-torch's `GaLoreAdamW` is the Hf variant).
 
-use crate::optimizer::{impl_optimizer, slice_to, tensor_parts, Reader, Slicer, Slot, Slots};
+use crate::optimizer::{
+    impl_optimizer, slice_to, tensor_parts, Reader, RecordedStep, Slicer, Slot, Slots,
+};
 use frugal_core::safetensors_io::SavePart;
-use frugal_core::Result;
+use frugal_core::{Error, Result};
 use frugal_galore::GradientProjector;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 /// Which AdamW formulation (rounding order and where weight decay happens).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -77,6 +79,16 @@ pub struct AdamW {
     /// Hyper-parameters; `lr` may be changed between steps.
     pub config: AdamWConfig,
     pub(crate) slots: Slots<State>,
+    /// What a recorded step updates (see [`RecordedStep`]).
+    recorded: Option<Recorded>,
+}
+
+/// The parameters a recorded step updates, and the tensor (on their device) that it reads
+/// their step numbers from: one row of [`step_numbers`] per parameter, f32.
+#[derive(Debug)]
+struct Recorded {
+    indices: Vec<usize>,
+    numbers: Tensor,
 }
 
 impl AdamW {
@@ -87,6 +99,7 @@ impl AdamW {
         Self {
             config,
             slots: Slots::new(params),
+            recorded: None,
         }
     }
 
@@ -186,7 +199,96 @@ impl AdamW {
     }
 }
 
-impl_optimizer!(AdamW);
+impl_optimizer!(AdamW, recordable);
+
+impl RecordedStep for AdamW {
+    fn begin_recording(&mut self) -> Result<()> {
+        let mut indices = Vec::new();
+        let mut device = None;
+        for (i, slot) in self.slots.slots.iter().enumerate() {
+            if !slot.tensor.grad().defined() {
+                continue;
+            }
+            let refuse = |why: &str| {
+                Err(Error::Msg(format!(
+                    "AdamW: '{}' cannot take part in a recorded step: {why}",
+                    slot.name
+                )))
+            };
+            if slot.projector.is_some() {
+                return refuse(
+                    "it has a gradient projector, whose basis refresh reads back to the host",
+                );
+            }
+            if slot.state.is_none() {
+                return refuse("it has no state yet (step it eagerly first)");
+            }
+            if slot.accum.is_some() || slot.given.is_some() {
+                return refuse("it has an accumulated or handed-over gradient");
+            }
+            if device.is_some_and(|d| d != slot.tensor.device()) {
+                return refuse("the parameters are on more than one device");
+            }
+            device = Some(slot.tensor.device());
+            indices.push(i);
+        }
+        let Some(device) = device else {
+            return Err(Error::Msg(
+                "AdamW: no parameter has a gradient to record a step for".into(),
+            ));
+        };
+        let numbers = Tensor::zeros([indices.len() as i64, 3], (Kind::Float, device));
+        self.recorded = Some(Recorded { indices, numbers });
+        Ok(())
+    }
+
+    fn prepare_recorded(&mut self) -> Result<()> {
+        let rec = self.recorded.as_mut().ok_or_else(not_recording)?;
+        let mut host = Vec::with_capacity(rec.indices.len() * 3);
+        for &i in &rec.indices {
+            let slot = &mut self.slots.slots[i];
+            slot.step += 1;
+            let wd = slot.weight_decay(self.config.weight_decay);
+            host.extend(step_numbers(&self.config, wd, slot.step as f64).map(|x| x as f32));
+        }
+        let host = Tensor::from_slice(&host).view([rec.indices.len() as i64, 3]);
+        rec.numbers.copy_(&host);
+        Ok(())
+    }
+
+    fn recorded_step(&mut self) -> Result<()> {
+        let c = self.config;
+        let rec = self.recorded.as_ref().ok_or_else(not_recording)?;
+        tch::no_grad(|| {
+            for (row, &i) in rec.indices.iter().enumerate() {
+                let slot = &mut self.slots.slots[i];
+                let wd = slot.weight_decay(c.weight_decay);
+                let g = slot.tensor.grad();
+                let st = slot.state.as_mut().ok_or_else(not_recording)?;
+                let n = rec.numbers.get(row as i64);
+                let n = [n.get(0), n.get(1), n.get(2)];
+                apply(
+                    &c,
+                    wd != 0.0,
+                    &slot.tensor,
+                    st,
+                    &g,
+                    None,
+                    [&n[0], &n[1], &n[2]],
+                )?;
+            }
+            Ok(())
+        })
+    }
+}
+
+fn not_recording() -> Error {
+    Error::Msg("AdamW: a recorded step before begin_recording".into())
+}
+
+fn recorded_projector() -> Error {
+    Error::Msg("AdamW: a recorded step cannot map a projected update back".into())
+}
 
 /// Replaces the moments by the projector's re-projections when its basis changed.
 pub(crate) fn reproject(
@@ -205,6 +307,61 @@ pub(crate) fn reproject(
     Ok(())
 }
 
+/// A number of the update: a host scalar (eager steps), or a 0-dim tensor on the parameters'
+/// device (a recorded step, whose numbers change between replays of one CUDA graph).
+trait Num {
+    /// `t * self`.
+    fn times(&self, t: &Tensor) -> Tensor;
+    /// `t / self`.
+    fn divides(&self, t: &Tensor) -> Tensor;
+    /// `t *= self`.
+    fn scale(&self, t: &mut Tensor);
+    /// The number on the host, where it is there.
+    fn value(&self) -> Option<f64>;
+}
+
+impl Num for f64 {
+    fn times(&self, t: &Tensor) -> Tensor {
+        t * *self
+    }
+    fn divides(&self, t: &Tensor) -> Tensor {
+        t / *self
+    }
+    fn scale(&self, t: &mut Tensor) {
+        let _ = t.g_mul_scalar_(*self);
+    }
+    fn value(&self) -> Option<f64> {
+        Some(*self)
+    }
+}
+
+impl Num for Tensor {
+    fn times(&self, t: &Tensor) -> Tensor {
+        t * self
+    }
+    fn divides(&self, t: &Tensor) -> Tensor {
+        t / self
+    }
+    fn scale(&self, t: &mut Tensor) {
+        let _ = t.g_mul_(self);
+    }
+    fn value(&self) -> Option<f64> {
+        None
+    }
+}
+
+/// The numbers of one step of one parameter that change from step to step: for
+/// [`AdamWVariant::Torch`] the decay factor `1 - lr wd`, `-lr / (1 - b1^t)` and
+/// `sqrt(1 - b2^t)`; for [`AdamWVariant::Hf`] `-lr sqrt(1 - b2^t) / (1 - b1^t)` and `-lr wd`.
+fn step_numbers(c: &AdamWConfig, wd: f64, t: f64) -> [f64; 3] {
+    let bc1 = 1.0 - c.beta1.powf(t);
+    let bc2 = 1.0 - c.beta2.powf(t);
+    match c.variant {
+        AdamWVariant::Torch => [1.0 - c.lr * wd, -c.lr / bc1, bc2.sqrt()],
+        AdamWVariant::Hf => [-c.lr * bc2.sqrt() / bc1, -c.lr * wd, 0.0],
+    }
+}
+
 /// One AdamW step of `slot` with gradient `g` (projected already when it has a projector).
 fn update(c: &AdamWConfig, slot: &mut Slot<State>, g: &Tensor) -> Result<()> {
     let wd = slot.weight_decay(c.weight_decay);
@@ -220,47 +377,69 @@ fn update(c: &AdamWConfig, slot: &mut Slot<State>, g: &Tensor) -> Result<()> {
         }),
     };
     slot.step += 1;
-    let t = slot.step as f64;
-    let mut w = slot.tensor.shallow_clone();
-    let decay = wd != 0.0;
+    let n = step_numbers(c, wd, slot.step as f64);
+    apply(
+        c,
+        wd != 0.0,
+        &slot.tensor,
+        st,
+        g,
+        proj,
+        [&n[0], &n[1], &n[2]],
+    )
+}
+
+/// The update of weight `w` from `g` with the step's numbers `n` (see [`step_numbers`]), as
+/// host scalars or device tensors.
+fn apply<N: Num>(
+    c: &AdamWConfig,
+    decay: bool,
+    w: &Tensor,
+    st: &mut State,
+    g: &Tensor,
+    proj: Option<&dyn GradientProjector>,
+    n: [&N; 3],
+) -> Result<()> {
+    let mut w = w.shallow_clone();
     match c.variant {
         AdamWVariant::Torch => {
+            let [decay_factor, neg_step, bc2_sqrt] = n;
             if decay {
-                let _ = w.g_mul_scalar_(1.0 - c.lr * wd);
+                decay_factor.scale(&mut w);
             }
             let _ = st.exp_avg.lerp_(g, 1.0 - c.beta1);
             let _ = st.exp_avg_sq.g_mul_scalar_(c.beta2);
             let _ = st.exp_avg_sq.addcmul_(&(g * (1.0 - c.beta2)), g);
-            let bc1 = 1.0 - c.beta1.powf(t);
-            let bc2_sqrt = (1.0 - c.beta2.powf(t)).sqrt();
-            let denom = (st.exp_avg_sq.sqrt() / bc2_sqrt) + c.eps;
+            let denom = bc2_sqrt.divides(&st.exp_avg_sq.sqrt()) + c.eps;
             match proj {
                 None => {
-                    let _ = w.addcdiv_(&(&st.exp_avg * (-c.lr / bc1)), &denom);
+                    let _ = w.addcdiv_(&neg_step.times(&st.exp_avg), &denom);
                 }
                 Some(p) => {
                     // Mapped back and added in one product, no full-size temporary.
-                    p.add_back(&w, &(&st.exp_avg / &denom), -c.lr / bc1)?;
+                    let neg_step = neg_step.value().ok_or_else(recorded_projector)?;
+                    p.add_back(&w, &(&st.exp_avg / &denom), neg_step)?;
                 }
             }
         }
         AdamWVariant::Hf => {
+            let [neg_step, neg_decay, _] = n;
             let _ = st.exp_avg.g_mul_scalar_(c.beta1);
             let _ = st.exp_avg.g_add_(&(g * (1.0 - c.beta1)));
             let _ = st.exp_avg_sq.g_mul_scalar_(c.beta2);
             let _ = st.exp_avg_sq.addcmul_(&(g * (1.0 - c.beta2)), g);
             let denom = st.exp_avg_sq.sqrt() + c.eps;
-            let bc1 = 1.0 - c.beta1.powf(t);
-            let bc2 = 1.0 - c.beta2.powf(t);
-            let step_size = c.lr * bc2.sqrt() / bc1;
             match proj {
-                Some(p) => p.add_back(&w, &(&st.exp_avg / &denom), -step_size)?,
+                Some(p) => {
+                    let neg_step = neg_step.value().ok_or_else(recorded_projector)?;
+                    p.add_back(&w, &(&st.exp_avg / &denom), neg_step)?
+                }
                 None => {
-                    let _ = w.g_add_(&((&st.exp_avg / &denom) * (-step_size)));
+                    let _ = w.g_add_(&neg_step.times(&(&st.exp_avg / &denom)));
                 }
             }
             if decay {
-                let d = &w * (-c.lr * wd);
+                let d = neg_decay.times(&w);
                 let _ = w.g_add_(&d);
             }
         }

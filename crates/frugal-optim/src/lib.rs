@@ -34,5 +34,5 @@ mod optimizer;
 pub use adafactor::{Adafactor, AdafactorConfig};
 pub use adamw::{AdamW, AdamWConfig, AdamWVariant};
 pub use adamw8bit::{AdamW8bit, AdamW8bitConfig, BLOCK_SIZE};
-pub use clip::{clip_grad_norm, grad_norm};
-pub use optimizer::{Optimizer, Slicer};
+pub use clip::{clip_grad_norm, clip_grad_norm_on_device, grad_norm};
+pub use optimizer::{Optimizer, RecordedStep, Slicer};

@@ -79,6 +79,31 @@ pub trait Optimizer: Send + std::fmt::Debug {
     /// will be for (its step count), when it has one: a data-parallel trainer averages the
     /// projected gradients instead of the full ones between basis refreshes.
     fn projection(&self, index: usize) -> Option<(&dyn frugal_galore::GradientProjector, i64)>;
+    /// This optimizer's step in the form a CUDA graph can record, when it has one (AdamW).
+    fn recordable(&mut self) -> Option<&mut dyn RecordedStep>;
+}
+
+/// An optimizer step that a CUDA graph records once and replays at every later step
+/// (`train.cuda_graph`). A graph replays its kernels with the arguments they were recorded
+/// with, so every number that changes from step to step (the learning rate, the bias
+/// corrections, a decay factor) is read from a small tensor on the parameters' device, which
+/// [`RecordedStep::prepare_recorded`] refills before each replay; the step reads nothing back
+/// to the host.
+///
+/// The order: [`RecordedStep::begin_recording`] once, after eager steps have created the
+/// state; then for every step [`RecordedStep::prepare_recorded`] (outside the graph), and
+/// [`RecordedStep::recorded_step`] (recorded in the graph at the first step, replayed at the
+/// others). Without a graph, `prepare_recorded` then `recorded_step` is one ordinary step.
+pub trait RecordedStep {
+    /// Fixes the parameters that the recorded step updates: those with a gradient now. Errors
+    /// name a parameter that cannot take part (one with a gradient projector, or without state
+    /// yet).
+    fn begin_recording(&mut self) -> Result<()>;
+    /// Advances the step counts of those parameters and writes this step's numbers, at the
+    /// current learning rate, to the device.
+    fn prepare_recorded(&mut self) -> Result<()>;
+    /// The update of each of those parameters from its `.grad`: what the graph records.
+    fn recorded_step(&mut self) -> Result<()>;
 }
 
 /// Maps a tensor of a parameter's old shape to its new shape (see
@@ -571,9 +596,16 @@ pub(crate) fn back(projector: Option<&dyn GradientProjector>, t: &Tensor) -> Res
 
 /// Implements [`Optimizer`] (and the builders `with_projector`, `with_weight_decay`) for a type
 /// with fields `config` (with `lr`) and `slots`, and inherent methods `step_impl`,
-/// `rule_tensors`, `load_rule`, `rule_bytes`, and a constant `META_KEY`.
+/// `rule_tensors`, `load_rule`, `rule_bytes`, and a constant `META_KEY`. With `, recordable`
+/// the type also implements [`RecordedStep`], which [`Optimizer::recordable`] then returns.
 macro_rules! impl_optimizer {
-    ($ty:ty) => {
+    (@recordable $s:ident, recordable) => {
+        Some($s)
+    };
+    (@recordable $s:ident,) => {
+        None
+    };
+    ($ty:ty $(, $recordable:ident)?) => {
         impl $ty {
             /// Attaches `projector` to the 2-D parameter named `name` (before its first step):
             /// its state then lives in the projected space.
@@ -682,6 +714,9 @@ macro_rules! impl_optimizer {
             ) -> Option<(&dyn frugal_galore::GradientProjector, i64)> {
                 let s = self.slots.slots.get(index)?;
                 Some((s.projector.as_deref()?, s.step))
+            }
+            fn recordable(&mut self) -> Option<&mut dyn $crate::optimizer::RecordedStep> {
+                $crate::optimizer::impl_optimizer!(@recordable self, $($recordable)?)
             }
             fn load(&mut self, path: &std::path::Path) -> frugal_core::Result<()> {
                 let meta = self.slots.load(path, Self::load_rule)?;

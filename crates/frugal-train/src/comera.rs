@@ -203,6 +203,13 @@ impl Comera {
         o
     }
 
+    /// The penalty weight of step `step` in the early stage, `None` in the late stage (known
+    /// before the step's loss: what a captured step backpropagates).
+    pub fn penalty_weight_at(&self, step: u64) -> Option<f64> {
+        let c = self.schedule.config();
+        (step.saturating_sub(1) < c.early_steps).then_some(c.penalty_weight)
+    }
+
     /// The step's current objective, once decided.
     pub fn current(&self, step: u64) -> Option<Objective> {
         self.current.filter(|(s, _)| *s == step).map(|(_, o)| o)

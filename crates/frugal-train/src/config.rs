@@ -475,8 +475,9 @@ pub struct TrainConfig {
     pub objective: String,
     /// `"mlm"`: share of the tokens selected for prediction (BERT's 80/10/10 rule).
     pub mlm_probability: f64,
-    /// On CUDA: capture the forward and backward pass of a step as a CUDA graph after two eager
-    /// steps, and replay it for every later step (the optimizer step stays eager).
+    /// On CUDA: capture a training step as a CUDA graph after two eager steps and replay it for
+    /// every later step: the forward and backward pass, and with AdamW in one process (no
+    /// GaLore, no rank adaptation) the clipping and the optimizer step too.
     pub cuda_graph: bool,
 }
 
@@ -743,14 +744,13 @@ impl Config {
                 (t.grad_accum > 1, "train.grad_accum > 1"),
                 (self.dist.overlap, "dist.overlap"),
                 (self.adapter.kind != "none", "adapters"),
-                (self.is_encoder(), "the encoder"),
             ];
             if let Some((_, what)) = conflicts.iter().find(|(on, _)| *on) {
                 return Err(Error::config(
                     "train.cuda_graph",
                     format!(
-                        "captures the plain forward and backward pass of one micro-batch; it \
-                         does not combine with {what} yet"
+                        "captures the plain step of one micro-batch; it does not combine with \
+                         {what} yet"
                     ),
                 ));
             }

@@ -45,11 +45,12 @@ use frugal_core::safetensors_io::SafetensorsFile;
 use frugal_core::{atomic, Error, Result};
 use frugal_models::embedding::WordEmbedding;
 use frugal_models::encoder::{
-    Encoder, EncoderConfig, EncoderForClassification, EncoderForMaskedLm, IGNORE_INDEX,
+    Checkpointed, Encoder, EncoderConfig, EncoderForClassification, EncoderForMaskedLm,
+    IGNORE_INDEX,
 };
 use frugal_models::linear::Linear;
 use frugal_optim::clip_grad_norm;
-use frugal_tt::TtLayer;
+use frugal_tt::{Objective, TtLayer};
 use serde_json::json;
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -75,6 +76,47 @@ pub struct EncoderModel {
     pub vs: VarStore,
     /// The network.
     pub net: Net,
+}
+
+/// The loss of a micro-batch (`inputs` on the model's device: masked-LM `[ids, labels]`,
+/// classification `[ids, types, mask, labels]`); for classification also the examples
+/// classified right (a 0-dim tensor, not read back, so that a CUDA graph can record it); with
+/// `checkpointing` the blocks whose backward pass runs after the loss's.
+fn micro_loss(
+    m: &EncoderModel,
+    inputs: &[Tensor],
+    checkpointing: bool,
+) -> (Tensor, Option<Tensor>, Option<Checkpointed>) {
+    let hidden = |ids: &Tensor, types: Option<&Tensor>, mask: Option<&Tensor>| {
+        let enc = m.encoder();
+        if checkpointing {
+            let ck = enc.forward_checkpointed(ids, types, mask);
+            (ck.hidden().shallow_clone(), Some(ck))
+        } else {
+            (enc.forward(ids, types, mask), None)
+        }
+    };
+    match (&m.net, inputs) {
+        (Net::Mlm(mlm), [ids, labels]) => {
+            let (h, ck) = hidden(ids, None, None);
+            (mlm.loss_of_hidden(&h, labels), None, ck)
+        }
+        (Net::Cls(c), [ids, types, mask, labels]) => {
+            let (h, ck) = hidden(ids, Some(types), Some(mask));
+            let logits = c.head(&h);
+            let correct =
+                tch::no_grad(|| logits.argmax(1, false).eq_tensor(labels).sum(Kind::Int64));
+            let loss = logits.cross_entropy_loss::<Tensor>(
+                labels,
+                None,
+                Reduction::Mean,
+                IGNORE_INDEX,
+                0.0,
+            );
+            (loss, Some(correct), ck)
+        }
+        _ => unreachable!("model and inputs of one objective"),
+    }
 }
 
 #[allow(clippy::type_complexity)]
@@ -215,6 +257,7 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
         tch::set_num_threads(cfg.train.threads as i32);
     }
     let device = cfg.train.device.resolve()?;
+    crate::cuda_graph::check_device(cfg, device)?;
     let t = &cfg.train;
     let classification = cfg.objective() == "classification";
 
@@ -387,6 +430,15 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
     let mut clock = StepClock::new(&state, cfg.optim.is_galore(), device);
     let (mut val_loss, mut val_acc) = (f64::NAN, None);
     let mut interrupted = false;
+    // `train.cuda_graph`: the captured step with the rank-adaptation stage it was captured
+    // for (the early stage's penalty weight), and the eager steps since the last change of
+    // the parameters. Classification batches are padded to one length, the graph's shape.
+    let mut step_graph: Option<(Option<f64>, crate::cuda_graph::StepGraph)> = None;
+    let mut eager_since = 0u64;
+    let pad_to = match &data {
+        Data::Cls { train, .. } if cfg.train.cuda_graph => train.longest(),
+        _ => 0,
+    };
     while state.step < t.max_steps {
         let step = state.step + 1;
         let lr = lr_at(step, t.lr, t.warmup_steps, t.max_steps, t.min_lr_ratio);
@@ -395,56 +447,103 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
         let (mut loss_sum, mut tokens, mut correct, mut seen) = (0.0, 0u64, 0i64, 0i64);
         let mut micro = 0;
         let scale = 1.0 / t.grad_accum as f64;
+        // The gradient norm, where the replayed graph clipped and stepped.
+        let mut graph_norm: Option<f64> = None;
         for k in 0..t.grad_accum {
             let idx = sampler.next_indices(t.batch_size);
-            // With activation checkpointing the blocks keep only their inputs; their backward
-            // pass runs after the head's (below).
-            let hidden = |ids: &Tensor, types: Option<&Tensor>, mask: Option<&Tensor>| {
-                let enc = m.encoder();
-                if t.checkpointing {
-                    let ck = enc.forward_checkpointed(ids, types, mask);
-                    (ck.hidden().shallow_clone(), Some(ck))
-                } else {
-                    (enc.forward(ids, types, mask), None)
-                }
-            };
-            let (loss, ck) = match (&m.net, &data) {
-                (Net::Mlm(mlm), Data::Mlm { train, .. }) => {
+            // The micro-batch on the device: masked-LM `[ids, labels]`, classification
+            // `[ids, types, mask, labels]`.
+            let inputs: Vec<Tensor> = match &data {
+                Data::Mlm { train, .. } => {
                     let (x, _) = train.batch(&idx);
                     tokens += x.numel() as u64;
                     let seed = train_mask_seed(t.seed, step, k);
                     let (ids, labels) = mlm_inputs(&x, &toks, vocab, t.mlm_probability, seed)?;
-                    let (h, ck) = hidden(&ids.to_device(device), None, None);
-                    (mlm.loss_of_hidden(&h, &labels.to_device(device)), ck)
+                    vec![ids.to_device(device), labels.to_device(device)]
                 }
-                (Net::Cls(c), Data::Cls { train, .. }) => {
-                    let b = train.batch(&idx);
+                Data::Cls { train, .. } => {
+                    let b = train.batch_padded(&idx, pad_to);
                     tokens += b.tokens;
-                    let (types, mask) = (b.types.to_device(device), b.mask.to_device(device));
-                    let (h, ck) = hidden(&b.ids.to_device(device), Some(&types), Some(&mask));
-                    let logits = c.head(&h);
-                    let labels = b.labels.to_device(device);
-                    correct += tch::no_grad(|| {
-                        logits
-                            .argmax(1, false)
-                            .eq_tensor(&labels)
-                            .sum(Kind::Int64)
-                            .int64_value(&[])
-                    });
                     seen += idx.len() as i64;
-                    let loss = logits.cross_entropy_loss::<Tensor>(
-                        &labels,
-                        None,
-                        Reduction::Mean,
-                        IGNORE_INDEX,
-                        0.0,
-                    );
-                    (loss, ck)
+                    [b.ids, b.types, b.mask, b.labels]
+                        .iter()
+                        .map(|x| x.to_device(device))
+                        .collect()
                 }
-                _ => unreachable!("model and data of one objective"),
             };
-            loss_sum += loss.double_value(&[]);
             micro += 1;
+            if cfg.train.cuda_graph && eager_since >= crate::cuda_graph::WARMUP_STEPS {
+                // The captured step, for this stage of rank adaptation and these ranks.
+                let key = tt.as_ref().and_then(|c| c.penalty_weight_at(step));
+                if step_graph.as_ref().is_some_and(|(k, _)| *k != key) {
+                    step_graph = None;
+                }
+                if step_graph.is_none() {
+                    let eager_only = if tt.is_some() {
+                        Some("rank adaptation")
+                    } else if cfg.optim.is_galore() {
+                        Some("GaLore's projections")
+                    } else {
+                        None
+                    };
+                    let with_opt =
+                        crate::cuda_graph::recordable_optimizer(opt.as_mut(), eager_only)?;
+                    let (m, params, max_norm) = (&m, &tensors, t.max_grad_norm);
+                    let graph = crate::cuda_graph::StepGraph::capture(
+                        &tensors,
+                        &inputs.iter().collect::<Vec<_>>(),
+                        with_opt.then_some(opt.as_mut()),
+                        |inputs| {
+                            let (loss, correct, _) = micro_loss(m, inputs, false);
+                            let term = match key {
+                                Some(w) => &loss + comera::penalty(&m.tt_layers()) * w,
+                                None => loss.shallow_clone(),
+                            };
+                            (term * scale).backward();
+                            let mut out = vec![loss.detach()];
+                            out.extend(correct);
+                            if with_opt {
+                                out.extend(frugal_optim::clip_grad_norm_on_device(
+                                    params, max_norm,
+                                ));
+                            }
+                            Ok(out)
+                        },
+                    )?;
+                    let what = if with_opt {
+                        "forward, backward, clipping and optimizer step"
+                    } else {
+                        "forward and backward"
+                    };
+                    progress.message(&format!("step {step}: {what} captured as a CUDA graph"));
+                    step_graph = Some((key, graph));
+                }
+                let (_, graph) = step_graph.as_mut().expect("captured above");
+                graph.prepare(opt.as_mut())?;
+                let with_opt = graph.has_optimizer();
+                let mut out = graph.replay(&inputs.iter().collect::<Vec<_>>())?.iter();
+                let loss = out.next().expect("the loss").double_value(&[]);
+                loss_sum += loss;
+                if matches!(data, Data::Cls { .. }) {
+                    correct += out.next().expect("the count").int64_value(&[]);
+                }
+                if with_opt {
+                    graph_norm = Some(out.next().map_or(0.0, |n| n.double_value(&[])));
+                }
+                // Rank adaptation: the step's objective; a size step drops the loss gradient
+                // (the main optimizer does not step, the gradients are zeroed).
+                if let Some(c) = &mut tt {
+                    if c.objective(step, loss, &m.tt_layers()) == Objective::Size {
+                        break;
+                    }
+                }
+                continue;
+            }
+            let (loss, ok, ck) = micro_loss(&m, &inputs, t.checkpointing);
+            if let Some(ok) = ok {
+                correct += ok.int64_value(&[]);
+            }
+            loss_sum += loss.double_value(&[]);
             // Rank adaptation: loss + penalty, the loss, or (a size step) nothing.
             let term = match &mut tt {
                 Some(c) => c.loss_term(step, &loss, &m.tt_layers()).0,
@@ -468,25 +567,35 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
             )));
         }
         let steps_main = tt.as_ref().is_none_or(|c| c.steps_main(step));
-        let grad_norm = if !steps_main {
-            0.0
-        } else if t.max_grad_norm > 0.0 {
-            clip_grad_norm(&tensors, t.max_grad_norm)
+        let grad_norm = if let Some(n) = graph_norm {
+            // The replayed graph clipped and stepped.
+            n
         } else {
-            frugal_optim::grad_norm(&tensors)
+            let n = if !steps_main {
+                0.0
+            } else if t.max_grad_norm > 0.0 {
+                clip_grad_norm(&tensors, t.max_grad_norm)
+            } else {
+                frugal_optim::grad_norm(&tensors)
+            };
+            if steps_main {
+                opt.step()?;
+            }
+            opt.zero_grad();
+            n
         };
-        if steps_main {
-            opt.step()?;
-        }
-        opt.zero_grad();
         let mut pruned = false;
         if let Some(c) = &mut tt {
             let (mut layers, vs) = m.tt_layers_mut();
             pruned = c.after_step(step, opt.as_mut(), &mut layers, vs)?.pruned;
             c.save_state(&mut state);
         }
+        eager_since += 1;
         if pruned {
-            // The pruned layers' variables are new (smaller) tensors.
+            // The pruned layers' variables are new (smaller) tensors: a captured step is
+            // captured again, after warm-up steps on the new tensors.
+            step_graph = None;
+            eager_since = 0;
             tensors = frugal_models::weights::named_variables(&m.vs)
                 .into_iter()
                 .map(|(_, t)| t)
@@ -672,5 +781,41 @@ mod tests {
         .unwrap();
         let err = cls.load_pretrained(&empty).unwrap_err().to_string();
         assert!(err.contains("bert."), "{err}");
+    }
+
+    /// Guarantee: padding a classification batch further (what `train.cuda_graph` does, to
+    /// give every batch one shape) changes neither the loss nor the count of right answers:
+    /// the padding is masked out of attention and the pooler reads the first token.
+    #[test]
+    fn longer_padding_keeps_the_classification_loss() {
+        let mut cfg = Config::default();
+        cfg.model.kind = "encoder".into();
+        cfg.model.size = "encoder-tiny".into();
+        let shape = EncoderConfig::new(50, 16, 2, 2, 32, 32);
+        let m = EncoderModel::new(&cfg, &shape, Some(3), tch::Device::Cpu).unwrap();
+        // Two examples of 5 and 3 tokens, padded to 5 and to 12 (pad id 0).
+        let rows: [&[i64]; 2] = [&[2, 7, 9, 11, 3], &[2, 8, 3]];
+        let batch = |len: usize| -> Vec<Tensor> {
+            let (mut ids, mut types, mut mask) = (vec![], vec![], vec![]);
+            for r in rows {
+                for j in 0..len {
+                    ids.push(r.get(j).copied().unwrap_or(0));
+                    types.push(i64::from(j >= 2 && j < r.len()));
+                    mask.push(i64::from(j < r.len()));
+                }
+            }
+            let shape = [2, len as i64];
+            vec![
+                Tensor::from_slice(&ids).view(shape),
+                Tensor::from_slice(&types).view(shape),
+                Tensor::from_slice(&mask).view(shape),
+                Tensor::from_slice(&[1i64, 2]),
+            ]
+        };
+        let (short, short_ok, _) = micro_loss(&m, &batch(5), false);
+        let (long, long_ok, _) = micro_loss(&m, &batch(12), false);
+        let (a, b) = (short.double_value(&[]), long.double_value(&[]));
+        assert!(a.is_finite() && (a - b).abs() < 1e-6, "{a} vs {b}");
+        assert!(short_ok.unwrap().equal(&long_ok.unwrap()));
     }
 }

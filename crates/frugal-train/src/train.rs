@@ -380,6 +380,7 @@ pub fn train_with(
         tch::set_num_threads(cfg.train.threads as i32);
     }
     let device = rank_device(cfg.train.device.resolve()?, dist);
+    crate::cuda_graph::check_device(cfg, device)?;
     let t = &cfg.train;
 
     if main {
@@ -563,12 +564,6 @@ pub fn train_with(
     // the projected all-reduce: the config refuses those). Over NCCL the gradients stay on the
     // GPU and are reduced after the backward pass (overlap is MPI's, on host buffers).
     let overlap = cfg.dist.overlap && world > 1 && !plan.layerwise && !projected && !nccl;
-    if cfg.train.cuda_graph && !device.is_cuda() {
-        return Err(Error::config(
-            "train.cuda_graph",
-            format!("captures CUDA work: the run is on {device:?} (set train.device = \"cuda\")"),
-        ));
-    }
     // The captured step (`train.cuda_graph`), and the steps this process has run.
     let mut step_graph: Option<crate::cuda_graph::StepGraph> = None;
     let mut steps_here = 0u64;
@@ -596,6 +591,8 @@ pub fn train_with(
         // parameters of each, and the operations.
         let mut started_idx: Vec<Vec<usize>> = Vec::new();
         let mut started: Vec<frugal_dist::InFlight> = Vec::new();
+        // The gradient norm, where the replayed graph clipped and stepped.
+        let mut graph_norm: Option<f64> = None;
         for k in 0..t.grad_accum {
             let last = k + 1 == t.grad_accum;
             // The step's sequences for all ranks, drawn alike on every rank; this rank's share.
@@ -664,23 +661,52 @@ pub fn train_with(
                 scale: 1.0 / t.grad_accum as f64,
             };
             if cfg.train.cuda_graph && steps_here >= crate::cuda_graph::WARMUP_STEPS {
-                // The captured forward and backward pass (captured at the first such step).
+                // The captured step (captured at the first such step).
                 if step_graph.is_none() {
+                    let eager_only = if world > 1 {
+                        Some("the all-reduce")
+                    } else if cfg.optim.is_galore() {
+                        Some("GaLore's projections")
+                    } else {
+                        None
+                    };
+                    let with_opt =
+                        crate::cuda_graph::recordable_optimizer(opt.as_mut(), eager_only)?;
+                    let (net, params, scale) = (&m.net, &tensors, batch.scale);
+                    let max_norm = t.max_grad_norm;
                     step_graph = Some(crate::cuda_graph::StepGraph::capture(
-                        &m.net,
                         &tensors,
-                        batch.ids,
-                        batch.targets,
-                        batch.scale,
+                        &[batch.ids, batch.targets],
+                        with_opt.then_some(opt.as_mut()),
+                        |inputs| {
+                            let loss = net.loss(&inputs[0], &inputs[1]);
+                            (&loss * scale).backward();
+                            let mut out = vec![loss.detach()];
+                            if with_opt {
+                                out.extend(frugal_optim::clip_grad_norm_on_device(
+                                    params, max_norm,
+                                ));
+                            }
+                            Ok(out)
+                        },
                     )?);
                     if main {
-                        progress.message(&format!(
-                            "step {step}: forward and backward captured as a CUDA graph"
-                        ));
+                        let what = if with_opt {
+                            "forward, backward, clipping and optimizer step"
+                        } else {
+                            "forward and backward"
+                        };
+                        progress.message(&format!("step {step}: {what} captured as a CUDA graph"));
                     }
                 }
                 let graph = step_graph.as_mut().expect("captured above");
-                loss_sum += graph.replay(batch.ids, batch.targets)?;
+                graph.prepare(opt.as_mut())?;
+                let with_opt = graph.has_optimizer();
+                let out = graph.replay(&[batch.ids, batch.targets])?;
+                loss_sum += out[0].double_value(&[]);
+                if with_opt {
+                    graph_norm = Some(out.get(1).map_or(0.0, |n| n.double_value(&[])));
+                }
             } else {
                 loss_sum += step::micro_step(&m.net, &tensors, &groups, &plan, &batch, &mut sink)?;
             }
@@ -711,6 +737,8 @@ pub fn train_with(
         let grad_norm = if plan.layerwise {
             state.prev_grad_norm = Some(micro_norms);
             micro_norms
+        } else if let Some(n) = graph_norm {
+            n
         } else {
             // The gradients averaged over the ranks (every rank has the same defined ones),
             // unless that overlapped the backward pass.

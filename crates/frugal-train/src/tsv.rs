@@ -266,11 +266,24 @@ impl EncodedSet {
 
     /// The examples at `indices`, padded to the longest.
     pub fn batch(&self, indices: &[usize]) -> Batch {
+        self.batch_padded(indices, 0)
+    }
+
+    /// The longest example's tokens.
+    pub fn longest(&self) -> usize {
+        self.ids.iter().map(Vec::len).max().unwrap_or(1)
+    }
+
+    /// The examples at `indices`, padded to `len` tokens or to the longest of them if longer
+    /// (a fixed `len`, [`EncodedSet::longest`], gives every batch one shape, as a replayed
+    /// CUDA graph needs; the padding is masked).
+    pub fn batch_padded(&self, indices: &[usize], len: usize) -> Batch {
         let t = indices
             .iter()
             .map(|&i| self.ids[i].len())
             .max()
-            .unwrap_or(1);
+            .unwrap_or(1)
+            .max(len);
         let mut ids = Vec::with_capacity(indices.len() * t);
         let mut types = Vec::with_capacity(indices.len() * t);
         let mut mask = Vec::with_capacity(indices.len() * t);
