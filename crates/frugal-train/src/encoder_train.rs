@@ -82,7 +82,7 @@ pub struct EncoderModel {
 /// classification `[ids, types, mask, labels]`); for classification also the examples
 /// classified right (a 0-dim tensor, not read back, so that a CUDA graph can record it); with
 /// `checkpointing` the blocks whose backward pass runs after the loss's.
-fn micro_loss(
+pub fn micro_loss(
     m: &EncoderModel,
     inputs: &[Tensor],
     checkpointing: bool,
