@@ -77,7 +77,7 @@ fn measure(linear: LinearKind, runs: usize, iters: usize) -> serde_json::Value {
         &batches[k % batches.len()]
     };
     let eager_step = |opt: &mut dyn frugal_optim::Optimizer, b: &[Tensor; 2]| {
-        let (loss, _, _) = micro_loss(&m, b, false);
+        let (loss, _, _) = micro_loss(&m, b, false, false);
         loss.backward();
         clip_grad_norm(&tensors, 1.0);
         opt.step().expect("step");
@@ -94,7 +94,7 @@ fn measure(linear: LinearKind, runs: usize, iters: usize) -> serde_json::Value {
     assert!(recordable_optimizer(opt.as_mut(), None).expect("recording"));
     let b = next();
     let mut graph = StepGraph::capture(&tensors, &[&b[0], &b[1]], Some(opt.as_mut()), |inputs| {
-        let (loss, _, _) = micro_loss(&m, inputs, false);
+        let (loss, _, _) = micro_loss(&m, inputs, false, true);
         loss.backward();
         let mut out = vec![loss.detach()];
         out.extend(frugal_optim::clip_grad_norm_on_device(&tensors, 1.0));

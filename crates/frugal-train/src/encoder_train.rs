@@ -81,11 +81,14 @@ pub struct EncoderModel {
 /// The loss of a micro-batch (`inputs` on the model's device: masked-LM `[ids, labels]`,
 /// classification `[ids, types, mask, labels]`); for classification also the examples
 /// classified right (a 0-dim tensor, not read back, so that a CUDA graph can record it); with
-/// `checkpointing` the blocks whose backward pass runs after the loss's.
+/// `checkpointing` the blocks whose backward pass runs after the loss's. `recordable` computes
+/// the masked-LM loss over every position (shapes that do not depend on the masking, no read
+/// back to the host: what a CUDA graph records), the same loss.
 pub fn micro_loss(
     m: &EncoderModel,
     inputs: &[Tensor],
     checkpointing: bool,
+    recordable: bool,
 ) -> (Tensor, Option<Tensor>, Option<Checkpointed>) {
     let hidden = |ids: &Tensor, types: Option<&Tensor>, mask: Option<&Tensor>| {
         let enc = m.encoder();
@@ -99,7 +102,12 @@ pub fn micro_loss(
     match (&m.net, inputs) {
         (Net::Mlm(mlm), [ids, labels]) => {
             let (h, ck) = hidden(ids, None, None);
-            (mlm.loss_of_hidden(&h, labels), None, ck)
+            let loss = if recordable {
+                mlm.loss_of_hidden_all_rows(&h, labels)
+            } else {
+                mlm.loss_of_hidden(&h, labels)
+            };
+            (loss, None, ck)
         }
         (Net::Cls(c), [ids, types, mask, labels]) => {
             let (h, ck) = hidden(ids, Some(types), Some(mask));
@@ -494,7 +502,7 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
                         &inputs.iter().collect::<Vec<_>>(),
                         with_opt.then_some(opt.as_mut()),
                         |inputs| {
-                            let (loss, correct, _) = micro_loss(m, inputs, false);
+                            let (loss, correct, _) = micro_loss(m, inputs, false, true);
                             let term = match key {
                                 Some(w) => &loss + comera::penalty(&m.tt_layers()) * w,
                                 None => loss.shallow_clone(),
@@ -539,7 +547,7 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
                 }
                 continue;
             }
-            let (loss, ok, ck) = micro_loss(&m, &inputs, t.checkpointing);
+            let (loss, ok, ck) = micro_loss(&m, &inputs, t.checkpointing, false);
             if let Some(ok) = ok {
                 correct += ok.int64_value(&[]);
             }
@@ -812,10 +820,47 @@ mod tests {
                 Tensor::from_slice(&[1i64, 2]),
             ]
         };
-        let (short, short_ok, _) = micro_loss(&m, &batch(5), false);
-        let (long, long_ok, _) = micro_loss(&m, &batch(12), false);
+        let (short, short_ok, _) = micro_loss(&m, &batch(5), false, false);
+        let (long, long_ok, _) = micro_loss(&m, &batch(12), false, true);
         let (a, b) = (short.double_value(&[]), long.double_value(&[]));
         assert!(a.is_finite() && (a - b).abs() < 1e-6, "{a} vs {b}");
         assert!(short_ok.unwrap().equal(&long_ok.unwrap()));
+    }
+
+    /// Guarantee: the masked-LM loss over every position (the form a CUDA graph records) equals
+    /// the loss over the selected positions, and so do the gradients it leaves.
+    #[test]
+    fn all_rows_mlm_loss_equals_the_selected_rows_loss() {
+        let mut cfg = Config::default();
+        cfg.model.kind = "encoder".into();
+        cfg.model.size = "encoder-tiny".into();
+        let shape = EncoderConfig::new(50, 16, 2, 2, 32, 32);
+        let m = EncoderModel::new(&cfg, &shape, None, tch::Device::Cpu).unwrap();
+        let ids =
+            Tensor::from_slice(&(0..24).map(|i| (i * 7) % 50).collect::<Vec<i64>>()).view([2, 12]);
+        let labels = ids.where_self(
+            &Tensor::from_slice(&(0..24).map(|i| i % 5 == 1).collect::<Vec<bool>>()).view([2, 12]),
+            &Tensor::full([2, 12], IGNORE_INDEX, (Kind::Int64, tch::Device::Cpu)),
+        );
+        let params = frugal_models::weights::named_variables(&m.vs);
+        let grads = |recordable: bool| -> (f64, Vec<Tensor>) {
+            for (_, p) in &params {
+                let mut g = p.grad();
+                if g.defined() {
+                    let _ = g.zero_();
+                }
+            }
+            let inputs = [ids.shallow_clone(), labels.shallow_clone()];
+            let (loss, _, _) = micro_loss(&m, &inputs, false, recordable);
+            loss.backward();
+            let g = params.iter().map(|(_, p)| p.grad().copy()).collect();
+            (loss.double_value(&[]), g)
+        };
+        let ((a, ga), (b, gb)) = (grads(false), grads(true));
+        assert!(a.is_finite() && (a - b).abs() < 1e-6, "{a} vs {b}");
+        for ((n, _), (x, y)) in params.iter().zip(ga.iter().zip(&gb)) {
+            let d = (x - y).abs().max().double_value(&[]);
+            assert!(d < 1e-6, "{n}: gradients differ by {d}");
+        }
     }
 }

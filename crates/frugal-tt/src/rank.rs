@@ -212,13 +212,15 @@ impl RankedCores {
     /// `penalty = (sum_i sum_{j live} |D_i[j]|) / (number of live entries)`, a scalar (0 when
     /// nothing is live). Differentiable in `D`; pruned entries do not contribute.
     pub fn penalty(&self) -> Tensor {
+        // Counted on the device, not read back: a CUDA graph can record the penalty.
         let masked = self.masked_rank_vars();
-        let live: i64 = self.live_ranks().iter().sum::<i64>() - 2;
         let mut total = Tensor::zeros([], (Kind::Float, self.device()));
-        for d in &masked {
+        let mut live = Tensor::zeros([], (Kind::Float, self.device()));
+        for (d, m) in masked.iter().zip(self.masks()) {
             total += d.abs().sum(Kind::Float);
+            live += m.sum(Kind::Float);
         }
-        total / live.max(1) as f64
+        total / live.clamp_min(1.0)
     }
 
     /// A differentiable proxy of [`RankedCores::live_size`] for the late stage: the live ranks

@@ -108,6 +108,22 @@ impl EncoderForMaskedLm {
             0.0,
         )
     }
+
+    /// [`EncoderForMaskedLm::loss_of_hidden`] with every position through the head and the
+    /// unselected ones dropped by the cross-entropy's ignore index: the same loss, with shapes
+    /// that do not depend on how many tokens were selected and no read back to the host (what a
+    /// CUDA graph can record), at the price of the head's product over all positions.
+    pub fn loss_of_hidden_all_rows(&self, hidden: &Tensor, labels: &Tensor) -> Tensor {
+        let d = hidden.size()[2];
+        let labels = labels.reshape([-1]).to_device(hidden.device());
+        self.head(&hidden.reshape([-1, d])).cross_entropy_loss(
+            &labels,
+            None::<Tensor>,
+            Reduction::Mean,
+            IGNORE_INDEX,
+            0.0,
+        )
+    }
 }
 
 /// An encoder with the sequence-classification head: transformers'
