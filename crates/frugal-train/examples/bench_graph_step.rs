@@ -91,7 +91,7 @@ fn measure(linear: LinearKind, runs: usize, iters: usize) -> serde_json::Value {
     let eager = median_s(runs, iters, || {
         eager_step(opt.as_mut(), next());
     });
-    assert!(recordable_optimizer(opt.as_mut(), None).expect("recording"));
+    assert!(recordable_optimizer(opt.as_mut(), &cfg, false).expect("recording"));
     let b = next();
     let mut graph = StepGraph::capture(&tensors, &[&b[0], &b[1]], Some(opt.as_mut()), |inputs| {
         let (loss, _, _) = micro_loss(&m, inputs, false, true);

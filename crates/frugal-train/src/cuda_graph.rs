@@ -63,11 +63,16 @@ pub fn check_device(cfg: &crate::config::Config, device: tch::Device) -> Result<
     Ok(())
 }
 
-/// The optimizer step recorded in the graph, when it can be: `opt` has a recorded form and
-/// `eager_only` names nothing that needs the host between the backward pass and the update.
-/// Recording starts here (the parameters with a gradient now take part).
-pub fn recordable_optimizer(opt: &mut dyn Optimizer, eager_only: Option<&str>) -> Result<bool> {
-    if eager_only.is_some() {
+/// Whether the optimizer step goes into the graph, and if so, starts its recording (the
+/// parameters with a gradient now take part). It does where `opt` has a recorded form and
+/// nothing between the backward pass and the update needs the host: not GaLore's projections
+/// (`cfg`), nor what `host_between` names (the all-reduce, rank adaptation).
+pub fn recordable_optimizer(
+    opt: &mut dyn Optimizer,
+    cfg: &crate::config::Config,
+    host_between: bool,
+) -> Result<bool> {
+    if host_between || cfg.optim.is_galore() {
         return Ok(false);
     }
     match opt.recordable() {
@@ -133,6 +138,16 @@ impl StepGraph {
     /// each replay, and no eager step after it).
     pub fn has_optimizer(&self) -> bool {
         self.optimizer
+    }
+
+    /// The progress message of the capture at `step`.
+    pub fn captured_message(&self, step: u64) -> String {
+        let what = if self.optimizer {
+            "forward, backward, clipping and optimizer step"
+        } else {
+            "forward and backward"
+        };
+        format!("step {step}: {what} captured as a CUDA graph")
     }
 
     /// Before a replay of a graph that holds the optimizer step: that step's numbers (learning

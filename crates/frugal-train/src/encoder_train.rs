@@ -487,15 +487,8 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
                     step_graph = None;
                 }
                 if step_graph.is_none() {
-                    let eager_only = if tt.is_some() {
-                        Some("rank adaptation")
-                    } else if cfg.optim.is_galore() {
-                        Some("GaLore's projections")
-                    } else {
-                        None
-                    };
                     let with_opt =
-                        crate::cuda_graph::recordable_optimizer(opt.as_mut(), eager_only)?;
+                        crate::cuda_graph::recordable_optimizer(opt.as_mut(), cfg, tt.is_some())?;
                     let (m, params, max_norm) = (&m, &tensors, t.max_grad_norm);
                     let graph = crate::cuda_graph::StepGraph::capture(
                         &tensors,
@@ -518,12 +511,7 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
                             Ok(out)
                         },
                     )?;
-                    let what = if with_opt {
-                        "forward, backward, clipping and optimizer step"
-                    } else {
-                        "forward and backward"
-                    };
-                    progress.message(&format!("step {step}: {what} captured as a CUDA graph"));
+                    progress.message(&graph.captured_message(step));
                     step_graph = Some((key, graph));
                 }
                 let (_, graph) = step_graph.as_mut().expect("captured above");

@@ -663,15 +663,8 @@ pub fn train_with(
             if cfg.train.cuda_graph && steps_here >= crate::cuda_graph::WARMUP_STEPS {
                 // The captured step (captured at the first such step).
                 if step_graph.is_none() {
-                    let eager_only = if world > 1 {
-                        Some("the all-reduce")
-                    } else if cfg.optim.is_galore() {
-                        Some("GaLore's projections")
-                    } else {
-                        None
-                    };
                     let with_opt =
-                        crate::cuda_graph::recordable_optimizer(opt.as_mut(), eager_only)?;
+                        crate::cuda_graph::recordable_optimizer(opt.as_mut(), cfg, world > 1)?;
                     let (net, params, scale) = (&m.net, &tensors, batch.scale);
                     let max_norm = t.max_grad_norm;
                     step_graph = Some(crate::cuda_graph::StepGraph::capture(
@@ -691,12 +684,8 @@ pub fn train_with(
                         },
                     )?);
                     if main {
-                        let what = if with_opt {
-                            "forward, backward, clipping and optimizer step"
-                        } else {
-                            "forward and backward"
-                        };
-                        progress.message(&format!("step {step}: {what} captured as a CUDA graph"));
+                        let graph = step_graph.as_ref().expect("captured above");
+                        progress.message(&graph.captured_message(step));
                     }
                 }
                 let graph = step_graph.as_mut().expect("captured above");
