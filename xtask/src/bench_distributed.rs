@@ -99,36 +99,13 @@ impl Options {
 
 fn parse_args(args: &[String]) -> Result<Options> {
     let mut batch = 4u64;
+    // `--steps` and `--warmup`, for the shared reader of those two.
     let mut rest = Vec::new();
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let (name, inline) = match a.split_once('=') {
-            Some((n, v)) => (n, Some(v.to_string())),
-            None => (a.as_str(), None),
-        };
-        match name {
-            "--steps" | "--warmup" => {
-                rest.push(a.clone());
-                if inline.is_none() {
-                    if let Some(v) = it.next() {
-                        rest.push(v.clone());
-                    }
-                }
-            }
-            "--batch" => {
-                let value = inline.or_else(|| it.next().cloned()).unwrap_or_default();
-                batch = value.parse().ok().filter(|&b| b >= 1).ok_or_else(|| {
-                    Failure::new(format!(
-                        "bench distributed: --batch wants a whole number of at least 1, got \
-                         '{value}'"
-                    ))
-                })?;
-            }
-            _ => {
-                return Err(Failure::new(format!(
-                    "bench distributed: unknown argument '{a}'; {USAGE}"
-                )))
-            }
+    let known = ["--steps", "--warmup", "--batch"];
+    for (name, value) in crate::report::named_args("distributed", USAGE, args, &known, &[])? {
+        match name.as_str() {
+            "--batch" => batch = crate::report::whole_arg("distributed", &name, &value, 1)?,
+            _ => rest.push(format!("{name}={value}")),
         }
     }
     let (steps, warmup) = crate::report::parse_steps_warmup("distributed", &rest, (3, 1))?;

@@ -339,32 +339,21 @@ fn parse_args(args: &[String]) -> Result<Options> {
         svd: Svd::Auto,
     };
     let bad = |m: String| Failure::new(format!("bench galore: {m}; {USAGE}"));
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let (name, inline) = match a.split_once('=') {
-            Some((n, v)) => (n, Some(v.to_string())),
-            None => (a.as_str(), None),
-        };
-        let known = [
-            "--sizes",
-            "--batch",
-            "--speed-batch",
-            "--steps",
-            "--warmup",
-            "--configs",
-            "--svd",
-        ];
-        if !known.contains(&name) {
-            return Err(bad(format!("unknown argument '{a}'")));
-        }
-        let value = inline
-            .or_else(|| it.next().cloned())
-            .ok_or_else(|| bad(format!("{name} wants a value")))?;
+    let known = [
+        "--sizes",
+        "--batch",
+        "--speed-batch",
+        "--steps",
+        "--warmup",
+        "--configs",
+        "--svd",
+    ];
+    for (name, value) in crate::report::named_args("galore", USAGE, args, &known, &[])? {
         let whole = |v: &str| {
             v.parse::<u64>()
                 .map_err(|_| bad(format!("{name} wants a whole number, got '{v}'")))
         };
-        match name {
+        match name.as_str() {
             "--sizes" => {
                 opts.sizes = value
                     .split(',')

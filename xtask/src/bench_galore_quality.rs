@@ -138,15 +138,15 @@ fn parse_args(args: &[String]) -> Result<Options> {
         galore_lr: None,
     };
     let bad = |m: String| Failure::new(format!("bench galore-quality: {m}; {USAGE}"));
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let (name, inline) = match a.split_once('=') {
-            Some((n, v)) => (n, Some(v.to_string())),
-            None => (a.as_str(), None),
-        };
-        let value = inline
-            .or_else(|| it.next().cloned())
-            .ok_or_else(|| bad(format!("{name} wants a value")))?;
+    let known = [
+        "--steps",
+        "--eval-every",
+        "--rank",
+        "--gap",
+        "--scale",
+        "--galore-lr",
+    ];
+    for (name, value) in crate::report::named_args("galore-quality", USAGE, args, &known, &[])? {
         let whole = || {
             value
                 .parse::<u64>()
@@ -161,14 +161,13 @@ fn parse_args(args: &[String]) -> Result<Options> {
                 .filter(|v| *v > 0.0 && v.is_finite())
                 .ok_or_else(|| bad(format!("{name} wants a positive number")))
         };
-        match name {
+        match name.as_str() {
             "--steps" => o.steps = whole()?,
             "--eval-every" => o.eval_every = whole()?,
             "--rank" => o.rank = whole()?,
             "--gap" => o.gap = whole()?,
             "--scale" => o.scale = real()?,
-            "--galore-lr" => o.galore_lr = Some(real()?),
-            _ => return Err(bad(format!("unknown argument '{a}'"))),
+            _ => o.galore_lr = Some(real()?),
         }
     }
     Ok(o)

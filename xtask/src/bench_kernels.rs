@@ -19,25 +19,18 @@ const SHAPES: &[&str] = &["4096x4096", "11008x4096", "4096x11008"];
 
 /// Runs the benchmark.
 pub fn run(env: &TorchEnv, args: &[String]) -> Result<()> {
-    let mut runs = "11".to_string();
-    let mut iters = "50".to_string();
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let slot = match a.as_str() {
-            "--runs" => &mut runs,
-            "--iters" => &mut iters,
-            other => {
-                return Err(Failure::new(format!(
-                    "bench kernels: unknown option '{other}' (options: --runs N, --iters N)"
-                )))
-            }
-        };
-        let v = it
-            .next()
-            .filter(|v| v.parse::<usize>().is_ok_and(|n| n > 0))
-            .ok_or_else(|| Failure::new(format!("bench kernels: {a} takes a positive count")))?;
-        *slot = v.clone();
+    let (mut runs, mut iters) = (11, 50);
+    let usage = "usage: cargo xtask bench kernels [-- --runs N --iters N]";
+    let known = ["--runs", "--iters"];
+    for (name, value) in crate::report::named_args("kernels", usage, args, &known, &[])? {
+        let n = crate::report::whole_arg("kernels", &name, &value, 1)?;
+        if name == "--runs" {
+            runs = n;
+        } else {
+            iters = n;
+        }
     }
+    let (runs, iters) = (runs.to_string(), iters.to_string());
     let root = crate::root();
     std::fs::create_dir_all(root.join("target/bench"))
         .map_err(|e| Failure::new(format!("cannot create target/bench: {e}")))?;

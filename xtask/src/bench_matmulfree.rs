@@ -104,66 +104,38 @@ fn parse_args(args: &[String]) -> Result<Options> {
     let mut parts: Option<Vec<Part>> = None;
     let (mut tokens, mut prompt) = (256u64, 16u64);
     let mut checkpointing = false;
+    // `--steps` and `--warmup`, for the shared reader of those two.
     let mut rest = Vec::new();
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let (name, inline) = match a.split_once('=') {
-            Some((n, v)) => (n, Some(v.to_string())),
-            None => (a.as_str(), None),
-        };
-        match name {
-            "--steps" | "--warmup" => {
-                rest.push(a.clone());
-                if inline.is_none() {
-                    if let Some(v) = it.next() {
-                        rest.push(v.clone());
-                    }
+    let known = ["--steps", "--warmup", "--parts", "--tokens", "--prompt"];
+    let pairs = crate::report::named_args("matmulfree", USAGE, args, &known, &["--checkpointing"])?;
+    for (name, value) in pairs {
+        match name.as_str() {
+            "--checkpointing" => checkpointing = true,
+            "--parts" => {
+                let mut chosen = Vec::new();
+                for p in value.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+                    let part = PARTS
+                        .iter()
+                        .copied()
+                        .find(|x| x.key() == p)
+                        .ok_or_else(|| {
+                            Failure::new(format!(
+                                "bench matmulfree: unknown part '{p}' (parts: generate, train, \
+                                 quality)"
+                            ))
+                        })?;
+                    chosen.push(part);
                 }
-                continue;
+                if chosen.is_empty() {
+                    return Err(Failure::new(
+                        "bench matmulfree: --parts wants one or more of generate,train,quality",
+                    ));
+                }
+                parts = Some(chosen);
             }
-            "--checkpointing" if inline.is_none() => {
-                checkpointing = true;
-                continue;
-            }
-            "--parts" | "--tokens" | "--prompt" => {}
-            _ => {
-                return Err(Failure::new(format!(
-                    "bench matmulfree: unknown argument '{a}'; {USAGE}"
-                )))
-            }
-        }
-        let value = inline.or_else(|| it.next().cloned()).unwrap_or_default();
-        if name == "--parts" {
-            let mut chosen = Vec::new();
-            for p in value.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-                let part = PARTS
-                    .iter()
-                    .copied()
-                    .find(|x| x.key() == p)
-                    .ok_or_else(|| {
-                        Failure::new(format!(
-                        "bench matmulfree: unknown part '{p}' (parts: generate, train, quality)"
-                    ))
-                    })?;
-                chosen.push(part);
-            }
-            if chosen.is_empty() {
-                return Err(Failure::new(
-                    "bench matmulfree: --parts wants one or more of generate,train,quality",
-                ));
-            }
-            parts = Some(chosen);
-        } else {
-            let n: u64 = value.parse().ok().filter(|&n| n >= 1).ok_or_else(|| {
-                Failure::new(format!(
-                    "bench matmulfree: {name} wants a whole number of at least 1, got '{value}'"
-                ))
-            })?;
-            if name == "--tokens" {
-                tokens = n;
-            } else {
-                prompt = n;
-            }
+            "--tokens" => tokens = crate::report::whole_arg("matmulfree", &name, &value, 1)?,
+            "--prompt" => prompt = crate::report::whole_arg("matmulfree", &name, &value, 1)?,
+            _ => rest.push(format!("{name}={value}")),
         }
     }
     let (steps, warmup) = crate::report::parse_steps_warmup("matmulfree", &rest, (3, 1))?;

@@ -167,30 +167,13 @@ fn parse_args(args: &[String]) -> Result<Options> {
     };
     let usage = "usage: cargo xtask bench quant [-- --runs N --warmup W --shapes OUTxIN,... \
                  --batches B,...]";
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let (name, inline) = match a.split_once('=') {
-            Some((n, v)) => (n, Some(v.to_string())),
-            None => (a.as_str(), None),
-        };
-        let value = inline.or_else(|| it.next().cloned()).unwrap_or_default();
-        let num = |v: &str| {
-            v.parse::<u64>().map_err(|_| {
-                Failure::new(format!(
-                    "bench quant: {name} wants a whole number, got '{v}'"
-                ))
-            })
-        };
-        match name {
-            "--runs" => opts.runs = num(&value)?.max(1),
-            "--warmup" => opts.warmup = num(&value)?,
+    let known = ["--runs", "--warmup", "--shapes", "--batches"];
+    for (name, value) in crate::report::named_args("quant", usage, args, &known, &[])? {
+        match name.as_str() {
+            "--runs" => opts.runs = crate::report::whole_arg("quant", &name, &value, 1)?,
+            "--warmup" => opts.warmup = crate::report::whole_arg("quant", &name, &value, 0)?,
             "--shapes" => opts.shapes = value,
-            "--batches" => opts.batches = value,
-            _ => {
-                return Err(Failure::new(format!(
-                    "bench quant: unknown argument '{a}'; {usage}"
-                )))
-            }
+            _ => opts.batches = value,
         }
     }
     let shape_ok = |s: &str| {

@@ -577,36 +577,25 @@ fn parse_args(args: &[String]) -> Result<Options> {
         checkpointing: false,
     };
     let bad = |m: String| Failure::new(format!("bench tt: {m}; {USAGE}"));
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let (name, inline) = match a.split_once('=') {
-            Some((n, v)) => (n, Some(v.to_string())),
-            None => (a.as_str(), None),
-        };
-        let known = [
-            "--parts",
-            "--layers",
-            "--configs",
-            "--steps",
-            "--warmup",
-            "--slow-steps",
-            "--threads",
-            "--tokens",
-            "--rank",
-            "--rounds",
-            "--batch",
-            "--seq-len",
-            "--model-steps",
-            "--model-warmup",
-            "--model-embedding",
-            "--model-checkpointing",
-        ];
-        if !known.contains(&name) {
-            return Err(bad(format!("unknown argument '{a}'")));
-        }
-        let value = inline
-            .or_else(|| it.next().cloned())
-            .ok_or_else(|| bad(format!("{name} wants a value")))?;
+    let known = [
+        "--parts",
+        "--layers",
+        "--configs",
+        "--steps",
+        "--warmup",
+        "--slow-steps",
+        "--threads",
+        "--tokens",
+        "--rank",
+        "--rounds",
+        "--batch",
+        "--seq-len",
+        "--model-steps",
+        "--model-warmup",
+        "--model-embedding",
+        "--model-checkpointing",
+    ];
+    for (name, value) in crate::report::named_args("tt", USAGE, args, &known, &[])? {
         let whole = |v: &str| {
             v.parse::<u64>()
                 .map_err(|_| bad(format!("{name} wants a whole number, got '{v}'")))
@@ -618,7 +607,7 @@ fn parse_args(args: &[String]) -> Result<Options> {
             _ => Err(bad(format!("{name} wants {yes} or {no}, got '{v}'"))),
         };
         let items = || value.split(',').map(str::trim).filter(|s| !s.is_empty());
-        match name {
+        match name.as_str() {
             "--parts" => {
                 let mut parts = Vec::new();
                 for p in items() {

@@ -365,6 +365,52 @@ pub fn load_average() -> Option<f64> {
     text.split_whitespace().next()?.parse().ok()
 }
 
+/// A benchmark's command line as `(name, value)` pairs, in order: `--name value` or
+/// `--name=value` for each name of `known`, `--flag` alone (value `""`) for each of `flags`.
+/// An unknown argument, a missing value or a flag given one is an error naming `bench` and
+/// ending with `usage`.
+pub fn named_args(
+    bench: &str,
+    usage: &str,
+    args: &[String],
+    known: &[&str],
+    flags: &[&str],
+) -> Result<Vec<(String, String)>> {
+    let bad = |m: String| Failure::new(format!("bench {bench}: {m}; {usage}"));
+    let mut out = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let (name, inline) = match a.split_once('=') {
+            Some((n, v)) => (n, Some(v.to_string())),
+            None => (a.as_str(), None),
+        };
+        if flags.contains(&name) {
+            if inline.is_some() {
+                return Err(bad(format!("{name} takes no value")));
+            }
+            out.push((name.to_string(), String::new()));
+        } else if known.contains(&name) {
+            let value = inline
+                .or_else(|| it.next().cloned())
+                .ok_or_else(|| bad(format!("{name} wants a value")))?;
+            out.push((name.to_string(), value));
+        } else {
+            return Err(bad(format!("unknown argument '{a}'")));
+        }
+    }
+    Ok(out)
+}
+
+/// The value `value` of option `name` of benchmark `bench` as a whole number of at least
+/// `min`; the error names both.
+pub fn whole_arg(bench: &str, name: &str, value: &str, min: u64) -> Result<u64> {
+    value.parse().ok().filter(|&n| n >= min).ok_or_else(|| {
+        Failure::new(format!(
+            "bench {bench}: {name} wants a whole number of at least {min}, got '{value}'"
+        ))
+    })
+}
+
 /// Parses a benchmark's `--steps N --warmup W` (also `--steps=N`) over the defaults
 /// `(steps, warmup)`; `bench` names it in errors. Returns `(steps, warmup)`; steps must be at
 /// least 1.
@@ -373,34 +419,14 @@ pub fn parse_steps_warmup(
     args: &[String],
     defaults: (u64, u64),
 ) -> Result<(u64, u64)> {
+    let usage = format!("usage: cargo xtask bench {bench} [-- --steps N --warmup W]");
     let (mut steps, mut warmup) = defaults;
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let (name, inline) = match a.split_once('=') {
-            Some((n, v)) => (n, Some(v.to_string())),
-            None => (a.as_str(), None),
-        };
-        let slot = match name {
-            "--steps" => &mut steps,
-            "--warmup" => &mut warmup,
-            _ => {
-                return Err(Failure::new(format!(
-                    "bench {bench}: unknown argument '{a}'; usage: cargo xtask bench {bench} \
-                     [-- --steps N --warmup W]"
-                )))
-            }
-        };
-        let value = inline.or_else(|| it.next().cloned()).unwrap_or_default();
-        *slot = value.parse().map_err(|_| {
-            Failure::new(format!(
-                "bench {bench}: {name} wants a whole number, got '{value}'"
-            ))
-        })?;
-    }
-    if steps == 0 {
-        return Err(Failure::new(format!(
-            "bench {bench}: --steps must be at least 1"
-        )));
+    for (name, value) in named_args(bench, &usage, args, &["--steps", "--warmup"], &[])? {
+        if name == "--steps" {
+            steps = whole_arg(bench, &name, &value, 1)?;
+        } else {
+            warmup = whole_arg(bench, &name, &value, 0)?;
+        }
     }
     Ok((steps, warmup))
 }
@@ -474,4 +500,26 @@ pub fn loads<S: Copy, R>(outcomes: &[Outcome<S, R>], key: impl Fn(S) -> String) 
         })
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn named_args_reads_both_forms_flags_and_refuses_the_rest() {
+        let v = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let read = |a: &[&str]| named_args("b", "usage", &v(a), &["--n", "--m"], &["--f"]);
+        let got = read(&["--n", "3", "--f", "--m=x"]).ok().unwrap();
+        let want =
+            [("--n", "3"), ("--f", ""), ("--m", "x")].map(|(a, b)| (a.to_string(), b.to_string()));
+        assert_eq!(got, want);
+        for bad in [&["--n"][..], &["--f=1"], &["--other", "1"], &["3"]] {
+            let e = read(bad).err().unwrap().message;
+            assert!(e.contains("bench b: ") && e.ends_with("; usage"), "{e}");
+        }
+        assert_eq!(whole_arg("b", "--n", "4", 1).ok(), Some(4));
+        assert!(whole_arg("b", "--n", "0", 1).is_err());
+        assert!(whole_arg("b", "--n", "x", 0).is_err());
+    }
 }
