@@ -162,9 +162,8 @@ impl StepGraph {
     /// Runs the captured step on new inputs (of the captured shapes) and returns the tensors
     /// it computes.
     pub fn replay(&mut self, inputs: &[&Tensor]) -> Result<&[Tensor]> {
-        let shapes = |ts: &mut dyn Iterator<Item = Vec<i64>>| ts.collect::<Vec<_>>();
-        let got = shapes(&mut inputs.iter().map(|t| t.size()));
-        let want = shapes(&mut self.inputs.iter().map(Tensor::size));
+        let got: Vec<Vec<i64>> = inputs.iter().map(|t| t.size()).collect();
+        let want: Vec<Vec<i64>> = self.inputs.iter().map(Tensor::size).collect();
         if got != want {
             return Err(graph_err(
                 "replay",

@@ -727,16 +727,21 @@ pub fn train(cfg: &Config, run_dir: &Path, resume: bool) -> Result<Summary> {
 mod tests {
     use super::*;
 
+    /// The config and shape of a tiny encoder (vocabulary 50, width 16, 2 blocks).
+    fn tiny_encoder() -> (Config, EncoderConfig) {
+        let mut cfg = Config::default();
+        cfg.model.kind = "encoder".into();
+        cfg.model.size = "encoder-tiny".into();
+        (cfg, EncoderConfig::new(50, 16, 2, 2, 32, 32))
+    }
+
     /// Guarantee: a classifier built over a masked-LM checkpoint takes its encoder body (every
     /// `bert.embeddings.*` / `bert.encoder.*` tensor, equal to the file's) and keeps its own
     /// fresh pooler and classifier; a file without the body is an error naming a tensor.
     #[test]
     fn pretrained_body_loads_and_the_head_is_new() {
         let dir = tempfile::tempdir().unwrap();
-        let mut cfg = Config::default();
-        cfg.model.kind = "encoder".into();
-        cfg.model.size = "encoder-tiny".into();
-        let shape = EncoderConfig::new(50, 16, 2, 2, 32, 32);
+        let (mut cfg, shape) = tiny_encoder();
         let file = dir.path().join("model.safetensors");
         let mlm = EncoderModel::new(&cfg, &shape, None, tch::Device::Cpu).unwrap();
         mlm.save(&file).unwrap();
@@ -784,10 +789,7 @@ mod tests {
     /// the padding is masked out of attention and the pooler reads the first token.
     #[test]
     fn longer_padding_keeps_the_classification_loss() {
-        let mut cfg = Config::default();
-        cfg.model.kind = "encoder".into();
-        cfg.model.size = "encoder-tiny".into();
-        let shape = EncoderConfig::new(50, 16, 2, 2, 32, 32);
+        let (cfg, shape) = tiny_encoder();
         let m = EncoderModel::new(&cfg, &shape, Some(3), tch::Device::Cpu).unwrap();
         // Two examples of 5 and 3 tokens, padded to 5 and to 12 (pad id 0).
         let rows: [&[i64]; 2] = [&[2, 7, 9, 11, 3], &[2, 8, 3]];
@@ -819,10 +821,7 @@ mod tests {
     /// the loss over the selected positions, and so do the gradients it leaves.
     #[test]
     fn all_rows_mlm_loss_equals_the_selected_rows_loss() {
-        let mut cfg = Config::default();
-        cfg.model.kind = "encoder".into();
-        cfg.model.size = "encoder-tiny".into();
-        let shape = EncoderConfig::new(50, 16, 2, 2, 32, 32);
+        let (cfg, shape) = tiny_encoder();
         let m = EncoderModel::new(&cfg, &shape, None, tch::Device::Cpu).unwrap();
         let ids =
             Tensor::from_slice(&(0..24).map(|i| (i * 7) % 50).collect::<Vec<i64>>()).view([2, 12]);
