@@ -13,7 +13,7 @@ use frugal_models::LinearKind;
 use frugal_optim::clip_grad_norm;
 use frugal_train::config::Config;
 use frugal_train::cuda_graph::{recordable_optimizer, StepGraph};
-use frugal_train::encoder_train::{micro_loss, EncoderModel};
+use frugal_train::encoder_model::{micro_loss, EncoderModel};
 use serde_json::json;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
@@ -91,7 +91,7 @@ fn measure(linear: LinearKind, runs: usize, iters: usize) -> serde_json::Value {
     let eager = median_s(runs, iters, || {
         eager_step(opt.as_mut(), next());
     });
-    assert!(recordable_optimizer(opt.as_mut(), &cfg, false).expect("recording"));
+    assert!(recordable_optimizer(opt.as_mut(), cfg.optim.is_galore(), false).expect("recording"));
     let b = next();
     let mut graph = StepGraph::capture(&tensors, &[&b[0], &b[1]], Some(opt.as_mut()), |inputs| {
         let (loss, _, _) = micro_loss(&m, inputs, false, true);

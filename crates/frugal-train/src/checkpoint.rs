@@ -38,52 +38,32 @@ pub fn dir(run: &Path) -> PathBuf {
     run.join("checkpoints")
 }
 
-/// Saves a checkpoint for `state.step` and points `latest` at it; keeps the newest `keep`
-/// checkpoints (0: all).
-pub fn save(
-    run: &Path,
-    model: &crate::run::Model,
-    opt: &dyn Optimizer,
-    state: &TrainerState,
-    keep: usize,
-) -> Result<PathBuf> {
-    save_with(run, &|file: &Path| model.save(file), opt, state, keep)
+/// What a checkpoint holds beside `trainer_state.json`.
+pub struct Parts<'a> {
+    /// Writes the model's weights to the path it is given (`model.safetensors`).
+    pub model: &'a dyn Fn(&Path) -> Result<()>,
+    /// The optimizer (`optimizer.safetensors`).
+    pub optimizer: &'a dyn Optimizer,
+    /// Other optimizers, by file name (rank adaptation: [`crate::comera::TT_OPTIMIZER_FILE`]).
+    pub extra_optimizers: &'a [(&'a str, &'a dyn Optimizer)],
+    /// Files moved in, by name in the checkpoint (the other ranks' shards of a sharded
+    /// optimizer state).
+    pub files: &'a [(String, PathBuf)],
+    /// The trainer's state.
+    pub state: &'a TrainerState,
 }
 
-/// [`save`] for any model: `write_model` writes its `model.safetensors` to the path it gets.
-pub fn save_with(
-    run: &Path,
-    write_model: &dyn Fn(&Path) -> Result<()>,
-    opt: &dyn Optimizer,
-    state: &TrainerState,
-    keep: usize,
-) -> Result<PathBuf> {
-    save_with_extra(run, write_model, opt, &[], state, keep)
-}
-
-/// [`save_with`] plus further optimizers, each saved to the file name it comes with.
-pub fn save_with_extra(
-    run: &Path,
-    write_model: &dyn Fn(&Path) -> Result<()>,
-    opt: &dyn Optimizer,
-    extra: &[(&str, &dyn Optimizer)],
-    state: &TrainerState,
-    keep: usize,
-) -> Result<PathBuf> {
-    save_with_files(run, write_model, opt, extra, &[], state, keep)
-}
-
-/// [`save_with_extra`] plus files written elsewhere (the other ranks' optimizer shards), each
-/// moved into the checkpoint under the name it comes with.
-pub fn save_with_files(
-    run: &Path,
-    write_model: &dyn Fn(&Path) -> Result<()>,
-    opt: &dyn Optimizer,
-    extra: &[(&str, &dyn Optimizer)],
-    files: &[(String, PathBuf)],
-    state: &TrainerState,
-    keep: usize,
-) -> Result<PathBuf> {
+/// Writes checkpoint `checkpoints/step-N/` of `parts` (N: the state's step) into run folder
+/// `run`, built in a temporary folder and renamed into place, then names it in
+/// `checkpoints/latest` and keeps the newest `keep` (0: all).
+pub fn save(run: &Path, parts: &Parts<'_>, keep: usize) -> Result<PathBuf> {
+    let Parts {
+        model: write_model,
+        optimizer: opt,
+        extra_optimizers: extra,
+        files,
+        state,
+    } = *parts;
     let root = dir(run);
     std::fs::create_dir_all(&root).map_err(|e| Error::io(&root, e))?;
     let name = format!("step-{}", state.step);

@@ -30,6 +30,7 @@
 use crate::checkpoint::TrainerState;
 use crate::config::Config;
 use crate::plot::{self, Series};
+use crate::task::{AfterStep, Hook, Task};
 use frugal_core::{Error, Result};
 use frugal_optim::{AdamW, AdamWConfig, Optimizer};
 use frugal_tt::{ComeraSchedule, Objective, RankedCores, TtLayer};
@@ -395,6 +396,95 @@ impl Comera {
         self.rank_opt.load(&ck.join(TT_OPTIMIZER_FILE))?;
         self.schedule.set_late_start_size(state.tt_late_start_size);
         Ok(())
+    }
+}
+
+/// CoMERA as a hook of the one loop ([`crate::trainer`]): each micro-batch backpropagates
+/// [`Comera::loss_term`]'s term, a size step skips the rest of the step and the main update,
+/// [`Comera::after_step`] follows the main update, and the rank variables' optimizer and the
+/// latched size go into checkpoints.
+impl Hook for Comera {
+    fn needs_loss(&self) -> bool {
+        true
+    }
+
+    fn loss_term(&mut self, step: u64, loss: &Tensor, task: &dyn Task) -> Option<Tensor> {
+        Comera::loss_term(self, step, loss, &task.tt_layers()).0
+    }
+
+    fn recorded_term(&self, step: u64, loss: &Tensor, task: &dyn Task) -> Tensor {
+        match self.penalty_weight_at(step) {
+            Some(w) => loss + penalty(&task.tt_layers()) * w,
+            None => loss.shallow_clone(),
+        }
+    }
+
+    fn graph_key(&self, step: u64) -> u64 {
+        // The early stage's weight, or the late stage (the loss alone).
+        self.penalty_weight_at(step)
+            .map_or(0, |w| w.to_bits().wrapping_add(1))
+    }
+
+    fn skips_rest(&mut self, step: u64, loss: f64, task: &dyn Task) -> bool {
+        self.objective(step, loss, &task.tt_layers()) == Objective::Size
+    }
+
+    fn acts_between(&self) -> bool {
+        true
+    }
+
+    fn steps_main(&self, step: u64) -> bool {
+        Comera::steps_main(self, step)
+    }
+
+    fn after_step(
+        &mut self,
+        step: u64,
+        opt: &mut dyn Optimizer,
+        task: &mut dyn Task,
+    ) -> Result<AfterStep> {
+        let report = {
+            let (mut layers, vs) = task.tt_layers_mut();
+            Comera::after_step(self, step, opt, &mut layers, vs)?
+        };
+        let message = report.pruned.then(|| {
+            let layers = task.tt_layers();
+            let size = live_size(&layers);
+            format!(
+                "step {step}: TT layers pruned to {size} parameters ({:.1}x compression)",
+                dense_params(&layers) as f64 / size.max(1) as f64
+            )
+        });
+        Ok(AfterStep {
+            params_changed: report.pruned,
+            message,
+        })
+    }
+
+    fn add_metrics(&self, step: u64, task: &dyn Task, full: bool, line: &mut Value) {
+        Comera::add_metrics(self, step, &task.tt_layers(), full, line);
+    }
+
+    fn plot(&self, lines: &[Value], run_dir: &Path) {
+        plot_ranks(lines, &run_dir.join("ranks.png"));
+    }
+
+    fn optimizers(&self) -> Vec<(&'static str, &dyn Optimizer)> {
+        vec![(TT_OPTIMIZER_FILE, &self.rank_opt)]
+    }
+
+    fn save_state(&self, state: &mut TrainerState) {
+        Comera::save_state(self, state);
+    }
+
+    fn restore(&mut self, ck: &Path, state: &TrainerState) -> Result<()> {
+        Comera::restore(self, ck, state)
+    }
+
+    fn add_memory_report(&self, step: u64, task: &dyn Task, report: &mut Value) {
+        let mut line = json!({});
+        Comera::add_metrics(self, step, &task.tt_layers(), true, &mut line);
+        report["tt"] = line;
     }
 }
 

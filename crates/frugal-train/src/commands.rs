@@ -2,6 +2,7 @@
 
 use crate::config::{self, Config};
 use crate::data::{self, SplitMix64};
+use crate::interrupt::Interrupter;
 use crate::{checkpoint, run, tokenize, train};
 use frugal_core::memory::human_bytes;
 use frugal_core::safetensors_io::SafetensorsFile;
@@ -68,8 +69,9 @@ pub fn train(
     }
     // Every rank has looked at the folder before rank 0 writes into it.
     dist.barrier().map_err(|e| Error::Msg(e.to_string()))?;
-    install_ctrl_c();
-    let summary = train::train_with(&cfg, &run_dir, resume, dist.as_mut())?;
+    let stop = Interrupter::new();
+    install_ctrl_c(stop.clone());
+    let summary = train::train_with(&cfg, &run_dir, resume, dist.as_mut(), &stop)?;
     if dist.is_main() {
         train::print_summary(&summary);
     }
@@ -144,9 +146,10 @@ fn default_run_dir() -> PathBuf {
     PathBuf::from("runs").join(format!("run-{secs}"))
 }
 
-fn install_ctrl_c() {
-    let _ = ctrlc::set_handler(|| {
-        if train::INTERRUPTED.swap(true, std::sync::atomic::Ordering::SeqCst) {
+/// Ctrl-C asks `stop` to end the run after the current step (with a checkpoint).
+fn install_ctrl_c(stop: Interrupter) {
+    let _ = ctrlc::set_handler(move || {
+        if stop.request() {
             eprintln!("\nfrugal: second Ctrl-C, exiting without a checkpoint");
             std::process::exit(130);
         }
@@ -281,7 +284,7 @@ pub fn eval(
 ) -> Result<u8> {
     // Encoder runs (masked-LM or classification): their own evaluation.
     if let Some(dir) = &run_dir {
-        if let Some(out) = crate::encoder_train::eval_command(dir, data_spec.as_deref())? {
+        if let Some(out) = crate::encoder_eval::eval_command(dir, data_spec.as_deref())? {
             println!("{out}");
             return Ok(0);
         }

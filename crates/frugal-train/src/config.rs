@@ -871,10 +871,26 @@ impl Config {
                      (or model.embedding.kind = \"tt\")",
                 ));
             }
-            if !self.is_encoder() {
+            // The late stage decides from a micro-batch's loss, before its backward pass,
+            // whether the step trains the weights at all: the decoders' block-by-block step
+            // (which updates and backpropagates as it goes) cannot wait for that.
+            let blockwise = [
+                ("optim.layerwise", self.optim.layerwise),
+                (
+                    "train.checkpointing",
+                    self.train.checkpointing && !self.is_encoder(),
+                ),
+                ("train.ce_chunk", self.train.ce_chunk > 0),
+                ("dist.overlap", self.dist.overlap),
+            ];
+            if let Some((key, _)) = blockwise.iter().find(|(_, on)| *on) {
                 return Err(Error::config(
-                    "tt.rank_adapt",
-                    "is available for model.kind = \"encoder\" only (llama: not yet)",
+                    *key,
+                    format!(
+                        "does not combine with tt.rank_adapt for model.kind = \"{}\" yet: the \
+                         rank schedule needs each micro-batch's loss before its backward pass",
+                        self.model.kind
+                    ),
                 ));
             }
         }
@@ -958,16 +974,18 @@ impl Config {
                         "an encoder learns \"mlm\" or \"classification\", not \"lm\"",
                     ));
                 }
-                // Per-layer updates and the chunked head exist for the llama decoder only.
+                // Per-layer updates, the chunked head and all-reduces started block by block
+                // exist for the decoders' block-by-block step only.
                 let refused = [
                     ("optim.layerwise", self.optim.layerwise),
                     ("train.ce_chunk", t.ce_chunk > 0),
+                    ("dist.overlap", self.dist.overlap),
                 ];
                 for (key, on) in refused {
                     if on {
                         return Err(Error::config(
                             key,
-                            "is not available for model.kind = \"encoder\" yet (llama only)",
+                            "is not available for model.kind = \"encoder\" yet (the decoders only)",
                         ));
                     }
                 }

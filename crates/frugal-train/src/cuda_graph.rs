@@ -14,7 +14,7 @@
 //! Capture needs the work to be warm: the kernels compiled and loaded, the gradients and the
 //! optimizer state allocated, the allocator's blocks in place. So the trainer runs two eager
 //! steps first. A graph is bound to the shapes and the tensors it was captured with: the
-//! encoder's loop captures again after CoMERA prunes the TT layers (new, smaller cores).
+//! loop captures again after CoMERA prunes the TT layers (new, smaller cores).
 
 use frugal_core::{Error, Result};
 use frugal_kernels::torch_cuda::CudaGraph;
@@ -66,13 +66,13 @@ pub fn check_device(cfg: &crate::config::Config, device: tch::Device) -> Result<
 /// Whether the optimizer step goes into the graph, and if so, starts its recording (the
 /// parameters with a gradient now take part). It does where `opt` has a recorded form and
 /// nothing between the backward pass and the update needs the host: not GaLore's projections
-/// (`cfg`), nor what `host_between` names (the all-reduce, rank adaptation).
+/// (`galore`), nor what `host_between` names (the all-reduce, rank adaptation).
 pub fn recordable_optimizer(
     opt: &mut dyn Optimizer,
-    cfg: &crate::config::Config,
+    galore: bool,
     host_between: bool,
 ) -> Result<bool> {
-    if host_between || cfg.optim.is_galore() {
+    if host_between || galore {
         return Ok(false);
     }
     match opt.recordable() {

@@ -635,6 +635,12 @@ impl TokenDataset {
         Ok(self)
     }
 
+    /// Whether some targets are not scored (prompt tokens of instruction data): the count of
+    /// scored targets then varies from batch to batch.
+    pub fn has_scored(&self) -> bool {
+        self.scored.is_some()
+    }
+
     /// The number of windows: `(tokens - 1) / seq_len`.
     pub fn num_sequences(&self) -> usize {
         (self.tokens.len() - 1) / self.seq_len

@@ -4,7 +4,7 @@
 use crate::checkpoint;
 use crate::data::TokenDataset;
 use crate::encoder_io::{mlm_inputs, read_shape, task_examples, val_mask_seed};
-use crate::encoder_train::{EncoderModel, Net};
+use crate::encoder_model::{EncoderModel, Net};
 use crate::run;
 use crate::tokenize::{self, EncoderTokens};
 use crate::tsv::{self, EncodedSet, LabelMap};
@@ -33,7 +33,11 @@ pub fn evaluate_mlm(
             if max_batches > 0 && i >= max_batches {
                 break;
             }
-            let (ids, labels) = mlm_inputs(&x, t, vocab, prob, val_mask_seed(i))?;
+            let rows = x.size()[0] as usize;
+            let seeds: Vec<u64> = (0..rows)
+                .map(|r| val_mask_seed(i * batch_size + r))
+                .collect();
+            let (ids, labels) = mlm_inputs(&x, t, vocab, prob, &seeds)?;
             let k = labels.ne(IGNORE_INDEX).sum(Kind::Int64).int64_value(&[]) as u64;
             if k == 0 {
                 continue;

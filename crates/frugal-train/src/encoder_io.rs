@@ -1,6 +1,6 @@
 //! The inputs and files of an encoder run: the pre-trained folder, the shape
 //! (`config.json`), the tokenizer with the encoder's tokens, masked-LM inputs and their seeds,
-//! and the classification examples and labels (see [`crate::encoder_train`]).
+//! and the classification examples and labels (see [`crate::task_encoder`]).
 
 use crate::checkpoint;
 use crate::config::Config;
@@ -151,13 +151,14 @@ pub(crate) fn shape(
 }
 
 /// Masked-LM inputs and labels of packed windows `x` `(B, S)`: `<|cls|>` and the first
-/// `S - 1` tokens, masked with BERT's rule from `seed`; special tokens are never selected.
+/// `S - 1` tokens, row `i` masked with BERT's rule from `seeds[i]` (so an example's masks do
+/// not depend on the batch it sits in); special tokens are never selected.
 pub fn mlm_inputs(
     x: &Tensor,
     t: &EncoderTokens,
     vocab: i64,
     prob: f64,
-    seed: u64,
+    seeds: &[u64],
 ) -> Result<(Tensor, Tensor)> {
     let (b, s) = x.size2().map_err(|e| Error::Msg(format!("batch: {e}")))?;
     let cls = Tensor::full([b, 1], i64::from(t.cls), (Kind::Int64, x.device()));
@@ -166,22 +167,46 @@ pub fn mlm_inputs(
     for sp in t.special() {
         never = never.logical_or(&ids.eq(i64::from(sp)));
     }
-    mask_tokens(&ids, &never, i64::from(t.mask), vocab, prob, seed)
+    if seeds.len() as i64 != b {
+        return Err(Error::Msg(format!(
+            "masked-LM batch of {b} rows with {} mask seeds",
+            seeds.len()
+        )));
+    }
+    let mut rows_ids = Vec::with_capacity(seeds.len());
+    let mut rows_labels = Vec::with_capacity(seeds.len());
+    for (r, &seed) in seeds.iter().enumerate() {
+        let row = |t: &Tensor| t.narrow(0, r as i64, 1);
+        let (i, l) = mask_tokens(
+            &row(&ids),
+            &row(&never),
+            i64::from(t.mask),
+            vocab,
+            prob,
+            seed,
+        )?;
+        rows_ids.push(i);
+        rows_labels.push(l);
+    }
+    Ok((Tensor::cat(&rows_ids, 0), Tensor::cat(&rows_labels, 0)))
 }
 
-/// The mask seed of micro-batch `micro` of step `step`.
-pub(crate) fn train_mask_seed(seed: u64, step: u64, micro: usize) -> u64 {
+/// The mask seed of the example at position `position` among the examples step `step` draws
+/// (over its micro-batches and ranks): the same whether the step runs in one process or
+/// several, and on resume.
+pub(crate) fn train_mask_seed(seed: u64, step: u64, position: usize) -> u64 {
     let base = SplitMix64::new(seed ^ 0x6d6c_6d5f_7472_6169).next_u64();
     SplitMix64::new(
         base ^ step.wrapping_mul(0x9e37_79b9_7f4a_7c15)
-            ^ (micro as u64).wrapping_mul(0xc2b2_ae3d_27d4_eb4f),
+            ^ (position as u64).wrapping_mul(0xc2b2_ae3d_27d4_eb4f),
     )
     .next_u64()
 }
 
-/// The mask seed of validation batch `batch`: fixed, so every evaluation scores the same masks.
-pub(crate) fn val_mask_seed(batch: usize) -> u64 {
-    SplitMix64::new(0x7661_6c5f_6d61_736b ^ (batch as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15))
+/// The mask seed of the validation split's sequence `row`: fixed, so every evaluation scores
+/// the same masks, whatever the batch size.
+pub(crate) fn val_mask_seed(row: usize) -> u64 {
+    SplitMix64::new(0x7661_6c5f_6d61_736b ^ (row as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15))
         .next_u64()
 }
 
@@ -280,7 +305,8 @@ mod tests {
     use frugal_models::encoder::IGNORE_INDEX;
 
     /// Guarantee: masked-LM inputs start with the summary token, never select special tokens,
-    /// depend on the seed only, and select about `prob` of the other tokens.
+    /// depend on each row's seed only (not on the rows beside it), and select about `prob` of
+    /// the other tokens.
     #[test]
     fn mlm_inputs_follow_the_rule() {
         let t = EncoderTokens {
@@ -291,8 +317,9 @@ mod tests {
             eos: 0,
         };
         let x = Tensor::randint_low(2, 99, [8, 64], (Kind::Int64, tch::Device::Cpu));
+        let seeds = |s: u64| -> Vec<u64> { (0..8).map(|r| train_mask_seed(s, 1, r)).collect() };
         let _ = x.narrow(1, 10, 1).fill_(0);
-        let (ids, labels) = mlm_inputs(&x, &t, 103, 0.15, 7).unwrap();
+        let (ids, labels) = mlm_inputs(&x, &t, 103, 0.15, &seeds(7)).unwrap();
         assert_eq!(ids.size(), [8, 64]);
         assert!(ids.select(1, 0).eq(101).all().int64_value(&[]) == 1);
         // Position 11 holds eos (x's column 10): never a label.
@@ -300,13 +327,18 @@ mod tests {
         assert!(labels.select(1, 0).eq(IGNORE_INDEX).all().int64_value(&[]) == 1);
         let picked = labels.ne(IGNORE_INDEX).sum(Kind::Int64).int64_value(&[]);
         assert!((40..=120).contains(&picked), "{picked} of ~75");
-        let (ids2, labels2) = mlm_inputs(&x, &t, 103, 0.15, 7).unwrap();
+        let (ids2, labels2) = mlm_inputs(&x, &t, 103, 0.15, &seeds(7)).unwrap();
         assert!(ids2.equal(&ids) && labels2.equal(&labels));
-        let (_, labels3) = mlm_inputs(&x, &t, 103, 0.15, 8).unwrap();
+        let (_, labels3) = mlm_inputs(&x, &t, 103, 0.15, &seeds(8)).unwrap();
         assert!(!labels3.equal(&labels));
         assert_ne!(train_mask_seed(0, 1, 0), train_mask_seed(0, 2, 0));
         assert_ne!(train_mask_seed(0, 1, 0), train_mask_seed(0, 1, 1));
         assert_ne!(train_mask_seed(0, 1, 0), train_mask_seed(1, 1, 0));
         assert_eq!(val_mask_seed(3), val_mask_seed(3));
+        // A row's masks are its own seed's, whatever batch it sits in (data parallelism splits
+        // a step's examples over ranks).
+        let (ids4, labels4) =
+            mlm_inputs(&x.narrow(0, 2, 3), &t, 103, 0.15, &seeds(7)[2..5]).unwrap();
+        assert!(ids4.equal(&ids.narrow(0, 2, 3)) && labels4.equal(&labels.narrow(0, 2, 3)));
     }
 }

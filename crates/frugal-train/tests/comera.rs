@@ -11,7 +11,7 @@ use frugal_models::encoder::{EncoderConfig, IGNORE_INDEX};
 use frugal_optim::{AdamW, AdamWConfig};
 use frugal_train::comera::{self, Comera};
 use frugal_train::config::{self, Config};
-use frugal_train::encoder_train::{EncoderModel, Net};
+use frugal_train::encoder_model::{EncoderModel, Net};
 use frugal_tt::{Objective, RankedCores, TtLayer};
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
@@ -333,9 +333,42 @@ fn two_stage_run_prunes_and_shrinks_the_checkpoint() {
 #[test]
 fn resume_across_a_pruning_gives_the_same_run() {
     let dir = tempfile::tempdir().unwrap();
-    let corpus = corpus(dir.path(), 20);
-    let full = dir.path().join("full");
+    resume_across_a_pruning(dir.path(), &[]);
+}
+
+/// Guarantee: the same one loop adapts a llama model's TT ranks: its TT linear layers are
+/// pruned at the end of the early stage (fewer stored core parameters, in the checkpoint too),
+/// and a run resumed across the pruning is the uninterrupted run, bit for bit.
+#[test]
+fn llama_rank_adaptation_prunes_and_resumes_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let full =
+        resume_across_a_pruning(dir.path(), &["model.kind=\"llama\"", "model.size=\"tiny\""]);
+    let lines = metrics(&full);
+    let params = |i: usize| lines[i]["tt_params"].as_i64().unwrap();
+    assert!(
+        params(2) < params(1),
+        "no pruning at step 3: {} -> {}",
+        params(1),
+        params(2)
+    );
+    assert_eq!(params(2), lines[2]["tt_size"].as_i64().unwrap());
+    let ranks = lines[2]["tt_ranks"].as_object().expect("tt_ranks");
+    assert!(
+        ranks.keys().all(|k| k.starts_with("model.layers.")),
+        "{ranks:?}"
+    );
+    assert_eq!(ranks.len(), 2 * 7, "7 TT linears in each of 2 blocks");
+}
+
+/// Trains the TT encoder (with `extra` settings on top) with rank adaptation for 9 steps in
+/// `dir`, then resumes a copy cut back to step 4 (after a pruning) and checks that both logged
+/// and saved the same; returns the uninterrupted run.
+fn resume_across_a_pruning(dir: &Path, extra: &[&str]) -> std::path::PathBuf {
+    let corpus = corpus(dir, 20);
+    let full = dir.join("full");
     let mut sets = comera_settings(&corpus, 9);
+    sets.extend(extra.iter().map(|s| s.to_string()));
     sets.extend(
         [
             "train.save_every=2",
@@ -344,15 +377,15 @@ fn resume_across_a_pruning_gives_the_same_run() {
         ]
         .map(String::from),
     );
-    train(dir.path(), &full, &sets);
-    let part = dir.path().join("part");
+    train(dir, &full, &sets);
+    let part = dir.join("part");
     copy_dir(&full, &part);
     for s in [6, 8, 9] {
         std::fs::remove_dir_all(part.join(format!("checkpoints/step-{s}"))).unwrap();
     }
     std::fs::write(part.join("checkpoints/latest"), "step-4\n").unwrap();
     let out = run({
-        let mut c = frugal(dir.path());
+        let mut c = frugal(dir);
         c.arg("train").arg("--resume").arg(&part);
         c
     });
@@ -381,6 +414,7 @@ fn resume_across_a_pruning_gives_the_same_run() {
         );
         assert!(x.equal(&y), "{n} differs after resume");
     }
+    full
 }
 
 /// Guarantee: the late stage descends the size while it is relatively further from its target
@@ -435,7 +469,8 @@ fn config_error(text: &str) -> String {
 
 /// Guarantee: bad `tt` settings are errors naming the key: a compression target outside
 /// (0, 1], a rank learning rate that is not positive, rank adaptation without TT layers
-/// (`model.linear`) or in a llama model; the defaults are `frugal_tt`'s.
+/// (`model.linear`), or in a llama model with the block-by-block step (per-layer updates,
+/// checkpointing, a chunked cross-entropy); the defaults are `frugal_tt`'s.
 #[test]
 fn bad_tt_keys_are_named() {
     let enc = "[model]\nkind = \"encoder\"\nsize = \"encoder-tiny\"\n";
@@ -448,8 +483,17 @@ fn bad_tt_keys_are_named() {
     assert!(err.starts_with("tt.rank_lr:"), "{err}");
     let err = config_error(&format!("{enc}[tt]\nrank_adapt = true\n"));
     assert!(err.starts_with("model.linear:"), "{err}");
-    let err = config_error(&format!("[model]\n{tt}[tt]\nrank_adapt = true\n"));
-    assert!(err.starts_with("tt.rank_adapt:"), "{err}");
+    // A llama model adapts its TT ranks too, but not with the block-by-block step.
+    config::from_table(toml::from_str(&format!("[model]\n{tt}[tt]\nrank_adapt = true\n")).unwrap())
+        .unwrap();
+    for (key, set) in [
+        ("optim.layerwise", "[optim]\nlayerwise = true\n"),
+        ("train.checkpointing", "[train]\ncheckpointing = true\n"),
+        ("train.ce_chunk", "[train]\nce_chunk = 64\n"),
+    ] {
+        let err = config_error(&format!("[model]\n{tt}[tt]\nrank_adapt = true\n{set}"));
+        assert!(err.starts_with(&format!("{key}:")), "{err}");
+    }
     let table = "embedding = {kind = \"tt\", rank = 4, order = 2}\n";
     let err = config_error(&format!("[model]\n{table}"));
     assert!(err.starts_with("model.embedding:"), "{err}");

@@ -1,0 +1,345 @@
+//! The causal-LM task (`train.objective = "lm"`): the decoders (llama, hgrn-bit) learn the next
+//! token of packed sequences of the training text. Its setup makes the tokenizer (rank 0 trains
+//! or copies it, the other ranks read it), tokenizes both splits, writes the resolved config,
+//! and builds the model: from a checkpoint, a pre-trained folder or a random initialisation,
+//! with an adapter when `adapter.kind` asks for one (the frozen base is always the pre-trained
+//! model's; checkpoints hold the adapter alone). It runs block by block ([`crate::step`]).
+
+use crate::config::Config;
+use crate::data::TokenDataset;
+use crate::memplan::MemoryPlan;
+use crate::run;
+use crate::step::{self, Groups, Plan, Sink};
+use crate::task::{Baseline, Batch, BatchAt, Evaluation, Forward, Task};
+use frugal_core::{atomic, memory, Error, Result};
+use frugal_dist::Collective;
+use frugal_models::decoder::DecoderConfig;
+use frugal_tt::TtLayer;
+use serde_json::{json, Value};
+use std::path::Path;
+use tch::nn::VarStore;
+use tch::Tensor;
+
+/// The causal-LM task (see the module documentation).
+pub struct CausalLm {
+    model: run::Model,
+    shape: DecoderConfig,
+    train: TokenDataset,
+    val: TokenDataset,
+    unigram: f64,
+    params: Vec<(String, Tensor)>,
+    cfg: Config,
+    device: tch::Device,
+}
+
+/// A task as built: the task and the resident memory measured after its data was loaded,
+/// before its model was built (the memory report's baseline).
+pub struct Built<T> {
+    /// The task.
+    pub task: T,
+    /// Resident bytes before the model.
+    pub baseline_rss_bytes: u64,
+}
+
+/// Measures the baseline of the memory report: resident memory now, and on a GPU the
+/// allocator's peak counted from here.
+pub(crate) fn baseline_now(device: tch::Device) -> u64 {
+    if let tch::Device::Cuda(i) = device {
+        let _ = frugal_kernels::torch_cuda::reset_peak(i);
+    }
+    memory::current_rss_bytes()
+}
+
+impl CausalLm {
+    /// Sets the task up for `cfg` in `run_dir` on `device`, from checkpoint `checkpoint` when
+    /// resuming; every rank of `dist` calls it (rank 0 alone writes files).
+    pub fn build(
+        cfg: &Config,
+        run_dir: &Path,
+        checkpoint: Option<&Path>,
+        device: tch::Device,
+        dist: &mut dyn Collective,
+    ) -> Result<Built<Self>> {
+        let (main, world) = (dist.is_main(), dist.size());
+        let t = &cfg.train;
+        let resume = checkpoint.is_some();
+        let (train_docs, val_docs) = run::documents(cfg)?;
+        // Rank 0 makes the tokenizer (trained or copied) and writes it into the run folder;
+        // the other ranks then read that file.
+        let tok = if main {
+            run::tokenizer(cfg, run_dir, &train_docs, resume)
+        } else {
+            Err(Error::Msg(String::new()))
+        };
+        dist.barrier().map_err(|e| Error::Msg(e.to_string()))?;
+        let tok = match tok {
+            Ok(t) => t,
+            Err(_) if !main => run::tokenizer(cfg, run_dir, &train_docs, true)?,
+            Err(e) => return Err(e),
+        };
+        let vocab = tok.get_vocab_size(true) as i64;
+        let shape = cfg.decoder_config(vocab)?;
+        // The resolved config marks the folder as a run: written once the inputs are known
+        // good, so that a run refused for bad input can be retried into the same folder.
+        if main {
+            let resolved = toml::to_string(cfg).map_err(|e| Error::Msg(format!("config: {e}")))?;
+            atomic::write(&run_dir.join("config.toml"), resolved.as_bytes())?;
+        }
+        let train = run::dataset(&tok, &train_docs, t.seq_len, "training data")?;
+        let val = run::dataset(&tok, &val_docs, t.seq_len, "validation data")?;
+        drop((train_docs, val_docs));
+        let unigram = run::unigram_loss(train.tokens(), val.tokens(), vocab as usize);
+        if main {
+            eprintln!(
+                "frugal: {} training tokens ({} sequences of {}), {} validation tokens, \
+                 vocabulary {vocab}{}",
+                train.tokens().len(),
+                train.num_sequences(),
+                t.seq_len,
+                val.tokens().len(),
+                if world > 1 {
+                    format!(
+                        "; {world} processes, each {} sequences per micro-batch",
+                        t.batch_size
+                    )
+                } else {
+                    String::new()
+                }
+            );
+        }
+
+        let baseline_rss_bytes = baseline_now(device);
+        let adapter = cfg.adapter.enabled();
+        let weights = match checkpoint {
+            Some(ck) if !adapter => Some(ck.join("model.safetensors")),
+            _ => run::pretrained_weights(cfg),
+        };
+        if adapter && weights.is_none() {
+            eprintln!(
+                "frugal: warning: an adapter on a randomly initialised base \
+                 (model.from_pretrained is not set)"
+            );
+        }
+        let mut model = run::model(cfg, &shape, device, weights.as_deref())?;
+        let params = if adapter {
+            let p = match checkpoint {
+                Some(ck) => model.load_adapter(ck, &cfg.adapter.name)?,
+                None => model.add_adapter(cfg)?,
+            };
+            model.set_training(true);
+            p
+        } else {
+            frugal_models::weights::named_variables(&model.vs)
+        };
+        Ok(Built {
+            task: Self {
+                model,
+                shape,
+                train,
+                val,
+                unigram,
+                params,
+                cfg: cfg.clone(),
+                device,
+            },
+            baseline_rss_bytes,
+        })
+    }
+}
+
+impl Task for CausalLm {
+    fn objective(&self) -> &'static str {
+        "lm"
+    }
+
+    fn vs(&self) -> &VarStore {
+        &self.model.vs
+    }
+
+    fn trainable(&self) -> Vec<(String, Tensor)> {
+        self.params
+            .iter()
+            .map(|(n, t)| (n.clone(), t.shallow_clone()))
+            .collect()
+    }
+
+    fn save(&self, file: &Path) -> Result<()> {
+        self.model.save(file)
+    }
+
+    fn after_checkpoint(&self, run_dir: &Path) -> Result<()> {
+        if self.model.adapter.is_some() {
+            self.model.save_adapter(&run_dir.join("adapter"))?;
+        }
+        Ok(())
+    }
+
+    fn tt_layers(&self) -> Vec<(String, &dyn TtLayer)> {
+        self.model
+            .net
+            .linears()
+            .into_iter()
+            .filter_map(|(n, l)| Some((n, l.tt()? as &dyn TtLayer)))
+            .collect()
+    }
+
+    fn tt_layers_mut(&mut self) -> (Vec<(String, &mut dyn TtLayer)>, &VarStore) {
+        let layers = self
+            .model
+            .net
+            .linears_mut()
+            .into_iter()
+            .filter_map(|(n, l)| Some((n, l.as_mut().tt_mut()? as &mut dyn TtLayer)))
+            .collect();
+        (layers, &self.model.vs)
+    }
+
+    fn set_training(&mut self, training: bool) {
+        self.model.set_training(training);
+    }
+
+    fn num_examples(&self) -> usize {
+        self.train.num_sequences()
+    }
+
+    fn batch(&self, idx: &[usize], _at: BatchAt) -> Result<Batch> {
+        let (x, y) = self.train.batch(idx);
+        let scored = self
+            .train
+            .has_scored()
+            .then(|| y.ne(-100).sum(tch::Kind::Int64).int64_value(&[]) as u64);
+        Ok(Batch {
+            tokens: x.numel() as u64,
+            inputs: vec![x.to_device(self.device), y.to_device(self.device)],
+            examples: 0,
+            scored,
+        })
+    }
+
+    fn forward(
+        &self,
+        inputs: &[Tensor],
+        _checkpointing: bool,
+        _recordable: bool,
+    ) -> Result<Forward<'_>> {
+        let [ids, targets] = inputs else {
+            return Err(Error::Msg("a causal-LM batch is [ids, targets]".into()));
+        };
+        Ok(Forward {
+            loss: self.model.net.loss(ids, targets),
+            correct: None,
+            rest: None,
+        })
+    }
+
+    fn groups(&self, names: &[String]) -> Result<Option<Groups>> {
+        Groups::of(names, self.shape.num_blocks()).map(Some)
+    }
+
+    fn block_step(
+        &self,
+        params: &[Tensor],
+        groups: &Groups,
+        plan: &Plan,
+        inputs: &[Tensor],
+        scale: f64,
+        sink: &mut Sink<'_>,
+    ) -> Result<f64> {
+        let [ids, targets] = inputs else {
+            return Err(Error::Msg("a causal-LM batch is [ids, targets]".into()));
+        };
+        let batch = step::Batch {
+            ids,
+            targets,
+            scale,
+        };
+        step::micro_step(&self.model.net, params, groups, plan, &batch, sink)
+    }
+
+    fn evaluate(&mut self, max_batches: usize) -> Result<Evaluation> {
+        let training = self.model.adapter.is_some();
+        self.model.set_training(false);
+        let (loss, _) = run::evaluate(
+            &self.model.net,
+            &self.val,
+            self.cfg.train.batch_size,
+            max_batches,
+            self.device,
+        );
+        if training {
+            self.model.set_training(true);
+        }
+        Ok(Evaluation {
+            loss,
+            accuracy: None,
+        })
+    }
+
+    fn baseline(&self) -> Baseline {
+        Baseline {
+            loss: self.unigram,
+            name: "unigram",
+            summary_name: None,
+        }
+    }
+
+    fn describe(&self) -> String {
+        let m = &self.cfg.model;
+        let n: i64 = self.params.iter().map(|(_, t)| t.numel() as i64).sum();
+        format!(
+            "{} {} ({:.2}M {}parameters)",
+            m.kind,
+            if m.from_pretrained.is_empty() {
+                &m.size
+            } else {
+                &m.from_pretrained
+            },
+            n as f64 / 1e6,
+            if self.model.adapter.is_some() {
+                "trainable "
+            } else {
+                ""
+            },
+        )
+    }
+
+    fn memory_plan(&self) -> Option<(MemoryPlan, MemoryPlan)> {
+        self.shape
+            .llama()
+            .map(|s| crate::memplan::plan(&self.cfg, s))
+    }
+
+    fn add_memory_report(&self, report: &mut Value) {
+        if self.model.adapter.is_some() {
+            report["frozen_base"] = frozen_base_bytes(&self.model);
+        }
+    }
+}
+
+/// What the frozen base of an adapter run holds: its quantized matrices (bytes as stored,
+/// parameters, bytes per parameter) and its other variables (embeddings, norms, head, dense
+/// linear weights).
+fn frozen_base_bytes(m: &run::Model) -> Value {
+    let (mut qbytes, mut qparams) = (0u64, 0u64);
+    for (_, l) in m.net.linears() {
+        if let Some(q) = l.quantized() {
+            qbytes += q.weight.stored_bytes();
+            qparams += q.weight.numel() as u64;
+        }
+    }
+    let (mut other, mut other_params) = (0u64, 0u64);
+    for (name, t) in frugal_models::weights::named_variables(&m.vs) {
+        if !frugal_models::adapted::is_adapter_variable(&name) {
+            other += (t.numel() * t.kind().elt_size_in_bytes()) as u64;
+            other_params += t.numel() as u64;
+        }
+    }
+    json!({
+        "quantized_bytes": qbytes,
+        "quantized_params": qparams,
+        "quantized_bytes_per_param": if qparams > 0 { qbytes as f64 / qparams as f64 } else { 0.0 },
+        "other_bytes": other,
+        "other_params": other_params,
+        "total_bytes": qbytes + other,
+    })
+}
