@@ -9,6 +9,7 @@ use frugal_core::{Error, Result};
 use frugal_models::decoder::DecoderConfig;
 use frugal_models::llama::LlamaConfig;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 use tch::{Kind, Tensor};
 use tokenizers::Tokenizer;
@@ -145,15 +146,33 @@ fn default_run_dir() -> PathBuf {
 }
 
 fn install_ctrl_c() {
-    let _ = ctrlc::set_handler(|| {
-        if train::INTERRUPTED.swap(true, std::sync::atomic::Ordering::SeqCst) {
-            eprintln!("\nfrugal: second Ctrl-C, exiting without a checkpoint");
-            std::process::exit(130);
-        }
-        eprintln!(
-            "\nfrugal: Ctrl-C: saving a checkpoint after this step (press again to quit now)"
+    let _ = ctrlc::set_handler(|| on_ctrl_c(&train::INTERRUPTED));
+}
+
+/// What a Ctrl-C does: the first sets `interrupted`, and the training loop saves a checkpoint
+/// after the step and stops; the second ends the process at once with status 130.
+fn on_ctrl_c(interrupted: &AtomicBool) {
+    if interrupted.swap(true, Ordering::SeqCst) {
+        exit_now(
+            130,
+            "\nfrugal: second Ctrl-C, exiting without a checkpoint\n",
         );
-    });
+    }
+    eprintln!("\nfrugal: Ctrl-C: saving a checkpoint after this step (press again to quit now)");
+}
+
+/// Writes `message` to stderr and ends the process with `code` at once. `std::process::exit`
+/// would run the atexit handlers and C++ static destructors while the main thread is still
+/// inside libtorch (a panic or a segfault); `_exit` runs nothing. Checkpoints are built in a
+/// temporary folder and renamed, so the previous one stays intact.
+fn exit_now(code: i32, message: &str) -> ! {
+    // A plain write: no lock on Rust's stderr, which the main thread may hold.
+    // SAFETY: `write` reads `message.len()` bytes of a live slice; a short or failed write is
+    // of no consequence, the process is leaving.
+    unsafe { libc::write(libc::STDERR_FILENO, message.as_ptr().cast(), message.len()) };
+    // SAFETY: `_exit` takes no pointers and does not return. It skips destructors and atexit
+    // handlers on purpose: buffered output is lost, checkpoints are not (see above).
+    unsafe { libc::_exit(code) }
 }
 
 /// A model ready for inference, with its tokenizer and the run's config.
