@@ -148,15 +148,33 @@ fn default_run_dir() -> PathBuf {
 
 /// Ctrl-C asks `stop` to end the run after the current step (with a checkpoint).
 fn install_ctrl_c(stop: Interrupter) {
-    let _ = ctrlc::set_handler(move || {
-        if stop.request() {
-            eprintln!("\nfrugal: second Ctrl-C, exiting without a checkpoint");
-            std::process::exit(130);
-        }
-        eprintln!(
-            "\nfrugal: Ctrl-C: saving a checkpoint after this step (press again to quit now)"
+    let _ = ctrlc::set_handler(move || on_ctrl_c(&stop));
+}
+
+/// What a Ctrl-C does: the first asks the run to stop, and the training loop saves a checkpoint
+/// after the step and stops; the second ends the process at once with status 130.
+fn on_ctrl_c(stop: &Interrupter) {
+    if stop.request() {
+        exit_now(
+            130,
+            "\nfrugal: second Ctrl-C, exiting without a checkpoint\n",
         );
-    });
+    }
+    eprintln!("\nfrugal: Ctrl-C: saving a checkpoint after this step (press again to quit now)");
+}
+
+/// Writes `message` to stderr and ends the process with `code` at once. `std::process::exit`
+/// would run the atexit handlers and C++ static destructors while the main thread is still
+/// inside libtorch (a panic or a segfault); `_exit` runs nothing. Checkpoints are built in a
+/// temporary folder and renamed, so the previous one stays intact.
+fn exit_now(code: i32, message: &str) -> ! {
+    // A plain write: no lock on Rust's stderr, which the main thread may hold.
+    // SAFETY: `write` reads `message.len()` bytes of a live slice; a short or failed write is
+    // of no consequence, the process is leaving.
+    unsafe { libc::write(libc::STDERR_FILENO, message.as_ptr().cast(), message.len()) };
+    // SAFETY: `_exit` takes no pointers and does not return. It skips destructors and atexit
+    // handlers on purpose: buffered output is lost, checkpoints are not (see above).
+    unsafe { libc::_exit(code) }
 }
 
 /// A model ready for inference, with its tokenizer and the run's config.
@@ -204,24 +222,6 @@ fn load_run(run_dir: &Path, adapter: Option<&Path>) -> Result<Loaded> {
     })
 }
 
-/// The linear kind a model folder's `config.json` declares for its stored weights: quantized
-/// (`quantization_config`, written by `frugal quantize`, bitsandbytes or GPTQ) or TT
-/// (`frugal compress`); None for dense weights.
-pub(crate) fn stored_linear_kind(hf: &serde_json::Value) -> Option<frugal_models::LinearKind> {
-    if let Some(format) = hf
-        .get("quantization_config")
-        .and_then(frugal_quant::convert::Format::from_quantization_config)
-    {
-        return Some(crate::merge_cmd::format_kind(&format));
-    }
-    hf.get(crate::compress_cmd::TT_CONFIG_KEY)
-        .map(|tt| frugal_models::LinearKind::Tt {
-            rank: tt.get("tt_rank").and_then(|r| r.as_i64()).unwrap_or(30),
-            order: tt.get("order").and_then(|o| o.as_u64()).unwrap_or(3) as usize,
-            eps: None,
-        })
-}
-
 fn load_model_dir(dir: &Path, adapter: Option<&Path>) -> Result<Loaded> {
     let cfg_path = dir.join("config.json");
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
@@ -238,7 +238,7 @@ fn load_model_dir(dir: &Path, adapter: Option<&Path>) -> Result<Loaded> {
             DecoderConfig::HgrnBit(c)
         }
         None => {
-            if let Some(kind) = stored_linear_kind(&hf) {
+            if let Some(kind) = run::stored_linear_kind(&hf) {
                 cfg.model.linear = kind;
             }
             DecoderConfig::Llama(

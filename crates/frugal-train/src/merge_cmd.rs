@@ -18,7 +18,6 @@ use frugal_core::safetensors_io::{self, SafetensorsFile};
 use frugal_core::{atomic, Error, Result};
 use frugal_models::llama::LlamaConfig;
 use frugal_models::LinearKind;
-use frugal_quant::convert::Format;
 use frugal_quant::layer::QuantizedWeight;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -67,7 +66,7 @@ fn load(base: &Path, adapter: &Path) -> Result<(run::Model, peft::AdapterFile)> 
     let hf: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| Error::Msg(format!("{}: {e}", cfg_path.display())))?;
     let mut cfg = Config::default();
-    cfg.model.linear = crate::commands::stored_linear_kind(&hf).unwrap_or(LinearKind::Dense);
+    cfg.model.linear = crate::run::stored_linear_kind(&hf).unwrap_or(LinearKind::Dense);
     if file.config.pool > 1 {
         let want = LinearKind::Quantized {
             format: "int4".into(),
@@ -214,15 +213,4 @@ pub fn merge(base: &Path, adapter: &Path, out: &Path, format: &str) -> Result<u8
         human_bytes(report.bytes)
     );
     Ok(0)
-}
-
-/// The quantization format a folder's `config.json` declares, as a linear kind.
-pub(crate) fn format_kind(format: &Format) -> LinearKind {
-    let (name, block_size, group_size, double_quant) = format.options();
-    LinearKind::Quantized {
-        format: name.into(),
-        block_size,
-        group_size,
-        double_quant,
-    }
 }

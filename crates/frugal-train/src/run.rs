@@ -297,3 +297,32 @@ pub fn unigram_loss(train: &[u32], val: &[u32], vocab: usize) -> f64 {
         .sum();
     nll / val.len().max(1) as f64
 }
+
+/// The linear kind a model folder's `config.json` declares for its stored weights: quantized
+/// (`quantization_config`, written by `frugal quantize`, bitsandbytes or GPTQ) or TT
+/// (`frugal compress`); None for dense weights.
+pub fn stored_linear_kind(hf: &serde_json::Value) -> Option<frugal_models::LinearKind> {
+    if let Some(format) = hf
+        .get("quantization_config")
+        .and_then(frugal_quant::convert::Format::from_quantization_config)
+    {
+        return Some(format_kind(&format));
+    }
+    hf.get(crate::compress_cmd::TT_CONFIG_KEY)
+        .map(|tt| frugal_models::LinearKind::Tt {
+            rank: tt.get("tt_rank").and_then(|r| r.as_i64()).unwrap_or(30),
+            order: tt.get("order").and_then(|o| o.as_u64()).unwrap_or(3) as usize,
+            eps: None,
+        })
+}
+
+/// The quantization format a folder's `config.json` declares, as a linear kind.
+pub fn format_kind(format: &frugal_quant::convert::Format) -> frugal_models::LinearKind {
+    let (name, block_size, group_size, double_quant) = format.options();
+    frugal_models::LinearKind::Quantized {
+        format: name.into(),
+        block_size,
+        group_size,
+        double_quant,
+    }
+}
