@@ -17,11 +17,12 @@
 //! ```
 
 use crate::report::{
-    frugal_train, json_num as num, json_number, json_object, json_opt, json_str as string,
-    last_json_line, load_average, mib, python_json, utc_date, Machine,
+    frugal_train, json_num as num, json_number, json_opt, json_str as string, last_json_line,
+    load_average, mib, python_json, utc_date, Machine,
 };
 use crate::setup::TorchEnv;
 use crate::{Failure, Result};
+use frugal_records::FrozenBase;
 use std::path::Path;
 
 const BATCH: u64 = 4;
@@ -100,24 +101,13 @@ impl Side {
     }
 }
 
-/// What an adapter run's frozen base holds (`memory.json`'s `frozen_base`).
-#[derive(Debug, Clone, PartialEq)]
-struct FrozenBase {
-    quantized_bytes: u64,
-    quantized_params: u64,
-    quantized_bytes_per_param: f64,
-    other_bytes: u64,
-    other_params: u64,
-    total_bytes: u64,
-}
-
 /// One side's measurements.
 #[derive(Debug, Clone, PartialEq)]
 struct Row {
     step_s: f64,
     baseline_rss_bytes: u64,
     peak_rss_bytes: u64,
-    /// Adapter runs of our trainer.
+    /// Adapter runs of our trainer: what the frozen base holds (`memory.json`'s `frozen_base`).
     frozen: Option<FrozenBase>,
 }
 
@@ -359,31 +349,16 @@ fn run_frugal(
     let out = format!("target/bench/adapters/{}-run", side.key());
     let out_dir = frugal_train(bin, vars, root, &out, &frugal_sets(opts, side))?;
 
-    let (step_s, baseline_rss_bytes, peak_rss_bytes, memory) =
-        crate::report::read_train_run(&out_dir, &out, opts.warmup, total)?;
-    let frozen = parse_frozen(&memory);
+    let run = crate::report::read_train_run(&out_dir, &out, opts.warmup, total)?;
+    let frozen = run.memory.frozen_base;
     if side != Side::Full && frozen.is_none() {
         eprintln!("bench adapters: {out}/memory.json has no frozen_base");
     }
     Ok(Row {
-        step_s,
-        baseline_rss_bytes,
-        peak_rss_bytes,
+        step_s: run.step_s,
+        baseline_rss_bytes: run.baseline_rss_bytes,
+        peak_rss_bytes: run.peak_rss_bytes,
         frozen,
-    })
-}
-
-/// `memory.json`'s `frozen_base` object, if it has one.
-fn parse_frozen(memory: &str) -> Option<FrozenBase> {
-    let o = json_object(memory, "frozen_base")?;
-    let int = |k| json_number(o, k).map(|v| v as u64);
-    Some(FrozenBase {
-        quantized_bytes: int("quantized_bytes")?,
-        quantized_params: int("quantized_params")?,
-        quantized_bytes_per_param: json_number(o, "quantized_bytes_per_param")?,
-        other_bytes: int("other_bytes")?,
-        other_params: int("other_params")?,
-        total_bytes: int("total_bytes")?,
     })
 }
 
@@ -559,6 +534,8 @@ fn result_json(opts: Options, res: &Results, machine: &Machine, date: &str) -> S
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::report::fixtures::{jsonl, line, memory, memory_json};
+    use crate::report::json_object;
 
     fn row(step_s: f64, frozen: Option<FrozenBase>) -> Row {
         Row {
@@ -646,24 +623,6 @@ mod tests {
             }
         );
         assert!(parse_peft("no json\n").is_none());
-    }
-
-    #[test]
-    fn frozen_base_from_memory_json() {
-        let text = r#"{
-  "measured": {"baseline_rss_bytes": 10, "peak_rss_bytes": 30},
-  "frozen_base": {
-    "quantized_bytes": 1032,
-    "quantized_params": 2000,
-    "quantized_bytes_per_param": 0.516,
-    "other_bytes": 4194304,
-    "other_params": 1048576,
-    "total_bytes": 4195336
-  },
-  "plan": {"total_bytes": 1}
-}"#;
-        assert_eq!(parse_frozen(text), Some(nf4()));
-        assert_eq!(parse_frozen(r#"{"measured": {}}"#), None);
     }
 
     #[test]
@@ -792,11 +751,15 @@ mod tests {
 case "$*" in *'--set adapter.kind="qlora" '*'--set adapter.target_modules="all-linear"'*) ;; *) exit 4 ;; esac
 while [ $# -gt 0 ]; do [ "$1" = --out ] && out=$2; shift; done
 mkdir -p "$out"
-printf '%s\n' '{"step":1,"loss":10,"tokens_per_s":1,"step_time_s":5}' \
-  '{"step":2,"loss":9,"tokens_per_s":1,"step_time_s":1.5}' \
-  '{"step":3,"loss":8,"tokens_per_s":1,"step_time_s":2.5}' > "$out/metrics.jsonl"
-printf '{"measured": {"baseline_rss_bytes": 10, "peak_rss_bytes": 30}, "frozen_base": {"quantized_bytes": 1032, "quantized_params": 2000, "quantized_bytes_per_param": 0.516, "other_bytes": 4194304, "other_params": 1048576, "total_bytes": 4195336}}' > "$out/memory.json"
+printf '%s' 'METRICS' > "$out/metrics.jsonl"
+printf '%s' 'MEMORY' > "$out/memory.json"
 "#;
+        let lines = [line(1, 10.0, 5.0), line(2, 9.0, 1.5), line(3, 8.0, 2.5)];
+        let mut report = memory(10, 30, 4194304);
+        report.frozen_base = Some(nf4());
+        let script = script
+            .replace("METRICS", &jsonl(&lines))
+            .replace("MEMORY", &memory_json(&report));
         std::fs::write(&bin, script).unwrap();
         std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
         let opts = Options {

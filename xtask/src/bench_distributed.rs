@@ -32,11 +32,12 @@
 //! (`crate::setup::ensure_mpi` installs them where it can).
 
 use crate::report::{
-    find_key, frugal_train_command, json_num as num, json_opt, json_str as string, load_average,
+    frugal_train_command, json_num as num, json_opt, json_str as string, load_average,
     metric_points, mib, utc_date, Machine,
 };
 use crate::setup::TorchEnv;
 use crate::{Failure, Result};
+use frugal_records::{MemoryReport, MetricsLine};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
@@ -251,40 +252,23 @@ impl Variable {
     }
 }
 
-/// The string value of key `key` in `obj` (no escapes expected in variable names).
-fn json_string_value(obj: &str, key: &str) -> Option<String> {
-    let (_, after) = find_key(obj, key)?;
-    let rest = obj[after..].trim_start().strip_prefix('"')?;
-    Some(rest[..rest.find('"')?].to_string())
-}
-
-/// The variables of `memory.json`: its `parameters` key whose value is a list (the
-/// `accounting` object has a `parameters` number too).
-fn parse_variables(memory: &str) -> Option<Vec<Variable>> {
-    let list = memory.match_indices("\"parameters\"").find_map(|(i, k)| {
-        let rest = memory[i + k.len()..].trim_start().strip_prefix(':')?;
-        let value = rest.trim_start();
-        value
-            .starts_with('[')
-            .then(|| crate::report::json_balanced(memory, memory.len() - value.len()))?
-    })?;
-    let mut vars = Vec::new();
-    let mut from = 1;
-    while let Some(i) = list[from..].find('{') {
-        let obj = crate::report::json_balanced(list, from + i)?;
-        from += i + obj.len();
-        let name = json_string_value(obj, "name")?;
-        let (_, after) = find_key(obj, "shape")?;
-        let shape_text = obj[after..].trim_start().strip_prefix('[')?;
-        let shape_text = &shape_text[..shape_text.find(']')?];
-        let shape = shape_text
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(|s| s.parse().ok())
-            .collect::<Option<Vec<u64>>>()?;
-        vars.push(Variable { name, shape });
-    }
+/// The variables of `memory.json`'s `parameters` list; None when it is empty or a dimension is
+/// negative.
+fn variables(memory: &MemoryReport) -> Option<Vec<Variable>> {
+    let vars = memory
+        .parameters
+        .iter()
+        .map(|p| {
+            Some(Variable {
+                name: p.name.clone(),
+                shape: p
+                    .shape
+                    .iter()
+                    .map(|&d| u64::try_from(d).ok())
+                    .collect::<Option<_>>()?,
+            })
+        })
+        .collect::<Option<Vec<_>>>()?;
     (!vars.is_empty()).then_some(vars)
 }
 
@@ -371,8 +355,8 @@ impl Row {
 
 /// `(allreduce_bytes of step 1, mean allreduce_bytes of the steps after max(warmup, 1))` of
 /// `metrics.jsonl`.
-fn allreduce_bytes(metrics: &str, warmup: u64) -> (Option<u64>, Option<f64>) {
-    let points = metric_points(metrics, "allreduce_bytes");
+fn allreduce_bytes(metrics: &[MetricsLine], warmup: u64) -> (Option<u64>, Option<f64>) {
+    let points = metric_points(metrics, |l| l.allreduce_bytes.map(|b| b as f64));
     let refresh = points.iter().find(|p| p.0 == 1.0).map(|p| p.1 as u64);
     let after: Vec<f64> = points
         .iter()
@@ -403,11 +387,8 @@ fn run_side(
     // The trainer checkpoints the last step: hundreds of MiB at 60M, of no use here.
     let _ = std::fs::remove_dir_all(out_dir.join("checkpoints"));
     ran?;
-    let (step_s, baseline_rss_bytes, peak_rss_bytes, memory) =
-        crate::report::read_train_run(&out_dir, &out, opts.warmup, opts.total())?;
-    let metrics = std::fs::read_to_string(out_dir.join("metrics.jsonl"))
-        .map_err(|e| Failure::new(format!("cannot read {out}/metrics.jsonl: {e}")))?;
-    let (refresh_bytes, bytes_per_step) = allreduce_bytes(&metrics, opts.warmup);
+    let run = crate::report::read_train_run(&out_dir, &out, opts.warmup, opts.total())?;
+    let (refresh_bytes, bytes_per_step) = allreduce_bytes(&run.metrics, opts.warmup);
     if side.ranks() > 1 && bytes_per_step.is_none() {
         return Err(Failure::new(format!(
             "{out}/metrics.jsonl has no allreduce_bytes after step {}: was frugal built \
@@ -415,13 +396,13 @@ fn run_side(
             opts.warmup.max(1)
         )));
     }
-    let variables = parse_variables(&memory)
+    let variables = variables(&run.memory)
         .ok_or_else(|| Failure::new(format!("{out}/memory.json has no list of parameters")))?;
     Ok(Row {
-        step_s,
+        step_s: run.step_s,
         tokens_per_step: side.ranks() * opts.batch * SEQ,
-        baseline_rss_bytes,
-        peak_rss_bytes,
+        baseline_rss_bytes: run.baseline_rss_bytes,
+        peak_rss_bytes: run.peak_rss_bytes,
         refresh_bytes,
         bytes_per_step,
         variables,
@@ -931,31 +912,27 @@ mod tests {
         );
     }
 
-    const MEMORY: &str = r#"{
-  "accounting": {"gradients": 100, "optimizer_state": 10, "parameters": 100},
-  "measured": {"baseline_rss_bytes": 1000, "peak_rss_bytes": 5000},
-  "parameters": [
-    {"bytes": 16384, "name": "lm_head.weight", "shape": [32, 128]},
-    {"bytes": 512, "name": "model.layers.0.input_layernorm.weight", "shape": [128]},
-    {"bytes": 176128, "name": "model.layers.0.mlp.down_proj.weight", "shape": [
-        128,
-        344
-      ]},
-    {"bytes": 65536, "name": "model.layers.0.self_attn.q_proj.weight", "shape": [128, 128]}
-  ],
-  "plan": {"parameters": 3}
-}"#;
-
     #[test]
     fn memory_json_variables() {
-        let v = parse_variables(MEMORY).unwrap();
+        use crate::report::fixtures::{memory, variable};
+        let mut m = memory(1000, 5000, 100);
+        m.parameters = vec![
+            variable("lm_head.weight", &[32, 128]),
+            variable("model.layers.0.input_layernorm.weight", &[128]),
+            variable("model.layers.0.mlp.down_proj.weight", &[128, 344]),
+            variable("model.layers.0.self_attn.q_proj.weight", &[128, 128]),
+        ];
+        let v = variables(&m).unwrap();
         assert_eq!(v.len(), 4);
         assert_eq!(
             v[2],
             var("model.layers.0.mlp.down_proj.weight", &[128, 344])
         );
         assert_eq!(v[1].shape, vec![128]);
-        assert!(parse_variables(r#"{"accounting": {"parameters": 4}}"#).is_none());
+        m.parameters[1].shape = vec![-1];
+        assert!(variables(&m).is_none());
+        m.parameters.clear();
+        assert!(variables(&m).is_none());
     }
 
     /// The 60m preset (it keeps its vocabulary of 32000 whatever the tokenizer's).
@@ -1010,16 +987,16 @@ mod tests {
 
     #[test]
     fn metrics_allreduce_bytes() {
-        let m = "{\"step\":1,\"allreduce_bytes\":1000,\"step_time_s\":5}\n\
-                 {\"step\":2,\"allreduce_bytes\":300,\"step_time_s\":1}\n\
-                 {\"step\":3,\"allreduce_bytes\":500,\"step_time_s\":1,\"val_loss\":3}\n";
-        assert_eq!(allreduce_bytes(m, 1), (Some(1000), Some(400.0)));
-        assert_eq!(allreduce_bytes(m, 0), (Some(1000), Some(400.0)));
-        assert_eq!(allreduce_bytes(m, 2), (Some(1000), Some(500.0)));
-        assert_eq!(
-            allreduce_bytes("{\"step\":1,\"step_time_s\":5}\n", 1),
-            (None, None)
-        );
+        use crate::report::fixtures::line;
+        let mut m = [line(1, 9.0, 5.0), line(2, 8.0, 1.0), line(3, 7.0, 1.0)];
+        for (l, b) in m.iter_mut().zip([1000, 300, 500]) {
+            l.allreduce_bytes = Some(b);
+        }
+        m[2].val_loss = Some(3.0);
+        assert_eq!(allreduce_bytes(&m, 1), (Some(1000), Some(400.0)));
+        assert_eq!(allreduce_bytes(&m, 0), (Some(1000), Some(400.0)));
+        assert_eq!(allreduce_bytes(&m, 2), (Some(1000), Some(500.0)));
+        assert_eq!(allreduce_bytes(&[line(1, 9.0, 5.0)], 1), (None, None));
     }
 
     fn row(step_s: f64, ranks: u64, bytes: Option<f64>) -> Row {

@@ -36,12 +36,14 @@
 //! ```
 
 use crate::report::{
-    frugal_dry_run, frugal_train, json_num, json_number, json_object, json_opt, json_str,
-    load_average, mean_step_time, mem_available_bytes, metric_points, mib, parse_human_bytes,
-    parse_memory, python_json, utc_date, Machine,
+    frugal_dry_run, frugal_train, json_num, json_number, json_opt, json_str, load_average,
+    mean_step_time, mem_available_bytes, metric_points, mib, parse_human_bytes, python_json,
+    read_memory, read_metrics, utc_date, Machine,
 };
 use crate::setup::TorchEnv;
 use crate::{Failure, Result};
+use frugal_records::MemoryReport;
+use std::collections::BTreeMap;
 use std::path::Path;
 
 /// Tokens per sequence.
@@ -523,41 +525,29 @@ fn measure_frugal(
     out: &str,
     sets: &[String],
     warmup: u64,
-) -> Result<(Measured, String)> {
+) -> Result<(Measured, MemoryReport)> {
     let dir = frugal_train(bin, vars, root, out, sets)?;
-    let read = |name: &str| {
-        std::fs::read_to_string(dir.join(name))
-            .map_err(|e| Failure::new(format!("cannot read {out}/{name}: {e}")))
-    };
-    let metrics = read("metrics.jsonl")?;
-    let svd: Vec<(f64, f64)> = metric_points(&metrics, "svd_s");
+    let metrics = read_metrics(&dir, out)?;
+    let svd: Vec<(f64, f64)> = metric_points(&metrics, |l| l.svd_s);
     let svd_s = (!svd.is_empty()).then(|| svd.iter().map(|p| p.1).sum());
     let step_s = mean_step_time(&metrics, warmup)
         .ok_or_else(|| Failure::new(format!("{out}/metrics.jsonl has too few timed steps")))?;
-    let memory = read("memory.json")?;
-    let (baseline_rss_bytes, whole_run_peak) = parse_memory(&memory).ok_or_else(|| {
-        Failure::new(format!(
-            "{out}/memory.json lacks baseline_rss_bytes and peak_rss_bytes"
-        ))
-    })?;
-    // The peak of the training steps, before the final evaluation and checkpoint, as
-    // galore-torch's script measures it.
-    let peak_rss_bytes = json_object(&memory, "measured")
-        .and_then(|m| json_number(m, "steps_peak_rss_bytes"))
-        .map_or(whole_run_peak, |v| v as u64);
+    let memory = read_memory(&dir, out)?;
     let measured = Measured {
         step_s,
-        baseline_rss_bytes,
-        peak_rss_bytes,
+        baseline_rss_bytes: memory.measured.baseline_rss_bytes,
+        // The peak of the training steps, before the final evaluation and checkpoint, as
+        // galore-torch's script measures it.
+        peak_rss_bytes: memory.measured.steps_peak_rss_bytes,
         svd_s,
     };
     Ok((measured, memory))
 }
 
-/// The categories of a JSON object of bytes by category (`parameters`, `frozen_quantized`,
-/// `gradients`, `optimizer_state`, `activations`, `logits`), as they appear in `memory.json`.
-fn accounting_of(object: &str, source: &str) -> Accounting {
-    let get = |k: &str| json_number(object, k).map(|v| v as u64);
+/// The categories of bytes by category (`parameters`, `frozen_quantized`, `gradients`,
+/// `optimizer_state`, `activations`, `logits`), as they appear in `memory.json`.
+fn accounting_of(bytes: &BTreeMap<String, u64>, source: &str) -> Accounting {
+    let get = |k: &str| bytes.get(k).copied();
     let sum = |a: Option<u64>, b: Option<u64>| match (a, b) {
         (None, None) => None,
         (a, b) => Some(a.unwrap_or(0) + b.unwrap_or(0)),
@@ -573,21 +563,18 @@ fn accounting_of(object: &str, source: &str) -> Accounting {
 
 /// The plan a run's `memory.json` holds (`"plan"`, and `"adamw_full_gradients"` for AdamW),
 /// exact where the dry run's table is rounded.
-fn plan_from_memory(memory: &str) -> Option<Plan> {
+fn plan_from_memory(memory: &MemoryReport) -> Option<Plan> {
     let source = "memory.json plan";
     Some(Plan {
-        ours: accounting_of(json_object(memory, "plan")?, source),
-        adamw: accounting_of(json_object(memory, "adamw_full_gradients")?, source),
+        ours: accounting_of(&memory.plan.as_ref()?.by_category, source),
+        adamw: accounting_of(&memory.adamw_full_gradients.as_ref()?.by_category, source),
     })
 }
 
 /// The accounting of a run's `memory.json`: its `"accounting"` object (the tensors the run
 /// held); categories it lacks (activations, logits) come from `plan`.
-fn run_accounting(memory: &str, plan: Option<&Plan>) -> Accounting {
-    let from_run = accounting_of(
-        json_object(memory, "accounting").unwrap_or("{}"),
-        "memory.json",
-    );
+fn run_accounting(memory: &MemoryReport, plan: Option<&Plan>) -> Accounting {
+    let from_run = accounting_of(&memory.accounting, "memory.json");
     let Some(plan) = plan else {
         return from_run;
     };
@@ -1055,6 +1042,7 @@ fn result_json(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use frugal_records::PlannedBytes;
 
     const DRY: &str = "llama 1b: d 2048, 24 layers, 32 heads, ffn 5461, vocabulary 32000
 optimizer galore-adamw8bit (per-layer updates), batch 1 x 256 tokens, F32
@@ -1135,24 +1123,43 @@ total                   7.40 GB       22.62 GB   0.33x
         assert_eq!(plan.ours.activations, Some(97_900_000 + 98_300_000));
         assert_eq!(plan.adamw.optimizer_state, Some(10_710_000_000));
         assert!(parse_dry_run("nothing").is_none());
-        let memory = r#"{"accounting": {"gradients": 100, "optimizer_state": 1600000000,
-            "parameters": 5360000000}, "measured": {"baseline_rss_bytes": 1,
-            "peak_rss_bytes": 2}}"#;
-        let a = run_accounting(memory, Some(&plan));
+        let bytes = |kv: &[(&str, u64)]| -> BTreeMap<String, u64> {
+            kv.iter().map(|&(k, v)| (k.to_string(), v)).collect()
+        };
+        let mut memory = crate::report::fixtures::memory(1, 2, 5360000000);
+        memory.accounting = bytes(&[
+            ("gradients", 100),
+            ("optimizer_state", 1600000000),
+            ("parameters", 5360000000),
+        ]);
+        let a = run_accounting(&memory, Some(&plan));
         assert_eq!(a.gradients, Some(100));
         assert_eq!(a.activations, plan.ours.activations);
         assert!(a.source.contains("dry-run"), "{}", a.source);
-        assert!(plan_from_memory(memory).is_none());
-        let with_plan = r#"{"accounting": {"gradients": 7}, "plan": {"activations": 5,
-            "logits": 6, "gradients": 7, "optimizer_state": 8, "parameters": 9,
-            "frozen_quantized": 0, "total": 35}, "adamw_full_gradients": {"activations": 5,
-            "logits": 6, "gradients": 9, "optimizer_state": 18, "parameters": 9, "total": 47}}"#;
-        let p = plan_from_memory(with_plan).unwrap();
+        assert!(plan_from_memory(&memory).is_none());
+        let mut with_plan = memory.clone();
+        with_plan.accounting = bytes(&[("gradients", 7)]);
+        with_plan.plan = Some(PlannedBytes::new(bytes(&[
+            ("activations", 5),
+            ("logits", 6),
+            ("gradients", 7),
+            ("optimizer_state", 8),
+            ("parameters", 9),
+            ("frozen_quantized", 0),
+        ])));
+        with_plan.adamw_full_gradients = Some(PlannedBytes::new(bytes(&[
+            ("activations", 5),
+            ("logits", 6),
+            ("gradients", 9),
+            ("optimizer_state", 18),
+            ("parameters", 9),
+        ])));
+        let p = plan_from_memory(&with_plan).unwrap();
         assert_eq!(
             (p.ours.activations, p.adamw.optimizer_state),
             (Some(11), Some(18))
         );
-        let b = run_accounting(with_plan, Some(&p));
+        let b = run_accounting(&with_plan, Some(&p));
         assert_eq!(
             (b.gradients, b.weights, b.activations),
             (Some(7), Some(9), Some(11))

@@ -24,11 +24,11 @@
 //! ```
 
 use crate::report::{
-    frugal_train, json_num, json_number, json_object, json_opt, json_str, metric_points, mib,
-    utc_date, Machine,
+    frugal_train, json_num, json_opt, json_str, metric_points, mib, read_metrics, utc_date, Machine,
 };
 use crate::setup::TorchEnv;
 use crate::{Failure, Result};
+use frugal_records::{MemoryReport, MetricsLine, MEMORY_FILE};
 use std::path::Path;
 
 /// Where the runs go.
@@ -99,10 +99,10 @@ pub fn run(env: &TorchEnv, args: &[String]) -> Result<()> {
         eprintln!("bench galore-quality: {name}, {} steps", opts.steps);
         let out = format!("{OUT_DIR}/{name}");
         let dir = frugal_train(&bin, &vars, &root, &out, &sets(&opts, name))?;
-        let metrics = std::fs::read_to_string(dir.join("metrics.jsonl"))
-            .map_err(|e| Failure::new(format!("cannot read {out}/metrics.jsonl: {e}")))?;
-        let memory = std::fs::read_to_string(dir.join("memory.json")).unwrap_or_default();
-        curves.push(curve(&metrics, &memory));
+        let metrics = read_metrics(&dir, &out)?;
+        // Without a readable memory.json the curve has no optimizer state, nothing worse.
+        let memory = MemoryReport::read(dir.join(MEMORY_FILE)).ok();
+        curves.push(curve(&metrics, memory.as_ref()));
         let _ = std::fs::remove_dir_all(dir.join("checkpoints"));
     }
     let (adamw, galore) = (&curves[0], &curves[1]);
@@ -198,16 +198,14 @@ fn sets(o: &Options, name: &str) -> Vec<String> {
 
 /// The validation curve and mean step time of a `metrics.jsonl`, and the optimizer state of
 /// the run's `memory.json`.
-fn curve(metrics: &str, memory: &str) -> Curve {
-    let times = metric_points(metrics, "step_time_s");
+fn curve(metrics: &[MetricsLine], memory: Option<&MemoryReport>) -> Curve {
+    let times = metric_points(metrics, |l| Some(l.step_time_s));
     let step_s =
         (!times.is_empty()).then(|| times.iter().map(|p| p.1).sum::<f64>() / times.len() as f64);
     Curve {
-        val: metric_points(metrics, "val_loss"),
+        val: metric_points(metrics, |l| l.val_loss),
         step_s,
-        state_bytes: json_object(memory, "accounting")
-            .and_then(|a| json_number(a, "optimizer_state"))
-            .map(|b| b as u64),
+        state_bytes: memory.and_then(|m| m.accounting.get("optimizer_state").copied()),
     }
 }
 
@@ -325,12 +323,16 @@ fn result_json(o: &Options, adamw: &Curve, galore: &Curve, m: &Machine, date: &s
 mod tests {
     use super::*;
 
-    const METRICS: &str = r#"{"step": 1, "loss": 8.0, "step_time_s": 0.5}
-{"step": 2, "loss": 7.0, "step_time_s": 0.3}
-{"step": 2, "val_loss": 6.5, "val_ppl": 665.1}
-{"step": 4, "loss": 6.0, "step_time_s": 0.4}
-{"step": 4, "val_loss": 6.0}
-"#;
+    use crate::report::fixtures::{line, memory};
+    use crate::report::json_number;
+
+    /// Steps 1, 2 and 4, evaluations at 2 and 4.
+    fn metrics() -> Vec<MetricsLine> {
+        let mut lines = vec![line(1, 8.0, 0.5), line(2, 7.0, 0.3), line(4, 6.0, 0.4)];
+        (lines[1].val_loss, lines[1].val_ppl) = (Some(6.5), Some(665.1));
+        lines[2].val_loss = Some(6.0);
+        lines
+    }
 
     #[test]
     fn options() {
@@ -352,7 +354,10 @@ mod tests {
 
     #[test]
     fn curves_table_json() {
-        let adamw = curve(METRICS, r#"{"accounting": {"optimizer_state": 2097152}}"#);
+        let mut m = memory(1, 2, 3);
+        m.accounting.insert("optimizer_state".into(), 2097152);
+        let adamw = curve(&metrics(), Some(&m));
+        assert_eq!(curve(&metrics(), None).state_bytes, None);
         assert_eq!(adamw.state_bytes, Some(2 << 20));
         assert_eq!(adamw.val, [(2.0, 6.5), (4.0, 6.0)]);
         assert!((adamw.step_s.unwrap() - 0.4).abs() < 1e-12);

@@ -29,12 +29,13 @@
 //! (`train.checkpointing = true`).
 
 use crate::report::{
-    failures, find_key, frugal_train, json_num as num, json_number, json_object, json_opt,
-    json_str as string, last_json_line, load_average, loads, mean_step_time, metric_points, mib,
-    row_of, utc_date, Machine, Outcome,
+    failures, find_key, frugal_train, json_num as num, json_number, json_opt, json_str as string,
+    last_json_line, load_average, loads, mean_step_time, metric_points, mib, row_of, utc_date,
+    Machine, Outcome,
 };
 use crate::setup::TorchEnv;
 use crate::{Failure, Result};
+use frugal_records::MetricsLine;
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -453,18 +454,14 @@ fn run_train(
     let total = opts.warmup + opts.steps;
     let out = format!("{OUT_DIR}/train-{}", side.key());
     let out_dir = frugal_train(bin, vars, root, &out, &train_sets(opts, side))?;
-    let (step_s, baseline_rss_bytes, peak_rss_bytes, memory) =
-        crate::report::read_train_run(&out_dir, &out, opts.warmup, total)?;
-    let param_bytes = json_object(&memory, "accounting")
-        .and_then(|a| json_number(a, "parameters"))
-        .map(|v| v as u64);
+    let run = crate::report::read_train_run(&out_dir, &out, opts.warmup, total)?;
     // The trainer checkpoints the last step: gigabytes at 370M, of no use here.
     let _ = std::fs::remove_dir_all(out_dir.join("checkpoints"));
     Ok(TrainRow {
-        step_s,
-        baseline_rss_bytes,
-        peak_rss_bytes,
-        param_bytes,
+        step_s: run.step_s,
+        baseline_rss_bytes: run.baseline_rss_bytes,
+        peak_rss_bytes: run.peak_rss_bytes,
+        param_bytes: run.memory.accounting.get("parameters").copied(),
     })
 }
 
@@ -556,9 +553,9 @@ fn parse_unigram(stdout: &str) -> Option<f64> {
 
 /// `(val_loss, step)` of the last line of `metrics.jsonl` with a `val_loss`, the last line's
 /// `tokens`, and the mean `step_time_s`.
-fn parse_quality_metrics(metrics: &str) -> Option<(f64, u64, Option<u64>, Option<f64>)> {
-    let (step, val) = *metric_points(metrics, "val_loss").last()?;
-    let tokens = metric_points(metrics, "tokens").last().map(|p| p.1 as u64);
+fn parse_quality_metrics(metrics: &[MetricsLine]) -> Option<(f64, u64, Option<u64>, Option<f64>)> {
+    let (step, val) = *metric_points(metrics, |l| l.val_loss).last()?;
+    let tokens = metrics.last().map(|l| l.tokens);
     let step_s = mean_step_time(metrics, 0);
     Some((val, step as u64, tokens, step_s))
 }
@@ -605,8 +602,7 @@ fn run_quality(
     let t0 = Instant::now();
     let (out_dir, stdout) = frugal_train_capture(bin, vars, root, &out, &side.sets())?;
     let wall_s = t0.elapsed().as_secs_f64();
-    let metrics = std::fs::read_to_string(out_dir.join("metrics.jsonl"))
-        .map_err(|e| Failure::new(format!("cannot read {out}/metrics.jsonl: {e}")))?;
+    let metrics = crate::report::read_metrics(&out_dir, &out)?;
     let (val_loss, val_step, tokens, step_s) = parse_quality_metrics(&metrics)
         .ok_or_else(|| Failure::new(format!("{out}/metrics.jsonl has no val_loss")))?;
     Ok(QualRow {
@@ -1257,6 +1253,8 @@ fn result_json(opts: &Options, res: &Results, machine: &Machine, date: &str) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::report::fixtures::{jsonl, line, memory, memory_json};
+    use crate::report::json_object;
 
     fn args(v: &[&str]) -> Result<Options> {
         parse_args(&v.iter().map(|s| s.to_string()).collect::<Vec<_>>())
@@ -1528,13 +1526,12 @@ mod tests {
         let summary = "\nrun finished\n  steps                500\n  validation loss      4.1 (ppl 60.3)\n  unigram val loss     6.4321 (ppl 622.00), the loss of a model that ignores context\n";
         assert_eq!(parse_unigram(summary), Some(6.4321));
         assert_eq!(parse_unigram("no summary"), None);
-        let metrics = "{\"step\":1,\"loss\":9,\"tokens\":2048,\"step_time_s\":0.5}\n\
-                       {\"step\":2,\"loss\":8,\"tokens\":4096,\"step_time_s\":0.7,\"val_loss\":7.5}\n\
-                       {\"step\":3,\"loss\":7,\"tokens\":6144,\"step_time_s\":0.6}\n";
-        let (val, step, tokens, step_s) = parse_quality_metrics(metrics).unwrap();
-        assert_eq!((val, step, tokens), (7.5, 2, Some(6144)));
+        let mut metrics = [line(1, 9.0, 0.5), line(2, 8.0, 0.7), line(3, 7.0, 0.6)];
+        metrics[1].val_loss = Some(7.5);
+        let (val, step, tokens, step_s) = parse_quality_metrics(&metrics).unwrap();
+        assert_eq!((val, step, tokens), (7.5, 2, Some(3 * 1024)));
         assert!((step_s.unwrap() - 0.6).abs() < 1e-12);
-        assert!(parse_quality_metrics("{\"step\":1,\"loss\":9}\n").is_none());
+        assert!(parse_quality_metrics(&[line(1, 9.0, 0.5)]).is_none());
     }
 
     #[test]
@@ -1575,13 +1572,16 @@ mod tests {
 case "$*" in *'model.kind="hgrn-bit"'*) ;; *) exit 4 ;; esac
 while [ $# -gt 0 ]; do [ "$1" = --out ] && out=$2; shift; done
 mkdir -p "$out"
-printf '%s\n' '{"step":1,"loss":10,"tokens":1024,"step_time_s":5}' \
-  '{"step":2,"loss":9,"tokens":2048,"step_time_s":1.5,"val_loss":8.25}' \
-  '{"step":3,"loss":8,"tokens":3072,"step_time_s":2.5}' > "$out/metrics.jsonl"
-printf '{"accounting": {"parameters": 4000}, "measured": {"baseline_rss_bytes": 10, "peak_rss_bytes": 30}}' > "$out/memory.json"
+printf '%s' 'METRICS' > "$out/metrics.jsonl"
+printf '%s' 'MEMORY' > "$out/memory.json"
 echo "run finished"
 echo "  unigram val loss     6.5000 (ppl 665.14), the loss of a model that ignores context"
 "#;
+        let mut lines = [line(1, 10.0, 5.0), line(2, 9.0, 1.5), line(3, 8.0, 2.5)];
+        lines[1].val_loss = Some(8.25);
+        let script = script
+            .replace("METRICS", &jsonl(&lines))
+            .replace("MEMORY", &memory_json(&memory(10, 30, 4000)));
         std::fs::write(&bin, script).unwrap();
         std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
         let q = run_quality(&[], &root, &bin, QualSide::Hgrn)

@@ -160,12 +160,11 @@ fn run_frugal(vars: &[(String, String)], root: &Path, bin: &Path, opts: Options)
     sets.push("train.lr=0.001".into());
     let out_dir = frugal_train(bin, vars, root, FRUGAL_OUT, &sets)?;
 
-    let (step_s, baseline_rss_bytes, peak_rss_bytes, _) =
-        crate::report::read_train_run(&out_dir, FRUGAL_OUT, opts.warmup, total)?;
+    let run = crate::report::read_train_run(&out_dir, FRUGAL_OUT, opts.warmup, total)?;
     Ok(Row {
-        step_s,
-        baseline_rss_bytes,
-        peak_rss_bytes,
+        step_s: run.step_s,
+        baseline_rss_bytes: run.baseline_rss_bytes,
+        peak_rss_bytes: run.peak_rss_bytes,
     })
 }
 
@@ -267,37 +266,26 @@ fn result_json(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::report::{mean_step_time, parse_memory};
+    use crate::report::fixtures::{jsonl, line, memory, memory_json};
+    use crate::report::mean_step_time;
 
-    const METRICS: &str = r#"{"step": 1, "loss": 10.5, "tokens_per_s": 300.0, "step_time_s": 9.0}
-{"step": 2, "loss": 10.4, "tokens_per_s": 400.0, "step_time_s": 2.5e0}
-{"step":3,"loss":10.3,"tokens_per_s":500.0,"step_time_s":2.0}
-{"step": 3, "val_loss": 10.2}
-
-{"step": 4, "loss": 10.2, "tokens_per_s": 450.0, "step_time_s": 3.0, "lr": 1e-3}
-"#;
-
+    /// Guarantee: the mean skips the first `warmup` steps by step number (not file order), and
+    /// steps whose time is not finite.
     #[test]
-    fn mean_skips_warmup_and_eval_lines() {
-        assert_eq!(mean_step_time(METRICS, 1), Some(2.5));
-        assert_eq!(mean_step_time(METRICS, 3), Some(3.0));
-        assert_eq!(mean_step_time(METRICS, 4), None);
-        assert_eq!(mean_step_time("", 0), None);
-    }
-
-    #[test]
-    fn memory_prefers_measured() {
-        let text = r#"{
-  "estimate": {"peak_rss_bytes": 1, "baseline_rss_bytes": 2},
-  "measured": {
-    "baseline_rss_bytes": 400000000,
-    "peak_rss_bytes" : 1500000000
-  }
-}"#;
-        assert_eq!(parse_memory(text), Some((400_000_000, 1_500_000_000)));
-        let flat = r#"{"baseline_rss_bytes": 5, "peak_rss_bytes": 7}"#;
-        assert_eq!(parse_memory(flat), Some((5, 7)));
-        assert_eq!(parse_memory(r#"{"measured": {"peak_rss_bytes": 7}}"#), None);
+    fn mean_skips_warmup_and_non_finite_times() {
+        let mut lines = vec![
+            line(2, 10.4, 2.5),
+            line(1, 10.5, 9.0),
+            line(3, 10.3, 2.0),
+            line(4, 10.2, 3.0),
+        ];
+        lines[2].val_loss = Some(10.2);
+        assert_eq!(mean_step_time(&lines, 1), Some(2.5));
+        assert_eq!(mean_step_time(&lines, 3), Some(3.0));
+        assert_eq!(mean_step_time(&lines, 4), None);
+        assert_eq!(mean_step_time(&[], 0), None);
+        lines.push(line(5, 10.1, f64::NAN));
+        assert_eq!(mean_step_time(&lines, 3), Some(3.0));
     }
 
     #[test]
@@ -421,11 +409,14 @@ while [ $# -gt 0 ]; do [ "$1" = --out ] && out=$2; shift; done
 [ -e "$out/stale" ] && exit 6
 mkdir -p "$out"
 echo "training..."
-printf '%s\n' '{"step":1,"loss":10,"tokens_per_s":1,"step_time_s":5}' \
-  '{"step":2,"loss":9,"tokens_per_s":1,"step_time_s":1.5}' '{"step":2,"val_loss":9}' \
-  '{"step":3,"loss":8,"tokens_per_s":1,"step_time_s":2.5}' > "$out/metrics.jsonl"
-printf '{"measured": {"baseline_rss_bytes": 10, "peak_rss_bytes": 30}}' > "$out/memory.json"
+printf '%s' 'METRICS' > "$out/metrics.jsonl"
+printf '%s' 'MEMORY' > "$out/memory.json"
 "#;
+        let mut lines = [line(1, 10.0, 5.0), line(2, 9.0, 1.5), line(3, 8.0, 2.5)];
+        lines[1].val_loss = Some(9.0);
+        let script = script
+            .replace("METRICS", &jsonl(&lines))
+            .replace("MEMORY", &memory_json(&memory(10, 30, 100)));
         std::fs::write(&bin, script).unwrap();
         std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
         let vars = [("FRUGAL_TEST_VAR".to_string(), "yes".to_string())];

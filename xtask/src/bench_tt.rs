@@ -67,10 +67,11 @@
 
 use crate::report::{
     find_key, frugal_train, json_num, json_number, json_object, json_opt, json_str, last_json_line,
-    load_average, mean_step_time, mib, utc_date, Machine,
+    load_average, mean_step_time, mib, read_memory, read_metrics, utc_date, Machine,
 };
 use crate::setup::TorchEnv;
 use crate::{Failure, Result};
+use frugal_records::{MemoryReport, MetricsLine};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
@@ -1315,35 +1316,14 @@ fn model_sets(opts: &Options, config: Config) -> Vec<String> {
     s
 }
 
-/// Parameter counts of a run's `memory.json` (its per-tensor `"parameters"` list):
-/// `(blocks' linear weights, rank variables, all, vocabulary)`.
-fn model_params(memory: &str) -> Option<(u64, u64, u64, Option<u64>)> {
-    // The list: the `"parameters"` key whose value is an array (the accounting has a number).
-    let mut from = 0;
-    let list = loop {
-        let (_, after) = find_key(&memory[from..], "parameters")?;
-        let at = from + after;
-        let v = memory[at..].trim_start();
-        if v.starts_with('[') {
-            break v;
-        }
-        from = at;
-    };
+/// Parameter counts of a run's `memory.json` (its per-tensor `parameters` list):
+/// `(blocks' linear weights, rank variables, all, vocabulary)`; None when the list is empty.
+fn model_params(memory: &MemoryReport) -> Option<(u64, u64, u64, Option<u64>)> {
     let (mut linear, mut rank_vars, mut total, mut vocab) = (0u64, 0u64, 0u64, None);
-    let mut rest = list;
-    let mut any = false;
-    while let Some((_, after)) = find_key(rest, "name") {
-        let name = json_string(&rest[after - 8.min(after)..], "name").unwrap_or_default();
-        let tail = &rest[after..];
-        let shape = json_array(tail, "shape")?;
-        let dims: Vec<u64> = shape
-            .trim_matches(|c| c == '[' || c == ']')
-            .split(',')
-            .filter_map(|d| d.trim().parse().ok())
-            .collect();
-        let n: u64 = dims.iter().product();
+    for p in &memory.parameters {
+        let name = &p.name;
+        let n: u64 = p.shape.iter().map(|&d| d.max(0) as u64).product();
         total += n;
-        any = true;
         if name.contains(".rank_vars.") {
             rank_vars += n;
         } else if name.contains("encoder.layer.")
@@ -1352,16 +1332,10 @@ fn model_params(memory: &str) -> Option<(u64, u64, u64, Option<u64>)> {
         {
             linear += n;
         } else if name.ends_with("word_embeddings.weight") {
-            vocab = dims.first().copied();
-        }
-        let end = tail.find(']').map_or(tail.len(), |i| i + 1);
-        rest = &tail[end..];
-        // Past the list: stop at its closing bracket.
-        if rest.trim_start().starts_with(']') {
-            break;
+            vocab = p.shape.first().map(|&d| d.max(0) as u64);
         }
     }
-    any.then_some((linear, rank_vars, total, vocab))
+    (!memory.parameters.is_empty()).then_some((linear, rank_vars, total, vocab))
 }
 
 /// Runs the whole model's training in a `frugal train` child.
@@ -1376,38 +1350,32 @@ fn run_model(
     let dir = frugal_train(bin, vars, root, &out, &model_sets(opts, config))?;
     // The final checkpoint is not needed.
     let _ = std::fs::remove_dir_all(dir.join("checkpoints"));
-    let read = |name: &str| {
-        std::fs::read_to_string(dir.join(name))
-            .map_err(|e| Failure::new(format!("cannot read {out}/{name}: {e}")))
-    };
-    let metrics = read("metrics.jsonl")?;
-    let memory = read("memory.json")?;
+    let metrics = read_metrics(&dir, &out)?;
+    let memory = read_memory(&dir, &out)?;
     parse_model_run(&metrics, &memory, opts.model_warmup, &out)
 }
 
 /// The measurement of a model run from its `metrics.jsonl` and `memory.json`.
-fn parse_model_run(metrics: &str, memory: &str, warmup: u64, out: &str) -> Result<BigMeasured> {
+fn parse_model_run(
+    metrics: &[MetricsLine],
+    memory: &MemoryReport,
+    warmup: u64,
+    out: &str,
+) -> Result<BigMeasured> {
     let step_s = mean_step_time(metrics, warmup)
         .ok_or_else(|| Failure::new(format!("{out}/metrics.jsonl has too few timed steps")))?;
-    let measured = json_object(memory, "measured")
-        .ok_or_else(|| Failure::new(format!("{out}/memory.json has no \"measured\"")))?;
-    let get = |k: &str| json_number(measured, k).map(|v| v as u64);
-    let baseline = get("baseline_rss_bytes")
-        .ok_or_else(|| Failure::new(format!("{out}/memory.json has no baseline_rss_bytes")))?;
-    let (peak, source) = match get("steps_peak_rss_bytes").filter(|&p| p > 0) {
-        Some(p) => (p, "steps_peak_above_baseline_bytes"),
-        None => (
-            get("peak_rss_bytes")
-                .ok_or_else(|| Failure::new(format!("{out}/memory.json has no peak_rss_bytes")))?,
-            "peak_above_baseline_bytes",
-        ),
+    let m = &memory.measured;
+    // The steps' peak is 0 when no step ran in the process that wrote the report.
+    let (peak, source) = match m.steps_peak_rss_bytes {
+        0 => (m.peak_rss_bytes, "peak_above_baseline_bytes"),
+        p => (p, "steps_peak_above_baseline_bytes"),
     };
     let params = model_params(memory);
     Ok(BigMeasured {
         forward_s: None,
         step_s,
         step_median_s: None,
-        baseline_rss_bytes: baseline,
+        baseline_rss_bytes: m.baseline_rss_bytes,
         peak_rss_bytes: peak,
         peak_source: source.into(),
         linear_params: params.map(|p| p.0),
@@ -1942,31 +1910,29 @@ mod tests {
         assert!(parse_layer_child(r#"{"step_s": 1}"#, "x").is_err());
     }
 
-    const MEMORY: &str = r#"{
-  "accounting": {"gradients": 400, "optimizer_state": 800, "parameters": 400},
-  "measured": {
-    "baseline_rss_bytes": 1000,
-    "peak_rss_bytes": 9000,
-    "peak_above_baseline_bytes": 8000,
-    "steps_peak_rss_bytes": 5000,
-    "steps_peak_above_baseline_bytes": 4000
-  },
-  "model": {"kind": "encoder", "objective": "mlm", "size": "encoder-6"},
-  "parameters": [
-    {"bytes": 48, "name": "bert.embeddings.word_embeddings.weight", "shape": [4, 3]},
-    {"bytes": 8, "name": "bert.embeddings.LayerNorm.weight", "shape": [2]},
-    {"bytes": 96, "name": "bert.encoder.layer.0.attention.self.query.cores.0", "shape": [
-        1,
-        12,
-        2
-      ]},
-    {"bytes": 8, "name": "bert.encoder.layer.0.attention.self.query.rank_vars.0", "shape": [2]},
-    {"bytes": 8, "name": "bert.encoder.layer.0.attention.self.query.bias", "shape": [2]},
-    {"bytes": 16, "name": "bert.encoder.layer.0.output.dense.weight", "shape": [2, 2]},
-    {"bytes": 8, "name": "bert.encoder.layer.0.output.LayerNorm.bias", "shape": [2]},
-    {"bytes": 4, "name": "cls.predictions.bias", "shape": [4]}
-  ]
-}"#;
+    /// An encoder run's report: baseline 1000, peak 9000, the steps' peak 5000 bytes.
+    fn memory() -> MemoryReport {
+        use crate::report::fixtures::variable;
+        let mut m = crate::report::fixtures::memory(1000, 9000, 400);
+        m.measured = frugal_records::MeasuredMemory::new(1000, 9000, 5000);
+        m.parameters = vec![
+            variable("bert.embeddings.word_embeddings.weight", &[4, 3]),
+            variable("bert.embeddings.LayerNorm.weight", &[2]),
+            variable(
+                "bert.encoder.layer.0.attention.self.query.cores.0",
+                &[1, 12, 2],
+            ),
+            variable(
+                "bert.encoder.layer.0.attention.self.query.rank_vars.0",
+                &[2],
+            ),
+            variable("bert.encoder.layer.0.attention.self.query.bias", &[2]),
+            variable("bert.encoder.layer.0.output.dense.weight", &[2, 2]),
+            variable("bert.encoder.layer.0.output.LayerNorm.bias", &[2]),
+            variable("cls.predictions.bias", &[4]),
+        ];
+        m
+    }
 
     #[test]
     fn model_runs() {
@@ -1989,21 +1955,24 @@ mod tests {
         }
         assert!(!model_sets(&o, Config::Dense).join(" ").contains("linear"));
         assert_eq!(
-            model_params(MEMORY),
+            model_params(&memory()),
             Some((24 + 4, 2, 12 + 2 + 24 + 2 + 2 + 4 + 2 + 4, Some(4)))
         );
-        let metrics = "{\"step\": 1, \"step_time_s\": 9.0}\n{\"step\": 2, \"step_time_s\": 2.0}\n\
-                       {\"step\": 3, \"step_time_s\": 4.0}\n{\"step\": 3, \"val_loss\": 5.0}\n";
-        let m = parse_model_run(metrics, MEMORY, 1, "x").ok().unwrap();
+        use crate::report::fixtures::line;
+        let mut metrics = [line(1, 6.0, 9.0), line(2, 5.5, 2.0), line(3, 5.0, 4.0)];
+        metrics[2].val_loss = Some(5.0);
+        let m = parse_model_run(&metrics, &memory(), 1, "x").ok().unwrap();
         assert_eq!((m.step_s, m.above(), m.vocab), (3.0, 4000, Some(4)));
         assert_eq!(m.peak_source, "steps_peak_above_baseline_bytes");
-        let old = MEMORY.replace("steps_peak_rss_bytes", "other");
-        let m = parse_model_run(metrics, &old, 1, "x").ok().unwrap();
+        // No step ran in the process that wrote the report: the whole run's peak.
+        let mut resumed = memory();
+        resumed.measured = frugal_records::MeasuredMemory::new(1000, 9000, 0);
+        let m = parse_model_run(&metrics, &resumed, 1, "x").ok().unwrap();
         assert_eq!(
             (m.above(), m.peak_source.as_str()),
             (8000, "peak_above_baseline_bytes")
         );
-        assert!(parse_model_run("", MEMORY, 1, "x").is_err());
+        assert!(parse_model_run(&[], &memory(), 1, "x").is_err());
     }
 
     fn big(part: Part, config: Config, step_s: f64, above: u64, linear: u64, total: u64) -> BigRow {

@@ -8,7 +8,8 @@
 //! cargo xtask env                   print the environment the other commands pass to cargo
 //! ```
 //!
-//! It depends on nothing but the standard library, so it builds in seconds and never links tch.
+//! It depends on the standard library and `frugal-records` (serde and serde_json, to read run
+//! records) alone, so it builds quickly and never links tch.
 
 mod bench;
 mod bench_adapters;

@@ -1,8 +1,11 @@
-//! What the benchmarks share: reading numbers and objects out of JSON by key and writing JSON
-//! values (xtask has no JSON dependency), running `frugal train` and Python scripts as child
-//! processes and reading their reports back, and describing the machine and the date of a run.
+//! What the benchmarks share: reading a run's records (`metrics.jsonl` and `memory.json`,
+//! through `frugal-records`' types), reading numbers and objects out of other JSON by key (the
+//! Python scripts' and the examples' last lines) and writing JSON values, running
+//! `frugal train` and Python scripts as child processes, and describing the machine and the date
+//! of a run.
 
 use crate::{Failure, Result};
+use frugal_records::{MemoryReport, MetricsLine, RecordsError, MEMORY_FILE, METRICS_FILE};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -179,21 +182,48 @@ pub fn last_json_line(stdout: &str) -> Option<&str> {
         .find(|l| l.starts_with('{'))
 }
 
-/// `(step, value of key)` of every line of `metrics.jsonl` that has both, in file order.
-pub fn metric_points(metrics: &str, key: &str) -> Vec<(f64, f64)> {
-    metrics
-        .lines()
-        .map(str::trim)
-        .filter(|l| l.starts_with('{'))
-        .filter_map(|l| Some((json_number(l, "step")?, json_number(l, key)?)))
+/// A run record that could not be read, as a failure that names it `{out}/{name}`.
+fn record_failure(e: RecordsError, out: &str, name: &str) -> Failure {
+    Failure::new(match e {
+        RecordsError::Read { source, .. } => format!("cannot read {out}/{name}: {source}"),
+        RecordsError::Parse {
+            line: Some(n),
+            source,
+            ..
+        } => format!("{out}/{name} line {n}: {source}"),
+        RecordsError::Parse {
+            line: None, source, ..
+        } => format!("{out}/{name}: {source}"),
+    })
+}
+
+/// The lines of `metrics.jsonl` of the run in `out_dir` (shown as `out` in errors).
+pub fn read_metrics(out_dir: &Path, out: &str) -> Result<Vec<MetricsLine>> {
+    MetricsLine::read_jsonl(out_dir.join(METRICS_FILE))
+        .map_err(|e| record_failure(e, out, METRICS_FILE))
+}
+
+/// `memory.json` of the run in `out_dir` (shown as `out` in errors).
+pub fn read_memory(out_dir: &Path, out: &str) -> Result<MemoryReport> {
+    MemoryReport::read(out_dir.join(MEMORY_FILE)).map_err(|e| record_failure(e, out, MEMORY_FILE))
+}
+
+/// `(step, value)` of every metrics line whose `value` is present and finite, in file order.
+pub fn metric_points(
+    lines: &[MetricsLine],
+    value: impl Fn(&MetricsLine) -> Option<f64>,
+) -> Vec<(f64, f64)> {
+    lines
+        .iter()
+        .filter_map(|l| Some((l.step as f64, value(l).filter(|v| v.is_finite())?)))
         .collect()
 }
 
-/// Mean `step_time_s` of the training lines of `metrics.jsonl` after the first `warmup` ones.
+/// Mean `step_time_s` of the metrics lines after the first `warmup` steps (by step).
 ///
-/// Lines without `step_time_s` (evaluations) are skipped; None when no timed step is left.
-pub fn mean_step_time(metrics: &str, warmup: u64) -> Option<f64> {
-    let mut steps = metric_points(metrics, "step_time_s");
+/// Lines whose step time is not finite are skipped; None when no timed step is left.
+pub fn mean_step_time(lines: &[MetricsLine], warmup: u64) -> Option<f64> {
+    let mut steps = metric_points(lines, |l| Some(l.step_time_s));
     // Stable: lines of equal step (should there be any) keep their order.
     steps.sort_by(|a, b| a.0.total_cmp(&b.0));
     let timed: Vec<f64> = steps.iter().skip(warmup as usize).map(|s| s.1).collect();
@@ -201,17 +231,6 @@ pub fn mean_step_time(metrics: &str, warmup: u64) -> Option<f64> {
         return None;
     }
     Some(timed.iter().sum::<f64>() / timed.len() as f64)
-}
-
-/// `(baseline_rss_bytes, peak_rss_bytes)` from a run's `memory.json`, preferring the
-/// `"measured"` object.
-pub fn parse_memory(text: &str) -> Option<(u64, u64)> {
-    let scoped = json_object(text, "measured").unwrap_or(text);
-    let get = |key| json_number(scoped, key).or_else(|| json_number(text, key));
-    Some((
-        get("baseline_rss_bytes")? as u64,
-        get("peak_rss_bytes")? as u64,
-    ))
 }
 
 /// The `--set`s of a timed CPU run at sequence `seq`, batch `batch`, for `steps` steps: f32,
@@ -431,32 +450,39 @@ pub fn parse_steps_warmup(
     Ok((steps, warmup))
 }
 
+/// What a finished `frugal train` run measured, and its records.
+#[derive(Debug, Clone)]
+pub struct TrainRun {
+    /// Mean step time after the warm-up steps (seconds).
+    pub step_s: f64,
+    /// `memory.json`'s measured baseline (bytes).
+    pub baseline_rss_bytes: u64,
+    /// `memory.json`'s measured peak of the whole run (bytes).
+    pub peak_rss_bytes: u64,
+    /// `metrics.jsonl`.
+    pub metrics: Vec<MetricsLine>,
+    /// `memory.json`.
+    pub memory: MemoryReport,
+}
+
 /// What a finished `frugal train` run in `out_dir` (shown as `out`) measured: the mean step
-/// time after `warmup` steps (of `total`), baseline and peak resident memory, and the text of
-/// `memory.json` for more. Errors name the file that lacks them.
-pub fn read_train_run(
-    out_dir: &std::path::Path,
-    out: &str,
-    warmup: u64,
-    total: u64,
-) -> Result<(f64, u64, u64, String)> {
-    let read = |name: &str| {
-        std::fs::read_to_string(out_dir.join(name))
-            .map_err(|e| Failure::new(format!("cannot read {out}/{name}: {e}")))
-    };
-    let metrics = read("metrics.jsonl")?;
+/// time after `warmup` steps (of `total`), baseline and peak resident memory, and its records
+/// for more. Errors name the file that lacks them.
+pub fn read_train_run(out_dir: &Path, out: &str, warmup: u64, total: u64) -> Result<TrainRun> {
+    let metrics = read_metrics(out_dir, out)?;
     let step_s = mean_step_time(&metrics, warmup).ok_or_else(|| {
         Failure::new(format!(
             "{out}/metrics.jsonl has fewer than {total} training steps with step_time_s"
         ))
     })?;
-    let memory = read("memory.json")?;
-    let (baseline, peak) = parse_memory(&memory).ok_or_else(|| {
-        Failure::new(format!(
-            "{out}/memory.json lacks baseline_rss_bytes and peak_rss_bytes"
-        ))
-    })?;
-    Ok((step_s, baseline, peak, memory))
+    let memory = read_memory(out_dir, out)?;
+    Ok(TrainRun {
+        step_s,
+        baseline_rss_bytes: memory.measured.baseline_rss_bytes,
+        peak_rss_bytes: memory.measured.peak_rss_bytes,
+        metrics,
+        memory,
+    })
 }
 
 /// One side's outcome in a benchmark: its row or why it has none, and the 1-minute load average
@@ -502,9 +528,102 @@ pub fn loads<S: Copy, R>(outcomes: &[Outcome<S, R>], key: impl Fn(S) -> String) 
         .join(", ")
 }
 
+/// Run records as the trainer writes them, for the benchmarks' tests.
+#[cfg(test)]
+pub mod fixtures {
+    use frugal_records::{MeasuredMemory, MemoryReport, MetricsLine, TensorBytes};
+    use std::collections::BTreeMap;
+
+    /// A training step's line with `step`, `loss` and `step_time_s` as given (1024 tokens a
+    /// step) and the other fields every line has.
+    pub fn line(step: u64, loss: f64, step_time_s: f64) -> MetricsLine {
+        MetricsLine::new(
+            step,
+            loss,
+            1e-3,
+            step * 1024,
+            1024.0 / step_time_s,
+            step_time_s,
+            1.0,
+            1 << 30,
+        )
+    }
+
+    /// `lines` as the text of `metrics.jsonl`.
+    pub fn jsonl(lines: &[MetricsLine]) -> String {
+        lines
+            .iter()
+            .map(|l| serde_json::to_string(l).unwrap() + "\n")
+            .collect()
+    }
+
+    /// A CPU run's report: baseline and peak as given (the steps' peak the same), a parameter
+    /// accounting of `parameters` bytes and no variables.
+    pub fn memory(baseline_rss_bytes: u64, peak_rss_bytes: u64, parameters: u64) -> MemoryReport {
+        let accounting = BTreeMap::from([("parameters".to_string(), parameters)]);
+        let measured = MeasuredMemory::new(baseline_rss_bytes, peak_rss_bytes, peak_rss_bytes);
+        MemoryReport::new("Cpu", accounting, measured, 0, Vec::new())
+    }
+
+    /// A variable of `memory.json`'s `parameters` list, f32.
+    pub fn variable(name: &str, shape: &[i64]) -> TensorBytes {
+        TensorBytes {
+            name: name.into(),
+            shape: shape.to_vec(),
+            bytes: 4 * shape.iter().product::<i64>() as u64,
+        }
+    }
+
+    /// `report` as the text of `memory.json`.
+    pub fn memory_json(report: &MemoryReport) -> String {
+        serde_json::to_string_pretty(report).unwrap()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Guarantee: a run's records read through their types; a missing file or a line that is
+    /// not a metrics line is an error that names the file as the benchmark shows it, and the
+    /// line.
+    #[test]
+    fn run_records_and_their_errors() {
+        use fixtures::{jsonl, line, memory, memory_json};
+        let dir = std::env::temp_dir().join(format!("xtask-report-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let lines = [line(1, 9.0, 4.0), line(2, 8.0, 2.0), line(3, 7.0, 3.0)];
+        std::fs::write(dir.join(METRICS_FILE), jsonl(&lines)).unwrap();
+        let err = |r: Result<TrainRun>| r.err().unwrap().message;
+        let missing = err(read_train_run(&dir, "out", 1, 3));
+        assert!(
+            missing.starts_with("cannot read out/memory.json: "),
+            "{missing}"
+        );
+        std::fs::write(dir.join(MEMORY_FILE), memory_json(&memory(10, 30, 5))).unwrap();
+        let run = read_train_run(&dir, "out", 1, 3)
+            .map_err(|f| f.message)
+            .unwrap();
+        assert_eq!(
+            (run.step_s, run.baseline_rss_bytes, run.peak_rss_bytes),
+            (2.5, 10, 30)
+        );
+        assert_eq!(run.metrics, lines);
+        let few = err(read_train_run(&dir, "out", 3, 4));
+        assert!(few.contains("fewer than 4 training steps"), "{few}");
+        let text = jsonl(&lines) + "{\"step\": 4, \"loss\": 6.0}\n";
+        std::fs::write(dir.join(METRICS_FILE), text).unwrap();
+        let bad = err(read_train_run(&dir, "out", 1, 3));
+        assert!(
+            bad.starts_with("out/metrics.jsonl line 4: missing field"),
+            "{bad}"
+        );
+        std::fs::write(dir.join(MEMORY_FILE), "{}").unwrap();
+        let bad = read_memory(&dir, "out").err().unwrap().message;
+        assert!(bad.starts_with("out/memory.json: missing field"), "{bad}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn named_args_reads_both_forms_flags_and_refuses_the_rest() {
