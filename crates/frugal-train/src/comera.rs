@@ -33,8 +33,8 @@ use crate::plot::{self, Series};
 use crate::task::{AfterStep, Hook, Task};
 use frugal_core::{Error, Result};
 use frugal_optim::{AdamW, AdamWConfig, Optimizer};
+use frugal_records::{MemoryReport, MetricsLine, TtMetrics};
 use frugal_tt::{ComeraSchedule, Objective, RankedCores, TtLayer};
-use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 use tch::nn::VarStore;
@@ -367,21 +367,23 @@ impl Comera {
         step: u64,
         layers: &[(String, &dyn TtLayer)],
         ranks: bool,
-        line: &mut Value,
+        line: &mut MetricsLine,
     ) {
+        line.set_tt(self.metrics(step, layers, ranks));
+    }
+
+    /// The `tt_*` fields of [`Comera::add_metrics`].
+    pub fn metrics(&self, step: u64, layers: &[(String, &dyn TtLayer)], ranks: bool) -> TtMetrics {
         let size = live_size(layers);
-        line["tt_size"] = json!(size);
-        line["tt_params"] = json!(stored_params(layers));
-        line["tt_compression"] = json!(dense_params(layers) as f64 / size.max(1) as f64);
-        if let Some(o) = self.current(step) {
-            line["tt_stage"] = json!(stage_name(o));
-            line["tt_objective"] = json!(objective_name(o));
-        }
-        if let Some(t) = self.schedule.size_target() {
-            line["tt_size_target"] = json!(t);
-        }
-        if ranks {
-            line["tt_ranks"] = json!(live_ranks(layers));
+        let current = self.current(step);
+        TtMetrics {
+            tt_size: size,
+            tt_params: stored_params(layers),
+            tt_compression: dense_params(layers) as f64 / size.max(1) as f64,
+            tt_stage: current.map(|o| stage_name(o).into()),
+            tt_objective: current.map(|o| objective_name(o).into()),
+            tt_size_target: self.schedule.size_target(),
+            tt_ranks: ranks.then(|| live_ranks(layers)),
         }
     }
 
@@ -461,11 +463,11 @@ impl Hook for Comera {
         })
     }
 
-    fn add_metrics(&self, step: u64, task: &dyn Task, full: bool, line: &mut Value) {
+    fn add_metrics(&self, step: u64, task: &dyn Task, full: bool, line: &mut MetricsLine) {
         Comera::add_metrics(self, step, &task.tt_layers(), full, line);
     }
 
-    fn plot(&self, lines: &[Value], run_dir: &Path) {
+    fn plot(&self, lines: &[MetricsLine], run_dir: &Path) {
         plot_ranks(lines, &run_dir.join("ranks.png"));
     }
 
@@ -481,23 +483,18 @@ impl Hook for Comera {
         Comera::restore(self, ck, state)
     }
 
-    fn add_memory_report(&self, step: u64, task: &dyn Task, report: &mut Value) {
-        let mut line = json!({});
-        Comera::add_metrics(self, step, &task.tt_layers(), true, &mut line);
-        report["tt"] = line;
+    fn add_memory_report(&self, step: u64, task: &dyn Task, report: &mut MemoryReport) {
+        report.tt = Some(self.metrics(step, &task.tt_layers(), true));
     }
 }
 
 /// Draws `ranks.png`: the live TT size (as a percentage of the first logged one) and the
 /// compression (dense / live TT parameters) over the steps of `lines` (`metrics.jsonl`).
-pub fn plot_ranks(lines: &[Value], path: &Path) {
-    let pick = |key: &str| -> Vec<(f64, f64)> {
-        lines
-            .iter()
-            .filter_map(|l| Some((l["step"].as_f64()?, l[key].as_f64()?)))
-            .collect()
-    };
-    let size = pick("tt_size");
+pub fn plot_ranks(lines: &[MetricsLine], path: &Path) {
+    let size: Vec<(f64, f64)> = lines
+        .iter()
+        .filter_map(|l| Some((l.step as f64, l.tt_size? as f64)))
+        .collect();
     let Some(&(_, first)) = size.first() else {
         return;
     };
@@ -505,13 +502,13 @@ pub fn plot_ranks(lines: &[Value], path: &Path) {
         .iter()
         .map(|&(s, v)| (s, 100.0 * v / first.max(1.0)))
         .collect();
-    let compression = pick("tt_compression");
+    let compression: Vec<(f64, f64)> = lines
+        .iter()
+        .filter_map(|l| Some((l.step as f64, l.tt_compression?)))
+        .collect();
     let target: Vec<(f64, f64)> = lines
         .iter()
-        .filter_map(|l| {
-            let t = l["tt_size_target"].as_f64()?;
-            Some((l["step"].as_f64()?, 100.0 * t / first.max(1.0)))
-        })
+        .filter_map(|l| Some((l.step as f64, 100.0 * l.tt_size_target? / first.max(1.0))))
         .collect();
     let series = [
         Series {

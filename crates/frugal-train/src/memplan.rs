@@ -139,6 +139,16 @@ impl MemoryPlan {
             .map_or(0, |r| r.1)
     }
 
+    /// As `memory.json`'s record: bytes by category and their total.
+    pub fn to_record(&self) -> frugal_records::PlannedBytes {
+        frugal_records::PlannedBytes::new(
+            self.rows
+                .iter()
+                .map(|(k, v)| ((*k).to_string(), *v))
+                .collect(),
+        )
+    }
+
     /// As JSON: `{category: bytes, ..., "total": bytes}`.
     pub fn to_json(&self) -> Value {
         let mut m = serde_json::Map::new();

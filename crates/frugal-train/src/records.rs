@@ -7,8 +7,8 @@ use crate::data::Sampler;
 use crate::plot::{self, Series};
 use frugal_core::memory::{self, human_bytes, Accounting};
 use frugal_core::{atomic, Error, Result};
+use frugal_records::{GpuMemory, MeasuredMemory, MemoryReport, MetricsLine, TensorBytes};
 use serde::Serialize;
-use serde_json::json;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -98,7 +98,7 @@ impl StepClock {
         step: u64,
         tokens: u64,
         (loss, lr, grad_norm): (f64, f64, f64),
-    ) -> (serde_json::Value, f64) {
+    ) -> (MetricsLine, f64) {
         let step_time = t0.elapsed().as_secs_f64();
         self.steps_peak = memory::peak_rss_bytes();
         let svd_total = opt.projection_seconds();
@@ -109,19 +109,24 @@ impl StepClock {
         state.sampler = sampler.state();
         state.elapsed_s = self.started.elapsed().as_secs_f64();
         let tps = tokens as f64 / step_time;
-        let mut line = json!({
-            "step": step, "loss": loss, "lr": lr, "tokens": state.tokens,
-            "tokens_per_s": tps, "step_time_s": step_time, "grad_norm": grad_norm,
-            "rss_peak_bytes": self.steps_peak,
-        });
+        let mut line = MetricsLine::new(
+            step,
+            loss,
+            lr,
+            state.tokens,
+            tps,
+            step_time,
+            grad_norm,
+            self.steps_peak,
+        );
         if self.galore {
             // Seconds of this step spent computing GaLore bases (part of step_time_s).
-            line["svd_s"] = json!(svd_s);
+            line.svd_s = Some(svd_s);
         }
         if let Some(stats) = self.cuda.and_then(|i| gpu_stats(tch::Device::Cuda(i))) {
             // The caching allocator's peak so far: what the GPU's memory must hold.
             self.steps_gpu_peak = Some(stats.peak_allocated);
-            line["gpu_peak_allocated_bytes"] = json!(stats.peak_allocated);
+            line.gpu_peak_allocated_bytes = Some(u64::try_from(stats.peak_allocated).unwrap_or(0));
         }
         (line, tps)
     }
@@ -135,55 +140,56 @@ impl StepClock {
         baseline_rss: u64,
         acc: &Accounting,
         vs: &tch::nn::VarStore,
-    ) -> (serde_json::Value, u64) {
+    ) -> (MemoryReport, u64) {
         let peak = memory::peak_rss_bytes();
-        let by_tensor: Vec<serde_json::Value> = frugal_models::weights::named_variables(vs)
+        let parameters: Vec<TensorBytes> = frugal_models::weights::named_variables(vs)
             .iter()
-            .map(|(n, t)| json!({"name": n, "shape": t.size(), "bytes": memory::tensor_bytes(t)}))
+            .map(|(n, t)| TensorBytes {
+                name: n.clone(),
+                shape: t.size(),
+                bytes: memory::tensor_bytes(t),
+            })
             .collect();
-        let report = json!({
-            "device": format!("{device:?}"),
-            "accounting": acc.bytes,
-            "accounting_total_bytes": acc.total(),
-            "measured": {
-                "baseline_rss_bytes": baseline_rss,
-                "peak_rss_bytes": peak,
-                "peak_above_baseline_bytes": peak.saturating_sub(baseline_rss),
-                "steps_peak_rss_bytes": self.steps_peak,
-                "steps_peak_above_baseline_bytes": self.steps_peak.saturating_sub(baseline_rss),
-                "note": "baseline: resident memory after libtorch started and the data was loaded, before the model was built; peak: the whole run's (evaluations and checkpoints included); steps_peak: the peak when the last training step ended, before its evaluation and checkpoint; activations and workspace are the measured peak above the baseline minus the accounted bytes",
-            },
-            "activations_and_workspace_bytes": peak.saturating_sub(baseline_rss).saturating_sub(acc.total()),
-            "parameters": by_tensor,
-        });
-        let mut report = report;
+        let mut measured = MeasuredMemory::new(baseline_rss, peak, self.steps_peak);
+        measured.note = Some("baseline: resident memory after libtorch started and the data was loaded, before the model was built; peak: the whole run's (evaluations and checkpoints included); steps_peak: the peak when the last training step ended, before its evaluation and checkpoint; activations and workspace are the measured peak above the baseline minus the accounted bytes".into());
+        let accounting = acc.bytes.clone();
+        let mut activations = peak
+            .saturating_sub(baseline_rss)
+            .saturating_sub(acc.total());
         if let Some(stats) = gpu_stats(device) {
-            let peak_gpu = u64::try_from(stats.peak_allocated).unwrap_or(0);
-            report["measured"]["gpu"] = json!({
-                "allocated_bytes": stats.allocated,
-                "peak_allocated_bytes": stats.peak_allocated,
-                "reserved_bytes": stats.reserved,
-                "peak_reserved_bytes": stats.peak_reserved,
-                "steps_peak_allocated_bytes": self.steps_gpu_peak,
-                "note": "libtorch's CUDA caching allocator: allocated counts live tensors, reserved what it holds from the driver (its cache too); peaks since the run started",
+            let bytes = |v: i64| u64::try_from(v).unwrap_or(0);
+            measured.gpu = Some(GpuMemory {
+                allocated_bytes: bytes(stats.allocated),
+                peak_allocated_bytes: bytes(stats.peak_allocated),
+                reserved_bytes: bytes(stats.reserved),
+                peak_reserved_bytes: bytes(stats.peak_reserved),
+                steps_peak_allocated_bytes: self.steps_gpu_peak.map(bytes),
+                note: Some("libtorch's CUDA caching allocator: allocated counts live tensors, reserved what it holds from the driver (its cache too); peaks since the run started".into()),
             });
             // On a GPU the model, its state and the activations live in the allocator's memory.
-            report["activations_and_workspace_bytes"] = json!(peak_gpu.saturating_sub(acc.total()));
+            activations = bytes(stats.peak_allocated).saturating_sub(acc.total());
         }
+        let report = MemoryReport::new(
+            format!("{device:?}"),
+            accounting,
+            measured,
+            activations,
+            parameters,
+        );
         (report, peak)
     }
 }
 
 /// Whether the last line of `m` holds a validation loss.
 pub fn line_has_val(m: &Metrics) -> bool {
-    m.lines.last().is_some_and(|l| l.get("val_loss").is_some())
+    m.lines.last().is_some_and(|l| l.val_loss.is_some())
 }
 
 /// `metrics.jsonl`, kept in memory for the plot; on resume, lines past the checkpoint's step
 /// are dropped so that the file reads as one uninterrupted run.
 pub struct Metrics {
     path: PathBuf,
-    lines: Vec<serde_json::Value>,
+    lines: Vec<MetricsLine>,
     file: Option<std::fs::File>,
 }
 
@@ -195,15 +201,18 @@ impl Metrics {
         if upto_step > 0 {
             if let Ok(text) = std::fs::read_to_string(path) {
                 for l in text.lines() {
-                    if let Ok(v) = serde_json::from_str::<serde_json::Value>(l) {
-                        if v["step"].as_u64().is_some_and(|s| s <= upto_step) {
+                    if let Ok(v) = serde_json::from_str::<MetricsLine>(l) {
+                        if v.step <= upto_step {
                             lines.push(v);
                         }
                     }
                 }
             }
         }
-        let body: String = lines.iter().map(|l| format!("{l}\n")).collect();
+        let body: String = lines
+            .iter()
+            .map(|l| format!("{}\n", json_line(l)))
+            .collect();
         atomic::write(path, body.as_bytes())?;
         let file = std::fs::OpenOptions::new()
             .append(true)
@@ -226,41 +235,33 @@ impl Metrics {
     }
 
     /// Appends `line` (to the file, when there is one).
-    pub fn push(&mut self, line: serde_json::Value) -> Result<()> {
+    pub fn push(&mut self, line: MetricsLine) -> Result<()> {
         if let Some(f) = &mut self.file {
-            writeln!(f, "{line}").map_err(|e| Error::io(&self.path, e))?;
+            writeln!(f, "{}", json_line(&line)).map_err(|e| Error::io(&self.path, e))?;
         }
         self.lines.push(line);
         Ok(())
     }
 
     /// The lines so far (this run's, and on resume those before the checkpoint).
-    pub fn lines(&self) -> &[serde_json::Value] {
+    pub fn lines(&self) -> &[MetricsLine] {
         &self.lines
     }
 
     /// The mean training loss of the last `n` lines.
     pub fn recent_loss(&self, n: usize) -> f64 {
-        let tail: Vec<f64> = self
-            .lines
-            .iter()
-            .rev()
-            .take(n)
-            .filter_map(|l| l["loss"].as_f64())
-            .collect();
+        let tail: Vec<f64> = self.lines.iter().rev().take(n).map(|l| l.loss).collect();
         tail.iter().sum::<f64>() / tail.len().max(1) as f64
     }
 
     /// The loss curve with a horizontal `baseline` line named `baseline_name`.
     pub fn plot_with(&self, path: &Path, unigram: f64, baseline_name: &str) {
-        let pick = |key: &str| -> Vec<(f64, f64)> {
-            self.lines
-                .iter()
-                .filter_map(|l| Some((l["step"].as_f64()?, l[key].as_f64()?)))
-                .collect()
-        };
-        let train = pick("loss");
-        let val = pick("val_loss");
+        let train: Vec<(f64, f64)> = self.lines.iter().map(|l| (l.step as f64, l.loss)).collect();
+        let val: Vec<(f64, f64)> = self
+            .lines
+            .iter()
+            .filter_map(|l| Some((l.step as f64, l.val_loss?)))
+            .collect();
         let base: Vec<(f64, f64)> = match (train.first(), train.last()) {
             (Some(a), Some(b)) => vec![(a.0, unigram), (b.0, unigram)],
             _ => vec![],
@@ -330,4 +331,9 @@ pub fn print_summary(s: &Summary) {
         human_bytes(s.baseline_rss_bytes)
     );
     println!("  run directory        {}", s.run_dir.display());
+}
+
+/// A metrics line as one line of JSON.
+fn json_line(line: &MetricsLine) -> String {
+    serde_json::to_string(line).expect("a metrics line serializes")
 }

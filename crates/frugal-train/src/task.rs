@@ -18,8 +18,8 @@ use crate::memplan::MemoryPlan;
 use crate::step::{Groups, Plan, Sink};
 use frugal_core::Result;
 use frugal_optim::Optimizer;
+use frugal_records::{MemoryReport, MetricsLine};
 use frugal_tt::TtLayer;
-use serde_json::Value;
 use std::path::Path;
 use tch::nn::VarStore;
 use tch::Tensor;
@@ -172,7 +172,7 @@ pub trait Task {
 
     /// Adds the task's own parts to `memory.json` (the frozen base of an adapter run, the
     /// model).
-    fn add_memory_report(&self, _report: &mut Value) {}
+    fn add_memory_report(&self, _report: &mut MemoryReport) {}
 }
 
 /// What a hook did after the update.
@@ -252,10 +252,10 @@ pub trait Hook {
 
     /// Adds the hook's fields to step `step`'s `metrics.jsonl` line; `full`: an evaluation or
     /// a change of the parameters (the expensive fields too).
-    fn add_metrics(&self, _step: u64, _task: &dyn Task, _full: bool, _line: &mut Value) {}
+    fn add_metrics(&self, _step: u64, _task: &dyn Task, _full: bool, _line: &mut MetricsLine) {}
 
     /// Draws the hook's plots from the metrics so far into the run folder.
-    fn plot(&self, _lines: &[Value], _run_dir: &Path) {}
+    fn plot(&self, _lines: &[MetricsLine], _run_dir: &Path) {}
 
     /// Optimizers whose state checkpoints hold beside `optimizer.safetensors`, by file name.
     fn optimizers(&self) -> Vec<(&'static str, &dyn Optimizer)> {
@@ -271,7 +271,7 @@ pub trait Hook {
     }
 
     /// Adds the hook's parts to `memory.json` at the end of a run of `step` steps.
-    fn add_memory_report(&self, _step: u64, _task: &dyn Task, _report: &mut Value) {}
+    fn add_memory_report(&self, _step: u64, _task: &dyn Task, _report: &mut MemoryReport) {}
 }
 
 /// The adapters' dropout draws from torch's generator: seeded per step, so that a resumed run

@@ -37,8 +37,8 @@ use crate::tsv;
 use frugal_core::{atomic, Error, Result};
 use frugal_dist::Collective;
 use frugal_models::encoder::IGNORE_INDEX;
+use frugal_records::{MemoryReport, ModelInfo};
 use frugal_tt::TtLayer;
-use serde_json::{json, Value};
 use std::path::Path;
 use tch::nn::VarStore;
 use tch::Tensor;
@@ -339,8 +339,11 @@ impl Task for EncoderTask {
         )
     }
 
-    fn add_memory_report(&self, report: &mut Value) {
-        report["model"] =
-            json!({"kind": "encoder", "size": self.cfg.model.size, "objective": self.objective()});
+    fn add_memory_report(&self, report: &mut MemoryReport) {
+        report.model = Some(ModelInfo {
+            kind: "encoder".into(),
+            size: self.cfg.model.size.clone(),
+            objective: self.objective().into(),
+        });
     }
 }

@@ -14,8 +14,8 @@ use crate::task::{Baseline, Batch, BatchAt, Evaluation, Forward, Task};
 use frugal_core::{atomic, memory, Error, Result};
 use frugal_dist::Collective;
 use frugal_models::decoder::DecoderConfig;
+use frugal_records::{FrozenBase, MemoryReport};
 use frugal_tt::TtLayer;
-use serde_json::{json, Value};
 use std::path::Path;
 use tch::nn::VarStore;
 use tch::Tensor;
@@ -309,9 +309,9 @@ impl Task for CausalLm {
             .map(|s| crate::memplan::plan(&self.cfg, s))
     }
 
-    fn add_memory_report(&self, report: &mut Value) {
+    fn add_memory_report(&self, report: &mut MemoryReport) {
         if self.model.adapter.is_some() {
-            report["frozen_base"] = frozen_base_bytes(&self.model);
+            report.frozen_base = Some(frozen_base_bytes(&self.model));
         }
     }
 }
@@ -319,7 +319,7 @@ impl Task for CausalLm {
 /// What the frozen base of an adapter run holds: its quantized matrices (bytes as stored,
 /// parameters, bytes per parameter) and its other variables (embeddings, norms, head, dense
 /// linear weights).
-fn frozen_base_bytes(m: &run::Model) -> Value {
+fn frozen_base_bytes(m: &run::Model) -> FrozenBase {
     let (mut qbytes, mut qparams) = (0u64, 0u64);
     for (_, l) in m.net.linears() {
         if let Some(q) = l.quantized() {
@@ -334,12 +334,16 @@ fn frozen_base_bytes(m: &run::Model) -> Value {
             other_params += t.numel() as u64;
         }
     }
-    json!({
-        "quantized_bytes": qbytes,
-        "quantized_params": qparams,
-        "quantized_bytes_per_param": if qparams > 0 { qbytes as f64 / qparams as f64 } else { 0.0 },
-        "other_bytes": other,
-        "other_params": other_params,
-        "total_bytes": qbytes + other,
-    })
+    FrozenBase {
+        quantized_bytes: qbytes,
+        quantized_params: qparams,
+        quantized_bytes_per_param: if qparams > 0 {
+            qbytes as f64 / qparams as f64
+        } else {
+            0.0
+        },
+        other_bytes: other,
+        other_params,
+        total_bytes: qbytes + other,
+    }
 }

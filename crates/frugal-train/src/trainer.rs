@@ -33,7 +33,7 @@ use frugal_core::memory::{self, Accounting};
 use frugal_core::{atomic, Error, Result};
 use frugal_dist::Collective;
 use frugal_optim::{clip_grad_norm, Optimizer};
-use serde_json::json;
+use frugal_records::DistSetup;
 use std::path::Path;
 use std::time::Instant;
 use tch::Tensor;
@@ -412,12 +412,12 @@ impl Trainer<'_> {
                 (loss, lr, grad_norm),
             );
             if seen > 0 {
-                line["accuracy"] = json!(correct as f64 / seen as f64);
+                line.accuracy = Some(correct as f64 / seen as f64);
             }
             if sync.active() {
                 // Payload bytes this rank all-reduced in the step (gradients, loss, stop flag
                 // and tokens).
-                line["allreduce_bytes"] = json!(sync.bytes_reduced() - reduced_before);
+                line.allreduce_bytes = Some(sync.bytes_reduced() - reduced_before);
             }
             progress.update(step, loss, tps);
 
@@ -437,18 +437,18 @@ impl Trainer<'_> {
                 };
                 let e = task.evaluate(batches)?;
                 (val_loss, val_acc) = (e.loss, e.accuracy);
-                line["val_loss"] = json!(e.loss);
+                line.val_loss = Some(e.loss);
                 let (vl, base) = (e.loss, baseline.loss);
                 match e.accuracy {
                     Some(a) => {
-                        line["val_accuracy"] = json!(a);
+                        line.val_accuracy = Some(a);
                         progress.message(&format!(
                             "step {step}: val_loss {vl:.4}, val_accuracy {a:.4}, {} {base:.4}",
                             baseline.name
                         ));
                     }
                     None => {
-                        line["val_ppl"] = json!(vl.exp());
+                        line.val_ppl = Some(vl.exp());
                         progress.message(&format!(
                             "step {step}: val_loss {vl:.4} (ppl {:.2}), {} {base:.4}",
                             vl.exp(),
@@ -542,17 +542,17 @@ impl Trainer<'_> {
         if world > 1 {
             // The accounting is rank 0's: with a sharded state, its share of the optimizer
             // state.
-            report["dist"] = json!({
-                "processes": world,
-                "zero1": sync.zero1,
-                "galore_projected": sync.projected,
-                "overlap": sync.overlap,
+            report.dist = Some(DistSetup {
+                processes: world as u64,
+                zero1: sync.zero1,
+                galore_projected: sync.projected,
+                overlap: sync.overlap,
             });
         }
         if let Some((planned, adamw)) = &plans {
-            report["plan"] = planned.to_json();
-            report["adamw_full_gradients"] = adamw.to_json();
-            report["plan_note"] = json!("plan: the accounting computed from shapes (activations and logits estimated), as `frugal train --dry-run` prints it; adamw_full_gradients: the same for plain AdamW with full gradients, no checkpointing, no chunking");
+            report.plan = Some(planned.to_record());
+            report.adamw_full_gradients = Some(adamw.to_record());
+            report.plan_note = Some("plan: the accounting computed from shapes (activations and logits estimated), as `frugal train --dry-run` prints it; adamw_full_gradients: the same for plain AdamW with full gradients, no checkpointing, no chunking".into());
         }
         atomic::write(
             &run.dir.join("memory.json"),
