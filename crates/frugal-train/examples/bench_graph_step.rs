@@ -57,7 +57,7 @@ fn batch(seed: i64, dev: Device) -> [Tensor; 2] {
 fn measure(linear: LinearKind, runs: usize, iters: usize) -> serde_json::Value {
     let dev = Device::Cuda(0);
     let mut cfg = Config::default();
-    cfg.model.kind = "encoder".into();
+    cfg.model.kind = frugal_train::config::ModelKind::Encoder;
     cfg.model.size = "encoder-6".into();
     cfg.model.linear = linear;
     cfg.train.max_grad_norm = 1.0;
@@ -69,7 +69,8 @@ fn measure(linear: LinearKind, runs: usize, iters: usize) -> serde_json::Value {
     let params = frugal_models::weights::named_variables(&m.vs);
     let tensors: Vec<Tensor> = params.iter().map(|(_, t)| t.shallow_clone()).collect();
     let n_params: i64 = tensors.iter().map(|t| t.numel() as i64).sum();
-    let mut opt = frugal_train::optimizers::build(&cfg, params, 1e-4).expect("optimizer");
+    let mut opt = frugal_train::optimizers::build(&cfg.optim, cfg.train.seed, params, 1e-4)
+        .expect("optimizer");
     let batches: Vec<[Tensor; 2]> = (0..8).map(|s| batch(s, dev)).collect();
     let mut k = 0usize;
     let mut next = || {

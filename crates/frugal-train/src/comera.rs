@@ -28,7 +28,7 @@
 //! (`tt_late_start_size`); pruned cores are in `model.safetensors` at their ranks.
 
 use crate::checkpoint::TrainerState;
-use crate::config::Config;
+use crate::config::{OptimConfig, TtConfig};
 use crate::plot::{self, Series};
 use crate::task::{AfterStep, Hook, Task};
 use frugal_core::{Error, Result};
@@ -121,12 +121,15 @@ pub struct Comera {
 }
 
 impl Comera {
-    /// Sets `tt.threshold` on every TT layer of `layers` and takes their rank variables out of
-    /// `params` (the model's named parameters) into their own AdamW; returns the state and the
-    /// other parameters, for the main optimizer. No TT layer is an error naming
-    /// `model.linear`.
+    /// Sets `tt.threshold` (of section `tt`) on every TT layer of `layers` and takes their rank
+    /// variables out of `params` (the model's named parameters) into their own AdamW (the
+    /// moments' settings of section `optim`, `tt.rank_lr`, no weight decay); `max_steps`: the
+    /// run's last step, where it prunes. Returns the state and the other parameters, for the
+    /// main optimizer. No TT layer is an error naming `model.linear`.
     pub fn new(
-        cfg: &Config,
+        tt: &TtConfig,
+        optim: &OptimConfig,
+        max_steps: u64,
         layers: &mut [(String, &mut dyn TtLayer)],
         params: Vec<(String, Tensor)>,
     ) -> Result<(Self, Vec<(String, Tensor)>)> {
@@ -137,7 +140,6 @@ impl Comera {
                  (model.linear.kind = \"tt\" or model.embedding.kind = \"tt\")",
             ));
         }
-        let tt = &cfg.tt;
         let schedule = ComeraSchedule::new(tt.comera())?;
         let mut rank_names = HashSet::new();
         for (_, l) in layers.iter_mut() {
@@ -158,7 +160,7 @@ impl Comera {
             rank,
             AdamWConfig {
                 weight_decay: 0.0,
-                ..cfg.optim.adamw(tt.rank_lr)
+                ..optim.adamw(tt.rank_lr)
             },
         );
         Ok((
@@ -166,7 +168,7 @@ impl Comera {
                 schedule,
                 threshold: tt.threshold,
                 prune_every: tt.prune_every,
-                max_steps: cfg.train.max_steps,
+                max_steps,
                 rank_opt,
                 current: None,
             },

@@ -233,7 +233,7 @@ fn load_model_dir(dir: &Path, adapter: Option<&Path>) -> Result<Loaded> {
         // A MatMul-free LM from `frugal export`: packed ternary layers.
         Some(c) => {
             let c = c.map_err(|e| Error::Msg(format!("{}: {e}", cfg_path.display())))?;
-            cfg.model.kind = "hgrn-bit".into();
+            cfg.model.kind = config::ModelKind::HgrnBit;
             cfg.model.linear = frugal_models::LinearKind::PackedBitLinear { eps: 1e-8 };
             DecoderConfig::HgrnBit(c)
         }

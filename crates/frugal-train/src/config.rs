@@ -10,6 +10,164 @@ use frugal_optim::{AdafactorConfig, AdamWConfig, AdamWVariant};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
+/// Writes an enum's config spelling (its serde name).
+macro_rules! config_names {
+    ($ty:ty { $($v:ident => $s:literal),+ $(,)? }) => {
+        impl $ty {
+            /// The value as the config spells it.
+            pub fn as_str(&self) -> &'static str {
+                match self {
+                    $(Self::$v => $s),+
+                }
+            }
+        }
+
+        impl std::fmt::Display for $ty {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+/// `model.kind`: which model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ModelKind {
+    /// The LLaMA-style decoder.
+    #[default]
+    Llama,
+    /// The BERT-style encoder.
+    Encoder,
+    /// The MatMul-free LM (HGRN-bit).
+    HgrnBit,
+}
+config_names!(ModelKind { Llama => "llama", Encoder => "encoder", HgrnBit => "hgrn-bit" });
+
+/// `train.objective`: what the model learns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Objective {
+    /// The model's own: `lm` for the decoders, `mlm` for the encoder.
+    #[default]
+    Auto,
+    /// The next token (causal LM).
+    Lm,
+    /// Masked tokens (masked LM).
+    Mlm,
+    /// The labels of `data.task_path` (sequence classification).
+    Classification,
+}
+config_names!(Objective { Auto => "auto", Lm => "lm", Mlm => "mlm", Classification => "classification" });
+
+/// `optim.name`: the optimizer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OptimizerName {
+    /// AdamW.
+    #[default]
+    Adamw,
+    /// 8-bit AdamW (block-wise dynamic quantization of the moments).
+    Adamw8bit,
+    /// Adafactor.
+    Adafactor,
+    /// AdamW under GaLore's projection.
+    GaloreAdamw,
+    /// 8-bit AdamW under GaLore's projection.
+    GaloreAdamw8bit,
+    /// Adafactor under GaLore's projection.
+    GaloreAdafactor,
+}
+config_names!(OptimizerName {
+    Adamw => "adamw",
+    Adamw8bit => "adamw8bit",
+    Adafactor => "adafactor",
+    GaloreAdamw => "galore-adamw",
+    GaloreAdamw8bit => "galore-adamw8bit",
+    GaloreAdafactor => "galore-adafactor",
+});
+
+impl OptimizerName {
+    /// Whether it is a GaLore optimizer.
+    pub fn is_galore(&self) -> bool {
+        matches!(
+            self,
+            Self::GaloreAdamw | Self::GaloreAdamw8bit | Self::GaloreAdafactor
+        )
+    }
+
+    /// The optimizer under GaLore's projection (or the optimizer itself): `Adamw`,
+    /// `Adamw8bit` or `Adafactor`.
+    pub fn base(&self) -> Self {
+        match self {
+            Self::GaloreAdamw => Self::Adamw,
+            Self::GaloreAdamw8bit => Self::Adamw8bit,
+            Self::GaloreAdafactor => Self::Adafactor,
+            other => *other,
+        }
+    }
+}
+
+/// `optim.galore.svd`: how GaLore's bases are computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Svd {
+    /// The exact SVD.
+    #[default]
+    Exact,
+    /// A randomized SVD (default oversampling and power iterations).
+    Randomized,
+}
+config_names!(Svd { Exact => "exact", Randomized => "randomized" });
+
+impl Svd {
+    /// frugal-galore's method.
+    pub fn method(&self) -> frugal_galore::SvdMethod {
+        match self {
+            Self::Exact => frugal_galore::SvdMethod::Exact,
+            Self::Randomized => frugal_galore::SvdMethod::randomized(),
+        }
+    }
+}
+
+/// `adapter.kind`: the adapter trained on a frozen base.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AdapterKind {
+    /// No adapter: the whole model trains.
+    #[default]
+    None,
+    /// LoRA.
+    Lora,
+    /// DoRA (LoRA with a learned magnitude).
+    Dora,
+    /// LoRA on a frozen NF4 base with double quantization.
+    Qlora,
+    /// A group-averaged LoRA on a frozen int4 base.
+    Qalora,
+}
+config_names!(AdapterKind {
+    None => "none",
+    Lora => "lora",
+    Dora => "dora",
+    Qlora => "qlora",
+    Qalora => "qalora",
+});
+
+/// `dist.backend`: the collectives' library.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendChoice {
+    /// NCCL when several processes train on CUDA, else MPI.
+    #[default]
+    Auto,
+    /// MPI.
+    Mpi,
+    /// NCCL (one GPU per process).
+    Nccl,
+}
+config_names!(BackendChoice { Auto => "auto", Mpi => "mpi", Nccl => "nccl" });
+
 /// The whole configuration of a run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
@@ -49,7 +207,7 @@ pub struct DistConfig {
     pub zero1: bool,
     /// The collectives' library: `"auto"` (NCCL when several processes train on CUDA, else
     /// MPI), `"mpi"`, or `"nccl"` (one GPU per process; also for one process alone).
-    pub backend: String,
+    pub backend: BackendChoice,
     /// Start averaging each block's gradients as soon as the backward pass has computed them,
     /// while it goes on to the blocks before (without per-layer updates, which already average
     /// each block just before its update).
@@ -62,7 +220,7 @@ impl Default for DistConfig {
             timeout_s: 600.0,
             galore_projected: false,
             zero1: false,
-            backend: "auto".into(),
+            backend: BackendChoice::Auto,
             overlap: false,
         }
     }
@@ -72,17 +230,13 @@ impl DistConfig {
     /// The backend for `world` processes training on `device`.
     pub fn backend_for(&self, world: usize, device: tch::Device) -> Result<frugal_dist::Backend> {
         use frugal_dist::Backend;
-        match self.backend.as_str() {
-            "auto" if world > 1 && device.is_cuda() => Ok(Backend::Nccl),
-            "auto" | "mpi" => Ok(Backend::Mpi),
-            "nccl" if device.is_cuda() => Ok(Backend::Nccl),
-            "nccl" => Err(Error::config(
+        match self.backend {
+            BackendChoice::Auto if world > 1 && device.is_cuda() => Ok(Backend::Nccl),
+            BackendChoice::Auto | BackendChoice::Mpi => Ok(Backend::Mpi),
+            BackendChoice::Nccl if device.is_cuda() => Ok(Backend::Nccl),
+            BackendChoice::Nccl => Err(Error::config(
                 "dist.backend",
                 "\"nccl\" reduces GPU memory: set train.device to \"cuda\" (or use \"mpi\")",
-            )),
-            other => Err(Error::config(
-                "dist.backend",
-                format!("\"{other}\" is not a backend: \"auto\", \"mpi\" or \"nccl\""),
             )),
         }
     }
@@ -98,7 +252,7 @@ pub struct AdapterConfig {
     /// `"qlora"` (LoRA on a frozen NF4 base with double quantization) or `"qalora"` (a
     /// group-averaged LoRA on a frozen int4 base, merged exactly into it by `frugal merge
     /// --format int4`).
-    pub kind: String,
+    pub kind: AdapterKind,
     /// Rank.
     pub r: i64,
     /// Scale numerator: the adapter's output is scaled by alpha / r.
@@ -124,7 +278,7 @@ pub struct AdapterConfig {
 impl Default for AdapterConfig {
     fn default() -> Self {
         Self {
-            kind: "none".into(),
+            kind: AdapterKind::None,
             r: 8,
             alpha: 8.0,
             dropout: 0.0,
@@ -138,13 +292,10 @@ impl Default for AdapterConfig {
     }
 }
 
-/// Adapter kinds `adapter.kind` accepts.
-pub const ADAPTER_KINDS: &[&str] = &["none", "lora", "dora", "qlora", "qalora"];
-
 impl AdapterConfig {
     /// Whether an adapter is trained.
     pub fn enabled(&self) -> bool {
-        self.kind != "none"
+        self.kind != AdapterKind::None
     }
 
     /// The adapter's settings.
@@ -154,14 +305,14 @@ impl AdapterConfig {
             alpha: self.alpha,
             dropout: self.dropout,
             use_rslora: self.use_rslora,
-            use_dora: self.kind == "dora",
+            use_dora: self.kind == AdapterKind::Dora,
             init: self.init,
             target_modules: self.target_modules.clone(),
             exclude_modules: match &self.exclude_modules {
                 frugal_adapters::Targets::Names(n) if n.is_empty() => None,
                 e => Some(e.clone()),
             },
-            pool: if self.kind == "qalora" {
+            pool: if self.kind == AdapterKind::Qalora {
                 self.group_size
             } else {
                 1
@@ -174,14 +325,14 @@ impl AdapterConfig {
     /// `group_size`, `qalora` int4 at group `group_size`, None (the model's `model.linear`)
     /// for the others.
     pub fn base_linear(&self) -> Option<LinearKind> {
-        match self.kind.as_str() {
-            "qlora" => Some(LinearKind::Quantized {
+        match self.kind {
+            AdapterKind::Qlora => Some(LinearKind::Quantized {
                 format: "nf4".into(),
                 block_size: self.group_size as usize,
                 group_size: 128,
                 double_quant: true,
             }),
-            "qalora" => Some(LinearKind::Quantized {
+            AdapterKind::Qalora => Some(LinearKind::Quantized {
                 format: "int4".into(),
                 block_size: 64,
                 group_size: self.group_size as usize,
@@ -193,17 +344,11 @@ impl AdapterConfig {
 
     /// Checks the kind, the settings, and what the kind needs of the rest of the config.
     pub fn validate(&self, cfg: &Config) -> Result<()> {
-        if !ADAPTER_KINDS.contains(&self.kind.as_str()) {
-            return Err(Error::config(
-                "adapter.kind",
-                format!("unknown '{}' ({})", self.kind, ADAPTER_KINDS.join(", ")),
-            ));
-        }
         if !self.enabled() {
             return Ok(());
         }
         self.lora().validate("adapter")?;
-        if cfg.model.kind != "llama" {
+        if cfg.model.kind != ModelKind::Llama {
             return Err(Error::config(
                 "adapter.kind",
                 format!(
@@ -311,8 +456,8 @@ impl TtConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelConfig {
-    /// `"llama"` or `"encoder"` (a later issue adds `"hgrn-bit"`).
-    pub kind: String,
+    /// `"llama"`, `"encoder"` or `"hgrn-bit"`.
+    pub kind: ModelKind,
     /// A preset: `tiny`, `60m`, `130m`, `350m`, `1b`, `7b` (llama); `encoder-tiny`,
     /// `encoder-small`, `encoder-6` (encoder).
     pub size: String,
@@ -345,7 +490,7 @@ pub struct ModelConfig {
 impl Default for ModelConfig {
     fn default() -> Self {
         Self {
-            kind: "llama".into(),
+            kind: ModelKind::Llama,
             size: "tiny".into(),
             from_pretrained: String::new(),
             linear: LinearKind::Dense,
@@ -472,7 +617,7 @@ pub struct TrainConfig {
     /// What the model learns: `"auto"` (the model's own: `"lm"` for llama, `"mlm"` for an
     /// encoder), `"lm"` (next token), `"mlm"` (masked tokens), `"classification"` (labels of
     /// `data.task_path`).
-    pub objective: String,
+    pub objective: Objective,
     /// `"mlm"`: share of the tokens selected for prediction (BERT's 80/10/10 rule).
     pub mlm_probability: f64,
     /// On CUDA: capture a training step as a CUDA graph after two eager steps and replay it for
@@ -504,7 +649,7 @@ impl Default for TrainConfig {
             threads: 0,
             checkpointing: false,
             ce_chunk: 0,
-            objective: "auto".into(),
+            objective: Objective::Auto,
             mlm_probability: 0.15,
             cuda_graph: false,
         }
@@ -515,8 +660,9 @@ impl Default for TrainConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct OptimConfig {
-    /// `"adamw"` (later issues add GaLore, Adafactor, 8-bit forms).
-    pub name: String,
+    /// `"adamw"`, `"adamw8bit"`, `"adafactor"`, or one of them under GaLore's projection
+    /// (`"galore-adamw"`...).
+    pub name: OptimizerName,
     /// First-moment decay.
     pub beta1: f64,
     /// Second-moment decay.
@@ -537,20 +683,10 @@ pub struct OptimConfig {
     pub adafactor: AdafactorConfig,
 }
 
-/// The optimizers `optim.name` names.
-pub const OPTIMIZERS: [&str; 6] = [
-    "adamw",
-    "adamw8bit",
-    "adafactor",
-    "galore-adamw",
-    "galore-adamw8bit",
-    "galore-adafactor",
-];
-
 impl Default for OptimConfig {
     fn default() -> Self {
         Self {
-            name: "adamw".into(),
+            name: OptimizerName::Adamw,
             beta1: 0.9,
             beta2: 0.95,
             eps: 1e-8,
@@ -577,9 +713,9 @@ pub struct GaloreSettings {
     /// Factor on the back-projected update (GaLore's alpha).
     pub scale: f64,
     /// `std`, `reverse_std`, `left`, `right` or `full`.
-    pub proj_type: String,
+    pub proj_type: frugal_galore::ProjType,
     /// `exact` or `randomized` SVD.
-    pub svd: String,
+    pub svd: Svd,
     /// A regex over parameter names: the 2-D weights it matches are projected, the others
     /// use the plain optimizer (default: attention and MLP weights).
     pub target_modules: String,
@@ -601,8 +737,8 @@ impl Default for GaloreSettings {
             rank: 128,
             update_proj_gap: 200,
             scale: 0.25,
-            proj_type: "std".into(),
-            svd: "exact".into(),
+            proj_type: frugal_galore::ProjType::Std,
+            svd: Svd::Exact,
             target_modules: DEFAULT_TARGET_MODULES.into(),
             lazy_refresh: false,
             reproject_moments: false,
@@ -613,13 +749,12 @@ impl Default for GaloreSettings {
 impl OptimConfig {
     /// Whether `optim.name` is a GaLore optimizer.
     pub fn is_galore(&self) -> bool {
-        self.name.starts_with("galore-")
+        self.name.is_galore()
     }
 
-    /// The optimizer under GaLore's projection (or the optimizer itself): `adamw`,
-    /// `adamw8bit` or `adafactor`.
-    pub fn base(&self) -> &str {
-        self.name.strip_prefix("galore-").unwrap_or(&self.name)
+    /// The optimizer under GaLore's projection (or the optimizer itself).
+    pub fn base(&self) -> OptimizerName {
+        self.name.base()
     }
 
     /// Whether parameter `name` of shape `shape` is projected by GaLore.
@@ -743,7 +878,7 @@ impl Config {
                 (t.ce_chunk > 0, "train.ce_chunk"),
                 (t.grad_accum > 1, "train.grad_accum > 1"),
                 (self.dist.overlap, "dist.overlap"),
-                (self.adapter.kind != "none", "adapters"),
+                (self.adapter.enabled(), "adapters"),
             ];
             if let Some((_, what)) = conflicts.iter().find(|(on, _)| *on) {
                 return Err(Error::config(
@@ -804,33 +939,12 @@ impl Config {
             ));
         }
         let o = &self.optim;
-        if !OPTIMIZERS.contains(&o.name.as_str()) {
-            return Err(Error::config(
-                "optim.name",
-                format!("unknown optimizer '{}' ({})", o.name, OPTIMIZERS.join(", ")),
-            ));
-        }
         let g = &o.galore;
         if o.is_galore() {
             if g.rank == 0 || g.update_proj_gap == 0 {
                 return Err(Error::config(
                     "optim.galore",
                     "rank and update_proj_gap must be positive",
-                ));
-            }
-            if !["std", "reverse_std", "left", "right", "full"].contains(&g.proj_type.as_str()) {
-                return Err(Error::config(
-                    "optim.galore.proj_type",
-                    format!(
-                        "unknown '{}' (std, reverse_std, left, right, full)",
-                        g.proj_type
-                    ),
-                ));
-            }
-            if !["exact", "randomized"].contains(&g.svd.as_str()) {
-                return Err(Error::config(
-                    "optim.galore.svd",
-                    format!("unknown '{}' (exact, randomized)", g.svd),
                 ));
             }
             if let Err(e) = regex::Regex::new(&g.target_modules) {
@@ -897,18 +1011,19 @@ impl Config {
         Ok(())
     }
 
-    /// The objective `train.objective` resolves to: `"lm"`, `"mlm"` or `"classification"`.
-    pub fn objective(&self) -> &str {
-        match (self.train.objective.as_str(), self.model.kind.as_str()) {
-            ("auto", "encoder") => "mlm",
-            ("auto", _) => "lm",
+    /// The objective `train.objective` resolves to: `Lm`, `Mlm` or `Classification` (never
+    /// `Auto`).
+    pub fn objective(&self) -> Objective {
+        match (self.train.objective, self.model.kind) {
+            (Objective::Auto, ModelKind::Encoder) => Objective::Mlm,
+            (Objective::Auto, _) => Objective::Lm,
             (o, _) => o,
         }
     }
 
     /// Whether the model is an encoder.
     pub fn is_encoder(&self) -> bool {
-        self.model.kind == "encoder"
+        self.model.kind == ModelKind::Encoder
     }
 
     /// Checks `model.kind`, `model.size` and the keys that depend on them.
@@ -917,15 +1032,8 @@ impl Config {
         use frugal_models::llama::PRESETS as LLAMA_PRESETS;
         let m = &self.model;
         let t = &self.train;
-        let objectives = ["auto", "lm", "mlm", "classification"];
-        if !objectives.contains(&t.objective.as_str()) {
-            return Err(Error::config(
-                "train.objective",
-                format!("unknown '{}' ({})", t.objective, objectives.join(", ")),
-            ));
-        }
-        match m.kind.as_str() {
-            "llama" => {
+        match m.kind {
+            ModelKind::Llama => {
                 if frugal_models::llama::LlamaConfig::preset(&m.size).is_none() {
                     let reason = if ENCODER_PRESETS.contains(&m.size.as_str()) {
                         format!(
@@ -942,7 +1050,7 @@ impl Config {
                     };
                     return Err(Error::config("model.size", reason));
                 }
-                if self.objective() != "lm" {
+                if self.objective() != Objective::Lm {
                     return Err(Error::config(
                         "train.objective",
                         format!(
@@ -952,7 +1060,7 @@ impl Config {
                     ));
                 }
             }
-            "encoder" => {
+            ModelKind::Encoder => {
                 if frugal_models::encoder::EncoderConfig::preset(&m.size).is_none() {
                     let what = if LLAMA_PRESETS.contains(&m.size.as_str()) {
                         "is a llama preset, not an encoder one"
@@ -968,7 +1076,7 @@ impl Config {
                         ),
                     ));
                 }
-                if self.objective() == "lm" {
+                if self.objective() == Objective::Lm {
                     return Err(Error::config(
                         "train.objective",
                         "an encoder learns \"mlm\" or \"classification\", not \"lm\"",
@@ -990,7 +1098,7 @@ impl Config {
                     }
                 }
             }
-            "hgrn-bit" => {
+            ModelKind::HgrnBit => {
                 use frugal_models::hgrn_bit::PRESETS as HGRN_PRESETS;
                 if frugal_models::hgrn_bit::HgrnBitConfig::preset(&m.size).is_none() {
                     return Err(Error::config(
@@ -1002,7 +1110,7 @@ impl Config {
                         ),
                     ));
                 }
-                if self.objective() != "lm" {
+                if self.objective() != Objective::Lm {
                     return Err(Error::config(
                         "train.objective",
                         format!("'{}': hgrn-bit is a causal LM (\"lm\")", t.objective),
@@ -1022,15 +1130,6 @@ impl Config {
                     ));
                 }
             }
-            other => {
-                return Err(Error::config(
-                    "model.kind",
-                    format!(
-                        "'{other}' is not available (available: \"llama\", \"encoder\", \
-                         \"hgrn-bit\")"
-                    ),
-                ))
-            }
         }
         if !(t.mlm_probability > 0.0 && t.mlm_probability < 1.0) {
             return Err(Error::config(
@@ -1044,7 +1143,7 @@ impl Config {
                 "must be >= 0 (0: from the data)",
             ));
         }
-        let classification = self.objective() == "classification";
+        let classification = self.objective() == Objective::Classification;
         if classification && self.data.task_path.is_empty() {
             return Err(Error::config(
                 "data.task_path",
@@ -1126,7 +1225,7 @@ impl Config {
     ) -> Result<frugal_models::decoder::DecoderConfig> {
         use frugal_models::decoder::DecoderConfig;
         let m = &self.model;
-        if m.kind != "hgrn-bit" {
+        if m.kind != ModelKind::HgrnBit {
             return self.llama_config(tokenizer_vocab).map(DecoderConfig::Llama);
         }
         let mut c = frugal_models::hgrn_bit::HgrnBitConfig::preset(&m.size).expect("validated");
@@ -1155,7 +1254,7 @@ impl Config {
     /// vocabulary when the preset is `tiny` and no override is given.
     pub fn llama_config(&self, tokenizer_vocab: i64) -> Result<frugal_models::llama::LlamaConfig> {
         let m = &self.model;
-        if m.kind != "llama" {
+        if m.kind != ModelKind::Llama {
             return Err(Error::config(
                 "model.kind",
                 format!("this needs a llama model, the run's is '{}'", m.kind),
@@ -1307,7 +1406,7 @@ mod tests {
     #[test]
     fn galore_default_targets_both_models() {
         let o = OptimConfig {
-            name: "galore-adamw".into(),
+            name: OptimizerName::GaloreAdamw,
             ..OptimConfig::default()
         };
         for n in [
@@ -1344,17 +1443,17 @@ mod tests {
     #[test]
     fn objective_follows_the_model() {
         let mut c = Config::default();
-        assert_eq!(c.objective(), "lm");
-        c.model.kind = "encoder".into();
+        assert_eq!(c.objective(), Objective::Lm);
+        c.model.kind = ModelKind::Encoder;
         c.model.size = "encoder-tiny".into();
         c.validate().unwrap();
-        assert_eq!(c.objective(), "mlm");
-        c.train.objective = "classification".into();
+        assert_eq!(c.objective(), Objective::Mlm);
+        c.train.objective = Objective::Classification;
         let err = c.validate().unwrap_err().to_string();
         assert!(err.starts_with("data.task_path:"), "{err}");
         c.data.task_path = "x.tsv".into();
         c.validate().unwrap();
-        c.train.objective = "mlm".into();
+        c.train.objective = Objective::Mlm;
         let err = c.validate().unwrap_err().to_string();
         assert!(err.starts_with("data.task_path:"), "{err}");
         c.data.task_path.clear();
@@ -1373,6 +1472,44 @@ mod tests {
         c.model.vocab_size = 400;
         let err = c.encoder_config(500).unwrap_err().to_string();
         assert!(err.starts_with("model.vocab_size:"), "{err}");
+    }
+
+    /// Guarantee: every closed set of values is an enum: a value outside it is a one-line error
+    /// that names the key and lists the values it takes, and each value reads back as the
+    /// config spells it.
+    #[test]
+    fn closed_sets_name_the_key_and_the_choices() {
+        for (key, good, want) in [
+            ("model.kind", "hgrn-bit", "encoder"),
+            ("train.objective", "classification", "mlm"),
+            ("optim.name", "galore-adamw8bit", "adafactor"),
+            ("optim.galore.proj_type", "reverse_std", "left"),
+            ("optim.galore.svd", "randomized", "exact"),
+            ("adapter.kind", "qalora", "dora"),
+            ("dist.backend", "nccl", "mpi"),
+        ] {
+            let mut t = toml::Table::new();
+            apply_overrides(&mut t, &[format!("{key}=bogus")]).unwrap();
+            let err = from_table(t).unwrap_err().to_string();
+            assert!(err.starts_with(&format!("{key}: ")), "{err}");
+            assert!(err.contains("bogus") && err.contains(want), "{err}");
+            assert_eq!(err.lines().count(), 1, "{err}");
+            let mut t = toml::Table::new();
+            apply_overrides(&mut t, &[format!("{key}={good}")]).unwrap();
+            let text = toml::to_string(
+                &serde_path_to_error::deserialize::<_, Config>(toml::Value::Table(t)).unwrap(),
+            )
+            .unwrap();
+            assert!(text.contains(&format!("\"{good}\"")), "{key}: {text}");
+        }
+        assert_eq!(
+            OptimizerName::GaloreAdamw8bit.base(),
+            OptimizerName::Adamw8bit
+        );
+        assert!(
+            OptimizerName::GaloreAdafactor.is_galore() && !OptimizerName::Adafactor.is_galore()
+        );
+        assert_eq!(ModelKind::HgrnBit.to_string(), "hgrn-bit");
     }
 
     #[test]

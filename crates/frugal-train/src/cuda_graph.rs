@@ -53,8 +53,8 @@ fn graph_err(what: &str, e: impl std::fmt::Display) -> Error {
 
 /// `train.cuda_graph` asks for CUDA: an error naming the key on another device (checked before
 /// the run folder is made).
-pub fn check_device(cfg: &crate::config::Config, device: tch::Device) -> Result<()> {
-    if cfg.train.cuda_graph && !device.is_cuda() {
+pub fn check_device(train: &crate::config::TrainConfig, device: tch::Device) -> Result<()> {
+    if train.cuda_graph && !device.is_cuda() {
         return Err(Error::config(
             "train.cuda_graph",
             format!("captures CUDA work: the run is on {device:?} (set train.device = \"cuda\")"),

@@ -113,7 +113,7 @@ pub fn eval_command(run_dir: &Path, data_spec: Option<&str>) -> Result<Option<se
     let vocab = tok.get_vocab_size(true) as i64;
     let shape = read_shape(run_dir, "--run")?;
     let ck = checkpoint::latest(run_dir)?;
-    let out = if cfg.objective() == "classification" {
+    let out = if cfg.objective() == crate::config::Objective::Classification {
         let labels = LabelMap::read(&run_dir.join("labels.json"))?;
         let (rows, file) = match data_spec {
             Some(spec) => (tsv::read("--data", Path::new(spec))?, spec.to_string()),

@@ -220,7 +220,7 @@ mod tests {
     /// The config and shape of a tiny encoder (vocabulary 50, width 16, 2 blocks).
     fn tiny_encoder() -> (Config, EncoderConfig) {
         let mut cfg = Config::default();
-        cfg.model.kind = "encoder".into();
+        cfg.model.kind = crate::config::ModelKind::Encoder;
         cfg.model.size = "encoder-tiny".into();
         (cfg, EncoderConfig::new(50, 16, 2, 2, 32, 32))
     }

@@ -31,7 +31,7 @@ pub struct ExportReport {
 /// whole, atomically).
 pub fn export_run(run_dir: &Path, out: &Path) -> Result<ExportReport> {
     let cfg = run::read_config(run_dir, &[])?;
-    if cfg.model.kind != "hgrn-bit" {
+    if cfg.model.kind != crate::config::ModelKind::HgrnBit {
         return Err(Error::Msg(format!(
             "{}: `frugal export` packs hgrn-bit runs; this run's model.kind is \"{}\" (for a \
              LLaMA, see `frugal quantize`)",

@@ -22,8 +22,9 @@
 //! plus the logits of the cross-entropy (three `vocab`-wide f32 rows per token: logits, their
 //! log-softmax and its gradient).
 
-use crate::config::{Config, Dtype};
+use crate::config::{Config, Dtype, OptimizerName};
 use frugal_core::memory::human_bytes;
+use frugal_galore::ProjType;
 use frugal_models::llama::LlamaConfig;
 use serde_json::{json, Value};
 
@@ -66,12 +67,12 @@ fn numel(shape: &[i64]) -> u64 {
 
 /// Bytes of optimizer state of `base` (`adamw`, `adamw8bit`, `adafactor`) for a tensor of
 /// `shape`, whose moments (other than 8-bit ones) take `pb` bytes per value.
-fn base_state(base: &str, shape: &[i64], beta1: bool, pb: u64) -> u64 {
+fn base_state(base: OptimizerName, shape: &[i64], beta1: bool, pb: u64) -> u64 {
     let n = numel(shape);
     match base {
-        "adamw8bit" if n >= 4096 => 2 * n + 8 * n.div_ceil(256),
-        "adamw8bit" => 8 * n,
-        "adafactor" => {
+        OptimizerName::Adamw8bit if n >= 4096 => 2 * n + 8 * n.div_ceil(256),
+        OptimizerName::Adamw8bit => 8 * n,
+        OptimizerName::Adafactor => {
             let second = if shape.len() >= 2 {
                 let cols = shape[shape.len() - 1] as u64;
                 let rows = n / cols.max(1);
@@ -96,7 +97,7 @@ fn param_bytes(cfg: &Config) -> u64 {
 /// Bytes of optimizer state (projector included) for one parameter under `cfg.optim`.
 pub fn state_bytes(cfg: &Config, p: &Param) -> u64 {
     let o = &cfg.optim;
-    let beta1 = if o.base() == "adafactor" {
+    let beta1 = if o.base() == OptimizerName::Adafactor {
         o.adafactor.beta1.is_some()
     } else {
         o.beta1 > 0.0
@@ -107,12 +108,12 @@ pub fn state_bytes(cfg: &Config, p: &Param) -> u64 {
     }
     let (m, n) = (p.shape[0], p.shape[1]);
     let r = (o.galore.rank as i64).min(m.min(n));
-    let (low, basis): (Vec<i64>, i64) = match o.galore.proj_type.as_str() {
-        "reverse_std" => (vec![r, m.min(n)], r * m.max(n)),
-        "left" => (vec![r, n], r * m),
-        "right" => (vec![m, r], r * n),
-        "full" => (vec![r, r], r * (m + n)),
-        _ => (vec![r, m.max(n)], r * m.min(n)),
+    let (low, basis): (Vec<i64>, i64) = match o.galore.proj_type {
+        ProjType::ReverseStd => (vec![r, m.min(n)], r * m.max(n)),
+        ProjType::Left => (vec![r, n], r * m),
+        ProjType::Right => (vec![m, r], r * n),
+        ProjType::Full => (vec![r, r], r * (m + n)),
+        ProjType::Std => (vec![r, m.max(n)], r * m.min(n)),
     };
     base_state(o.base(), &low, beta1, pb) + pb * basis as u64
 }
@@ -294,7 +295,7 @@ mod tests {
 
     fn cfg_with(name: &str) -> Config {
         let mut c = Config::default();
-        c.optim.name = name.into();
+        c.optim.name = serde_json::from_value(json!(name)).expect("an optimizer name");
         c
     }
 

@@ -2,37 +2,20 @@
 //! Adafactor, and for `galore-*` the same with a GaLore projector on every 2-D weight that
 //! `optim.galore.target_modules` matches.
 
-use crate::config::{Config, GaloreSettings};
+use crate::config::{GaloreSettings, OptimConfig, OptimizerName};
 use frugal_core::{Error, Result};
-use frugal_galore::{GaloreConfig, GaloreProjector, ProjType, SvdMethod};
+use frugal_galore::{GaloreConfig, GaloreProjector};
 use frugal_optim::{Adafactor, AdafactorConfig, AdamW, AdamW8bit, AdamW8bitConfig, Optimizer};
 use tch::Tensor;
 
 /// The projector settings of `optim.galore`, seeded by `seed` (the randomized SVD's sketches).
 pub fn galore_config(g: &GaloreSettings, seed: u64) -> Result<GaloreConfig> {
-    let proj_type: ProjType =
-        serde_json::from_value(serde_json::json!(g.proj_type)).map_err(|_| {
-            Error::config(
-                "optim.galore.proj_type",
-                format!("unknown '{}'", g.proj_type),
-            )
-        })?;
-    let svd = match g.svd.as_str() {
-        "exact" => SvdMethod::Exact,
-        "randomized" => SvdMethod::randomized(),
-        other => {
-            return Err(Error::config(
-                "optim.galore.svd",
-                format!("unknown '{other}'"),
-            ))
-        }
-    };
     let c = GaloreConfig {
         rank: g.rank as i64,
         update_proj_gap: g.update_proj_gap as i64,
         scale: g.scale,
-        proj_type,
-        svd,
+        proj_type: g.proj_type,
+        svd: g.svd.method(),
         seed,
         lazy_refresh: g.lazy_refresh,
         reproject_moments: g.reproject_moments,
@@ -42,9 +25,14 @@ pub fn galore_config(g: &GaloreSettings, seed: u64) -> Result<GaloreConfig> {
     Ok(c)
 }
 
-/// The optimizer of `cfg.optim` over `params` (name, tensor), at learning rate `lr`.
-pub fn build(cfg: &Config, params: Vec<(String, Tensor)>, lr: f64) -> Result<Box<dyn Optimizer>> {
-    let o = &cfg.optim;
+/// The optimizer of section `o` (`[optim]`) over `params` (name, tensor), at learning rate
+/// `lr`; `seed` (`train.seed`) seeds GaLore's randomized sketches.
+pub fn build(
+    o: &OptimConfig,
+    seed: u64,
+    params: Vec<(String, Tensor)>,
+    lr: f64,
+) -> Result<Box<dyn Optimizer>> {
     let projected: Vec<String> = params
         .iter()
         .filter(|(n, t)| o.projects(n, &t.size()))
@@ -60,7 +48,7 @@ pub fn build(cfg: &Config, params: Vec<(String, Tensor)>, lr: f64) -> Result<Box
         ));
     }
     let galore = if o.is_galore() {
-        Some(galore_config(&o.galore, cfg.train.seed)?)
+        Some(galore_config(&o.galore, seed)?)
     } else {
         None
     };
@@ -78,8 +66,8 @@ pub fn build(cfg: &Config, params: Vec<(String, Tensor)>, lr: f64) -> Result<Box
         }};
     }
     Ok(match o.base() {
-        "adamw" => with_projectors!(AdamW::new(params, o.adamw(lr))),
-        "adamw8bit" => with_projectors!(AdamW8bit::new(
+        OptimizerName::Adamw => with_projectors!(AdamW::new(params, o.adamw(lr))),
+        OptimizerName::Adamw8bit => with_projectors!(AdamW8bit::new(
             params,
             AdamW8bitConfig {
                 lr,
@@ -90,7 +78,7 @@ pub fn build(cfg: &Config, params: Vec<(String, Tensor)>, lr: f64) -> Result<Box
                 ..AdamW8bitConfig::default()
             }
         )),
-        "adafactor" => with_projectors!(Adafactor::new(
+        OptimizerName::Adafactor => with_projectors!(Adafactor::new(
             params,
             AdafactorConfig {
                 lr,
@@ -98,11 +86,6 @@ pub fn build(cfg: &Config, params: Vec<(String, Tensor)>, lr: f64) -> Result<Box
                 ..o.adafactor
             }
         )?),
-        other => {
-            return Err(Error::config(
-                "optim.name",
-                format!("unknown optimizer '{other}'"),
-            ))
-        }
+        galore => unreachable!("{galore}: base() strips GaLore"),
     })
 }

@@ -14,6 +14,7 @@
 //! neither touches the loop.
 
 use crate::checkpoint::TrainerState;
+use crate::config::Objective;
 use crate::memplan::MemoryPlan;
 use crate::step::{Groups, Plan, Sink};
 use frugal_core::Result;
@@ -88,8 +89,8 @@ pub struct Baseline {
 /// A model, its data and its objective, as the trainer drives them (see the module
 /// documentation).
 pub trait Task {
-    /// The objective: `"lm"`, `"mlm"` or `"classification"`.
-    fn objective(&self) -> &'static str;
+    /// The objective (never `Auto`).
+    fn objective(&self) -> Objective;
 
     /// The model's variables.
     fn vs(&self) -> &VarStore;

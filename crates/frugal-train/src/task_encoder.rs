@@ -21,7 +21,7 @@
 //! (`train.checkpointing`) keeps only the blocks' inputs and recomputes them in the backward
 //! pass ([`frugal_models::encoder::Checkpointed`]).
 
-use crate::config::Config;
+use crate::config::{Config, Objective};
 use crate::data::Document;
 use crate::encoder_eval::{evaluate_cls, evaluate_mlm};
 use crate::encoder_io::{
@@ -70,7 +70,7 @@ impl EncoderTask {
         let t = &cfg.train;
         let resume = checkpoint.is_some();
         let main = dist.is_main();
-        let classification = cfg.objective() == "classification";
+        let classification = cfg.objective() == Objective::Classification;
         let (docs, rows) = if classification {
             (None, Some(task_examples(cfg)?))
         } else {
@@ -195,10 +195,10 @@ impl EncoderTask {
 }
 
 impl Task for EncoderTask {
-    fn objective(&self) -> &'static str {
+    fn objective(&self) -> Objective {
         match self.data {
-            Data::Mlm { .. } => "mlm",
-            Data::Cls { .. } => "classification",
+            Data::Mlm { .. } => Objective::Mlm,
+            Data::Cls { .. } => Objective::Classification,
         }
     }
 
@@ -343,7 +343,7 @@ impl Task for EncoderTask {
         report.model = Some(ModelInfo {
             kind: "encoder".into(),
             size: self.cfg.model.size.clone(),
-            objective: self.objective().into(),
+            objective: self.objective().as_str().into(),
         });
     }
 }

@@ -5,7 +5,7 @@
 //! with an adapter when `adapter.kind` asks for one (the frozen base is always the pre-trained
 //! model's; checkpoints hold the adapter alone). It runs block by block ([`crate::step`]).
 
-use crate::config::Config;
+use crate::config::{Config, Objective};
 use crate::data::TokenDataset;
 use crate::memplan::MemoryPlan;
 use crate::run;
@@ -148,8 +148,8 @@ impl CausalLm {
 }
 
 impl Task for CausalLm {
-    fn objective(&self) -> &'static str {
-        "lm"
+    fn objective(&self) -> Objective {
+        Objective::Lm
     }
 
     fn vs(&self) -> &VarStore {

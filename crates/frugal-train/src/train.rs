@@ -43,7 +43,7 @@ pub fn train_with(
         tch::set_num_threads(cfg.train.threads as i32);
     }
     let device = crate::sync::rank_device(cfg.train.device.resolve()?, dist);
-    crate::cuda_graph::check_device(cfg, device)?;
+    crate::cuda_graph::check_device(&cfg.train, device)?;
     if cfg.tt.rank_adapt && dist.size() > 1 {
         return Err(Error::config(
             "tt.rank_adapt",
@@ -86,7 +86,13 @@ pub fn train_with(
     let mut params = task.trainable();
     if cfg.tt.rank_adapt {
         let (mut layers, _) = task.tt_layers_mut();
-        let (c, main) = Comera::new(cfg, &mut layers, params)?;
+        let (c, main) = Comera::new(
+            &cfg.tt,
+            &cfg.optim,
+            cfg.train.max_steps,
+            &mut layers,
+            params,
+        )?;
         hooks.push(Box::new(c));
         params = main;
     }
@@ -98,7 +104,8 @@ pub fn train_with(
         );
     }
     let opt = crate::optimizers::build(
-        cfg,
+        &cfg.optim,
+        cfg.train.seed,
         params
             .iter()
             .map(|(n, t)| (n.clone(), t.shallow_clone()))

@@ -178,7 +178,8 @@ fn only_the_adapter_trains() {
         let names: Vec<String> = params.iter().map(|(n, _)| n.clone()).collect();
         let tensors: Vec<Tensor> = params.iter().map(|(_, t)| t.shallow_clone()).collect();
         let groups = Groups::of(&names, 2).unwrap();
-        let mut opt = frugal_train::optimizers::build(&cfg, params, 0.01).unwrap();
+        let mut opt =
+            frugal_train::optimizers::build(&cfg.optim, cfg.train.seed, params, 0.01).unwrap();
         m.set_training(true);
         let ids = Tensor::randint(64, [2, 16], (Kind::Int64, Device::Cpu));
         let targets = ids.roll([-1i64].as_slice(), [1i64].as_slice());
@@ -351,7 +352,7 @@ fn qalora_merges_into_int4_without_loss() {
     unmerged.load_adapter(&adapter, "default").unwrap();
     // The merged folder, read as stored (int4, float zeros), no adapter.
     let mut plain = cfg.clone();
-    plain.adapter.kind = "none".into();
+    plain.adapter.kind = frugal_train::config::AdapterKind::None;
     plain.model.linear = cfg.adapter.base_linear().unwrap();
     let merged_model = frun::model(
         &plain,

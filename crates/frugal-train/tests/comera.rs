@@ -23,7 +23,7 @@ fn parts(m: &mut EncoderModel) -> (Vec<(String, &mut dyn TtLayer)>, &tch::nn::Va
 
 fn tt_config() -> Config {
     let mut cfg = Config::default();
-    cfg.model.kind = "encoder".into();
+    cfg.model.kind = config::ModelKind::Encoder;
     cfg.model.size = "encoder-tiny".into();
     cfg.model.linear = frugal_models::LinearKind::Tt {
         rank: 6,
@@ -73,7 +73,14 @@ fn pruning_keeps_outputs_and_slices_parameters_and_state() {
             "the word table, then 6 TT linears per block"
         );
         assert_eq!(layers[0].0, "bert.embeddings.word_embeddings");
-        Comera::new(&cfg, &mut layers, params).unwrap()
+        Comera::new(
+            &cfg.tt,
+            &cfg.optim,
+            cfg.train.max_steps,
+            &mut layers,
+            params,
+        )
+        .unwrap()
     };
     assert!(main.iter().all(|(n, _)| !n.contains(".rank_vars.")));
     let mut opt = AdamW::new(main, AdamWConfig::default());

@@ -26,7 +26,10 @@ fn nccl_is_refused_by_key_where_it_cannot_run() {
         &dir.path().join("bad"),
         &settings(&corpus, &["dist.backend=\"gloo\""]),
     ));
-    assert_clean_error(&out, "\"gloo\" is not a backend");
+    assert_clean_error(
+        &out,
+        "dist.backend: unknown variant `gloo`, expected one of",
+    );
 }
 
 #[test]
