@@ -1082,21 +1082,6 @@ impl Config {
                         "an encoder learns \"mlm\" or \"classification\", not \"lm\"",
                     ));
                 }
-                // Per-layer updates, the chunked head and all-reduces started block by block
-                // exist for the decoders' block-by-block step only.
-                let refused = [
-                    ("optim.layerwise", self.optim.layerwise),
-                    ("train.ce_chunk", t.ce_chunk > 0),
-                    ("dist.overlap", self.dist.overlap),
-                ];
-                for (key, on) in refused {
-                    if on {
-                        return Err(Error::config(
-                            key,
-                            "is not available for model.kind = \"encoder\" yet (the decoders only)",
-                        ));
-                    }
-                }
             }
             ModelKind::HgrnBit => {
                 use frugal_models::hgrn_bit::PRESETS as HGRN_PRESETS;
@@ -1461,10 +1446,12 @@ mod tests {
         let err = c.validate().unwrap_err().to_string();
         assert!(err.starts_with("train.mlm_probability:"), "{err}");
         c.train.mlm_probability = 0.15;
+        // The block-by-block step's options are the encoder's too.
         c.train.ce_chunk = 64;
-        let err = c.validate().unwrap_err().to_string();
-        assert!(err.starts_with("train.ce_chunk:"), "{err}");
+        c.optim.layerwise = true;
+        c.validate().unwrap();
         c.train.ce_chunk = 0;
+        c.optim.layerwise = false;
         let err = c.llama_config(100).unwrap_err().to_string();
         assert!(err.starts_with("model.kind:"), "{err}");
         let shape = c.encoder_config(500).unwrap();

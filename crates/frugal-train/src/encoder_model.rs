@@ -3,6 +3,7 @@
 //! micro-batch ([`micro_loss`]).
 
 use crate::config::{Config, Dtype};
+use crate::step::{BlockModel, Groups, Part};
 use frugal_core::safetensors_io::SafetensorsFile;
 use frugal_core::Result;
 use frugal_models::embedding::WordEmbedding;
@@ -165,6 +166,25 @@ impl EncoderModel {
         (layers, &self.vs)
     }
 
+    /// The parameter groups of the block-by-block step ([`crate::step`]) of the parameters
+    /// `names`: `bert.embeddings.*`, each `bert.encoder.layer.N.*`, the head; with the
+    /// masked-LM head, whose decoder reads the word table, the table is shared (its gradient
+    /// sums both parts).
+    pub fn groups(&self, names: &[String]) -> Result<Groups> {
+        let tied = matches!(self.net, Net::Mlm(_));
+        Groups::by(names, self.encoder().layers.len(), |name| {
+            if tied && name.starts_with("bert.embeddings.word_embeddings.") {
+                Part::Shared
+            } else if name.starts_with("bert.embeddings.") {
+                Part::Embed
+            } else if let Some(rest) = name.strip_prefix("bert.encoder.layer.") {
+                Part::Block(rest.split('.').next().and_then(|b| b.parse().ok()))
+            } else {
+                Part::Head
+            }
+        })
+    }
+
     /// Saves the weights (variables, quantized layers, TT descriptions) to `file`, atomically.
     pub fn save(&self, file: &Path) -> Result<()> {
         frugal_models::weights::save_model_with_tables(
@@ -210,6 +230,66 @@ impl EncoderModel {
         frugal_models::weights::load_model_with_tables(&mut body, &mut linears, &mut tables, file)?;
         // TT layers of other ranks (a pruned checkpoint) got new variables in `body`.
         frugal_models::weights::adopt_variables(&self.vs, body)
+    }
+}
+
+/// The encoder block by block ([`crate::step`]): the embeddings, the blocks (with the padding
+/// mask of a classification batch), and the head over every position (masked LM, its decoder
+/// reading the word table) or over each example's first token (classification).
+impl BlockModel for EncoderModel {
+    fn num_blocks(&self) -> usize {
+        self.encoder().layers.len()
+    }
+
+    fn loss(&self, inputs: &[Tensor]) -> (Tensor, Option<Tensor>) {
+        let (loss, correct, _) = micro_loss(self, inputs, false, false);
+        (loss, correct)
+    }
+
+    fn counts_correct(&self) -> bool {
+        matches!(self.net, Net::Cls(_))
+    }
+
+    fn embed(&self, inputs: &[Tensor]) -> Tensor {
+        let types = match inputs {
+            [_, types, _, _] => Some(types),
+            _ => None,
+        };
+        self.encoder().embeddings.forward(&inputs[0], types)
+    }
+
+    fn block(&self, i: usize, h: &Tensor, inputs: &[Tensor]) -> Tensor {
+        let mask = match inputs {
+            [_, _, mask, _] => Some(Encoder::attention_bias(mask)),
+            _ => None,
+        };
+        self.encoder().layers[i].forward(h, mask.as_ref())
+    }
+
+    fn head_rows(&self, h: &Tensor, inputs: &[Tensor]) -> (Tensor, Tensor) {
+        let labels = &inputs[inputs.len() - 1];
+        match self.net {
+            Net::Mlm(_) => (h.reshape([-1, h.size()[2]]), labels.reshape([-1])),
+            Net::Cls(_) => (h.select(1, 0), labels.shallow_clone()),
+        }
+    }
+
+    fn rows_to_hidden(&self, g: &Tensor, h_size: &[i64]) -> Tensor {
+        match self.net {
+            Net::Mlm(_) => g.reshape(h_size),
+            Net::Cls(_) => {
+                let h = Tensor::zeros(h_size, (g.kind(), g.device()));
+                h.select(1, 0).copy_(g);
+                h
+            }
+        }
+    }
+
+    fn head(&self, rows: &Tensor) -> Tensor {
+        match &self.net {
+            Net::Mlm(m) => m.head(rows),
+            Net::Cls(c) => c.head(&rows.unsqueeze(1)),
+        }
     }
 }
 
@@ -305,6 +385,42 @@ mod tests {
         let (a, b) = (short.double_value(&[]), long.double_value(&[]));
         assert!(a.is_finite() && (a - b).abs() < 1e-6, "{a} vs {b}");
         assert!(short_ok.unwrap().equal(&long_ok.unwrap()));
+    }
+
+    /// Guarantee: the encoder runs block by block ([`crate::step`]) with the plain pass's loss,
+    /// gradients and examples right, for masked LM (whose head reads the word table: a shared
+    /// gradient summed over head and embedding) and classification (the head over each
+    /// example's first token, padding masked), under every plan: checkpointing, a chunked
+    /// cross-entropy, gradients announced block by block, and per-layer updates.
+    #[test]
+    fn block_by_block_gives_the_plain_gradients() {
+        let (cfg, shape) = tiny_encoder();
+        let ids =
+            Tensor::from_slice(&(0..24).map(|i| (i * 7) % 50).collect::<Vec<i64>>()).view([2, 12]);
+        let labels = ids.where_self(
+            &Tensor::from_slice(&(0..24).map(|i| i % 5 == 1).collect::<Vec<bool>>()).view([2, 12]),
+            &Tensor::full([2, 12], IGNORE_INDEX, (Kind::Int64, tch::Device::Cpu)),
+        );
+        let types =
+            Tensor::from_slice(&(0..24).map(|i| i64::from(i % 12 >= 6)).collect::<Vec<_>>())
+                .view([2, 12]);
+        let mask = Tensor::from_slice(&(0..24).map(|i| i64::from(i < 20)).collect::<Vec<_>>())
+            .view([2, 12]);
+        for (num_labels, inputs) in [
+            (None, vec![ids.shallow_clone(), labels]),
+            (
+                Some(3),
+                vec![ids, types, mask, Tensor::from_slice(&[1i64, 2])],
+            ),
+        ] {
+            let m = EncoderModel::new(&cfg, &shape, num_labels, tch::Device::Cpu).unwrap();
+            let params = frugal_models::weights::named_variables(&m.vs);
+            let names: Vec<String> = params.iter().map(|(n, _)| n.clone()).collect();
+            let shared = matches!(m.net, Net::Mlm(_));
+            let groups = m.groups(&names).unwrap();
+            assert_eq!(groups.shared.len(), usize::from(shared));
+            crate::step::tests::plans_give_the_plain_gradients(&m, &params, &groups, &inputs);
+        }
     }
 
     /// Guarantee: the masked-LM loss over every position (the form a CUDA graph records) equals

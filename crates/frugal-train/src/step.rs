@@ -8,14 +8,73 @@
 //! - with a **chunked cross-entropy** (`train.ce_chunk`), the logits exist for `ce_chunk` tokens
 //!   at a time, never for the whole batch.
 //!
-//! The backward pass runs from the output: the head (final norm and `lm_head`) chunk by chunk,
-//! then the blocks from last to first (for block i: the gradient of
-//! `sum(output_i · upstream)` with respect to its parameters and its input), then the
-//! embedding. Without any of the three options, it is the plain `loss.backward()`.
+//! The backward pass runs from the output: the head chunk by chunk (its rows: every position
+//! for the language models, the first token of each example for a classifier), then the
+//! blocks from last to first (for block i: the gradient of `sum(output_i · upstream)` with
+//! respect to its parameters and its input), then the embedding. Without any of the three
+//! options, it is the plain `loss.backward()`.
+//!
+//! The models run through [`BlockModel`]: the decoders (llama, hgrn-bit) and the encoder's
+//! masked-LM and classification forms. Parameters more than one part reads (HGRN-bit's lower
+//! bounds in every block; the encoder's word table, which its masked-LM head reads too) are
+//! [`Groups::shared`]: their gradient is summed over every part and handed over last.
 
 use frugal_core::{Error, Result};
-use frugal_models::decoder::Decoder;
 use tch::{Kind, Tensor};
+
+/// A model as the block-by-block step runs it: an embedding, blocks, and a head over rows of
+/// the last hidden states, scored by a cross-entropy against targets (-100: not scored).
+pub trait BlockModel {
+    /// Number of blocks.
+    fn num_blocks(&self) -> usize;
+    /// The mean loss of the micro-batch `inputs` in one plain forward pass, and where the model
+    /// [counts](BlockModel::counts_correct) them, the examples it got right (0-dim).
+    fn loss(&self, inputs: &[Tensor]) -> (Tensor, Option<Tensor>);
+    /// Whether the step counts the rows whose highest logit is their target (a classifier's
+    /// training accuracy).
+    fn counts_correct(&self) -> bool {
+        false
+    }
+    /// The embedding's output `(B, T, d)` of the micro-batch `inputs`.
+    fn embed(&self, inputs: &[Tensor]) -> Tensor;
+    /// Block `i` over `h` (the inputs give what a block needs besides, as a padding mask).
+    fn block(&self, i: usize, h: &Tensor, inputs: &[Tensor]) -> Tensor;
+    /// The rows of the last hidden states `h` `(B, T, d)` the head scores, `(N, d)`, and their
+    /// targets `(N,)`.
+    fn head_rows(&self, h: &Tensor, inputs: &[Tensor]) -> (Tensor, Tensor) {
+        let d = h.size()[2];
+        (h.reshape([-1, d]), inputs[inputs.len() - 1].reshape([-1]))
+    }
+    /// The gradient of `h` (of size `h_size`) from the gradient `g` of its head rows.
+    fn rows_to_hidden(&self, g: &Tensor, h_size: &[i64]) -> Tensor {
+        g.reshape(h_size)
+    }
+    /// The head's logits `(n, classes)` of `n` rows.
+    fn head(&self, rows: &Tensor) -> Tensor;
+}
+
+impl BlockModel for frugal_models::decoder::Decoder {
+    fn num_blocks(&self) -> usize {
+        frugal_models::decoder::Decoder::num_blocks(self)
+    }
+
+    fn loss(&self, inputs: &[Tensor]) -> (Tensor, Option<Tensor>) {
+        let loss = frugal_models::decoder::Decoder::loss(self, &inputs[0], &inputs[1]);
+        (loss, None)
+    }
+
+    fn embed(&self, inputs: &[Tensor]) -> Tensor {
+        frugal_models::decoder::Decoder::embed(self, &inputs[0])
+    }
+
+    fn block(&self, i: usize, h: &Tensor, _inputs: &[Tensor]) -> Tensor {
+        frugal_models::decoder::Decoder::block(self, i, h)
+    }
+
+    fn head(&self, rows: &Tensor) -> Tensor {
+        frugal_models::decoder::Decoder::head(self, rows)
+    }
+}
 
 /// How a micro-batch runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -62,6 +121,22 @@ pub struct Groups {
 impl Groups {
     /// Sorts the parameter `names` of a model of `layers` blocks into groups.
     pub fn of(names: &[String], layers: usize) -> Result<Self> {
+        Self::by(names, layers, |name| {
+            if name.starts_with("model.embed_tokens.") || name.starts_with("model.embeddings.") {
+                Part::Embed
+            } else if name == "model.lower_bounds" {
+                Part::Shared
+            } else if let Some(rest) = name.strip_prefix("model.layers.") {
+                Part::Block(rest.split('.').next().and_then(|b| b.parse().ok()))
+            } else {
+                Part::Head
+            }
+        })
+    }
+
+    /// The groups of parameters `names` of a model of `layers` blocks, each placed by `part`.
+    /// A block number that is missing or out of range is an error naming the parameter.
+    pub fn by(names: &[String], layers: usize, part: impl Fn(&str) -> Part) -> Result<Self> {
         let mut g = Groups {
             embed: Vec::new(),
             blocks: vec![Vec::new(); layers],
@@ -69,22 +144,16 @@ impl Groups {
             shared: Vec::new(),
         };
         for (i, name) in names.iter().enumerate() {
-            if name.starts_with("model.embed_tokens.") || name.starts_with("model.embeddings.") {
-                g.embed.push(i);
-            } else if name == "model.lower_bounds" {
-                g.shared.push(i);
-            } else if let Some(rest) = name.strip_prefix("model.layers.") {
-                let block: usize = rest
-                    .split('.')
-                    .next()
-                    .and_then(|b| b.parse().ok())
-                    .filter(|&b| b < layers)
-                    .ok_or_else(|| {
+            match part(name) {
+                Part::Embed => g.embed.push(i),
+                Part::Shared => g.shared.push(i),
+                Part::Head => g.head.push(i),
+                Part::Block(b) => {
+                    let block = b.filter(|&b| b < layers).ok_or_else(|| {
                         Error::Msg(format!("parameter '{name}': no block of that number"))
                     })?;
-                g.blocks[block].push(i);
-            } else {
-                g.head.push(i);
+                    g.blocks[block].push(i);
+                }
             }
         }
         Ok(g)
@@ -103,14 +172,26 @@ impl Groups {
     }
 }
 
-/// One micro-batch: token ids and next-token targets `(B, T)`, and the factor on its loss
+/// Where a parameter sits in a block-by-block model ([`Groups::by`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    /// The embedding.
+    Embed,
+    /// Block `i` (None: a name without a block number, an error).
+    Block(Option<usize>),
+    /// The head.
+    Head,
+    /// Read by several parts: the gradient is summed over them and handed over last.
+    Shared,
+}
+
+/// One micro-batch: the model's inputs (their last: the targets) and the factor on its loss
 /// (`1 / grad_accum`).
 #[derive(Debug)]
 pub struct Batch<'a> {
-    /// Input ids.
-    pub ids: &'a Tensor,
-    /// Target ids.
-    pub targets: &'a Tensor,
+    /// The inputs (causal LM `[ids, targets]`, masked LM `[ids, labels]`, classification
+    /// `[ids, types, mask, labels]`).
+    pub inputs: &'a [Tensor],
     /// Factor on the loss before the backward pass.
     pub scale: f64,
 }
@@ -126,27 +207,27 @@ pub type Sink<'a> = dyn FnMut(&[usize], Option<Vec<Tensor>>) -> Result<()> + 'a;
 /// accumulate in the parameters' `.grad` as `loss.backward()` would leave them (and with
 /// `plan.blockwise`, `sink` hears of each group once its `.grad` is complete).
 pub fn micro_step(
-    model: &Decoder,
+    model: &dyn BlockModel,
     params: &[Tensor],
     groups: &Groups,
     plan: &Plan,
     batch: &Batch<'_>,
     sink: &mut Sink<'_>,
-) -> Result<f64> {
-    let (ids, targets, scale) = (batch.ids, batch.targets, batch.scale);
+) -> Result<MicroOut> {
+    let (inputs_, scale) = (batch.inputs, batch.scale);
     if plan.plain() {
-        let loss = model.loss(ids, targets);
+        let (loss, correct) = model.loss(inputs_);
         let value = loss.double_value(&[]);
         (loss * scale).backward();
-        return Ok(value);
+        return Ok(MicroOut {
+            loss: value,
+            correct: correct.map(|c| c.int64_value(&[])),
+        });
     }
-    let (b, t) = ids
-        .size2()
-        .map_err(|e| Error::Msg(format!("batch ids: {e}")))?;
 
     // Forward: keep each block's input (a leaf that takes a gradient), and its output graph
     // unless the block is to be recomputed.
-    let embedded = model.embed(ids);
+    let embedded = model.embed(inputs_);
     let blocks = model.num_blocks();
     let mut inputs = Vec::with_capacity(blocks);
     let mut outputs = Vec::with_capacity(blocks);
@@ -154,9 +235,9 @@ pub fn micro_step(
     for i in 0..blocks {
         let input = h.detach().set_requires_grad(true);
         let out = if plan.checkpointing {
-            tch::no_grad(|| model.block(i, &input))
+            tch::no_grad(|| model.block(i, &input, inputs_))
         } else {
-            model.block(i, &input)
+            model.block(i, &input, inputs_)
         };
         h = out.shallow_clone();
         inputs.push(input);
@@ -164,10 +245,9 @@ pub fn micro_step(
     }
 
     // Head and loss, chunk by chunk.
-    let d = h.size()[2];
-    let rows = b * t;
-    let flat = h.detach().reshape([rows, d]);
-    let flat_targets = targets.reshape([rows]);
+    let h_size = h.size();
+    let (flat, flat_targets) = model.head_rows(&h.detach(), inputs_);
+    let rows = flat.size()[0];
     // Targets of -100 (prompt tokens of instruction data) are not scored: the mean is over
     // the others, as the plain loss computes it.
     let scored = flat_targets
@@ -182,13 +262,28 @@ pub fn micro_step(
     };
     let head_params: Vec<&Tensor> = groups.head.iter().map(|&i| &params[i]).collect();
     let mut head_grads: Vec<Option<Tensor>> = (0..head_params.len()).map(|_| None).collect();
+    let shared: Vec<&Tensor> = groups.shared.iter().map(|&i| &params[i]).collect();
+    // The shared parameters' gradients, summed over the parts that read them.
+    let mut shared_grads: Option<Vec<Tensor>> = None;
+    let mut add_shared = |gs: Vec<Tensor>| {
+        shared_grads = Some(match shared_grads.take() {
+            Some(acc) => acc.into_iter().zip(gs).map(|(a, b)| a + b).collect(),
+            None => gs,
+        });
+    };
     let mut upstream_parts = Vec::new();
     let mut loss_sum = 0.0;
+    let mut correct = model.counts_correct().then_some(0i64);
     let mut start = 0;
     while start < rows {
         let n = chunk.min(rows - start);
         let leaf = flat.narrow(0, start, n).set_requires_grad(true);
         let logits = model.head(&leaf);
+        if let Some(c) = &mut correct {
+            let targets = flat_targets.narrow(0, start, n);
+            *c += tch::no_grad(|| logits.argmax(1, false).eq_tensor(&targets).sum(Kind::Int64))
+                .int64_value(&[]);
+        }
         let loss = logits.cross_entropy_loss::<Tensor>(
             &flat_targets.narrow(0, start, n),
             None,
@@ -200,9 +295,11 @@ pub fn micro_step(
         let loss = loss * (scale / scored as f64);
         if plan.layerwise {
             let mut wrt: Vec<&Tensor> = head_params.clone();
+            wrt.extend(&shared);
             wrt.push(&leaf);
             let mut g = grads_of(&loss, &wrt)?;
             upstream_parts.push(g.pop().expect("input gradient"));
+            add_shared(g.split_off(head_params.len()));
             for (acc, gi) in head_grads.iter_mut().zip(g) {
                 *acc = Some(match acc.take() {
                     Some(a) => a + gi,
@@ -225,17 +322,15 @@ pub fn micro_step(
     } else if plan.tells_ready() {
         sink(&groups.head, None)?;
     }
-    let mut upstream = Tensor::cat(&upstream_parts, 0).reshape([b, t, d]);
+    let mut upstream = model.rows_to_hidden(&Tensor::cat(&upstream_parts, 0), &h_size);
     drop(upstream_parts);
 
-    // Blocks, last to first; the shared parameters' gradients summed over them.
-    let shared: Vec<&Tensor> = groups.shared.iter().map(|&i| &params[i]).collect();
-    let mut shared_grads: Option<Vec<Tensor>> = None;
+    // Blocks, last to first.
     for i in (0..blocks).rev() {
         let input = &inputs[i];
         let out = match outputs[i].take() {
             Some(out) if !plan.checkpointing => out,
-            _ => model.block(i, input),
+            _ => model.block(i, input, inputs_),
         };
         let s = (&out * &upstream).sum(Kind::Float);
         if plan.layerwise {
@@ -244,11 +339,7 @@ pub fn micro_step(
             wrt.push(input);
             let mut g = grads_of(&s, &wrt)?;
             upstream = g.pop().expect("input gradient");
-            let gs = g.split_off(groups.blocks[i].len());
-            shared_grads = Some(match shared_grads.take() {
-                Some(acc) => acc.into_iter().zip(gs).map(|(a, b)| a + b).collect(),
-                None => gs,
-            });
+            add_shared(g.split_off(groups.blocks[i].len()));
             sink(&groups.blocks[i], Some(g))?;
         } else {
             s.backward();
@@ -264,8 +355,10 @@ pub fn micro_step(
     if embedded.requires_grad() {
         let s = (&embedded * &upstream).sum(Kind::Float);
         if plan.layerwise {
-            let wrt: Vec<&Tensor> = groups.embed.iter().map(|&j| &params[j]).collect();
-            let g = grads_of(&s, &wrt)?;
+            let mut wrt: Vec<&Tensor> = groups.embed.iter().map(|&j| &params[j]).collect();
+            wrt.extend(&shared);
+            let mut g = grads_of(&s, &wrt)?;
+            add_shared(g.split_off(groups.embed.len()));
             sink(&groups.embed, Some(g))?;
         } else {
             s.backward();
@@ -279,7 +372,19 @@ pub fn micro_step(
     } else if plan.tells_ready() && !groups.shared.is_empty() {
         sink(&groups.shared, None)?;
     }
-    Ok(loss_sum / scored as f64)
+    Ok(MicroOut {
+        loss: loss_sum / scored as f64,
+        correct,
+    })
+}
+
+/// What a micro-batch's step reports.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MicroOut {
+    /// The (unscaled) mean loss.
+    pub loss: f64,
+    /// The examples classified right (classifiers).
+    pub correct: Option<i64>,
 }
 
 /// The gradients of scalar `y` with respect to `wrt` (zeros for a tensor `y` does not reach),
@@ -296,8 +401,9 @@ fn grads_of(y: &Tensor, wrt: &[&Tensor]) -> Result<Vec<Tensor>> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+    use frugal_models::decoder::Decoder;
     use frugal_models::llama::{Llama, LlamaConfig};
     use frugal_models::LinearKind;
     use tch::{nn::VarStore, Device};
@@ -342,12 +448,12 @@ mod tests {
         (vs, Decoder::Llama(model), params)
     }
 
-    fn batch() -> (Tensor, Tensor) {
+    fn decoder_batch() -> [Tensor; 2] {
         let ids = Tensor::randint(96, [2, 10], (Kind::Int64, Device::Cpu));
-        (
+        [
             ids.narrow(1, 0, 9).contiguous(),
             ids.narrow(1, 1, 9).contiguous(),
-        )
+        ]
     }
 
     fn take_grads(params: &[(String, Tensor)]) -> Vec<Tensor> {
@@ -382,31 +488,30 @@ mod tests {
         assert_eq!(groups.head.len(), 2);
         assert!(groups.shared.is_empty());
         assert!(groups.blocks.iter().all(|b| b.len() == 9));
-        plans_give_the_plain_gradients(&model, &params, &groups);
+        plans_give_the_plain_gradients(&model, &params, &groups, &decoder_batch());
 
         let (_vs, model, params) = tiny_hgrn();
         let names: Vec<String> = params.iter().map(|(n, _)| n.clone()).collect();
         let groups = Groups::of(&names, 3).unwrap();
         assert_eq!(groups.shared.len(), 1);
         assert_eq!(names[groups.shared[0]], "model.lower_bounds");
-        plans_give_the_plain_gradients(&model, &params, &groups);
+        plans_give_the_plain_gradients(&model, &params, &groups, &decoder_batch());
     }
 
-    fn plans_give_the_plain_gradients(
-        model: &Decoder,
+    /// Checks every plan against the plain pass of `model` on micro-batch `inputs` (see
+    /// [`every_plan_gives_the_plain_gradients`]).
+    pub(crate) fn plans_give_the_plain_gradients(
+        model: &dyn BlockModel,
         params: &[(String, Tensor)],
         groups: &Groups,
+        inputs: &[Tensor],
     ) {
         let tensors: Vec<Tensor> = params.iter().map(|(_, t)| t.shallow_clone()).collect();
-        let (x, y) = batch();
-        let b = Batch {
-            ids: &x,
-            targets: &y,
-            scale: 0.5,
-        };
+        let b = Batch { inputs, scale: 0.5 };
         let mut none = |_: &[usize], _: Option<Vec<Tensor>>| -> Result<()> { panic!("no sink") };
         let plain = Plan::default();
-        let l0 = micro_step(model, &tensors, groups, &plain, &b, &mut none).unwrap();
+        let out0 = micro_step(model, &tensors, groups, &plain, &b, &mut none).unwrap();
+        let l0 = out0.loss;
         let want = take_grads(params);
         assert!(want
             .iter()
@@ -426,7 +531,9 @@ mod tests {
                 ..Plan::default()
             },
         ] {
-            let l = micro_step(model, &tensors, groups, &plan, &b, &mut none).unwrap();
+            let out = micro_step(model, &tensors, groups, &plan, &b, &mut none).unwrap();
+            assert_eq!(out.correct, out0.correct, "{plan:?}");
+            let l = out.loss;
             assert!((l - l0).abs() < 1e-6, "{plan:?}");
             let got = take_grads(params);
             assert!(
@@ -465,7 +572,9 @@ mod tests {
                 order.push(idx.to_vec());
                 Ok(())
             };
-            let l = micro_step(model, &tensors, groups, &plan, &b, &mut ready).unwrap();
+            let out = micro_step(model, &tensors, groups, &plan, &b, &mut ready).unwrap();
+            assert_eq!(out.correct, out0.correct, "{plan:?}");
+            let l = out.loss;
             assert!((l - l0).abs() < 1e-6, "{plan:?}");
             let order_want: Vec<Vec<usize>> = groups
                 .backward_order()
@@ -497,7 +606,9 @@ mod tests {
                 }
                 Ok(())
             };
-            let l = micro_step(model, &tensors, groups, &plan, &b, &mut sink).unwrap();
+            let out = micro_step(model, &tensors, groups, &plan, &b, &mut sink).unwrap();
+            assert_eq!(out.correct, out0.correct, "{plan:?}");
+            let l = out.loss;
             assert!((l - l0).abs() < 1e-6);
             let order_want: Vec<Vec<usize>> = groups
                 .backward_order()

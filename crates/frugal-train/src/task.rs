@@ -16,7 +16,7 @@
 use crate::checkpoint::TrainerState;
 use crate::config::Objective;
 use crate::memplan::MemoryPlan;
-use crate::step::{Groups, Plan, Sink};
+use crate::step::{Groups, MicroOut, Plan, Sink};
 use frugal_core::Result;
 use frugal_optim::Optimizer;
 use frugal_records::{MemoryReport, MetricsLine};
@@ -150,7 +150,7 @@ pub trait Task {
         _inputs: &[Tensor],
         _scale: f64,
         _sink: &mut Sink<'_>,
-    ) -> Result<f64> {
+    ) -> Result<MicroOut> {
         Err(frugal_core::Error::Msg(
             "this model has no block-by-block step".into(),
         ))

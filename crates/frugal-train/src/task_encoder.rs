@@ -30,6 +30,7 @@ use crate::encoder_io::{
 };
 use crate::encoder_model::{micro_loss, EncoderModel, Net};
 use crate::run;
+use crate::step::{self, Groups, MicroOut, Plan, Sink};
 use crate::task::{Baseline, Batch, BatchAt, Evaluation, Forward, Task};
 use crate::task_lm::{baseline_now, Built};
 use crate::tokenize::EncoderTokens;
@@ -279,6 +280,23 @@ impl Task for EncoderTask {
             correct,
             rest: ck.map(|ck| Box::new(move || ck.backward(encoder)) as Box<dyn FnOnce()>),
         })
+    }
+
+    fn groups(&self, names: &[String]) -> Result<Option<Groups>> {
+        self.model.groups(names).map(Some)
+    }
+
+    fn block_step(
+        &self,
+        params: &[Tensor],
+        groups: &Groups,
+        plan: &Plan,
+        inputs: &[Tensor],
+        scale: f64,
+        sink: &mut Sink<'_>,
+    ) -> Result<MicroOut> {
+        let batch = step::Batch { inputs, scale };
+        step::micro_step(&self.model, params, groups, plan, &batch, sink)
     }
 
     fn evaluate(&mut self, max_batches: usize) -> Result<Evaluation> {

@@ -244,15 +244,8 @@ impl Task for CausalLm {
         inputs: &[Tensor],
         scale: f64,
         sink: &mut Sink<'_>,
-    ) -> Result<f64> {
-        let [ids, targets] = inputs else {
-            return Err(Error::Msg("a causal-LM batch is [ids, targets]".into()));
-        };
-        let batch = step::Batch {
-            ids,
-            targets,
-            scale,
-        };
+    ) -> Result<step::MicroOut> {
+        let batch = step::Batch { inputs, scale };
         step::micro_step(&self.model.net, params, groups, plan, &batch, sink)
     }
 

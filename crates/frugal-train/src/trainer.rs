@@ -305,9 +305,10 @@ impl Trainer<'_> {
                         }
                     };
                     let s = scale * share;
-                    loss_sum +=
-                        task.block_step(tensors, groups, &plan, &batch.inputs, s, &mut sink)?
-                            * share;
+                    let out =
+                        task.block_step(tensors, groups, &plan, &batch.inputs, s, &mut sink)?;
+                    loss_sum += out.loss * share;
+                    correct += out.correct.unwrap_or(0);
                     micro_norms += sq.sqrt();
                     continue;
                 }

@@ -184,9 +184,9 @@ fn only_the_adapter_trains() {
         let ids = Tensor::randint(64, [2, 16], (Kind::Int64, Device::Cpu));
         let targets = ids.roll([-1i64].as_slice(), [1i64].as_slice());
         for _ in 0..3 {
+            let inputs = [ids.shallow_clone(), targets.shallow_clone()];
             let batch = Batch {
-                ids: &ids,
-                targets: &targets,
+                inputs: &inputs,
                 scale: 1.0,
             };
             let mut sink = |idx: &[usize], g: Option<Vec<Tensor>>| match g {

@@ -282,7 +282,8 @@ fn two_ranks_resume_exactly() {
     assert!(d == 0.0, "resumed weights differ by {d}");
 }
 
-/// Guarantee: the encoder trains data-parallel like the decoders: masked LM (each example's
+/// Guarantee: the encoder trains data-parallel like the decoders (plain, with per-layer
+/// updates, with all-reduces overlapping the backward pass): masked LM (each example's
 /// masks seeded by its position among the step's examples, not by how they are split into
 /// ranks, and each rank's mean weighed by its share of the masked tokens) and classification
 /// under `mpirun -n 2` end with the weights of one process with twice the batch, within 5e-5
@@ -309,6 +310,8 @@ fn encoder_two_ranks_equal_one_process_with_twice_the_batch() {
     for (tag, extra) in [
         ("mlm", vec![]),
         ("mlm-accum", vec!["train.grad_accum=2"]),
+        ("mlm-layerwise", vec!["optim.layerwise=true"]),
+        ("mlm-overlap", vec!["dist.overlap=true", "train.checkpointing=true"]),
         (
             "cls",
             vec!["train.objective=\"classification\"", task.as_str()],
