@@ -13,7 +13,7 @@
 //! The first `--warmup` steps (default 1: the basis refresh and its SVDs) are not timed, the next
 //! `--steps` (default 3) are. Reported per side: the mean step time, tokens per second (all
 //! ranks' tokens), the bytes each rank all-reduced per step after the refresh (`metrics.jsonl`'s
-//! `allreduce_bytes`: gradients plus 8 bytes of loss and stop flag) and rank 0's peak resident
+//! `allreduce_bytes`: gradients plus 12 bytes of loss, stop flag and tokens) and rank 0's peak resident
 //! memory; then the throughput of the two-process sides over one process's, and the bytes
 //! all-reduced per step with full and with projected gradients, for the whole model and for the
 //! projected matrices alone (those of GaLore's default `target_modules`, from `memory.json`'s

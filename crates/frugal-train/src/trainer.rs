@@ -246,7 +246,9 @@ impl Trainer<'_> {
                     let loss = out[0].double_value(&[]);
                     loss_sum += loss * share;
                     if share != 1.0 {
-                        // The graph's backward pass has its scale built in.
+                        // The graph's backward pass has its scale built in. (A share other
+                        // than 1 means several processes, so the optimizer is not in the graph:
+                        // the gradients are still to be averaged and stepped.)
                         for g in tensors.iter().map(Tensor::grad).filter(Tensor::defined) {
                             let _ = g.shallow_clone().g_mul_scalar_(share);
                         }

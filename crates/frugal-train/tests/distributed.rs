@@ -311,7 +311,10 @@ fn encoder_two_ranks_equal_one_process_with_twice_the_batch() {
         ("mlm", vec![]),
         ("mlm-accum", vec!["train.grad_accum=2"]),
         ("mlm-layerwise", vec!["optim.layerwise=true"]),
-        ("mlm-overlap", vec!["dist.overlap=true", "train.checkpointing=true"]),
+        (
+            "mlm-overlap",
+            vec!["dist.overlap=true", "train.checkpointing=true"],
+        ),
         (
             "cls",
             vec!["train.objective=\"classification\"", task.as_str()],
