@@ -166,25 +166,6 @@ impl EncoderModel {
         (layers, &self.vs)
     }
 
-    /// The parameter groups of the block-by-block step ([`crate::step`]) of the parameters
-    /// `names`: `bert.embeddings.*`, each `bert.encoder.layer.N.*`, the head; with the
-    /// masked-LM head, whose decoder reads the word table, the table is shared (its gradient
-    /// sums both parts).
-    pub fn groups(&self, names: &[String]) -> Result<Groups> {
-        let tied = matches!(self.net, Net::Mlm(_));
-        Groups::by(names, self.encoder().layers.len(), |name| {
-            if tied && name.starts_with("bert.embeddings.word_embeddings.") {
-                Part::Shared
-            } else if name.starts_with("bert.embeddings.") {
-                Part::Embed
-            } else if let Some(rest) = name.strip_prefix("bert.encoder.layer.") {
-                Part::Block(rest.split('.').next().and_then(|b| b.parse().ok()))
-            } else {
-                Part::Head
-            }
-        })
-    }
-
     /// Saves the weights (variables, quantized layers, TT descriptions) to `file`, atomically.
     pub fn save(&self, file: &Path) -> Result<()> {
         frugal_models::weights::save_model_with_tables(
@@ -290,6 +271,23 @@ impl BlockModel for EncoderModel {
             Net::Mlm(m) => m.head(rows),
             Net::Cls(c) => c.head(&rows.unsqueeze(1)),
         }
+    }
+
+    // `bert.embeddings.*`, each `bert.encoder.layer.N.*`, the head; with the masked-LM head,
+    // whose decoder reads the word table, the table is shared (its gradient sums both parts).
+    fn groups(&self, names: &[String]) -> Result<Groups> {
+        let tied = matches!(self.net, Net::Mlm(_));
+        Groups::by(names, self.encoder().layers.len(), |name| {
+            if tied && name.starts_with("bert.embeddings.word_embeddings.") {
+                Part::Shared
+            } else if name.starts_with("bert.embeddings.") {
+                Part::Embed
+            } else if let Some(rest) = name.strip_prefix("bert.encoder.layer.") {
+                Part::Block(rest.split('.').next().and_then(|b| b.parse().ok()))
+            } else {
+                Part::Head
+            }
+        })
     }
 }
 

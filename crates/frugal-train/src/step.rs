@@ -51,6 +51,8 @@ pub trait BlockModel {
     }
     /// The head's logits `(n, classes)` of `n` rows.
     fn head(&self, rows: &Tensor) -> Tensor;
+    /// The groups of the optimizer's parameters `names` (embedding, blocks, head, shared).
+    fn groups(&self, names: &[String]) -> Result<Groups>;
 }
 
 impl BlockModel for frugal_models::decoder::Decoder {
@@ -73,6 +75,10 @@ impl BlockModel for frugal_models::decoder::Decoder {
 
     fn head(&self, rows: &Tensor) -> Tensor {
         frugal_models::decoder::Decoder::head(self, rows)
+    }
+
+    fn groups(&self, names: &[String]) -> Result<Groups> {
+        Groups::of(names, frugal_models::decoder::Decoder::num_blocks(self))
     }
 }
 

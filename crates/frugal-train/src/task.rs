@@ -16,7 +16,7 @@
 use crate::checkpoint::TrainerState;
 use crate::config::Objective;
 use crate::memplan::MemoryPlan;
-use crate::step::{Groups, MicroOut, Plan, Sink};
+use crate::step::BlockModel;
 use frugal_core::Result;
 use frugal_optim::Optimizer;
 use frugal_records::{MemoryReport, MetricsLine};
@@ -133,27 +133,11 @@ pub trait Task {
         recordable: bool,
     ) -> Result<Forward<'_>>;
 
-    /// The parameter groups (embedding, blocks, head) of the optimizer's parameters `names`,
-    /// where the model runs block by block ([`crate::step`]); None where it does not.
-    fn groups(&self, _names: &[String]) -> Result<Option<Groups>> {
-        Ok(None)
-    }
-
-    /// The block-by-block forward and backward pass of a micro-batch ([`crate::step`]): per-layer
-    /// updates, activation checkpointing, a chunked cross-entropy, gradients announced as they
-    /// complete. Only called where [`Task::groups`] gave groups.
-    fn block_step(
-        &self,
-        _params: &[Tensor],
-        _groups: &Groups,
-        _plan: &Plan,
-        _inputs: &[Tensor],
-        _scale: f64,
-        _sink: &mut Sink<'_>,
-    ) -> Result<MicroOut> {
-        Err(frugal_core::Error::Msg(
-            "this model has no block-by-block step".into(),
-        ))
+    /// The model block by block ([`crate::step`]: per-layer updates, activation checkpointing,
+    /// a chunked cross-entropy, gradients announced as they complete), where it runs so; None
+    /// where it does not.
+    fn blocks(&self) -> Option<&dyn BlockModel> {
+        None
     }
 
     /// Scores the validation split (`max_batches` batches; 0: all of it).

@@ -30,7 +30,7 @@ use crate::encoder_io::{
 };
 use crate::encoder_model::{micro_loss, EncoderModel, Net};
 use crate::run;
-use crate::step::{self, Groups, MicroOut, Plan, Sink};
+use crate::step::BlockModel;
 use crate::task::{Baseline, Batch, BatchAt, Evaluation, Forward, Task};
 use crate::task_lm::{baseline_now, Built};
 use crate::tokenize::EncoderTokens;
@@ -282,21 +282,8 @@ impl Task for EncoderTask {
         })
     }
 
-    fn groups(&self, names: &[String]) -> Result<Option<Groups>> {
-        self.model.groups(names).map(Some)
-    }
-
-    fn block_step(
-        &self,
-        params: &[Tensor],
-        groups: &Groups,
-        plan: &Plan,
-        inputs: &[Tensor],
-        scale: f64,
-        sink: &mut Sink<'_>,
-    ) -> Result<MicroOut> {
-        let batch = step::Batch { inputs, scale };
-        step::micro_step(&self.model, params, groups, plan, &batch, sink)
+    fn blocks(&self) -> Option<&dyn BlockModel> {
+        Some(&self.model)
     }
 
     fn evaluate(&mut self, max_batches: usize) -> Result<Evaluation> {

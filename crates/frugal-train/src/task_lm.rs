@@ -9,7 +9,7 @@ use crate::config::{Config, Objective};
 use crate::data::TokenDataset;
 use crate::memplan::MemoryPlan;
 use crate::run;
-use crate::step::{self, Groups, Plan, Sink};
+use crate::step::BlockModel;
 use crate::task::{Baseline, Batch, BatchAt, Evaluation, Forward, Task};
 use frugal_core::{atomic, memory, Error, Result};
 use frugal_dist::Collective;
@@ -232,21 +232,8 @@ impl Task for CausalLm {
         })
     }
 
-    fn groups(&self, names: &[String]) -> Result<Option<Groups>> {
-        Groups::of(names, self.shape.num_blocks()).map(Some)
-    }
-
-    fn block_step(
-        &self,
-        params: &[Tensor],
-        groups: &Groups,
-        plan: &Plan,
-        inputs: &[Tensor],
-        scale: f64,
-        sink: &mut Sink<'_>,
-    ) -> Result<step::MicroOut> {
-        let batch = step::Batch { inputs, scale };
-        step::micro_step(&self.model.net, params, groups, plan, &batch, sink)
+    fn blocks(&self) -> Option<&dyn BlockModel> {
+        Some(&self.model.net)
     }
 
     fn evaluate(&mut self, max_batches: usize) -> Result<Evaluation> {

@@ -4,7 +4,7 @@
 //! - the learning-rate schedule ([`crate::schedule`]), gradient accumulation over
 //!   `train.grad_accum` micro-batches, global clipping (`train.max_grad_norm`; with per-layer
 //!   updates by the previous step's norm, the first step unclipped);
-//! - each micro-batch either block by block ([`Task::block_step`], where the task has blocks and
+//! - each micro-batch either block by block ([`Task::blocks`], where the task has blocks and
 //!   no hook needs the loss: per-layer updates, activation checkpointing, a chunked
 //!   cross-entropy, all-reduces overlapped with the backward pass), or as a forward pass whose
 //!   loss the hooks may change ([`Hook::loss_term`]) before its backward pass;
@@ -26,7 +26,7 @@ use crate::interrupt::Interrupter;
 use crate::progress::Progress;
 use crate::records::{line_has_val, Metrics, StepClock, Summary};
 use crate::schedule::lr_at;
-use crate::step::Plan;
+use crate::step::{self, Plan};
 use crate::sync::GradSync;
 use crate::task::{BatchAt, Hook, Task};
 use frugal_core::memory::{self, Accounting};
@@ -89,10 +89,9 @@ impl Trainer<'_> {
         let mut tensors: Vec<Tensor> = params.into_iter().map(|(_, t)| t).collect();
         let needs_loss = hooks.iter().any(|h| h.needs_loss());
         // The block-by-block step where the model has blocks and no hook needs the loss.
-        let groups = if needs_loss {
-            None
-        } else {
-            task.groups(&names)?
+        let groups = match task.blocks() {
+            Some(model) if !needs_loss => Some(model.groups(&names)?),
+            _ => None,
         };
         let sizes: Vec<usize> = tensors.iter().map(|t| t.numel()).collect();
         let mut sync = GradSync::new(dist, self.dist, &sizes, self.galore, self.layerwise);
@@ -307,8 +306,12 @@ impl Trainer<'_> {
                         }
                     };
                     let s = scale * share;
-                    let out =
-                        task.block_step(tensors, groups, &plan, &batch.inputs, s, &mut sink)?;
+                    let model = task.blocks().expect("groups come from the blocks");
+                    let batch = step::Batch {
+                        inputs: &batch.inputs,
+                        scale: s,
+                    };
+                    let out = step::micro_step(model, tensors, groups, &plan, &batch, &mut sink)?;
                     loss_sum += out.loss * share;
                     correct += out.correct.unwrap_or(0);
                     micro_norms += sq.sqrt();
