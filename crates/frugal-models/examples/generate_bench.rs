@@ -47,7 +47,7 @@ use frugal_core::memory::{current_rss_bytes, peak_rss_bytes, tensor_bytes};
 use frugal_models::hgrn_bit::{HgrnBit, HgrnBitConfig, State};
 use frugal_models::linear::Linear;
 use frugal_models::llama::{KvCache, Llama, LlamaConfig};
-use frugal_models::LinearKind;
+use frugal_models::{EmbeddingKind, LinearKind};
 use serde_json::json;
 use std::time::Instant;
 use tch::{nn, Device, Kind, Tensor};
@@ -188,8 +188,14 @@ fn run(a: &Args) -> Result<serde_json::Value, String> {
                     cfg.max_position_embeddings
                 ));
             }
-            let m = Llama::new(&vs.root(), &cfg, &LinearKind::Dense, Kind::Float)
-                .map_err(|e| e.to_string())?;
+            let m = Llama::new(
+                &vs.root(),
+                &cfg,
+                &LinearKind::Dense,
+                &EmbeddingKind::Dense,
+                Kind::Float,
+            )
+            .map_err(|e| e.to_string())?;
             (Model::Llama(m), Carry::Kv(KvCache::default()))
         }
         kind => {

@@ -3,10 +3,12 @@
 //! stream `(B, T, d)`, and a head, so that one training step (per-layer updates, activation
 //! checkpointing, chunked cross-entropy) and one generation loop serve both.
 
+use crate::embedding::{EmbeddingKind, WordEmbedding};
 use crate::hgrn_bit::{self, HgrnBit, HgrnBitConfig};
 use crate::linear::{Linear, LinearKind};
 use crate::llama::{KvCache, Llama, LlamaConfig};
-use frugal_core::Result;
+use frugal_core::{Error, Result};
+use frugal_tt::TtLayer;
 use tch::{nn, Tensor};
 
 /// A decoder's shape.
@@ -80,16 +82,27 @@ pub enum DecodeState {
 }
 
 impl Decoder {
-    /// Builds the model of shape `cfg` under `root`, its linear layers of kind `kind`,
-    /// computing in `compute`.
+    /// Builds the model of shape `cfg` under `root`, its linear layers of kind `kind` and its
+    /// word table of kind `embedding` (a LLaMA's may be a tensor train; HGRN-bit's is dense: a
+    /// TT one is an error naming `model.embedding`), computing in `compute`.
     pub fn new(
         root: &nn::Path,
         cfg: &DecoderConfig,
         kind: &LinearKind,
+        embedding: &EmbeddingKind,
         compute: tch::Kind,
     ) -> Result<Self> {
         Ok(match cfg {
-            DecoderConfig::Llama(c) => Decoder::Llama(Llama::new(root, c, kind, compute)?),
+            DecoderConfig::Llama(c) => {
+                Decoder::Llama(Llama::new(root, c, kind, embedding, compute)?)
+            }
+            DecoderConfig::HgrnBit(_) if *embedding != EmbeddingKind::Dense => {
+                return Err(Error::config(
+                    "model.embedding",
+                    "a tensor-train word table is not available for model.kind = \"hgrn-bit\" \
+                     (llama and encoder only)",
+                ))
+            }
             DecoderConfig::HgrnBit(c) => Decoder::HgrnBit(HgrnBit::new(root, c, kind, compute)?),
         })
     }
@@ -195,5 +208,45 @@ impl Decoder {
             Decoder::Llama(m) => m.linears_mut(),
             Decoder::HgrnBit(m) => m.linears_mut(),
         }
+    }
+
+    /// The word tables that may be tensor trains, with their full names: a LLaMA's
+    /// `model.embed_tokens`; none for HGRN-bit (its dense table is an ordinary variable).
+    pub fn tables(&self) -> Vec<(String, &WordEmbedding)> {
+        match self {
+            Decoder::Llama(m) => m.tables(),
+            Decoder::HgrnBit(_) => Vec::new(),
+        }
+    }
+
+    /// [`Decoder::tables`], mutable.
+    pub fn tables_mut(&mut self) -> Vec<(String, &mut WordEmbedding)> {
+        self.weights_mut().1
+    }
+
+    /// [`Decoder::linears_mut`] and [`Decoder::tables_mut`] at once (to load both).
+    #[allow(clippy::type_complexity)]
+    pub fn weights_mut(
+        &mut self,
+    ) -> (
+        Vec<(String, &mut Box<dyn Linear>)>,
+        Vec<(String, &mut WordEmbedding)>,
+    ) {
+        match self {
+            Decoder::Llama(m) => m.weights_mut(),
+            Decoder::HgrnBit(m) => (m.linears_mut(), Vec::new()),
+        }
+    }
+
+    /// Every tensor-train layer (the word table when it is one, then the TT linear layers)
+    /// with its full name: what rank adaptation trains and prunes.
+    pub fn tt_layers(&self) -> Vec<(String, &dyn TtLayer)> {
+        crate::embedding::tt_layers(self.tables(), self.linears())
+    }
+
+    /// [`Decoder::tt_layers`], mutable (threshold, pruning).
+    pub fn tt_layers_mut(&mut self) -> Vec<(String, &mut dyn TtLayer)> {
+        let (linears, tables) = self.weights_mut();
+        crate::embedding::tt_layers_mut(tables, linears)
     }
 }

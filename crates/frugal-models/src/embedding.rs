@@ -1,9 +1,9 @@
 //! The word-embedding factory: a dense table or a tensor-train one (CoMERA's TT-matrix
 //! embedding, `frugal_tt::TtEmbedding`), from the config's `model.embedding`.
 
-use crate::linear::check_tt_options;
+use crate::linear::{check_tt_options, Linear};
 use frugal_core::{Error, Result};
-use frugal_tt::{balanced_modes, pad_to_modes, TtEmbedding};
+use frugal_tt::{balanced_modes, pad_to_modes, TtEmbedding, TtLayer};
 use serde::{Deserialize, Serialize};
 use tch::{nn, Kind, Tensor};
 
@@ -153,4 +153,30 @@ impl WordEmbedding {
             WordEmbedding::Dense(_) => None,
         }
     }
+}
+
+/// The tensor-train layers of a model whose word tables are `tables` and whose linear layers
+/// are `linears` (name, layer): the TT tables first, then the TT linear layers, in the given
+/// orders: what rank adaptation trains and prunes.
+pub fn tt_layers<'a>(
+    tables: Vec<(String, &'a WordEmbedding)>,
+    linears: Vec<(String, &'a dyn Linear)>,
+) -> Vec<(String, &'a dyn TtLayer)> {
+    let tables = tables.into_iter();
+    let tables = tables.filter_map(|(n, t)| Some((n, t.tt()? as &dyn TtLayer)));
+    let linears = linears.into_iter();
+    let linears = linears.filter_map(|(n, l)| Some((n, l.tt()? as &dyn TtLayer)));
+    tables.chain(linears).collect()
+}
+
+/// [`tt_layers`], mutable (threshold, pruning, loading).
+pub fn tt_layers_mut<'a>(
+    tables: Vec<(String, &'a mut WordEmbedding)>,
+    linears: Vec<(String, &'a mut Box<dyn Linear>)>,
+) -> Vec<(String, &'a mut dyn TtLayer)> {
+    let tables = tables.into_iter();
+    let tables = tables.filter_map(|(n, t)| Some((n, t.tt_mut()? as &mut dyn TtLayer)));
+    let linears = linears.into_iter();
+    let linears = linears.filter_map(|(n, l)| Some((n, l.as_mut().tt_mut()? as &mut dyn TtLayer)));
+    tables.chain(linears).collect()
 }

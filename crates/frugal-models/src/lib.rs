@@ -8,14 +8,16 @@
 //! frozen quantized ones (`LinearKind::Quantized`: int8, int4, NF4, FP4, ternary from
 //! `frugal-quant`), and tensor-train layers (`LinearKind::Tt`, `frugal_tt::TtLinear`), which
 //! [`weights::load_model`] fills from a dense checkpoint (quantizing it or decomposing it by
-//! TT-SVD) or from one in their own form (as stored, at the file's ranks). The encoder's word
-//! table is dense or a TT-matrix ([`EmbeddingKind`], [`embedding::WordEmbedding`]).
+//! TT-SVD) or from one in their own form (as stored, at the file's ranks). The word tables of
+//! the encoder and of the LLaMA are dense or a TT-matrix ([`EmbeddingKind`],
+//! [`embedding::WordEmbedding`]).
 //!
 //! ```no_run
-//! use frugal_models::{llama::{Llama, LlamaConfig}, LinearKind};
+//! use frugal_models::{llama::{Llama, LlamaConfig}, EmbeddingKind, LinearKind};
 //! let cfg = LlamaConfig::preset("tiny").unwrap();
 //! let vs = tch::nn::VarStore::new(tch::Device::Cpu);
-//! let model = Llama::new(&vs.root(), &cfg, &LinearKind::Dense, tch::Kind::Float)?;
+//! let (linear, embedding) = (LinearKind::Dense, EmbeddingKind::Dense);
+//! let model = Llama::new(&vs.root(), &cfg, &linear, &embedding, tch::Kind::Float)?;
 //! let ids = tch::Tensor::zeros([1, 8], (tch::Kind::Int64, tch::Device::Cpu));
 //! let logits = model.forward(&ids, None); // (1, 8, vocab)
 //! # Ok::<(), frugal_core::Error>(())

@@ -3,10 +3,14 @@
 //! Pre-norm blocks: `h = x + attn(rms(x))`, `out = h + mlp(rms(h))`; rotary embeddings in the
 //! rotate-half form of HF's `LlamaRotaryEmbedding`; SwiGLU `down(silu(gate(x)) * up(x))`; no
 //! biases; untied `lm_head`. Norms, softmax and the residual stream stay in f32; only the
-//! linear layers and attention run in the compute kind (f32 or bf16).
+//! linear layers and attention run in the compute kind (f32 or bf16). The word table
+//! `model.embed_tokens` is dense or a tensor train ([`EmbeddingKind`], CoMERA's TT-matrix
+//! embedding); the output head stays dense.
 
+use crate::embedding::{EmbeddingKind, WordEmbedding};
 use crate::linear::{self, Linear, LinearKind};
 use frugal_core::Result;
+use frugal_tt::TtLayer;
 use serde::{Deserialize, Serialize};
 use tch::{nn, Kind, Tensor};
 
@@ -157,6 +161,21 @@ impl LlamaConfig {
         let block = 4 * d * d + 3 * d * self.intermediate_size + 2 * d;
         let tables = if self.tie_word_embeddings { 1 } else { 2 };
         tables * self.vocab_size * d + self.num_hidden_layers * block + d
+    }
+
+    /// Checks that a word table of kind `embedding` fits this shape: a tensor-train table
+    /// cannot be the tied output head (`tie_word_embeddings`); the error names
+    /// `model.embedding`.
+    pub fn check_embedding(&self, embedding: &EmbeddingKind) -> Result<(), frugal_core::Error> {
+        if self.tie_word_embeddings && *embedding != EmbeddingKind::Dense {
+            return Err(frugal_core::Error::config(
+                "model.embedding",
+                "a tensor-train word table cannot be the tied output head of a model with \
+                 tie_word_embeddings = true (the head would rebuild the whole table every \
+                 step); use a dense table or an untied model",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -368,12 +387,16 @@ impl Block {
     }
 }
 
+/// The word table's name, `model.embed_tokens` (variables `model.embed_tokens.weight`, or a TT
+/// table's `model.embed_tokens.cores.{k}` and `model.embed_tokens.rank_vars.{i}`).
+pub const EMBED_TOKENS: &str = "model.embed_tokens";
+
 /// The decoder: embeddings, blocks, final norm, output head.
 #[derive(Debug)]
 pub struct Llama {
     /// The model's shape.
     pub config: LlamaConfig,
-    embed_tokens: Tensor,
+    embed_tokens: WordEmbedding,
     /// The decoder blocks, first to last.
     pub layers: Vec<Block>,
     norm: RmsNorm,
@@ -385,41 +408,50 @@ pub struct Llama {
 
 impl Llama {
     /// Builds the model under `root` (names `model.embed_tokens.weight`, `model.layers.N...`,
-    /// `model.norm.weight`, `lm_head.weight`), with linear layers of kind `kind`, computing in
-    /// `compute` (f32 or bf16; parameters stay f32). Errors when `kind` is a quantized kind
-    /// whose format or options do not fit the model's shapes.
+    /// `model.norm.weight`, `lm_head.weight`), with linear layers of kind `kind` and a word
+    /// table of kind `embedding` (a TT table: `model.embed_tokens.cores.{k}`,
+    /// `model.embed_tokens.rank_vars.{i}`), computing in `compute` (f32 or bf16; parameters stay
+    /// f32). Errors when `kind` is a quantized kind whose format or options do not fit the
+    /// model's shapes, when a TT table's options are invalid (naming `model.embedding.*`), or
+    /// when a TT table would be the tied output head ([`LlamaConfig::check_embedding`]).
     pub fn new(
         root: &nn::Path,
         cfg: &LlamaConfig,
         kind: &LinearKind,
+        embedding: &EmbeddingKind,
         compute: Kind,
     ) -> Result<Self> {
+        cfg.check_embedding(embedding)?;
         let model = root / "model";
-        let embed_tokens = (&model / "embed_tokens").var(
-            "weight",
-            &[cfg.vocab_size, cfg.hidden_size],
+        let embed_tokens = WordEmbedding::new(
+            &(&model / "embed_tokens"),
+            cfg.vocab_size,
+            cfg.hidden_size,
+            embedding,
             nn::Init::Randn {
                 mean: 0.0,
                 stdev: 0.02,
             },
-        );
+            compute,
+        )?;
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| Block::new(&(&model / "layers" / i), cfg, kind, compute))
             .collect::<Result<_>>()?;
         let norm = RmsNorm::new(&(&model / "norm"), cfg.hidden_size, cfg.rms_norm_eps);
         // The output head stays dense whatever `kind` is: methods leave it alone by convention.
         // Tied (`tie_word_embeddings`), it is the embedding table itself, as in Hugging Face's
-        // model: one variable, no `lm_head.weight`.
-        let lm_head = if cfg.tie_word_embeddings {
-            Box::new(linear::Dense::tied(&embed_tokens, compute))
-        } else {
-            linear::build(
+        // model: one variable, no `lm_head.weight` (a dense table only: checked above).
+        let lm_head = match &embed_tokens {
+            WordEmbedding::Dense(table) if cfg.tie_word_embeddings => {
+                Box::new(linear::Dense::tied(table, compute)) as Box<dyn Linear>
+            }
+            _ => linear::build(
                 &(root / "lm_head"),
                 cfg.hidden_size,
                 cfg.vocab_size,
                 &LinearKind::Dense,
                 compute,
-            )?
+            )?,
         };
         let (cos, sin) = rotary_tables(cfg, root.device());
         Ok(Self {
@@ -444,10 +476,47 @@ impl Llama {
         linear::stack_linears_mut("model.layers", &mut self.layers, Block::linears_mut)
     }
 
+    /// The word tables with their full names: `model.embed_tokens` (dense or TT).
+    pub fn tables(&self) -> Vec<(String, &WordEmbedding)> {
+        vec![(EMBED_TOKENS.to_string(), &self.embed_tokens)]
+    }
+
+    /// [`Llama::tables`], mutable.
+    pub fn tables_mut(&mut self) -> Vec<(String, &mut WordEmbedding)> {
+        self.weights_mut().1
+    }
+
+    /// [`Llama::linears_mut`] and [`Llama::tables_mut`] at once (to load both).
+    #[allow(clippy::type_complexity)]
+    pub fn weights_mut(
+        &mut self,
+    ) -> (
+        Vec<(String, &mut Box<dyn Linear>)>,
+        Vec<(String, &mut WordEmbedding)>,
+    ) {
+        let tables = vec![(EMBED_TOKENS.to_string(), &mut self.embed_tokens)];
+        let linears =
+            linear::stack_linears_mut("model.layers", &mut self.layers, Block::linears_mut);
+        (linears, tables)
+    }
+
+    /// Every tensor-train layer (the word table when it is one, then the blocks' TT linear
+    /// layers) with its full name: what rank adaptation trains and prunes.
+    pub fn tt_layers(&self) -> Vec<(String, &dyn TtLayer)> {
+        crate::embedding::tt_layers(self.tables(), self.linears())
+    }
+
+    /// [`Llama::tt_layers`], mutable (threshold, pruning).
+    pub fn tt_layers_mut(&mut self) -> Vec<(String, &mut dyn TtLayer)> {
+        let (linears, tables) = self.weights_mut();
+        crate::embedding::tt_layers_mut(tables, linears)
+    }
+
     /// The input embeddings `(B, T, d)` of token ids `(B, T)`, in f32 whatever the
-    /// parameters' kind: the residual stream the first block reads.
+    /// parameters' kind: the residual stream the first block reads (a TT table's rows are
+    /// looked up core by core).
     pub fn embed(&self, ids: &Tensor) -> Tensor {
-        Tensor::embedding(&self.embed_tokens, ids, -1, false, false).to_kind(Kind::Float)
+        self.embed_tokens.forward(ids).to_kind(Kind::Float)
     }
 
     /// The rotary tables `(cos, sin)` for positions `start..start + len`, as

@@ -8,7 +8,7 @@ use frugal_adapters::{LoraConfig, Targets};
 use frugal_core::safetensors_io::{self, SafetensorsFile};
 use frugal_models::adapted::{self, load_adapter, merge_all};
 use frugal_models::llama::{Llama, LlamaConfig};
-use frugal_models::{weights, LinearKind};
+use frugal_models::{weights, EmbeddingKind, LinearKind};
 use std::path::{Path, PathBuf};
 use tch::{nn::VarStore, Device, Kind, Tensor};
 
@@ -24,7 +24,14 @@ fn config() -> LlamaConfig {
 /// The tiny base, loaded from `file` (relative to the fixtures).
 fn base(file: &str) -> (VarStore, Llama) {
     let mut vs = VarStore::new(Device::Cpu);
-    let mut model = Llama::new(&vs.root(), &config(), &LinearKind::Dense, Kind::Float).unwrap();
+    let mut model = Llama::new(
+        &vs.root(),
+        &config(),
+        &LinearKind::Dense,
+        &EmbeddingKind::Dense,
+        Kind::Float,
+    )
+    .unwrap();
     weights::load_model(&mut vs, &mut model.linears_mut(), &fixtures().join(file)).unwrap();
     (vs, model)
 }
@@ -243,7 +250,14 @@ fn bad_adapters_are_refused_by_name() {
     let mut small = config();
     small.num_hidden_layers = 1;
     let vs = VarStore::new(Device::Cpu);
-    let mut model = Llama::new(&vs.root(), &small, &LinearKind::Dense, Kind::Float).unwrap();
+    let mut model = Llama::new(
+        &vs.root(),
+        &small,
+        &LinearKind::Dense,
+        &EmbeddingKind::Dense,
+        Kind::Float,
+    )
+    .unwrap();
     let file = peft::read(&fixtures().join("lora")).unwrap();
     let err = load_adapter(&vs, model.linears_mut(), "default", &file)
         .unwrap_err()
@@ -258,7 +272,14 @@ fn bad_adapters_are_refused_by_name() {
     let mut wide = config();
     wide.intermediate_size = 64;
     let vs = VarStore::new(Device::Cpu);
-    let mut model = Llama::new(&vs.root(), &wide, &LinearKind::Dense, Kind::Float).unwrap();
+    let mut model = Llama::new(
+        &vs.root(),
+        &wide,
+        &LinearKind::Dense,
+        &EmbeddingKind::Dense,
+        Kind::Float,
+    )
+    .unwrap();
     let file = peft::read(&fixtures().join("dora")).unwrap();
     let err = load_adapter(&vs, model.linears_mut(), "default", &file)
         .unwrap_err()
@@ -385,7 +406,14 @@ fn tied_embeddings_load_without_lm_head() {
     let mut cfg = config();
     let mut vs = VarStore::new(Device::Cpu);
     let (_, plain) = {
-        let mut m = Llama::new(&vs.root(), &cfg, &LinearKind::Dense, Kind::Float).unwrap();
+        let mut m = Llama::new(
+            &vs.root(),
+            &cfg,
+            &LinearKind::Dense,
+            &EmbeddingKind::Dense,
+            Kind::Float,
+        )
+        .unwrap();
         weights::load_model(
             &mut vs,
             &mut m.linears_mut(),
@@ -396,7 +424,14 @@ fn tied_embeddings_load_without_lm_head() {
     };
     cfg.tie_word_embeddings = true;
     let mut vs2 = VarStore::new(Device::Cpu);
-    let mut m = Llama::new(&vs2.root(), &cfg, &LinearKind::Dense, Kind::Float).unwrap();
+    let mut m = Llama::new(
+        &vs2.root(),
+        &cfg,
+        &LinearKind::Dense,
+        &EmbeddingKind::Dense,
+        Kind::Float,
+    )
+    .unwrap();
     assert!(!vs2.variables().contains_key("lm_head.weight"));
     weights::load_model(
         &mut vs2,

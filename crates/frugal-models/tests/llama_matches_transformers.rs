@@ -3,7 +3,7 @@
 
 use frugal_core::safetensors_io::SafetensorsFile;
 use frugal_models::llama::{KvCache, Llama, LlamaConfig};
-use frugal_models::{weights, LinearKind};
+use frugal_models::{weights, EmbeddingKind, LinearKind};
 use std::path::{Path, PathBuf};
 use tch::{nn::VarStore, Device, Kind, Tensor};
 
@@ -15,7 +15,14 @@ fn load_model(compute: Kind) -> (VarStore, Llama) {
     let text = std::fs::read_to_string(fixtures().join("tiny_llama_config.json")).unwrap();
     let cfg: LlamaConfig = serde_json::from_str(&text).unwrap();
     let mut vs = VarStore::new(Device::Cpu);
-    let model = Llama::new(&vs.root(), &cfg, &LinearKind::Dense, compute).unwrap();
+    let model = Llama::new(
+        &vs.root(),
+        &cfg,
+        &LinearKind::Dense,
+        &EmbeddingKind::Dense,
+        compute,
+    )
+    .unwrap();
     weights::load(&mut vs, &fixtures().join("tiny_llama.safetensors")).unwrap();
     (vs, model)
 }
@@ -104,7 +111,14 @@ fn other_shape_is_a_named_error() {
     let mut cfg: LlamaConfig = serde_json::from_str(&text).unwrap();
     cfg.intermediate_size = 40;
     let mut vs = VarStore::new(Device::Cpu);
-    let _model = Llama::new(&vs.root(), &cfg, &LinearKind::Dense, Kind::Float).unwrap();
+    let _model = Llama::new(
+        &vs.root(),
+        &cfg,
+        &LinearKind::Dense,
+        &EmbeddingKind::Dense,
+        Kind::Float,
+    )
+    .unwrap();
     let err = weights::load(&mut vs, &fixtures().join("tiny_llama.safetensors"))
         .unwrap_err()
         .to_string();
@@ -121,7 +135,14 @@ fn other_shape_is_a_named_error() {
 fn parameter_count_formula() {
     let cfg = LlamaConfig::preset("60m").unwrap();
     let vs = VarStore::new(Device::Cpu);
-    let _m = Llama::new(&vs.root(), &cfg, &LinearKind::Dense, Kind::Float).unwrap();
+    let _m = Llama::new(
+        &vs.root(),
+        &cfg,
+        &LinearKind::Dense,
+        &EmbeddingKind::Dense,
+        Kind::Float,
+    )
+    .unwrap();
     let n: i64 = vs.variables().values().map(|t| t.numel() as i64).sum();
     assert_eq!(n, cfg.num_parameters());
     assert!(

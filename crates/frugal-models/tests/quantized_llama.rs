@@ -4,7 +4,7 @@
 
 use frugal_core::safetensors_io::{self, SafetensorsFile};
 use frugal_models::llama::{Llama, LlamaConfig};
-use frugal_models::{weights, LinearKind};
+use frugal_models::{weights, EmbeddingKind, LinearKind};
 use std::path::{Path, PathBuf};
 use tch::{nn::VarStore, Device, Kind, Tensor};
 
@@ -32,7 +32,13 @@ fn quantized(format: &str) -> LinearKind {
 
 fn build(kind: &LinearKind, file: &Path) -> frugal_core::Result<(VarStore, Llama)> {
     let mut vs = VarStore::new(Device::Cpu);
-    let mut model = Llama::new(&vs.root(), &config(), kind, Kind::Float)?;
+    let mut model = Llama::new(
+        &vs.root(),
+        &config(),
+        kind,
+        &EmbeddingKind::Dense,
+        Kind::Float,
+    )?;
     weights::load_model(&mut vs, &mut model.linears_mut(), file)?;
     Ok((vs, model))
 }
@@ -164,7 +170,14 @@ fn mismatches_are_named() {
     let mut cfg = config();
     cfg.intermediate_size += 32;
     let mut vs2 = VarStore::new(Device::Cpu);
-    let mut wide = Llama::new(&vs2.root(), &cfg, &quantized("nf4"), Kind::Float).unwrap();
+    let mut wide = Llama::new(
+        &vs2.root(),
+        &cfg,
+        &quantized("nf4"),
+        &EmbeddingKind::Dense,
+        Kind::Float,
+    )
+    .unwrap();
     let err = weights::load_model(&mut vs2, &mut wide.linears_mut(), &path)
         .unwrap_err()
         .to_string();

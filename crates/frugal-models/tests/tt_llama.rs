@@ -4,7 +4,7 @@
 
 use frugal_models::linear;
 use frugal_models::llama::{Llama, LlamaConfig};
-use frugal_models::{weights, LinearKind};
+use frugal_models::{weights, EmbeddingKind, LinearKind};
 use std::path::Path;
 use tch::{nn, nn::OptimizerConfig, nn::VarStore, Device, Kind, Tensor};
 
@@ -47,7 +47,14 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
 /// A dense model with the TT model's variables and, for each TT layer, its `to_dense()`.
 fn dense_twin(cfg: &LlamaConfig, tt_vs: &VarStore, tt_model: &Llama) -> (VarStore, Llama) {
     let vs = VarStore::new(Device::Cpu);
-    let model = Llama::new(&vs.root(), cfg, &LinearKind::Dense, Kind::Float).unwrap();
+    let model = Llama::new(
+        &vs.root(),
+        cfg,
+        &LinearKind::Dense,
+        &EmbeddingKind::Dense,
+        Kind::Float,
+    )
+    .unwrap();
     let tt_vars = tt_vs.variables();
     let dense: Vec<(String, Tensor)> = tt_model
         .linears()
@@ -84,7 +91,14 @@ fn tt_llama_matches_dense_llama_with_reconstructed_weights() {
     tch::manual_seed(0);
     let cfg = tiny();
     let vs = VarStore::new(Device::Cpu);
-    let model = Llama::new(&vs.root(), &cfg, &tt(30), Kind::Float).unwrap();
+    let model = Llama::new(
+        &vs.root(),
+        &cfg,
+        &tt(30),
+        &EmbeddingKind::Dense,
+        Kind::Float,
+    )
+    .unwrap();
     let q = model.linears()[0].1.tt().unwrap();
     assert_eq!(q.in_modes(), [8, 8, 4]);
     assert_eq!(q.out_modes(), [4, 8, 8]);
@@ -110,7 +124,7 @@ fn tt_llama_trains_its_cores_and_rank_variables() {
     tch::manual_seed(1);
     let cfg = small();
     let vs = VarStore::new(Device::Cpu);
-    let model = Llama::new(&vs.root(), &cfg, &tt(8), Kind::Float).unwrap();
+    let model = Llama::new(&vs.root(), &cfg, &tt(8), &EmbeddingKind::Dense, Kind::Float).unwrap();
     let x = ids(2, 16, cfg.vocab_size);
     let y = x.roll([-1], [1]);
     let mut opt = nn::Adam::default().build(&vs, 1e-2).unwrap();
@@ -199,7 +213,7 @@ fn build(
     file: &Path,
 ) -> frugal_core::Result<(VarStore, Llama)> {
     let mut vs = VarStore::new(Device::Cpu);
-    let mut model = Llama::new(&vs.root(), cfg, kind, Kind::Float)?;
+    let mut model = Llama::new(&vs.root(), cfg, kind, &EmbeddingKind::Dense, Kind::Float)?;
     weights::load_model(&mut vs, &mut model.linears_mut(), file)?;
     Ok((vs, model))
 }
@@ -215,7 +229,8 @@ fn save_and_load_round_trip_with_a_pruned_layer() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("model.safetensors");
     let vs = VarStore::new(Device::Cpu);
-    let mut model = Llama::new(&vs.root(), &cfg, &tt(8), Kind::Float).unwrap();
+    let mut model =
+        Llama::new(&vs.root(), &cfg, &tt(8), &EmbeddingKind::Dense, Kind::Float).unwrap();
     let pruned_ranks = {
         let mut linears = model.linears_mut();
         let layer = linears[2].1.tt_mut().unwrap(); // model.layers.0.self_attn.v_proj
@@ -266,7 +281,14 @@ fn dense_checkpoints_convert_and_tt_checkpoints_need_a_tt_model() {
     let dir = tempfile::tempdir().unwrap();
     let dense_file = dir.path().join("dense.safetensors");
     let vs = VarStore::new(Device::Cpu);
-    let dense = Llama::new(&vs.root(), &cfg, &LinearKind::Dense, Kind::Float).unwrap();
+    let dense = Llama::new(
+        &vs.root(),
+        &cfg,
+        &LinearKind::Dense,
+        &EmbeddingKind::Dense,
+        Kind::Float,
+    )
+    .unwrap();
     weights::save_model(&vs, &dense.linears(), &dense_file).unwrap();
     let x = ids(2, 10, cfg.vocab_size);
     let want = tch::no_grad(|| dense.forward(&x, None));

@@ -357,6 +357,13 @@ impl AdapterConfig {
                 ),
             ));
         }
+        if cfg.model.embedding != EmbeddingKind::Dense {
+            return Err(Error::config(
+                "model.embedding",
+                "an adapter trains on the pretrained base as it is: leave the word table dense \
+                 (a tensor-train one would replace it by an approximation)",
+            ));
+        }
         if self.base_linear().is_some() && cfg.model.linear != LinearKind::Dense {
             return Err(Error::config(
                 "model.linear",
@@ -466,7 +473,7 @@ pub struct ModelConfig {
     pub from_pretrained: String,
     /// The kind of every linear layer but the output head.
     pub linear: LinearKind,
-    /// The kind of the word table (encoder only): `{ kind = "dense" }` or
+    /// The kind of the word table (llama and encoder): `{ kind = "dense" }` or
     /// `{ kind = "tt", rank = 32, order = 4 }` (CoMERA's TT-matrix embedding).
     pub embedding: EmbeddingKind,
     /// Overrides of the preset's shape (0: the preset's value; `vocab_size` 0 also means "the
@@ -931,11 +938,11 @@ impl Config {
         }
         self.model.linear.quant_format()?;
         self.model.embedding.validate()?;
-        if self.model.embedding != EmbeddingKind::Dense && !self.is_encoder() {
+        if self.model.embedding != EmbeddingKind::Dense && self.model.kind == ModelKind::HgrnBit {
             return Err(Error::config(
                 "model.embedding",
-                "a tensor-train word table is available for model.kind = \"encoder\" only \
-                 (llama: not yet)",
+                "a tensor-train word table is not available for model.kind = \"hgrn-bit\" \
+                 (llama and encoder only)",
             ));
         }
         let o = &self.optim;
@@ -972,7 +979,7 @@ impl Config {
     }
 
     /// Checks the `tt` table and what it needs of the model: rank adaptation needs TT linear
-    /// layers (`model.linear.kind = "tt"`) or a TT word table in an encoder.
+    /// layers (`model.linear.kind = "tt"`) or a TT word table (`model.embedding.kind = "tt"`).
     fn validate_tt(&self) -> Result<()> {
         let tt = &self.tt;
         tt.validate()?;
@@ -1272,6 +1279,7 @@ impl Config {
         set(m.vocab_size, &mut c.vocab_size);
         set(m.max_seq_len, &mut c.max_position_embeddings);
         c.validate()?;
+        c.check_embedding(&m.embedding)?;
         check_vocab(c.vocab_size, tokenizer_vocab)?;
         if self.train.seq_len as i64 > c.max_position_embeddings {
             return Err(Error::config(

@@ -9,7 +9,7 @@ use crate::{checkpoint, run, tokenize};
 use frugal_core::memory::human_bytes;
 use frugal_core::{atomic, Error, Result};
 use frugal_models::decoder::{Decoder, DecoderConfig};
-use frugal_models::LinearKind;
+use frugal_models::{EmbeddingKind, LinearKind};
 use std::path::Path;
 use tch::nn::VarStore;
 
@@ -51,6 +51,7 @@ pub fn export_run(run_dir: &Path, out: &Path) -> Result<ExportReport> {
         &vs.root(),
         &DecoderConfig::HgrnBit(shape.clone()),
         &kind,
+        &EmbeddingKind::Dense,
         tch::Kind::Float,
     )?;
     frugal_models::weights::load_model(&mut vs, &mut net.linears_mut(), &ck)?;

@@ -134,7 +134,7 @@ pub fn model(
             .base_linear()
             .unwrap_or_else(|| cfg.model.linear.clone()),
     };
-    let net = Decoder::new(&vs.root(), shape, &kind, compute)?;
+    let net = Decoder::new(&vs.root(), shape, &kind, &cfg.model.embedding, compute)?;
     let mut m = Model {
         vs,
         net,
@@ -147,15 +147,22 @@ pub fn model(
 }
 
 impl Model {
-    /// Loads the weights in `file`: the variables, and the frozen quantized layers' weights
-    /// (read as stored, or quantized from dense weights).
+    /// Loads the weights in `file`: the variables, the frozen quantized layers' weights (read
+    /// as stored, or quantized from dense weights), and the tensor-train layers and word table
+    /// (the file's cores at their ranks, or converted from dense weights by TT-SVD).
     pub fn load(&mut self, file: &Path) -> Result<()> {
-        let mut linears = self.net.linears_mut();
-        frugal_models::weights::load_model(&mut self.vs, &mut linears, file)
+        let (mut linears, mut tables) = self.net.weights_mut();
+        frugal_models::weights::load_model_with_tables(
+            &mut self.vs,
+            &mut linears,
+            &mut tables,
+            file,
+        )
     }
 
-    /// Saves the weights to `file` (atomically): the variables and the quantized layers'
-    /// packed weights. In an adapter run, only the adapter, in PEFT's form, into `file`'s
+    /// Saves the weights to `file` (atomically): the variables, the quantized layers' packed
+    /// weights, and the description of the TT layers and word table in the file's metadata
+    /// (modes, ranks). In an adapter run, only the adapter, in PEFT's form, into `file`'s
     /// folder (`adapter_config.json`, `adapter_model.safetensors`): the base is the
     /// pretrained model's, unchanged.
     pub fn save(&self, file: &Path) -> Result<()> {
@@ -169,7 +176,12 @@ impl Model {
                     &frugal_models::adapted::active_adapters(&linears),
                 )
             }
-            None => frugal_models::weights::save_model(&self.vs, &self.net.linears(), file),
+            None => frugal_models::weights::save_model_with_tables(
+                &self.vs,
+                &self.net.linears(),
+                &self.net.tables(),
+                file,
+            ),
         }
     }
 

@@ -411,7 +411,7 @@ pub(crate) mod tests {
     use super::*;
     use frugal_models::decoder::Decoder;
     use frugal_models::llama::{Llama, LlamaConfig};
-    use frugal_models::LinearKind;
+    use frugal_models::{EmbeddingKind, LinearKind};
     use tch::{nn::VarStore, Device};
 
     /// A tiny HGRN-bit (BitLinear projections, reference mixer: lower bounds shared by the
@@ -440,6 +440,11 @@ pub(crate) mod tests {
     }
 
     fn tiny() -> (VarStore, Decoder, Vec<(String, Tensor)>) {
+        tiny_with(&EmbeddingKind::Dense)
+    }
+
+    /// The tiny LLaMA with a word table of kind `embedding`.
+    fn tiny_with(embedding: &EmbeddingKind) -> (VarStore, Decoder, Vec<(String, Tensor)>) {
         tch::manual_seed(3);
         let mut cfg = LlamaConfig::preset("tiny").unwrap();
         cfg.vocab_size = 96;
@@ -449,7 +454,8 @@ pub(crate) mod tests {
         cfg.num_attention_heads = 4;
         cfg.num_key_value_heads = 4;
         let vs = VarStore::new(Device::Cpu);
-        let model = Llama::new(&vs.root(), &cfg, &LinearKind::Dense, Kind::Float).unwrap();
+        let model =
+            Llama::new(&vs.root(), &cfg, &LinearKind::Dense, embedding, Kind::Float).unwrap();
         let params = frugal_models::weights::named_variables(&vs);
         (vs, Decoder::Llama(model), params)
     }
@@ -483,8 +489,10 @@ pub(crate) mod tests {
 
     /// Guarantee: every plan gives the gradients (and loss) of the plain `loss.backward()`:
     /// checkpointing and chunking in `.grad`, per-layer updates through the sink, each group
-    /// once, in backward order; for the LLaMA and for HGRN-bit, whose lower bounds every block
-    /// reads (their gradient summed over the blocks, handed over last).
+    /// once, in backward order; for the LLaMA, the LLaMA with a tensor-train word table (its
+    /// cores and rank variables, `model.embed_tokens.*`, in the embedding group), and HGRN-bit,
+    /// whose lower bounds every block reads (their gradient summed over the blocks, handed over
+    /// last).
     #[test]
     fn every_plan_gives_the_plain_gradients() {
         let (_vs, model, params) = tiny();
@@ -494,6 +502,26 @@ pub(crate) mod tests {
         assert_eq!(groups.head.len(), 2);
         assert!(groups.shared.is_empty());
         assert!(groups.blocks.iter().all(|b| b.len() == 9));
+        plans_give_the_plain_gradients(&model, &params, &groups, &decoder_batch());
+
+        let table = EmbeddingKind::Tt {
+            rank: 4,
+            order: 2,
+            eps: None,
+        };
+        let (_vs, model, params) = tiny_with(&table);
+        let names: Vec<String> = params.iter().map(|(n, _)| n.clone()).collect();
+        let groups = Groups::of(&names, 3).unwrap();
+        let embed: Vec<&str> = groups.embed.iter().map(|&i| names[i].as_str()).collect();
+        assert_eq!(
+            embed,
+            [
+                "model.embed_tokens.cores.0",
+                "model.embed_tokens.cores.1",
+                "model.embed_tokens.rank_vars.0"
+            ]
+        );
+        assert_eq!(groups.head.len(), 2);
         plans_give_the_plain_gradients(&model, &params, &groups, &decoder_batch());
 
         let (_vs, model, params) = tiny_hgrn();

@@ -175,23 +175,11 @@ impl Task for CausalLm {
     }
 
     fn tt_layers(&self) -> Vec<(String, &dyn TtLayer)> {
-        self.model
-            .net
-            .linears()
-            .into_iter()
-            .filter_map(|(n, l)| Some((n, l.tt()? as &dyn TtLayer)))
-            .collect()
+        self.model.net.tt_layers()
     }
 
     fn tt_layers_mut(&mut self) -> (Vec<(String, &mut dyn TtLayer)>, &VarStore) {
-        let layers = self
-            .model
-            .net
-            .linears_mut()
-            .into_iter()
-            .filter_map(|(n, l)| Some((n, l.as_mut().tt_mut()? as &mut dyn TtLayer)))
-            .collect();
-        (layers, &self.model.vs)
+        (self.model.net.tt_layers_mut(), &self.model.vs)
     }
 
     fn set_training(&mut self, training: bool) {

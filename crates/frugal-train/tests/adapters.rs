@@ -7,7 +7,7 @@ mod common;
 
 use common::{assert_clean_error, frugal, run};
 use frugal_models::llama::{Llama, LlamaConfig};
-use frugal_models::LinearKind;
+use frugal_models::{EmbeddingKind, LinearKind};
 use frugal_train::config::Config;
 use frugal_train::run as frun;
 use frugal_train::step::{self, Batch, Groups, Plan};
@@ -34,7 +34,14 @@ fn base_folder(dir: &Path) -> PathBuf {
     cfg.max_position_embeddings = 64;
     tch::manual_seed(21);
     let vs = VarStore::new(Device::Cpu);
-    let _model = Llama::new(&vs.root(), &cfg, &LinearKind::Dense, Kind::Float).unwrap();
+    let _model = Llama::new(
+        &vs.root(),
+        &cfg,
+        &LinearKind::Dense,
+        &EmbeddingKind::Dense,
+        Kind::Float,
+    )
+    .unwrap();
     frugal_models::weights::save(&vs, &base.join("model.safetensors")).unwrap();
     let mut json = serde_json::to_value(&cfg).unwrap();
     json["model_type"] = "llama".into();

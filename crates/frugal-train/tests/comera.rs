@@ -368,6 +368,71 @@ fn llama_rank_adaptation_prunes_and_resumes_exactly() {
     assert_eq!(ranks.len(), 2 * 7, "7 TT linears in each of 2 blocks");
 }
 
+/// Guarantee: a llama run with a TT word table (`model.embedding.kind = "tt"`) beside TT
+/// linear layers adapts the table's ranks in the same loop: its `tt_ranks` entry shrinks at the
+/// end of the early stage and its stored cores shrink in the checkpoint (whose metadata
+/// describes it at the pruned ranks); a run resumed across the pruning is the uninterrupted
+/// run, bit for bit; `frugal eval --run` and `frugal generate --run` (KV cache) work on the
+/// pruned run.
+#[test]
+fn llama_tt_table_rank_adaptation_prunes_resumes_evaluates_generates() {
+    let dir = tempfile::tempdir().unwrap();
+    let full = resume_across_a_pruning(
+        dir.path(),
+        &[
+            "model.kind=\"llama\"",
+            "model.size=\"tiny\"",
+            "model.embedding.kind=\"tt\"",
+            "model.embedding.rank=6",
+            "model.embedding.order=2",
+        ],
+    );
+    let lines = metrics(&full);
+    let params = |i: usize| lines[i]["tt_params"].as_i64().unwrap();
+    assert!(params(2) < params(1), "no pruning at step 3");
+    let ranks = lines[2]["tt_ranks"].as_object().expect("tt_ranks");
+    assert_eq!(
+        ranks.len(),
+        1 + 2 * 7,
+        "the table and 7 TT linears per block"
+    );
+    let table: Vec<i64> = serde_json::from_value(ranks["model.embed_tokens"].clone()).unwrap();
+    assert!(table[1] < 6, "the table was not pruned: {table:?}");
+    let ck = |s: u64| full.join(format!("checkpoints/step-{s}/model.safetensors"));
+    let (before, after) = (
+        file_numel(&ck(2), "model.embed_tokens.cores."),
+        file_numel(&ck(4), "model.embed_tokens.cores."),
+    );
+    assert!(after < before, "stored table cores {before} -> {after}");
+    let f = SafetensorsFile::open(&ck(4)).unwrap();
+    let info = &frugal_models::weights::read_tt_metadata(&f).unwrap()["model.embed_tokens"];
+    assert!(info.vocab.is_some());
+    assert_eq!(
+        info.ranks, table,
+        "the checkpoint holds the table at its pruned ranks"
+    );
+    assert!(!f.names().contains(&"model.embed_tokens.weight".to_string()));
+
+    let mut c = frugal(dir.path());
+    c.arg("eval").arg("--run").arg(&full);
+    let o = run(c);
+    assert!(o.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(v["loss"].as_f64().unwrap().is_finite(), "{v}");
+    let mut c = frugal(dir.path());
+    c.args(["generate", "--run"]).arg(&full).args([
+        "--prompt",
+        "the model",
+        "--max-new-tokens",
+        "6",
+        "--temperature",
+        "0",
+    ]);
+    let o = run(c);
+    assert!(o.status.success());
+    assert!(String::from_utf8_lossy(&o.stdout).starts_with("the model"));
+}
+
 /// Trains the TT encoder (with `extra` settings on top) with rank adaptation for 9 steps in
 /// `dir`, then resumes a copy cut back to step 4 (after a pruning) and checks that both logged
 /// and saved the same; returns the uninterrupted run.
@@ -477,7 +542,10 @@ fn config_error(text: &str) -> String {
 /// Guarantee: bad `tt` settings are errors naming the key: a compression target outside
 /// (0, 1], a rank learning rate that is not positive, rank adaptation without TT layers
 /// (`model.linear`), or in a llama model with the block-by-block step (per-layer updates,
-/// checkpointing, a chunked cross-entropy); the defaults are `frugal_tt`'s.
+/// checkpointing, a chunked cross-entropy); a TT word table is accepted for llama and encoder
+/// (alone enough for rank adaptation) and refused by key (`model.embedding`) for hgrn-bit,
+/// adapter runs and a pretrained llama that ties its output head to the table; the defaults are
+/// `frugal_tt`'s.
 #[test]
 fn bad_tt_keys_are_named() {
     let enc = "[model]\nkind = \"encoder\"\nsize = \"encoder-tiny\"\n";
@@ -502,8 +570,34 @@ fn bad_tt_keys_are_named() {
         assert!(err.starts_with(&format!("{key}:")), "{err}");
     }
     let table = "embedding = {kind = \"tt\", rank = 4, order = 2}\n";
-    let err = config_error(&format!("[model]\n{table}"));
+    config::from_table(toml::from_str(&format!("[model]\n{table}")).unwrap()).unwrap();
+    config::from_table(
+        toml::from_str(&format!("[model]\n{table}[tt]\nrank_adapt = true\n")).unwrap(),
+    )
+    .unwrap();
+    let err = config_error(&format!("[model]\nkind = \"hgrn-bit\"\n{table}"));
     assert!(err.starts_with("model.embedding:"), "{err}");
+    let err = config_error(&format!("[model]\n{table}[adapter]\nkind = \"lora\"\n"));
+    assert!(err.starts_with("model.embedding:"), "{err}");
+    let err = config_error("[model]\nembedding = {kind = \"tt\", rank = 0}\n");
+    assert!(err.starts_with("model.embedding.rank:"), "{err}");
+    // A pretrained llama whose config.json ties the output head to the table.
+    let tied = tempfile::tempdir().unwrap();
+    let mut shape = frugal_models::llama::LlamaConfig::preset("tiny").unwrap();
+    shape.tie_word_embeddings = true;
+    std::fs::write(
+        tied.path().join("config.json"),
+        serde_json::to_string(&shape).unwrap(),
+    )
+    .unwrap();
+    let mut c: Config =
+        config::from_table(toml::from_str(&format!("[model]\n{table}")).unwrap()).unwrap();
+    c.model.from_pretrained = tied.path().display().to_string();
+    let err = c.llama_config(8192).unwrap_err().to_string();
+    assert!(
+        err.starts_with("model.embedding:") && err.contains("tie_word_embeddings"),
+        "{err}"
+    );
     let err = config_error(&format!("{enc}embedding = {{kind = \"tt\", order = 1}}\n"));
     assert!(err.starts_with("model.embedding.order:"), "{err}");
     // A TT table alone is enough for rank adaptation.

@@ -8,7 +8,7 @@ mod common;
 use common::*;
 use frugal_core::safetensors_io::{self, SafetensorsFile};
 use frugal_models::llama::{Llama, LlamaConfig};
-use frugal_models::{weights, LinearKind};
+use frugal_models::{weights, EmbeddingKind, LinearKind};
 use std::collections::HashMap;
 use std::path::Path;
 use tch::{nn::VarStore, Device, Kind, Tensor};
@@ -30,7 +30,14 @@ fn config() -> LlamaConfig {
 fn write_checkpoint(file: &Path) -> HashMap<String, Tensor> {
     tch::manual_seed(5);
     let vs = VarStore::new(Device::Cpu);
-    let model = Llama::new(&vs.root(), &config(), &LinearKind::Dense, Kind::Float).unwrap();
+    let model = Llama::new(
+        &vs.root(),
+        &config(),
+        &LinearKind::Dense,
+        &EmbeddingKind::Dense,
+        Kind::Float,
+    )
+    .unwrap();
     weights::save_model(&vs, &model.linears(), file).unwrap();
     safetensors_io::load(file, Device::Cpu)
         .unwrap()
@@ -159,10 +166,24 @@ fn compressed_checkpoint_loads_into_a_tt_model() {
         eps: None,
     };
     let mut vs = VarStore::new(Device::Cpu);
-    let mut model = Llama::new(&vs.root(), &config(), &kind, Kind::Float).unwrap();
+    let mut model = Llama::new(
+        &vs.root(),
+        &config(),
+        &kind,
+        &EmbeddingKind::Dense,
+        Kind::Float,
+    )
+    .unwrap();
     weights::load_model(&mut vs, &mut model.linears_mut(), &tt).unwrap();
     let mut dvs = VarStore::new(Device::Cpu);
-    let mut dense = Llama::new(&dvs.root(), &config(), &LinearKind::Dense, Kind::Float).unwrap();
+    let mut dense = Llama::new(
+        &dvs.root(),
+        &config(),
+        &LinearKind::Dense,
+        &EmbeddingKind::Dense,
+        Kind::Float,
+    )
+    .unwrap();
     weights::load_model(&mut dvs, &mut dense.linears_mut(), &back).unwrap();
     let ids = Tensor::arange(16, (Kind::Int64, Device::Cpu)).reshape([2, 8]);
     let (a, b) = tch::no_grad(|| (model.forward(&ids, None), dense.forward(&ids, None)));
@@ -334,7 +355,14 @@ fn decompress_applies_rank_variables_of_a_trained_checkpoint() {
         eps: None,
     };
     let vs = VarStore::new(Device::Cpu);
-    let mut model = Llama::new(&vs.root(), &config(), &kind, Kind::Float).unwrap();
+    let mut model = Llama::new(
+        &vs.root(),
+        &config(),
+        &kind,
+        &EmbeddingKind::Dense,
+        Kind::Float,
+    )
+    .unwrap();
     {
         let mut linears = model.linears_mut();
         tch::no_grad(|| {
@@ -402,7 +430,6 @@ fn decompress_applies_rank_variables_of_a_trained_checkpoint() {
 #[test]
 fn tt_word_tables_are_inspected_and_decompressed() {
     use frugal_models::encoder::{EncoderConfig, EncoderForMaskedLm};
-    use frugal_models::EmbeddingKind;
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("enc.safetensors");
     tch::manual_seed(7);

@@ -375,22 +375,13 @@ impl Encoder {
     /// Every tensor-train layer (the word table when it is one, then the blocks' TT linear
     /// layers) with its name relative to the encoder's path: what rank adaptation trains.
     pub fn tt_layers(&self) -> Vec<(String, &dyn TtLayer)> {
-        let tables = self.tables().into_iter();
-        let tables = tables.filter_map(|(n, t)| Some((n, t.tt()? as &dyn TtLayer)));
-        let linears = self.linears().into_iter();
-        let linears = linears.filter_map(|(n, l)| Some((n, l.tt()? as &dyn TtLayer)));
-        tables.chain(linears).collect()
+        crate::embedding::tt_layers(self.tables(), self.linears())
     }
 
     /// [`Encoder::tt_layers`], mutable (threshold, pruning).
     pub fn tt_layers_mut(&mut self) -> Vec<(String, &mut dyn TtLayer)> {
         let (linears, tables) = self.weights_mut();
-        let tables = tables.into_iter();
-        let tables = tables.filter_map(|(n, t)| Some((n, t.tt_mut()? as &mut dyn TtLayer)));
-        let linears = linears.into_iter();
-        let linears =
-            linears.filter_map(|(n, l)| Some((n, l.as_mut().tt_mut()? as &mut dyn TtLayer)));
-        tables.chain(linears).collect()
+        crate::embedding::tt_layers_mut(tables, linears)
     }
 
     /// The additive attention mask `(B, 1, 1, T)` (f32: 0 for real tokens, a large negative
