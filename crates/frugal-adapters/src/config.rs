@@ -45,12 +45,27 @@ pub enum Targets {
 }
 
 impl Default for Targets {
+    /// LLaMA's default, `["q_proj", "v_proj"]` (see [`Targets::peft_default`]).
     fn default() -> Self {
         Targets::Names(vec!["q_proj".into(), "v_proj".into()])
     }
 }
 
 impl Targets {
+    /// PEFT's default targets for a Hugging Face `model_type` (PEFT 0.21's
+    /// `TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING`): `llama` `["q_proj", "v_proj"]`,
+    /// `bert` `["query", "value"]`; None for a type Frugal has no adapters for.
+    pub fn peft_default(model_type: &str) -> Option<Self> {
+        let names: &[&str] = match model_type {
+            "llama" => &["q_proj", "v_proj"],
+            "bert" => &["query", "value"],
+            _ => return None,
+        };
+        Some(Targets::Names(
+            names.iter().map(|n| n.to_string()).collect(),
+        ))
+    }
+
     /// Whether layer `name` is chosen (`name` is never the output head, which the model keeps
     /// out of the candidates).
     pub fn matches(&self, name: &str) -> bool {
@@ -170,6 +185,12 @@ pub struct LoraConfig {
     pub pool: i64,
     /// Where the base model came from (PEFT's `base_model_name_or_path`).
     pub base_model: Option<String>,
+    /// PEFT's `task_type`: `"CAUSAL_LM"` (the default), `"SEQ_CLS"`, or None (a model PEFT has
+    /// no task type for, such as a masked LM).
+    pub task_type: Option<String>,
+    /// Modules trained and saved whole beside the adapter (PEFT's `modules_to_save`, matched
+    /// as module names are: equal, or ending in `.` + the entry), such as a new classifier.
+    pub modules_to_save: Option<Vec<String>>,
 }
 
 impl Default for LoraConfig {
@@ -185,6 +206,8 @@ impl Default for LoraConfig {
             exclude_modules: None,
             pool: 1,
             base_model: None,
+            task_type: Some("CAUSAL_LM".into()),
+            modules_to_save: None,
         }
     }
 }
@@ -241,12 +264,29 @@ impl LoraConfig {
                 .is_some_and(|e| e.matches(name))
     }
 
+    /// Whether tensor `name` (`classifier.weight`) belongs to a module of
+    /// [`LoraConfig::modules_to_save`]: one of its enclosing module paths (`classifier`,
+    /// `bert.pooler.dense`, `bert.pooler`...) matches an entry as PEFT matches them.
+    pub fn saves(&self, name: &str) -> bool {
+        let Some(modules) = &self.modules_to_save else {
+            return false;
+        };
+        let mut path = name;
+        while let Some((head, _)) = path.rsplit_once('.') {
+            if modules.iter().any(|m| name_matches(head, m)) {
+                return true;
+            }
+            path = head;
+        }
+        false
+    }
+
     /// `adapter_config.json` as PEFT writes it (the fields PEFT 0.21 reads, QA-LoRA's
     /// `use_qalora` and `qalora_group_size` among them).
     pub fn to_peft_json(&self) -> Value {
         let mut v = json!({
             "peft_type": "LORA",
-            "task_type": "CAUSAL_LM",
+            "task_type": self.task_type,
             "r": self.r,
             "lora_alpha": self.alpha,
             "lora_dropout": self.dropout,
@@ -259,7 +299,7 @@ impl LoraConfig {
             "init_lora_weights": self.init.peft_value(),
             "rank_pattern": {},
             "alpha_pattern": {},
-            "modules_to_save": null,
+            "modules_to_save": self.modules_to_save,
             "layers_to_transform": null,
             "inference_mode": true,
             "base_model_name_or_path": self.base_model,
@@ -274,8 +314,9 @@ impl LoraConfig {
 
     /// Reads `adapter_config.json` (`file` names it in errors). Missing fields take PEFT's
     /// defaults; what Frugal cannot honour (another PEFT type, trained biases, per-layer rank
-    /// or alpha patterns, extra trained modules, transposed weights) is an error naming the
-    /// field.
+    /// or alpha patterns, chosen layer indices, transposed weights) is an error naming the
+    /// field. Modules saved whole (`modules_to_save`) are read here; the model that loads the
+    /// adapter says whether it can place them.
     pub fn from_peft_json(text: &str, file: &str) -> Result<Self> {
         let v: Value = serde_json::from_str(text)
             .map_err(|e| Error::Msg(format!("{file}: not valid JSON: {e}")))?;
@@ -329,11 +370,39 @@ impl LoraConfig {
                 ));
             }
         }
-        for k in ["modules_to_save", "layers_to_transform"] {
-            if v.get(k).is_some_and(|m| !m.is_null() && m != &json!([])) {
-                return Err(bad(k, "is set; Frugal does not support it yet".into()));
-            }
+        if v.get("layers_to_transform")
+            .is_some_and(|m| !m.is_null() && m != &json!([]))
+        {
+            return Err(bad(
+                "layers_to_transform",
+                "is set; Frugal does not support it yet".into(),
+            ));
         }
+        let modules_to_save = match v.get("modules_to_save") {
+            None | Some(Value::Null) => None,
+            Some(Value::Array(items)) if items.is_empty() => None,
+            Some(Value::Array(items)) => Some(
+                items
+                    .iter()
+                    .map(|i| {
+                        i.as_str()
+                            .map(str::to_string)
+                            .ok_or_else(|| bad("modules_to_save", format!("{i} is not a name")))
+                    })
+                    .collect::<Result<Vec<_>>>()?,
+            ),
+            Some(other) => {
+                return Err(bad(
+                    "modules_to_save",
+                    format!("{other} is not a list of module names"),
+                ))
+            }
+        };
+        let task_type = match v.get("task_type") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(other) => return Err(bad("task_type", format!("{other} is not a string"))),
+        };
         let init = match v.get("init_lora_weights") {
             None | Some(Value::Null) | Some(Value::Bool(_)) => Init::Default,
             Some(Value::String(s)) if s == "gaussian" => Init::Gaussian,
@@ -367,6 +436,8 @@ impl LoraConfig {
                 .get("base_model_name_or_path")
                 .and_then(Value::as_str)
                 .map(str::to_string),
+            task_type,
+            modules_to_save,
         };
         cfg.validate(file)?;
         Ok(cfg)
@@ -420,5 +491,40 @@ mod tests {
         v["r"] = json!(0);
         let err = LoraConfig::from_peft_json(&v.to_string(), "a.json").unwrap_err();
         assert!(err.to_string().contains("a.json.r"), "{err}");
+    }
+
+    /// Guarantee: a classifier adapter's settings (`SEQ_CLS`, `modules_to_save`) round-trip
+    /// through `adapter_config.json`; a tensor belongs to a saved module when one of its
+    /// enclosing module names matches an entry as PEFT matches module names; BERT's default
+    /// targets are PEFT's.
+    #[test]
+    fn modules_to_save_round_trip_and_match_like_peft() {
+        let c = LoraConfig {
+            task_type: Some("SEQ_CLS".into()),
+            modules_to_save: Some(vec!["pooler".into(), "classifier".into(), "score".into()]),
+            target_modules: Targets::peft_default("bert").unwrap(),
+            ..LoraConfig::default()
+        };
+        let v = c.to_peft_json();
+        assert_eq!(v["task_type"], "SEQ_CLS");
+        assert_eq!(v["target_modules"], json!(["query", "value"]));
+        assert_eq!(
+            LoraConfig::from_peft_json(&v.to_string(), "a.json").unwrap(),
+            c
+        );
+        assert!(c.saves("classifier.weight"));
+        assert!(c.saves("bert.pooler.dense.bias"));
+        assert!(!c.saves("bert.encoder.layer.0.output.dense.weight"));
+        assert!(!c.saves("my_classifier.weight"));
+        let mut masked = c.clone();
+        (masked.task_type, masked.modules_to_save) = (None, None);
+        let v = masked.to_peft_json();
+        assert!(v["task_type"].is_null() && v["modules_to_save"].is_null());
+        assert_eq!(
+            LoraConfig::from_peft_json(&v.to_string(), "a.json").unwrap(),
+            masked
+        );
+        assert_eq!(Targets::peft_default("llama"), Some(Targets::default()));
+        assert_eq!(Targets::peft_default("hgrn_bit"), None);
     }
 }

@@ -348,6 +348,38 @@ pub fn load_adapter(
     Ok(done)
 }
 
+/// Copies the tensors of the modules an adapter folder saves whole (`file.modules`, PEFT's
+/// `modules_to_save`: a classifier's head) into the variables of `vs` of the same names. A
+/// tensor the model does not have, or of another shape, is an error naming it (checked for
+/// all before any is changed). Returns the variables' names.
+pub fn load_saved_modules(vs: &VarStore, file: &AdapterFile) -> Result<Vec<String>> {
+    let vars = vs.variables();
+    let shown = file.dir.display();
+    let mut pairs = Vec::new();
+    for (name, t) in &file.modules {
+        let v = vars.get(name).ok_or_else(|| {
+            Error::Msg(format!(
+                "{shown}: the adapter saves '{name}' (modules_to_save), which the model does \
+                 not have"
+            ))
+        })?;
+        if v.size() != t.size() {
+            return Err(Error::Shape {
+                name: format!("{shown}: {name}"),
+                expected: v.size(),
+                got: t.size(),
+            });
+        }
+        pairs.push((name.clone(), v.shallow_clone(), t));
+    }
+    tch::no_grad(|| {
+        for (_, v, t) in &pairs {
+            v.shallow_clone().copy_(t);
+        }
+    });
+    Ok(pairs.into_iter().map(|(n, _, _)| n).collect())
+}
+
 /// The active adapter of every adapted layer among `linears`, by layer name (what an adapter
 /// folder holds).
 pub fn active_adapters<'a>(linears: &[(String, &'a dyn Linear)]) -> Vec<(String, &'a Lora)> {

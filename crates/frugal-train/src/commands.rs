@@ -282,12 +282,19 @@ pub fn eval(
     adapter: Option<PathBuf>,
     data_spec: Option<String>,
 ) -> Result<u8> {
-    // Encoder runs (masked-LM or classification): their own evaluation.
-    if let Some(dir) = &run_dir {
-        if let Some(out) = crate::encoder_eval::eval_command(dir, data_spec.as_deref())? {
-            println!("{out}");
-            return Ok(0);
+    // Encoder runs (masked-LM or classification) and folders: their own evaluation.
+    let encoder = match (&run_dir, &model) {
+        (Some(dir), _) => {
+            crate::encoder_eval::eval_command(dir, adapter.as_deref(), data_spec.as_deref())?
         }
+        (None, Some(dir)) => {
+            crate::encoder_eval::eval_model_dir(dir, adapter.as_deref(), data_spec.as_deref())?
+        }
+        (None, None) => None,
+    };
+    if let Some(out) = encoder {
+        println!("{out}");
+        return Ok(0);
     }
     let from_model = model.is_some();
     let l = load(run_dir, model, adapter)?;

@@ -264,8 +264,11 @@ pub struct AdapterConfig {
     /// `"default"` (A kaiming-uniform, B zero), `"gaussian"` or `"pissa"` (dense bases).
     pub init: frugal_adapters::Init,
     /// Layers that get the adapter: names (`["q_proj", "v_proj"]`: a layer whose name ends in
-    /// one), `"all-linear"`, or a regular expression matching whole layer names.
-    pub target_modules: frugal_adapters::Targets,
+    /// one), `"all-linear"`, or a regular expression matching whole layer names. Unset: PEFT's
+    /// default for the model ([`frugal_adapters::Targets::peft_default`]: llama `["q_proj",
+    /// "v_proj"]`, encoder `["query", "value"]`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target_modules: Option<frugal_adapters::Targets>,
     /// Layers left out (same forms; empty list: none).
     pub exclude_modules: frugal_adapters::Targets,
     /// `qlora`: NF4 block size; `qalora`: int4 group size (the adapter averages the same
@@ -284,7 +287,7 @@ impl Default for AdapterConfig {
             dropout: 0.0,
             use_rslora: false,
             init: frugal_adapters::Init::Default,
-            target_modules: frugal_adapters::Targets::default(),
+            target_modules: None,
             exclude_modules: frugal_adapters::Targets::Names(Vec::new()),
             group_size: 64,
             name: "default".into(),
@@ -298,8 +301,22 @@ impl AdapterConfig {
         self.kind != AdapterKind::None
     }
 
-    /// The adapter's settings.
-    pub fn lora(&self) -> frugal_adapters::LoraConfig {
+    /// The layers that get the adapter in a model of kind `model_kind` (`model.kind`):
+    /// `target_modules`, or PEFT's default for the model.
+    pub fn targets(&self, model_kind: ModelKind) -> frugal_adapters::Targets {
+        // PEFT's defaults are by Hugging Face `model_type`.
+        let model_type = match model_kind {
+            ModelKind::Encoder => "bert",
+            other => other.as_str(),
+        };
+        self.target_modules.clone().unwrap_or_else(|| {
+            frugal_adapters::Targets::peft_default(model_type).unwrap_or_default()
+        })
+    }
+
+    /// The adapter's settings for a model of kind `model_kind` (`model.kind`), as PEFT's
+    /// causal-LM task; the model sets PEFT's task type and modules to save when it has others.
+    pub fn lora(&self, model_kind: ModelKind) -> frugal_adapters::LoraConfig {
         frugal_adapters::LoraConfig {
             r: self.r,
             alpha: self.alpha,
@@ -307,7 +324,7 @@ impl AdapterConfig {
             use_rslora: self.use_rslora,
             use_dora: self.kind == AdapterKind::Dora,
             init: self.init,
-            target_modules: self.target_modules.clone(),
+            target_modules: self.targets(model_kind),
             exclude_modules: match &self.exclude_modules {
                 frugal_adapters::Targets::Names(n) if n.is_empty() => None,
                 e => Some(e.clone()),
@@ -317,7 +334,7 @@ impl AdapterConfig {
             } else {
                 1
             },
-            base_model: None,
+            ..frugal_adapters::LoraConfig::default()
         }
     }
 
@@ -347,12 +364,13 @@ impl AdapterConfig {
         if !self.enabled() {
             return Ok(());
         }
-        self.lora().validate("adapter")?;
-        if cfg.model.kind != ModelKind::Llama {
+        self.lora(cfg.model.kind).validate("adapter")?;
+        if !matches!(cfg.model.kind, ModelKind::Llama | ModelKind::Encoder) {
             return Err(Error::config(
                 "adapter.kind",
                 format!(
-                    "adapters are available for model.kind = \"llama\" only ({}: not yet)",
+                    "adapters are available for model.kind = \"llama\" and \"encoder\" ({}: \
+                     not yet)",
                     cfg.model.kind
                 ),
             ));
@@ -362,6 +380,12 @@ impl AdapterConfig {
                 "model.embedding",
                 "an adapter trains on the pretrained base as it is: leave the word table dense \
                  (a tensor-train one would replace it by an approximation)",
+            ));
+        }
+        if cfg.tt.rank_adapt {
+            return Err(Error::config(
+                "tt.rank_adapt",
+                "does not combine with an adapter: the base, TT layers included, is frozen",
             ));
         }
         if self.base_linear().is_some() && cfg.model.linear != LinearKind::Dense {

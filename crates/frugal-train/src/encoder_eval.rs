@@ -1,15 +1,21 @@
 //! Evaluation of encoder runs: masked-LM loss with fixed validation masks, classification
-//! loss and accuracy, and `frugal eval --run` for encoder runs.
+//! loss and accuracy, `frugal eval --run` for encoder runs (adapter runs and `--adapter`
+//! included), and `frugal eval --model DIR [--adapter DIR]` for a masked-LM encoder folder.
 
 use crate::checkpoint;
+use crate::config::Config;
 use crate::data::TokenDataset;
-use crate::encoder_io::{mlm_inputs, read_shape, task_examples, val_mask_seed};
+use crate::encoder_io::{
+    mlm_inputs, pretrained_dir, pretrained_weights, read_shape, task_examples, val_mask_seed,
+};
 use crate::encoder_model::{EncoderModel, Net};
 use crate::run;
 use crate::tokenize::{self, EncoderTokens};
 use crate::tsv::{self, EncodedSet, LabelMap};
-use frugal_core::Result;
-use frugal_models::encoder::{EncoderForClassification, EncoderForMaskedLm, IGNORE_INDEX};
+use frugal_core::{Error, Result};
+use frugal_models::encoder::{
+    EncoderConfig, EncoderForClassification, EncoderForMaskedLm, IGNORE_INDEX,
+};
 use serde_json::json;
 use std::path::Path;
 use tch::{Kind, Reduction, Tensor};
@@ -95,11 +101,51 @@ pub fn evaluate_cls(
     })
 }
 
-/// `frugal eval --run DIR [--data FILE]` for an encoder run: `{"loss", "perplexity",
-/// "tokens"}` (masked tokens scored, with the fixed validation masks) for a masked-LM run;
-/// `{"loss", "accuracy", "examples", "tokens"}` for a classifier (`--data`: a TSV file).
-/// `None` when `run_dir` is not an encoder run (the llama path then handles it).
-pub fn eval_command(run_dir: &Path, data_spec: Option<&str>) -> Result<Option<serde_json::Value>> {
+/// The model of encoder run `run_dir` (config `cfg`) for evaluation, from its latest
+/// checkpoint: its weights; for an adapter run, the pre-trained base with the checkpoint's
+/// adapter. `adapter`: another adapter folder on top of a run that trained none (the run's own
+/// adapter is refused: give `--model BASE --adapter DIR` to try another).
+fn run_model(
+    run_dir: &Path,
+    cfg: &Config,
+    shape: &EncoderConfig,
+    num_labels: Option<i64>,
+    adapter: Option<&Path>,
+    device: tch::Device,
+) -> Result<EncoderModel> {
+    let ck = checkpoint::latest(run_dir)?;
+    let mut m = EncoderModel::new(cfg, shape, num_labels, device)?;
+    if cfg.adapter.enabled() {
+        if adapter.is_some() {
+            return Err(Error::Msg(format!(
+                "{}: the run trained an adapter already; give --model BASE --adapter DIR to \
+                 try another",
+                run_dir.display()
+            )));
+        }
+        if let Some(dir) = pretrained_dir(cfg) {
+            m.load_pretrained(&pretrained_weights(&dir)?)?;
+        }
+        m.load_adapter(&ck, &cfg.adapter.name)?;
+    } else {
+        m.load(&ck.join("model.safetensors"))?;
+        if let Some(dir) = adapter {
+            m.load_adapter(dir, "default")?;
+        }
+    }
+    m.set_training(false);
+    Ok(m)
+}
+
+/// `frugal eval --run DIR [--adapter DIR] [--data FILE]` for an encoder run: `{"loss",
+/// "perplexity", "tokens"}` (masked tokens scored, with the fixed validation masks) for a
+/// masked-LM run; `{"loss", "accuracy", "examples", "tokens"}` for a classifier (`--data`: a
+/// TSV file). `None` when `run_dir` is not an encoder run (the llama path then handles it).
+pub fn eval_command(
+    run_dir: &Path,
+    adapter: Option<&Path>,
+    data_spec: Option<&str>,
+) -> Result<Option<serde_json::Value>> {
     let Ok(cfg) = run::read_config(run_dir, &[]) else {
         return Ok(None);
     };
@@ -112,7 +158,8 @@ pub fn eval_command(run_dir: &Path, data_spec: Option<&str>) -> Result<Option<se
     let toks = tokenize::add_encoder_tokens(&mut tok);
     let vocab = tok.get_vocab_size(true) as i64;
     let shape = read_shape(run_dir, "--run")?;
-    let ck = checkpoint::latest(run_dir)?;
+    // A run without a checkpoint fails before its data is read.
+    checkpoint::latest(run_dir)?;
     let out = if cfg.objective() == crate::config::Objective::Classification {
         let labels = LabelMap::read(&run_dir.join("labels.json"))?;
         let (rows, file) = match data_spec {
@@ -135,8 +182,7 @@ pub fn eval_command(run_dir: &Path, data_spec: Option<&str>) -> Result<Option<se
         } else {
             labels.labels.len() as i64
         };
-        let mut m = EncoderModel::new(&cfg, &shape, Some(n), device)?;
-        m.load(&ck.join("model.safetensors"))?;
+        let m = run_model(run_dir, &cfg, &shape, Some(n), adapter, device)?;
         let Net::Cls(c) = &m.net else {
             unreachable!("built with labels")
         };
@@ -148,8 +194,7 @@ pub fn eval_command(run_dir: &Path, data_spec: Option<&str>) -> Result<Option<se
             None => run::documents(&cfg)?.1,
         };
         let ds = run::dataset(&tok, &docs, t.seq_len, "evaluation data")?;
-        let mut m = EncoderModel::new(&cfg, &shape, None, device)?;
-        m.load(&ck.join("model.safetensors"))?;
+        let m = run_model(run_dir, &cfg, &shape, None, adapter, device)?;
         let Net::Mlm(mlm) = &m.net else {
             unreachable!("built without labels")
         };
@@ -166,4 +211,78 @@ pub fn eval_command(run_dir: &Path, data_spec: Option<&str>) -> Result<Option<se
         json!({"loss": loss, "perplexity": loss.exp(), "tokens": tokens})
     };
     Ok(Some(out))
+}
+
+/// `frugal eval --model DIR [--adapter DIR] --data FILE` for an encoder folder (`config.json`
+/// with `model_type` `bert`, `model.safetensors` with the masked-LM head, `tokenizer.json`
+/// with the encoder's tokens, as a masked-LM run writes them): the masked-LM loss of FILE's
+/// text (`{"loss", "perplexity", "tokens"}`, windows of the default `train.seq_len`, 128
+/// tokens, with the fixed validation masks), with the adapter when given. A classifier's
+/// adapter is refused (its labels live in its run folder: `--run`). `None` when the folder is
+/// not an encoder's.
+pub fn eval_model_dir(
+    dir: &Path,
+    adapter: Option<&Path>,
+    data_spec: Option<&str>,
+) -> Result<Option<serde_json::Value>> {
+    let cfg_path = dir.join("config.json");
+    let Ok(text) = std::fs::read_to_string(&cfg_path) else {
+        return Ok(None);
+    };
+    let hf: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::Msg(format!("{}: {e}", cfg_path.display())))?;
+    if hf.get("model_type").and_then(|t| t.as_str()) != Some("bert") {
+        return Ok(None);
+    }
+    let data =
+        data_spec.ok_or_else(|| Error::Msg("--model needs --data FILE to evaluate on".into()))?;
+    let shape = read_shape(dir, "--model")?;
+    let mut tok = tokenize::load_tokenizer_file(&dir.join("tokenizer.json"))?;
+    let toks = tokenize::add_encoder_tokens(&mut tok);
+    let vocab = tok.get_vocab_size(true) as i64;
+    if vocab > shape.vocab_size {
+        return Err(Error::Msg(format!(
+            "{}: the tokenizer with the encoder's tokens has {vocab} entries, the model {}",
+            dir.display(),
+            shape.vocab_size
+        )));
+    }
+    let mut cfg = Config::default();
+    cfg.model.kind = crate::config::ModelKind::Encoder;
+    if let Some(kind) = run::stored_linear_kind(&hf) {
+        cfg.model.linear = kind;
+    }
+    let device = cfg.train.device.resolve()?;
+    let mut m = EncoderModel::new(&cfg, &shape, None, device)?;
+    let weights = pretrained_weights(dir)?;
+    if !m.load_pretrained(&weights)? {
+        return Err(Error::Msg(format!(
+            "{}: no masked-LM head (cls.predictions.*) to score with",
+            weights.display()
+        )));
+    }
+    if let Some(a) = adapter {
+        m.load_adapter(a, "default")?;
+        m.set_training(false);
+    }
+    let Net::Mlm(mlm) = &m.net else {
+        unreachable!("built without labels")
+    };
+    let docs = crate::data::load_documents_for("--data", data)?;
+    let t = &cfg.train;
+    let seq_len = t.seq_len.min(shape.max_position_embeddings as usize);
+    let ds = run::dataset(&tok, &docs, seq_len, "evaluation data")?;
+    let (loss, tokens) = evaluate_mlm(
+        mlm,
+        &ds,
+        &toks,
+        vocab,
+        t.mlm_probability,
+        t.batch_size,
+        0,
+        device,
+    )?;
+    Ok(Some(
+        json!({"loss": loss, "perplexity": loss.exp(), "tokens": tokens}),
+    ))
 }

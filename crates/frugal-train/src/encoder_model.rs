@@ -1,6 +1,6 @@
 //! The BERT-style encoder as the trainer holds it: the network with its masked-LM or
 //! classification head and the variables it lives in ([`EncoderModel`]), and the loss of a
-//! micro-batch ([`micro_loss`]).
+//! micro-batch ([`micro_loss`]). Its adapters are in [`crate::encoder_adapter`].
 
 use crate::config::{Config, Dtype};
 use crate::step::{BlockModel, Groups, Part};
@@ -32,6 +32,8 @@ pub struct EncoderModel {
     pub vs: VarStore,
     /// The network.
     pub net: Net,
+    /// The settings of the adapter trained on the frozen base, in an adapter run.
+    pub adapter: Option<frugal_adapters::LoraConfig>,
 }
 
 /// The loss of a micro-batch (`inputs` on the model's device: masked-LM `[ids, labels]`,
@@ -84,7 +86,7 @@ pub fn micro_loss(
 }
 
 #[allow(clippy::type_complexity)]
-fn weights_mut_of(
+pub(crate) fn weights_mut_of(
     net: &mut Net,
 ) -> (
     Vec<(String, &mut Box<dyn Linear>)>,
@@ -98,7 +100,9 @@ fn weights_mut_of(
 
 impl EncoderModel {
     /// Builds the configured encoder of shape `shape` on `device`, seeded by `train.seed`: with
-    /// the masked-LM head, or with a classification head of `num_labels` classes.
+    /// the masked-LM head, or with a classification head of `num_labels` classes. The blocks'
+    /// linear layers are of kind `model.linear`, or the one QLoRA or QA-LoRA chooses for the
+    /// frozen base (`adapter.kind`).
     pub fn new(
         cfg: &Config,
         shape: &EncoderConfig,
@@ -115,14 +119,22 @@ impl EncoderModel {
             Dtype::Bf16 => Kind::BFloat16,
         };
         let root = vs.root();
-        let (kind, emb) = (&cfg.model.linear, &cfg.model.embedding);
+        let kind = cfg
+            .adapter
+            .base_linear()
+            .unwrap_or_else(|| cfg.model.linear.clone());
+        let (kind, emb) = (&kind, &cfg.model.embedding);
         let net = match num_labels {
             None => Net::Mlm(EncoderForMaskedLm::new(&root, shape, kind, emb, compute)?),
             Some(n) => Net::Cls(EncoderForClassification::new(
                 &root, shape, n, kind, emb, compute,
             )?),
         };
-        Ok(Self { vs, net })
+        Ok(Self {
+            vs,
+            net,
+            adapter: None,
+        })
     }
 
     /// The encoder without its head.
@@ -139,6 +151,11 @@ impl EncoderModel {
             Net::Mlm(m) => m.linears(),
             Net::Cls(m) => m.linears(),
         }
+    }
+
+    /// [`EncoderModel::linears`], mutable.
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut Box<dyn Linear>)> {
+        weights_mut_of(&mut self.net).0
     }
 
     /// The word tables, with their full names.
@@ -167,7 +184,12 @@ impl EncoderModel {
     }
 
     /// Saves the weights (variables, quantized layers, TT descriptions) to `file`, atomically.
+    /// In an adapter run, only the adapter (with the modules it saves whole), in PEFT's form,
+    /// into `file`'s folder: the base is the pre-trained model's, unchanged.
     pub fn save(&self, file: &Path) -> Result<()> {
+        if self.adapter.is_some() {
+            return self.save_adapter_into(file.parent().unwrap_or(Path::new(".")));
+        }
         frugal_models::weights::save_model_with_tables(
             &self.vs,
             &self.linears(),
@@ -189,8 +211,9 @@ impl EncoderModel {
 
     /// Loads a pre-trained encoder body from `file`: every `bert.embeddings.*` and
     /// `bert.encoder.*` weight (required), and the masked-LM head when this model has one and
-    /// the file too. The pooler and classifier keep their fresh initialisation.
-    pub fn load_pretrained(&mut self, file: &Path) -> Result<()> {
+    /// the file too (then returns true). The pooler and classifier keep their fresh
+    /// initialisation.
+    pub fn load_pretrained(&mut self, file: &Path) -> Result<bool> {
         let names = SafetensorsFile::open(file)?.names();
         let head_in_file = names.iter().any(|n| n.starts_with("cls.predictions."));
         let mlm = matches!(self.net, Net::Mlm(_));
@@ -210,7 +233,8 @@ impl EncoderModel {
         let (mut linears, mut tables) = weights_mut_of(&mut self.net);
         frugal_models::weights::load_model_with_tables(&mut body, &mut linears, &mut tables, file)?;
         // TT layers of other ranks (a pruned checkpoint) got new variables in `body`.
-        frugal_models::weights::adopt_variables(&self.vs, body)
+        frugal_models::weights::adopt_variables(&self.vs, body)?;
+        Ok(mlm && head_in_file)
     }
 }
 

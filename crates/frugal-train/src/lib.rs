@@ -17,6 +17,7 @@ pub mod compress_cmd;
 pub mod config;
 pub mod cuda_graph;
 pub mod data;
+pub mod encoder_adapter;
 pub mod encoder_eval;
 mod encoder_io;
 pub mod encoder_model;

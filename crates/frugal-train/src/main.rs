@@ -276,7 +276,10 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("frugal: error: {e}");
+            // One write of the whole line: under mpirun, whose own messages share the stream,
+            // a line written piece by piece can be cut in two.
+            let line = format!("frugal: error: {e}\n");
+            let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
             ExitCode::from(2)
         }
     }

@@ -63,6 +63,7 @@ fn load(base: &Path, adapter: &Path) -> Result<(run::Model, peft::AdapterFile)> 
     let shape = LlamaConfig::from_hf_json(&text)
         .map_err(|e| Error::Msg(format!("{}: {e}", cfg_path.display())))?;
     let file = peft::read(adapter)?;
+    file.without_modules()?;
     let hf: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| Error::Msg(format!("{}: {e}", cfg_path.display())))?;
     let mut cfg = Config::default();

@@ -198,7 +198,7 @@ impl Model {
     /// Adds a new adapter with the settings of `cfg.adapter` (its variables trainable) and
     /// freezes everything else; returns the adapter's variables, what the optimizer trains.
     pub fn add_adapter(&mut self, cfg: &Config) -> Result<Vec<(String, tch::Tensor)>> {
-        let mut lora = cfg.adapter.lora();
+        let mut lora = cfg.adapter.lora(cfg.model.kind);
         lora.base_model =
             (!cfg.model.from_pretrained.is_empty()).then(|| cfg.model.from_pretrained.clone());
         let chosen = frugal_models::adapted::add_adapter(
@@ -223,6 +223,7 @@ impl Model {
     /// else; returns the adapter's variables.
     pub fn load_adapter(&mut self, dir: &Path, name: &str) -> Result<Vec<(String, tch::Tensor)>> {
         let file = frugal_adapters::peft::read(dir)?;
+        file.without_modules()?;
         frugal_models::adapted::load_adapter(&self.vs, self.net.linears_mut(), name, &file)?;
         self.adapter = Some(file.config);
         Ok(frugal_models::adapted::freeze_base(&self.vs))

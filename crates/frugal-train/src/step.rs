@@ -238,8 +238,15 @@ pub fn micro_step(
     let mut inputs = Vec::with_capacity(blocks);
     let mut outputs = Vec::with_capacity(blocks);
     let mut h = embedded.detach();
+    // Each block draws its random numbers (adapter dropout) from a seed of its own, taken from
+    // torch's generator once per micro-batch, so that a recomputed block draws the masks of its
+    // forward pass.
+    let base_seed =
+        Tensor::randint(i64::MAX, [1], (Kind::Int64, tch::Device::Cpu)).int64_value(&[0]);
+    let seed_block = |i: usize| tch::manual_seed(block_seed(base_seed, i));
     for i in 0..blocks {
         let input = h.detach().set_requires_grad(true);
+        seed_block(i);
         let out = if plan.checkpointing {
             tch::no_grad(|| model.block(i, &input, inputs_))
         } else {
@@ -336,7 +343,10 @@ pub fn micro_step(
         let input = &inputs[i];
         let out = match outputs[i].take() {
             Some(out) if !plan.checkpointing => out,
-            _ => model.block(i, input, inputs_),
+            _ => {
+                seed_block(i);
+                model.block(i, input, inputs_)
+            }
         };
         let s = (&out * &upstream).sum(Kind::Float);
         if plan.layerwise {
@@ -391,6 +401,11 @@ pub struct MicroOut {
     pub loss: f64,
     /// The examples classified right (classifiers).
     pub correct: Option<i64>,
+}
+
+/// The seed of block `i`'s random numbers in a micro-batch whose seed is `base`.
+fn block_seed(base: i64, i: usize) -> i64 {
+    base ^ (i as i64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15_u64 as i64)
 }
 
 /// The gradients of scalar `y` with respect to `wrt` (zeros for a tensor `y` does not reach),

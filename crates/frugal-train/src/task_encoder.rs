@@ -16,6 +16,10 @@
 //!   dropped, pooler and classifier start fresh). Under `train.cuda_graph` batches are padded
 //!   to the longest example (one shape).
 //!
+//! With `adapter.kind` set, an adapter trains on the frozen pre-trained base (see
+//! [`crate::encoder_adapter`]); checkpoints hold the adapter alone (with a classifier's new
+//! head), and the run folder's `adapter/` the latest one.
+//!
 //! The run folder also holds `config.json` (the shape, Hugging Face `BertConfig` names) and,
 //! for classification, `labels.json` (labels by class id). Activation checkpointing
 //! (`train.checkpointing`) keeps only the blocks' inputs and recomputes them in the backward
@@ -32,7 +36,7 @@ use crate::encoder_model::{micro_loss, EncoderModel, Net};
 use crate::run;
 use crate::step::BlockModel;
 use crate::task::{Baseline, Batch, BatchAt, Evaluation, Forward, Task};
-use crate::task_lm::{baseline_now, Built};
+use crate::task_lm::{baseline_now, frozen_base_bytes, Built};
 use crate::tokenize::EncoderTokens;
 use crate::tsv;
 use frugal_core::{atomic, Error, Result};
@@ -53,6 +57,8 @@ pub struct EncoderTask {
     baseline: f64,
     /// The padded length of every classification batch (0: each batch its own longest).
     pad_to: usize,
+    /// What the optimizer trains in an adapter run (None: every variable).
+    adapter_params: Option<Vec<(String, Tensor)>>,
     cfg: Config,
     device: tch::Device,
 }
@@ -164,12 +170,45 @@ impl EncoderTask {
         }
 
         let baseline_rss_bytes = baseline_now(device);
+        let adapter = cfg.adapter.enabled();
         let mut model = EncoderModel::new(cfg, &shape, num_labels, device)?;
+        // An adapter run's base is always the pre-trained model's; its checkpoints hold the
+        // adapter alone.
         match (checkpoint, pretrained_dir(cfg)) {
-            (Some(ck), _) => model.load(&ck.join("model.safetensors"))?,
-            (None, Some(dir)) => model.load_pretrained(&pretrained_weights(&dir)?)?,
-            (None, None) => {}
+            (Some(ck), _) if !adapter => model.load(&ck.join("model.safetensors"))?,
+            (_, Some(dir)) => {
+                let file = pretrained_weights(&dir)?;
+                let head = model.load_pretrained(&file)?;
+                if adapter && num_labels.is_none() && !head {
+                    return Err(Error::config(
+                        "model.from_pretrained",
+                        format!(
+                            "{}: no masked-LM head (cls.predictions.*): a masked-LM adapter \
+                             trains on the base's head, frozen",
+                            file.display()
+                        ),
+                    ));
+                }
+            }
+            (_, None) => {
+                if adapter && main && !resume {
+                    eprintln!(
+                        "frugal: warning: an adapter on a randomly initialised base \
+                         (model.from_pretrained is not set)"
+                    );
+                }
+            }
         }
+        let adapter_params = if adapter {
+            let p = match checkpoint {
+                Some(ck) => model.load_adapter(ck, &cfg.adapter.name)?,
+                None => model.add_adapter(cfg)?,
+            };
+            model.set_training(true);
+            Some(p)
+        } else {
+            None
+        };
         let pad_to = match &data {
             Data::Cls { train, .. } if t.cuda_graph => train.longest(),
             _ => 0,
@@ -182,6 +221,7 @@ impl EncoderTask {
                 vocab,
                 baseline,
                 pad_to,
+                adapter_params,
                 cfg: cfg.clone(),
                 device,
             },
@@ -192,6 +232,37 @@ impl EncoderTask {
     /// The model.
     pub fn model(&self) -> &EncoderModel {
         &self.model
+    }
+
+    /// The validation loss (and accuracy) of up to `max_batches` batches (0: all).
+    fn score(&self, max_batches: usize) -> Result<Evaluation> {
+        let t = &self.cfg.train;
+        match (&self.model.net, &self.data) {
+            (Net::Mlm(mlm), Data::Mlm { val, .. }) => {
+                let (loss, _) = evaluate_mlm(
+                    mlm,
+                    val,
+                    &self.toks,
+                    self.vocab,
+                    t.mlm_probability,
+                    t.batch_size,
+                    max_batches,
+                    self.device,
+                )?;
+                Ok(Evaluation {
+                    loss,
+                    accuracy: None,
+                })
+            }
+            (Net::Cls(c), Data::Cls { val, .. }) => {
+                let (loss, acc, _) = evaluate_cls(c, val, t.batch_size, max_batches, self.device);
+                Ok(Evaluation {
+                    loss,
+                    accuracy: Some(acc),
+                })
+            }
+            _ => Err(Error::Msg("model and data of two objectives".into())),
+        }
     }
 }
 
@@ -208,11 +279,30 @@ impl Task for EncoderTask {
     }
 
     fn trainable(&self) -> Vec<(String, Tensor)> {
-        frugal_models::weights::named_variables(&self.model.vs)
+        match &self.adapter_params {
+            Some(p) => p
+                .iter()
+                .map(|(n, t)| (n.clone(), t.shallow_clone()))
+                .collect(),
+            None => frugal_models::weights::named_variables(&self.model.vs),
+        }
     }
 
     fn save(&self, file: &Path) -> Result<()> {
         self.model.save(file)
+    }
+
+    fn after_checkpoint(&self, run_dir: &Path) -> Result<()> {
+        if self.model.adapter.is_some() {
+            self.model.save_adapter(&run_dir.join("adapter"))?;
+        }
+        Ok(())
+    }
+
+    fn set_training(&mut self, training: bool) {
+        if self.model.adapter.is_some() {
+            self.model.set_training(training);
+        }
     }
 
     fn tt_layers(&self) -> Vec<(String, &dyn TtLayer)> {
@@ -287,33 +377,13 @@ impl Task for EncoderTask {
     }
 
     fn evaluate(&mut self, max_batches: usize) -> Result<Evaluation> {
-        let t = &self.cfg.train;
-        match (&self.model.net, &self.data) {
-            (Net::Mlm(mlm), Data::Mlm { val, .. }) => {
-                let (loss, _) = evaluate_mlm(
-                    mlm,
-                    val,
-                    &self.toks,
-                    self.vocab,
-                    t.mlm_probability,
-                    t.batch_size,
-                    max_batches,
-                    self.device,
-                )?;
-                Ok(Evaluation {
-                    loss,
-                    accuracy: None,
-                })
-            }
-            (Net::Cls(c), Data::Cls { val, .. }) => {
-                let (loss, acc, _) = evaluate_cls(c, val, t.batch_size, max_batches, self.device);
-                Ok(Evaluation {
-                    loss,
-                    accuracy: Some(acc),
-                })
-            }
-            _ => Err(Error::Msg("model and data of two objectives".into())),
+        let training = self.model.adapter.is_some();
+        self.model.set_training(false);
+        let e = self.score(max_batches);
+        if training {
+            self.model.set_training(true);
         }
+        e
     }
 
     fn baseline(&self) -> Baseline {
@@ -332,15 +402,22 @@ impl Task for EncoderTask {
     }
 
     fn describe(&self) -> String {
-        let n: i64 = frugal_models::weights::named_variables(&self.model.vs)
-            .iter()
-            .map(|(_, t)| t.numel() as i64)
-            .sum();
+        let n: i64 = self.trainable().iter().map(|(_, t)| t.numel() as i64).sum();
+        let m = &self.cfg.model;
         format!(
-            "encoder {} ({}, {:.2}M parameters)",
-            self.cfg.model.size,
+            "encoder {} ({}, {:.2}M {}parameters)",
+            if m.from_pretrained.is_empty() {
+                &m.size
+            } else {
+                &m.from_pretrained
+            },
             self.objective(),
-            n as f64 / 1e6
+            n as f64 / 1e6,
+            if self.model.adapter.is_some() {
+                "trainable "
+            } else {
+                ""
+            },
         )
     }
 
@@ -350,5 +427,8 @@ impl Task for EncoderTask {
             size: self.cfg.model.size.clone(),
             objective: self.objective().as_str().into(),
         });
+        if self.model.adapter.is_some() {
+            report.frozen_base = Some(frozen_base_bytes(&self.model.linears(), &self.model.vs));
+        }
     }
 }

@@ -279,25 +279,28 @@ impl Task for CausalLm {
 
     fn add_memory_report(&self, report: &mut MemoryReport) {
         if self.model.adapter.is_some() {
-            report.frozen_base = Some(frozen_base_bytes(&self.model));
+            report.frozen_base = Some(frozen_base_bytes(&self.model.net.linears(), &self.model.vs));
         }
     }
 }
 
-/// What the frozen base of an adapter run holds: its quantized matrices (bytes as stored,
-/// parameters, bytes per parameter) and its other variables (embeddings, norms, head, dense
-/// linear weights).
-fn frozen_base_bytes(m: &run::Model) -> FrozenBase {
+/// What the frozen base of an adapter run holds: its quantized matrices among `linears`
+/// (bytes as stored, parameters, bytes per parameter) and its other variables in `vs` that
+/// take no gradient (embeddings, norms, head, dense linear weights).
+pub(crate) fn frozen_base_bytes(
+    linears: &[(String, &dyn frugal_models::linear::Linear)],
+    vs: &VarStore,
+) -> FrozenBase {
     let (mut qbytes, mut qparams) = (0u64, 0u64);
-    for (_, l) in m.net.linears() {
+    for (_, l) in linears {
         if let Some(q) = l.quantized() {
             qbytes += q.weight.stored_bytes();
             qparams += q.weight.numel() as u64;
         }
     }
     let (mut other, mut other_params) = (0u64, 0u64);
-    for (name, t) in frugal_models::weights::named_variables(&m.vs) {
-        if !frugal_models::adapted::is_adapter_variable(&name) {
+    for (_, t) in frugal_models::weights::named_variables(vs) {
+        if !t.requires_grad() {
             other += (t.numel() * t.kind().elt_size_in_bytes()) as u64;
             other_params += t.numel() as u64;
         }

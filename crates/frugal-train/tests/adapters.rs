@@ -221,6 +221,86 @@ fn only_the_adapter_trains() {
     }
 }
 
+/// Guarantee: with adapter dropout, activation checkpointing recomputes each block with the
+/// dropout masks of its forward pass: the adapters' gradients equal those of the block-by-block
+/// pass that keeps its activations (same torch seed), and dropout is really on (another seed
+/// gives other gradients).
+#[test]
+fn checkpointing_recomputes_the_dropout_masks() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = base_folder(dir.path());
+    let data = instructions(dir.path(), 8);
+    let mut sets = settings(&base, &data, "lora");
+    sets.push("adapter.dropout=0.5".into());
+    let cfg = config_of(&sets);
+    let shape = cfg.decoder_config(64).unwrap();
+    let weights = frun::pretrained_weights(&cfg).unwrap();
+    let mut m = frun::model(&cfg, &shape, Device::Cpu, Some(&weights)).unwrap();
+    let params = m.add_adapter(&cfg).unwrap();
+    m.set_training(true);
+    let names: Vec<String> = params.iter().map(|(n, _)| n.clone()).collect();
+    let tensors: Vec<Tensor> = params.iter().map(|(_, t)| t.shallow_clone()).collect();
+    let groups = Groups::of(&names, 2).unwrap();
+    let ids = Tensor::randint(64, [2, 16], (Kind::Int64, Device::Cpu));
+    let inputs = [
+        ids.shallow_clone(),
+        ids.roll([-1i64].as_slice(), [1i64].as_slice()),
+    ];
+    let grads = |plan: Plan, seed: i64| -> Vec<Tensor> {
+        for t in &tensors {
+            let mut g = t.grad();
+            if g.defined() {
+                let _ = g.zero_();
+            }
+        }
+        tch::manual_seed(seed);
+        let batch = Batch {
+            inputs: &inputs,
+            scale: 1.0,
+        };
+        let mut none = |_: &[usize], _: Option<Vec<Tensor>>| Ok(());
+        step::micro_step(&m.net, &tensors, &groups, &plan, &batch, &mut none).unwrap();
+        tensors.iter().map(|t| t.grad().copy()).collect()
+    };
+    let kept = grads(
+        Plan {
+            blockwise: true,
+            ..Plan::default()
+        },
+        7,
+    );
+    let recomputed = grads(
+        Plan {
+            checkpointing: true,
+            ..Plan::default()
+        },
+        7,
+    );
+    let other = grads(
+        Plan {
+            checkpointing: true,
+            ..Plan::default()
+        },
+        8,
+    );
+    let diff = |a: &[Tensor], b: &[Tensor]| {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs().max().double_value(&[]))
+            .fold(0.0, f64::max)
+    };
+    assert!(
+        diff(&kept, &recomputed) < 1e-6,
+        "{}",
+        diff(&kept, &recomputed)
+    );
+    assert!(
+        diff(&kept, &other) > 1e-4,
+        "dropout off? {}",
+        diff(&kept, &other)
+    );
+}
+
 /// Guarantee: `frugal train` with a LoRA adapter on a Hugging Face folder and instruction data
 /// writes PEFT files (run `adapter/` and every checkpoint, no base weights); `frugal eval` runs
 /// on the run and on `--model BASE --adapter RUN/adapter`; `frugal merge` writes a

@@ -459,7 +459,8 @@ impl Checkpointed {
 
     /// After the head's backward pass (which set `hidden`'s gradient): the blocks' and the
     /// embeddings' backward, one block's activations alive at a time. Does nothing when the
-    /// head's pass did not reach `hidden`.
+    /// head's pass did not reach `hidden`; skips the embeddings when they are frozen (an
+    /// adapter run).
     pub fn backward(self, encoder: &Encoder) {
         let mut upstream = self.hidden.grad();
         if !upstream.defined() {
@@ -470,7 +471,9 @@ impl Checkpointed {
             (&out * &upstream).sum(Kind::Float).backward();
             upstream = input.grad();
         }
-        (&self.embedded * &upstream).sum(Kind::Float).backward();
+        if self.embedded.requires_grad() {
+            (&self.embedded * &upstream).sum(Kind::Float).backward();
+        }
     }
 }
 
