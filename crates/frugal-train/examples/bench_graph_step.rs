@@ -65,7 +65,7 @@ fn measure(linear: LinearKind, runs: usize, iters: usize) -> serde_json::Value {
         vocab_size: VOCAB,
         ..EncoderConfig::preset("encoder-6").expect("preset")
     };
-    let m = EncoderModel::new(&cfg, &shape, None, dev).expect("model");
+    let m = EncoderModel::new(&cfg.model_build(), &shape, None, dev).expect("model");
     let params = frugal_models::weights::named_variables(&m.vs);
     let tensors: Vec<Tensor> = params.iter().map(|(_, t)| t.shallow_clone()).collect();
     let n_params: i64 = tensors.iter().map(|t| t.numel() as i64).sum();

@@ -201,7 +201,7 @@ fn load_run(run_dir: &Path, adapter: Option<&Path>) -> Result<Loaded> {
             )));
         }
         let mut m = run::model(
-            &cfg,
+            &cfg.model_build(),
             &shape,
             device,
             run::pretrained_weights(&cfg).as_deref(),
@@ -209,7 +209,12 @@ fn load_run(run_dir: &Path, adapter: Option<&Path>) -> Result<Loaded> {
         m.load_adapter(&ck, &cfg.adapter.name)?;
         m
     } else {
-        run::model(&cfg, &shape, device, Some(&ck.join("model.safetensors")))?
+        run::model(
+            &cfg.model_build(),
+            &shape,
+            device,
+            Some(&ck.join("model.safetensors")),
+        )?
     };
     if let Some(dir) = adapter {
         model.load_adapter(dir, "default")?;
@@ -250,7 +255,7 @@ fn load_model_dir(dir: &Path, adapter: Option<&Path>) -> Result<Loaded> {
     let device = cfg.train.device.resolve()?;
     let weights = frugal_core::safetensors_io::model_weights(dir)
         .unwrap_or_else(|| dir.join("model.safetensors"));
-    let mut model = run::model(&cfg, &shape, device, Some(&weights))?;
+    let mut model = run::model(&cfg.model_build(), &shape, device, Some(&weights))?;
     if let Some(a) = adapter {
         model.load_adapter(a, "default")?;
     }

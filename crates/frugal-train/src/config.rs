@@ -1318,6 +1318,56 @@ impl Config {
     }
 }
 
+/// What building a model's variables reads of the configuration (parts of `[model]`,
+/// `[adapter]` and `[train]`): the layers' kinds, the number formats and the seed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelBuild {
+    /// The blocks' linear layers: `model.linear`, or the quantized base an adapter kind
+    /// chooses (QLoRA: NF4, QA-LoRA: int4).
+    pub linear: LinearKind,
+    /// The word table (`model.embedding`).
+    pub embedding: EmbeddingKind,
+    /// Store the parameters in bf16 (`train.param_dtype`).
+    pub bf16_params: bool,
+    /// The forward pass's number format (`train.dtype`).
+    pub compute: tch::Kind,
+    /// The initialisation's seed (`train.seed`).
+    pub seed: u64,
+}
+
+impl ModelBuild {
+    /// Seeds the initialisation and returns the variable store the model is built in on
+    /// `device` (new variables directly in bf16 with `bf16_params`: never an f32 copy).
+    pub fn var_store(&self, device: tch::Device) -> tch::nn::VarStore {
+        tch::manual_seed(self.seed as i64);
+        let mut vs = tch::nn::VarStore::new(device);
+        if self.bf16_params {
+            vs.set_kind(tch::Kind::BFloat16);
+        }
+        vs
+    }
+}
+
+impl Config {
+    /// What building the model reads of this configuration.
+    pub fn model_build(&self) -> ModelBuild {
+        let kind = |d: Dtype| match d {
+            Dtype::F32 => tch::Kind::Float,
+            Dtype::Bf16 => tch::Kind::BFloat16,
+        };
+        ModelBuild {
+            linear: self
+                .adapter
+                .base_linear()
+                .unwrap_or_else(|| self.model.linear.clone()),
+            embedding: self.model.embedding.clone(),
+            bf16_params: self.train.param_dtype == Dtype::Bf16,
+            compute: kind(self.train.dtype),
+            seed: self.train.seed,
+        }
+    }
+}
+
 /// The model's vocabulary must hold the tokenizer's; the error names `model.vocab_size`.
 fn check_vocab(model_vocab: i64, tokenizer_vocab: i64) -> Result<()> {
     if model_vocab < tokenizer_vocab {

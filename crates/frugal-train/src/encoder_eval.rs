@@ -114,7 +114,7 @@ fn run_model(
     device: tch::Device,
 ) -> Result<EncoderModel> {
     let ck = checkpoint::latest(run_dir)?;
-    let mut m = EncoderModel::new(cfg, shape, num_labels, device)?;
+    let mut m = EncoderModel::new(&cfg.model_build(), shape, num_labels, device)?;
     if cfg.adapter.enabled() {
         if adapter.is_some() {
             return Err(Error::Msg(format!(
@@ -253,7 +253,7 @@ pub fn eval_model_dir(
         cfg.model.linear = kind;
     }
     let device = cfg.train.device.resolve()?;
-    let mut m = EncoderModel::new(&cfg, &shape, None, device)?;
+    let mut m = EncoderModel::new(&cfg.model_build(), &shape, None, device)?;
     let weights = pretrained_weights(dir)?;
     if !m.load_pretrained(&weights)? {
         return Err(Error::Msg(format!(

@@ -2,7 +2,7 @@
 //! classification head and the variables it lives in ([`EncoderModel`]), and the loss of a
 //! micro-batch ([`micro_loss`]). Its adapters are in [`crate::encoder_adapter`].
 
-use crate::config::{Config, Dtype};
+use crate::config::ModelBuild;
 use crate::step::{BlockModel, Groups, Part};
 use frugal_core::safetensors_io::SafetensorsFile;
 use frugal_core::Result;
@@ -104,26 +104,14 @@ impl EncoderModel {
     /// linear layers are of kind `model.linear`, or the one QLoRA or QA-LoRA chooses for the
     /// frozen base (`adapter.kind`).
     pub fn new(
-        cfg: &Config,
+        build: &ModelBuild,
         shape: &EncoderConfig,
         num_labels: Option<i64>,
         device: tch::Device,
     ) -> Result<Self> {
-        tch::manual_seed(cfg.train.seed as i64);
-        let mut vs = VarStore::new(device);
-        if cfg.train.param_dtype == Dtype::Bf16 {
-            vs.set_kind(Kind::BFloat16);
-        }
-        let compute = match cfg.train.dtype {
-            Dtype::F32 => Kind::Float,
-            Dtype::Bf16 => Kind::BFloat16,
-        };
+        let vs = build.var_store(device);
         let root = vs.root();
-        let kind = cfg
-            .adapter
-            .base_linear()
-            .unwrap_or_else(|| cfg.model.linear.clone());
-        let (kind, emb) = (&kind, &cfg.model.embedding);
+        let (kind, emb, compute) = (&build.linear, &build.embedding, build.compute);
         let net = match num_labels {
             None => Net::Mlm(EncoderForMaskedLm::new(&root, shape, kind, emb, compute)?),
             Some(n) => Net::Cls(EncoderForClassification::new(
@@ -318,6 +306,7 @@ impl BlockModel for EncoderModel {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Config;
 
     /// The config and shape of a tiny encoder (vocabulary 50, width 16, 2 blocks).
     fn tiny_encoder() -> (Config, EncoderConfig) {
@@ -335,11 +324,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (mut cfg, shape) = tiny_encoder();
         let file = dir.path().join("model.safetensors");
-        let mlm = EncoderModel::new(&cfg, &shape, None, tch::Device::Cpu).unwrap();
+        let mlm = EncoderModel::new(&cfg.model_build(), &shape, None, tch::Device::Cpu).unwrap();
         mlm.save(&file).unwrap();
         cfg.train.seed = 9;
-        let fresh = EncoderModel::new(&cfg, &shape, Some(3), tch::Device::Cpu).unwrap();
-        let mut cls = EncoderModel::new(&cfg, &shape, Some(3), tch::Device::Cpu).unwrap();
+        let fresh =
+            EncoderModel::new(&cfg.model_build(), &shape, Some(3), tch::Device::Cpu).unwrap();
+        let mut cls =
+            EncoderModel::new(&cfg.model_build(), &shape, Some(3), tch::Device::Cpu).unwrap();
         cls.load_pretrained(&file).unwrap();
         let want = frugal_models::weights::named_variables(&mlm.vs);
         let before = frugal_models::weights::named_variables(&fresh.vs);
@@ -382,7 +373,7 @@ mod tests {
     #[test]
     fn longer_padding_keeps_the_classification_loss() {
         let (cfg, shape) = tiny_encoder();
-        let m = EncoderModel::new(&cfg, &shape, Some(3), tch::Device::Cpu).unwrap();
+        let m = EncoderModel::new(&cfg.model_build(), &shape, Some(3), tch::Device::Cpu).unwrap();
         // Two examples of 5 and 3 tokens, padded to 5 and to 12 (pad id 0).
         let rows: [&[i64]; 2] = [&[2, 7, 9, 11, 3], &[2, 8, 3]];
         let batch = |len: usize| -> Vec<Tensor> {
@@ -435,7 +426,8 @@ mod tests {
                 vec![ids, types, mask, Tensor::from_slice(&[1i64, 2])],
             ),
         ] {
-            let m = EncoderModel::new(&cfg, &shape, num_labels, tch::Device::Cpu).unwrap();
+            let m = EncoderModel::new(&cfg.model_build(), &shape, num_labels, tch::Device::Cpu)
+                .unwrap();
             let params = frugal_models::weights::named_variables(&m.vs);
             let names: Vec<String> = params.iter().map(|(n, _)| n.clone()).collect();
             let shared = matches!(m.net, Net::Mlm(_));
@@ -450,7 +442,7 @@ mod tests {
     #[test]
     fn all_rows_mlm_loss_equals_the_selected_rows_loss() {
         let (cfg, shape) = tiny_encoder();
-        let m = EncoderModel::new(&cfg, &shape, None, tch::Device::Cpu).unwrap();
+        let m = EncoderModel::new(&cfg.model_build(), &shape, None, tch::Device::Cpu).unwrap();
         let ids =
             Tensor::from_slice(&(0..24).map(|i| (i * 7) % 50).collect::<Vec<i64>>()).view([2, 12]);
         let labels = ids.where_self(

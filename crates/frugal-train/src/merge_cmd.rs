@@ -91,7 +91,7 @@ fn load(base: &Path, adapter: &Path) -> Result<(run::Model, peft::AdapterFile)> 
     let weights = safetensors_io::model_weights(base)
         .ok_or_else(|| Error::Msg(format!("{}: no model.safetensors", base.display())))?;
     let shape = frugal_models::decoder::DecoderConfig::Llama(shape);
-    let mut m = run::model(&cfg, &shape, tch::Device::Cpu, Some(&weights))?;
+    let mut m = run::model(&cfg.model_build(), &shape, tch::Device::Cpu, Some(&weights))?;
     frugal_models::adapted::load_adapter(&m.vs, m.net.linears_mut(), "default", &file)?;
     m.adapter = Some(file.config.clone());
     Ok((m, file))

@@ -1,7 +1,7 @@
 //! What a run is made of, for training, evaluation and generation alike: its folder, its data
 //! split, its tokenizer and its model.
 
-use crate::config::{Config, Dtype};
+use crate::config::{Config, ModelBuild};
 use crate::data::{self, Document, TokenDataset};
 use crate::tokenize;
 use frugal_core::{atomic, Error, Result};
@@ -106,35 +106,22 @@ pub struct Model {
 /// checkpoint's or a pretrained `model.safetensors`) when given: each caller names the one file
 /// whose weights the model ends with, so none is read only to be overwritten.
 pub fn model(
-    cfg: &Config,
+    build: &ModelBuild,
     shape: &DecoderConfig,
     device: tch::Device,
     weights: Option<&Path>,
 ) -> Result<Model> {
-    tch::manual_seed(cfg.train.seed as i64);
-    let mut vs = VarStore::new(device);
-    if cfg.train.param_dtype == Dtype::Bf16 {
-        // New variables are created in bf16 directly: never an f32 copy of the model.
-        vs.set_kind(tch::Kind::BFloat16);
-    }
-    let compute = match cfg.train.dtype {
-        Dtype::F32 => tch::Kind::Float,
-        Dtype::Bf16 => tch::Kind::BFloat16,
-    };
-    // QLoRA and QA-LoRA choose the frozen base's quantization; the MatMul-free LM is BitLinear
-    // throughout.
+    let vs = build.var_store(device);
+    // The MatMul-free LM is BitLinear throughout.
     let kind = match shape {
-        DecoderConfig::HgrnBit(_) => match &cfg.model.linear {
+        DecoderConfig::HgrnBit(_) => match &build.linear {
             // An exported (packed) model, for inference.
             k @ frugal_models::LinearKind::PackedBitLinear { .. } => k.clone(),
             _ => frugal_models::LinearKind::BitLinear { eps: 1e-8 },
         },
-        DecoderConfig::Llama(_) => cfg
-            .adapter
-            .base_linear()
-            .unwrap_or_else(|| cfg.model.linear.clone()),
+        DecoderConfig::Llama(_) => build.linear.clone(),
     };
-    let net = Decoder::new(&vs.root(), shape, &kind, &cfg.model.embedding, compute)?;
+    let net = Decoder::new(&vs.root(), shape, &kind, &build.embedding, build.compute)?;
     let mut m = Model {
         vs,
         net,

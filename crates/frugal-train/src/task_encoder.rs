@@ -171,7 +171,7 @@ impl EncoderTask {
 
         let baseline_rss_bytes = baseline_now(device);
         let adapter = cfg.adapter.enabled();
-        let mut model = EncoderModel::new(cfg, &shape, num_labels, device)?;
+        let mut model = EncoderModel::new(&cfg.model_build(), &shape, num_labels, device)?;
         // An adapter run's base is always the pre-trained model's; its checkpoints hold the
         // adapter alone.
         match (checkpoint, pretrained_dir(cfg)) {

@@ -120,7 +120,7 @@ impl CausalLm {
                  (model.from_pretrained is not set)"
             );
         }
-        let mut model = run::model(cfg, &shape, device, weights.as_deref())?;
+        let mut model = run::model(&cfg.model_build(), &shape, device, weights.as_deref())?;
         let params = if adapter {
             let p = match checkpoint {
                 Some(ck) => model.load_adapter(ck, &cfg.adapter.name)?,

@@ -168,7 +168,7 @@ fn only_the_adapter_trains() {
         let cfg = config_of(&settings(&base, &data, kind));
         let shape = cfg.decoder_config(64).unwrap();
         let weights = frun::pretrained_weights(&cfg).unwrap();
-        let mut m = frun::model(&cfg, &shape, Device::Cpu, Some(&weights)).unwrap();
+        let mut m = frun::model(&cfg.model_build(), &shape, Device::Cpu, Some(&weights)).unwrap();
         let params = m.add_adapter(&cfg).unwrap();
         assert!(!params.is_empty());
         assert!(params.iter().all(|(n, _)| n.contains(".lora_")), "{kind}");
@@ -235,7 +235,7 @@ fn checkpointing_recomputes_the_dropout_masks() {
     let cfg = config_of(&sets);
     let shape = cfg.decoder_config(64).unwrap();
     let weights = frun::pretrained_weights(&cfg).unwrap();
-    let mut m = frun::model(&cfg, &shape, Device::Cpu, Some(&weights)).unwrap();
+    let mut m = frun::model(&cfg.model_build(), &shape, Device::Cpu, Some(&weights)).unwrap();
     let params = m.add_adapter(&cfg).unwrap();
     m.set_training(true);
     let names: Vec<String> = params.iter().map(|(n, _)| n.clone()).collect();
@@ -430,7 +430,7 @@ fn qalora_merges_into_int4_without_loss() {
     let cfg = config_of(&settings(&base, &data, "qalora"));
     let shape = cfg.decoder_config(64).unwrap();
     let mut unmerged = frun::model(
-        &cfg,
+        &cfg.model_build(),
         &shape,
         Device::Cpu,
         frun::pretrained_weights(&cfg).as_deref(),
@@ -442,7 +442,7 @@ fn qalora_merges_into_int4_without_loss() {
     plain.adapter.kind = frugal_train::config::AdapterKind::None;
     plain.model.linear = cfg.adapter.base_linear().unwrap();
     let merged_model = frun::model(
-        &plain,
+        &plain.model_build(),
         &shape,
         Device::Cpu,
         Some(&merged.join("model.safetensors")),
@@ -451,7 +451,7 @@ fn qalora_merges_into_int4_without_loss() {
     let ids = Tensor::randint(64, [2, 24], (Kind::Int64, Device::Cpu));
     let (a, b) = tch::no_grad(|| (unmerged.net.forward(&ids), merged_model.net.forward(&ids)));
     let base_model = frun::model(
-        &plain,
+        &plain.model_build(),
         &shape,
         Device::Cpu,
         frun::pretrained_weights(&cfg).as_deref(),

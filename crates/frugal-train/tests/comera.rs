@@ -62,7 +62,7 @@ fn logits(m: &EncoderModel, ids: &Tensor) -> Tensor {
 fn pruning_keeps_outputs_and_slices_parameters_and_state() {
     let cfg = tt_config();
     let shape = EncoderConfig::new(60, 16, 2, 2, 32, 32);
-    let mut m = EncoderModel::new(&cfg, &shape, None, Device::Cpu).unwrap();
+    let mut m = EncoderModel::new(&cfg.model_build(), &shape, None, Device::Cpu).unwrap();
     let params = frugal_models::weights::named_variables(&m.vs);
     let before_params = numel(&params);
     let (mut c, main) = {
@@ -648,7 +648,7 @@ fn shipped_config_is_valid(name: &str) {
     assert!(cfg.tt.rank_adapt);
     assert!(cfg.tt.early_steps < cfg.train.max_steps, "no late stage");
     let shape = cfg.encoder_config(4099).unwrap();
-    let m = EncoderModel::new(&cfg, &shape, None, Device::Cpu).unwrap();
+    let m = EncoderModel::new(&cfg.model_build(), &shape, None, Device::Cpu).unwrap();
     let layers = m.tt_layers();
     assert_eq!(layers.len(), 6 * shape.num_hidden_layers as usize);
     let ratio = comera::dense_params(&layers) as f64 / comera::stored_params(&layers) as f64;
@@ -663,7 +663,7 @@ fn shipped_config_is_valid(name: &str) {
 fn classifier_from_a_pruned_checkpoint_trains_the_pruned_cores() {
     let cfg = tt_config();
     let shape = EncoderConfig::new(60, 16, 2, 2, 32, 32);
-    let mut m = EncoderModel::new(&cfg, &shape, None, Device::Cpu).unwrap();
+    let mut m = EncoderModel::new(&cfg.model_build(), &shape, None, Device::Cpu).unwrap();
     {
         let (mut layers, vs) = parts(&mut m);
         for (_, l) in layers.iter_mut() {
@@ -684,7 +684,7 @@ fn classifier_from_a_pruned_checkpoint_trains_the_pruned_cores() {
     let ids = Tensor::randint(60, [2, 8], (Kind::Int64, Device::Cpu));
     let want = tch::no_grad(|| m.encoder().forward(&ids, None, None));
 
-    let mut c = EncoderModel::new(&cfg, &shape, Some(3), Device::Cpu).unwrap();
+    let mut c = EncoderModel::new(&cfg.model_build(), &shape, Some(3), Device::Cpu).unwrap();
     c.load_pretrained(&file).unwrap();
     let got: Vec<Vec<i64>> = c
         .tt_layers()

@@ -314,7 +314,8 @@ fn only_the_adapter_and_a_new_head_train() {
         )
         .unwrap();
         let what = format!("{kind} (classifier {cls}, checkpointing {checkpointing})");
-        let mut m = EncoderModel::new(&cfg, &shape, cls.then_some(2), Device::Cpu).unwrap();
+        let mut m =
+            EncoderModel::new(&cfg.model_build(), &shape, cls.then_some(2), Device::Cpu).unwrap();
         m.load_pretrained(&weights).unwrap();
         let params = m.add_adapter(&cfg).unwrap();
         let heads = params
@@ -486,7 +487,7 @@ fn frugal_outputs(
     inputs: &[Tensor],
     num_labels: Option<i64>,
 ) -> (Tensor, f64) {
-    let mut m = EncoderModel::new(cfg, shape, num_labels, Device::Cpu).unwrap();
+    let mut m = EncoderModel::new(&cfg.model_build(), shape, num_labels, Device::Cpu).unwrap();
     m.load_pretrained(weights).unwrap();
     m.load_adapter(adapter, "default").unwrap();
     m.set_training(false);
