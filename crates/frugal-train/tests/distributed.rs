@@ -283,7 +283,8 @@ fn two_ranks_resume_exactly() {
 }
 
 /// Guarantee: the encoder trains data-parallel like the decoders (plain, with per-layer
-/// updates, with all-reduces overlapping the backward pass): masked LM (each example's
+/// updates, a sharded optimizer state, GaLore's projected all-reduce, all-reduces overlapping
+/// the backward pass): masked LM (each example's
 /// masks seeded by its position among the step's examples, not by how they are split into
 /// ranks, and each rank's mean weighed by its share of the masked tokens) and classification
 /// under `mpirun -n 2` end with the weights of one process with twice the batch, within 5e-5
@@ -311,6 +312,16 @@ fn encoder_two_ranks_equal_one_process_with_twice_the_batch() {
         ("mlm", vec![]),
         ("mlm-accum", vec!["train.grad_accum=2"]),
         ("mlm-layerwise", vec!["optim.layerwise=true"]),
+        ("mlm-zero1", vec!["dist.zero1=true"]),
+        (
+            "mlm-galore-projected",
+            vec![
+                "optim.name=\"galore-adamw\"",
+                "optim.galore.rank=8",
+                "optim.galore.update_proj_gap=2",
+                "dist.galore_projected=true",
+            ],
+        ),
         (
             "mlm-overlap",
             vec!["dist.overlap=true", "train.checkpointing=true"],
