@@ -195,20 +195,7 @@ pub fn eval_command(
         };
         let ds = run::dataset(&tok, &docs, t.seq_len, "evaluation data")?;
         let m = run_model(run_dir, &cfg, &shape, None, adapter, device)?;
-        let Net::Mlm(mlm) = &m.net else {
-            unreachable!("built without labels")
-        };
-        let (loss, tokens) = evaluate_mlm(
-            mlm,
-            &ds,
-            &toks,
-            vocab,
-            t.mlm_probability,
-            t.batch_size,
-            0,
-            device,
-        )?;
-        json!({"loss": loss, "perplexity": loss.exp(), "tokens": tokens})
+        mlm_report(&m, &ds, &toks, vocab, t, device)?
     };
     Ok(Some(out))
 }
@@ -265,24 +252,37 @@ pub fn eval_model_dir(
         m.load_adapter(a, "default")?;
         m.set_training(false);
     }
-    let Net::Mlm(mlm) = &m.net else {
-        unreachable!("built without labels")
-    };
     let docs = crate::data::load_documents_for("--data", data)?;
     let t = &cfg.train;
     let seq_len = t.seq_len.min(shape.max_position_embeddings as usize);
     let ds = run::dataset(&tok, &docs, seq_len, "evaluation data")?;
+    Ok(Some(mlm_report(&m, &ds, &toks, vocab, t, device)?))
+}
+
+/// `frugal eval`'s JSON for a masked-LM encoder `m` over `ds` (the whole split, the run's
+/// masking of `t`): loss, perplexity, scored tokens.
+fn mlm_report(
+    m: &EncoderModel,
+    ds: &TokenDataset,
+    toks: &EncoderTokens,
+    vocab: i64,
+    t: &crate::config::TrainConfig,
+    device: tch::Device,
+) -> Result<serde_json::Value> {
+    let Net::Mlm(mlm) = &m.net else {
+        return Err(Error::Msg(
+            "a masked-LM score needs the masked-LM head".into(),
+        ));
+    };
     let (loss, tokens) = evaluate_mlm(
         mlm,
-        &ds,
-        &toks,
+        ds,
+        toks,
         vocab,
         t.mlm_probability,
         t.batch_size,
         0,
         device,
     )?;
-    Ok(Some(
-        json!({"loss": loss, "perplexity": loss.exp(), "tokens": tokens}),
-    ))
+    Ok(json!({"loss": loss, "perplexity": loss.exp(), "tokens": tokens}))
 }
