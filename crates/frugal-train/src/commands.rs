@@ -279,6 +279,40 @@ fn load(
     }
 }
 
+/// What `frugal eval` does besides scoring.
+#[derive(Debug, Clone, Default)]
+pub struct EvalOptions {
+    /// `KEY=VALUE` overrides of the evaluation settings (`train.seq_len`, `train.batch_size`).
+    pub set: Vec<String>,
+    /// A safetensors file for the evaluated sequences' ids and logits.
+    pub logits: Option<PathBuf>,
+}
+
+/// The keys `frugal eval --set` takes.
+const EVAL_KEYS: [&str; 2] = ["train.seq_len", "train.batch_size"];
+
+/// `cfg` with the evaluation overrides `set` (only [`EVAL_KEYS`]: the model is already built),
+/// checked as `frugal train` checks them.
+fn with_eval_overrides(cfg: &Config, set: &[String]) -> Result<Config> {
+    if set.is_empty() {
+        return Ok(cfg.clone());
+    }
+    for o in set {
+        let key = o.split_once('=').map_or(o.as_str(), |(k, _)| k.trim());
+        if !EVAL_KEYS.contains(&key) {
+            return Err(Error::config(
+                key,
+                format!("frugal eval --set takes {}", EVAL_KEYS.join(" or ")),
+            ));
+        }
+    }
+    let text = toml::to_string(cfg).map_err(|e| Error::Msg(format!("config: {e}")))?;
+    let mut table: toml::Table =
+        toml::from_str(&text).map_err(|e| Error::Msg(format!("config: {e}")))?;
+    config::apply_overrides(&mut table, set)?;
+    config::from_table(table)
+}
+
 /// `frugal eval`: prints `{"loss", "perplexity", "tokens"}` (a classifier: `{"loss",
 /// "accuracy", "examples", "tokens"}`).
 pub fn eval(
@@ -286,6 +320,7 @@ pub fn eval(
     model: Option<PathBuf>,
     adapter: Option<PathBuf>,
     data_spec: Option<String>,
+    opts: &EvalOptions,
 ) -> Result<u8> {
     // Encoder runs (masked-LM or classification) and folders: their own evaluation.
     let encoder = match (&run_dir, &model) {
@@ -298,11 +333,24 @@ pub fn eval(
         (None, None) => None,
     };
     if let Some(out) = encoder {
+        if let Some(key) = [
+            (!opts.set.is_empty()).then_some("--set"),
+            opts.logits.as_ref().map(|_| "--logits"),
+        ]
+        .into_iter()
+        .flatten()
+        .next()
+        {
+            return Err(Error::Msg(format!(
+                "{key}: not available for encoders yet (the decoders' evaluation only)"
+            )));
+        }
         println!("{out}");
         return Ok(0);
     }
     let from_model = model.is_some();
-    let l = load(run_dir, model, adapter)?;
+    let mut l = load(run_dir, model, adapter)?;
+    l.cfg = with_eval_overrides(&l.cfg, &opts.set)?;
     let docs = match &data_spec {
         Some(spec) => data::load_documents_for("--data", spec)?,
         None if from_model => {
@@ -319,9 +367,30 @@ pub fn eval(
         .min(l.model.net.max_positions().unwrap_or(i64::MAX) as usize);
     let ds = run::dataset(&l.tok, &docs, seq_len, "evaluation data")?;
     let (loss, tokens) = run::evaluate(&l.model.net, &ds, l.cfg.train.batch_size, 0, l.device);
+    if let Some(file) = &opts.logits {
+        write_logits(&l, &ds, file)?;
+    }
     let out = serde_json::json!({"loss": loss, "perplexity": loss.exp(), "tokens": tokens});
     println!("{out}");
     Ok(0)
+}
+
+/// Writes `input_ids` `(N, T)` and `logits` `(N, T, vocabulary)` (f32) of every sequence of
+/// `ds`, batch by batch, to safetensors file `file` (atomically).
+fn write_logits(l: &Loaded, ds: &crate::data::TokenDataset, file: &Path) -> Result<()> {
+    let (ids, logits): (Vec<Tensor>, Vec<Tensor>) = tch::no_grad(|| {
+        ds.sequential_batches(l.cfg.train.batch_size)
+            .map(|(x, _)| {
+                let y = l.model.net.forward(&x.to_device(l.device));
+                (x, y.to_kind(Kind::Float).to_device(tch::Device::Cpu))
+            })
+            .unzip()
+    });
+    let tensors = vec![
+        ("input_ids".to_string(), Tensor::cat(&ids, 0)),
+        ("logits".to_string(), Tensor::cat(&logits, 0)),
+    ];
+    frugal_core::safetensors_io::save(file, &tensors, None)
 }
 
 /// Sampling settings of `frugal generate`.

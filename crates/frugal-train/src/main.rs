@@ -55,6 +55,14 @@ enum Command {
         /// Text to evaluate on (file, folder or glob); default: the run's validation split.
         #[arg(long)]
         data: Option<String>,
+        /// Override an evaluation setting: train.seq_len or train.batch_size (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Also write the logits of every evaluated sequence to this safetensors file
+        /// (`input_ids` (N, T), `logits` (N, T, vocabulary) in f32), for checks against other
+        /// implementations.
+        #[arg(long, value_name = "FILE")]
+        logits: Option<PathBuf>,
     },
     /// Generate text from a prompt.
     Generate {
@@ -205,7 +213,15 @@ fn main() -> ExitCode {
             model,
             adapter,
             data,
-        } => commands::eval(run, model, adapter, data),
+            set,
+            logits,
+        } => commands::eval(
+            run,
+            model,
+            adapter,
+            data,
+            &commands::EvalOptions { set, logits },
+        ),
         Command::Export { run, out } => frugal_train::export_cmd::export(&run, &out),
         Command::Merge {
             base,

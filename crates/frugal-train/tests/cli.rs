@@ -4,8 +4,12 @@
 mod common;
 
 use common::*;
+use std::path::Path;
 
-/// Guarantee: a run writes the run folder of DESIGN.md, and eval / generate / inspect work on it.
+/// Guarantee: a run writes the run folder of DESIGN.md, and eval / generate / inspect work on it;
+/// `frugal eval --logits` writes the evaluated ids and logits, which match transformers' on the
+/// same weights within 1e-4 (when transformers is installed), and `--set` takes the evaluation
+/// settings only (other keys and bad values are errors naming the key).
 #[test]
 fn train_writes_the_run_folder_and_eval_generate_inspect_read_it() {
     let dir = tempfile::tempdir().unwrap();
@@ -118,6 +122,56 @@ fn train_writes_the_run_folder_and_eval_generate_inspect_read_it() {
         hf_loss.is_finite() && hf_loss < (emb[0] as f64).ln(),
         "loss {hf_loss}"
     );
+
+    // Its logits on the evaluated sequences (other length and batch through --set) are
+    // transformers' on the same ids.
+    let logits = dir.path().join("logits.safetensors");
+    let out = run({
+        let mut c = frugal(dir.path());
+        c.args(["eval", "--model"])
+            .arg(&hf)
+            .arg("--data")
+            .arg(&corpus)
+            .args(["--set", "train.seq_len=16", "--set", "train.batch_size=3"])
+            .arg("--logits")
+            .arg(&logits);
+        c
+    });
+    assert!(out.status.success());
+    let f = frugal_core::safetensors_io::SafetensorsFile::open(&logits).unwrap();
+    let (ids, _) = f.info("input_ids").unwrap();
+    let (lg, _) = f.info("logits").unwrap();
+    assert_eq!(ids.len(), 2);
+    assert_eq!(ids[1], 16);
+    assert_eq!(lg, vec![ids[0], 16, emb[0]]);
+    if let Some(python) = peft_python() {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/logits_check.py");
+        let o = std::process::Command::new(python)
+            .arg(&script)
+            .arg(&hf)
+            .arg(&logits)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{err}");
+        let d: f64 = String::from_utf8_lossy(&o.stdout).trim().parse().unwrap();
+        assert!(d < 1e-4, "logits differ from transformers' by {d}");
+    }
+    for (set, key) in [
+        ("model.hidden_size=64", "model.hidden_size"),
+        ("train.seq_len=0", "train.seq_len"),
+    ] {
+        let out = run({
+            let mut c = frugal(dir.path());
+            c.args(["eval", "--model"])
+                .arg(&hf)
+                .arg("--data")
+                .arg(&corpus)
+                .args(["--set", set]);
+            c
+        });
+        assert_clean_error(&out, key);
+    }
 
     // The same model quantized to NF4 by `frugal quantize` evaluates from its folder with
     // frozen packed layers, and loses little.

@@ -164,3 +164,23 @@ pub fn weight_diff(a: &Path, b: &Path) -> f64 {
     }
     worst
 }
+
+/// Whether `$FRUGAL_PYTHON` has PEFT and transformers; a failure when `FRUGAL_PEFT=1` (set by
+/// `cargo xtask test` when it installed them), a skip otherwise.
+pub fn peft_python() -> Option<String> {
+    let python = std::env::var("FRUGAL_PYTHON").unwrap_or_else(|_| "python3".into());
+    let required = std::env::var("FRUGAL_PEFT").is_ok_and(|v| v == "1");
+    let has_peft = std::process::Command::new(&python)
+        .args(["-c", "import peft, transformers"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_peft {
+        assert!(
+            !required,
+            "FRUGAL_PEFT=1 but {python} cannot import peft and transformers"
+        );
+        eprintln!("skipped: {python} has no peft/transformers (cargo xtask test installs them)");
+        return None;
+    }
+    Some(python)
+}

@@ -440,26 +440,6 @@ fn bad_encoder_adapter_settings_are_named() {
     }
 }
 
-/// Whether `$FRUGAL_PYTHON` has PEFT and transformers; a failure when `FRUGAL_PEFT=1` (set by
-/// `cargo xtask test` when it installed them), a skip otherwise.
-fn peft_python() -> Option<String> {
-    let python = std::env::var("FRUGAL_PYTHON").unwrap_or_else(|_| "python3".into());
-    let required = std::env::var("FRUGAL_PEFT").is_ok_and(|v| v == "1");
-    let has_peft = std::process::Command::new(&python)
-        .args(["-c", "import peft, transformers"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !has_peft {
-        assert!(
-            !required,
-            "FRUGAL_PEFT=1 but {python} cannot import peft and transformers"
-        );
-        eprintln!("skipped: {python} has no peft/transformers (cargo xtask test installs them)");
-        return None;
-    }
-    Some(python)
-}
-
 /// A Hugging Face model folder of a run: its `config.json`, `tokenizer.json` and latest
 /// checkpoint's `model.safetensors`.
 fn model_folder(run_dir: &Path, out: &Path) {
