@@ -10,7 +10,8 @@
 //! [`weights::load_model`] fills from a dense checkpoint (quantizing it or decomposing it by
 //! TT-SVD) or from one in their own form (as stored, at the file's ranks). The word tables of
 //! the encoder and of the LLaMA are dense or a TT-matrix ([`EmbeddingKind`],
-//! [`embedding::WordEmbedding`]).
+//! [`embedding::WordEmbedding`]). Hugging Face folders are read by their `model_type` ([`hf`]):
+//! what this build does not compute exactly is refused by name, never loaded silently wrong.
 //!
 //! ```no_run
 //! use frugal_models::{llama::{Llama, LlamaConfig}, EmbeddingKind, LinearKind};
@@ -27,6 +28,7 @@ pub mod adapted;
 pub mod decoder;
 pub mod embedding;
 pub mod encoder;
+pub mod hf;
 pub mod hgrn_bit;
 pub mod hgrn_bit_cpu;
 pub mod linear;

@@ -14,8 +14,10 @@ use frugal_tt::TtLayer;
 use serde::{Deserialize, Serialize};
 use tch::{nn, Kind, Tensor};
 
-/// Model shape, serialized with Hugging Face's `config.json` field names.
+/// Model shape, serialized with Hugging Face's `config.json` field names and
+/// `"model_type": "llama"`, so that a written `config.json` names its family.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "model_type", rename = "llama")]
 pub struct LlamaConfig {
     /// Vocabulary size.
     pub vocab_size: i64,
@@ -83,38 +85,39 @@ impl LlamaConfig {
         })
     }
 
-    /// Reads a Hugging Face `config.json`. transformers 5 keeps the rotary base under
-    /// `rope_parameters`; rotary scaling other than the plain one (`rope_type` "default") is
-    /// refused rather than silently ignored.
+    /// Reads a Hugging Face `config.json` of `model_type` `llama`. Any other type is refused
+    /// by name ([`crate::hf::expect_family`]), and so is every key whose value would change the
+    /// outputs in a way this model does not compute ([`crate::hf::check_llama_keys`]: biases,
+    /// an explicit head width, another activation, scaled RoPE, a sliding window...);
+    /// grouped-query attention is refused by [`LlamaConfig::validate`]. transformers 5 keeps
+    /// the rotary base under `rope_parameters`, older files at the top (`rope_theta`). Errors
+    /// name the key (`model_type: ...`, `attention_bias: ...`).
     pub fn from_hf_json(text: &str) -> Result<Self, frugal_core::Error> {
         let bad = |r: String| frugal_core::Error::config("config.json", r);
         let mut v: serde_json::Value =
             serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
+        crate::hf::expect_family(&v, crate::hf::Family::Llama)?;
+        crate::hf::check_llama_keys(&v)?;
         for key in ["rope_parameters", "rope_scaling"] {
-            let Some(rope) = v.get(key).filter(|r| !r.is_null()).cloned() else {
-                continue;
-            };
-            let kind = rope
-                .get("rope_type")
-                .or_else(|| rope.get("type"))
-                .and_then(|t| t.as_str());
-            if kind.is_some_and(|k| k != "default") {
-                return Err(bad(format!(
-                    "{key}: rope_type {kind:?} is not supported yet"
-                )));
-            }
-            if v.get("rope_theta").is_none() {
-                if let Some(theta) = rope.get("rope_theta") {
-                    v["rope_theta"] = theta.clone();
-                }
+            let theta = v.get(key).and_then(|r| r.get("rope_theta")).cloned();
+            if let (None, Some(theta)) = (v.get("rope_theta"), theta) {
+                v["rope_theta"] = theta;
             }
         }
-        if v.get("num_key_value_heads").is_none() {
+        if v.get("num_key_value_heads").is_none_or(|k| k.is_null()) {
             v["num_key_value_heads"] = v["num_attention_heads"].clone();
         }
         let cfg: Self = serde_json::from_value(v).map_err(|e| bad(e.to_string()))?;
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// [`LlamaConfig::from_hf_json`] of the file `path`; errors are one line that starts with
+    /// the file (`DIR/config.json: attention_bias: ...`).
+    pub fn from_hf_file(path: &std::path::Path) -> Result<Self, frugal_core::Error> {
+        let text = std::fs::read_to_string(path).map_err(|e| frugal_core::Error::io(path, e))?;
+        Self::from_hf_json(&text)
+            .map_err(|e| frugal_core::Error::Msg(format!("{}: {e}", path.display())))
     }
 
     /// Width of one attention head.
@@ -579,21 +582,25 @@ mod tests {
 
     #[test]
     fn hf_config_of_transformers_5_and_4() {
-        let v5 = r#"{"vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
+        let v5 = r#"{"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
             "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 32,
             "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}}"#;
         let c = LlamaConfig::from_hf_json(v5).unwrap();
         assert_eq!(c.rope_theta, 500000.0);
         assert_eq!(c.num_key_value_heads, 4);
-        let v4 = r#"{"vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
+        let v4 = r#"{"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
             "max_position_embeddings": 32, "rope_theta": 20000.0, "rope_scaling": null}"#;
         assert_eq!(LlamaConfig::from_hf_json(v4).unwrap().rope_theta, 20000.0);
+        // What Frugal writes reads back, `model_type` included.
+        let text = serde_json::to_string(&c).unwrap();
+        assert!(text.starts_with(r#"{"model_type":"llama","#), "{text}");
+        assert_eq!(LlamaConfig::from_hf_json(&text).unwrap(), c);
     }
 
     #[test]
     fn scaled_rope_and_gqa_are_refused_by_name() {
-        let scaled = r#"{"vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
+        let scaled = r#"{"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
             "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 32,
             "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}"#;
         let err = LlamaConfig::from_hf_json(scaled).unwrap_err().to_string();
@@ -601,7 +608,7 @@ mod tests {
             err.contains("rope_scaling") && err.contains("llama3"),
             "{err}"
         );
-        let gqa = r#"{"vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
+        let gqa = r#"{"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
             "max_position_embeddings": 32}"#;
         let err = LlamaConfig::from_hf_json(gqa).unwrap_err().to_string();

@@ -762,15 +762,120 @@ pub fn load_model(
 /// [`load_model`] of a model that also has word tables (name, table): a TT table takes the
 /// file's cores whatever their ranks (modes must match), or is converted from a dense
 /// `NAME.weight` by TT-SVD at its ranks (and `model.embedding.eps`); a dense one is an ordinary
-/// variable.
+/// variable. Tensors of the file the model does not use are skipped: see
+/// [`load_model_exact`] for a load that refuses them.
 pub fn load_model_with_tables(
     vs: &mut VarStore,
     linears: &mut [(String, &mut Box<dyn Linear>)],
     tables: &mut [(String, &mut WordEmbedding)],
     path: &Path,
 ) -> Result<()> {
+    load_into(vs, linears, tables, path, false)
+}
+
+/// [`load_model_with_tables`] that also refuses, before anything is copied, a file that does
+/// not hold exactly the model: a layer count other than the model's (`model.layers.N`: both
+/// numbers named), and any tensor the model does not consume (named, with a hint: a bias, a
+/// q/k norm, an output head the config ties to the embeddings). What the model consumes is its
+/// variables, its quantized layers' stored weights (every companion tensor of their format),
+/// and its TT layers' and tables' cores and rank variables, or the dense weights they are
+/// converted from. Tensors that hold no weights are accepted by name ([`IGNORED_TENSORS`]).
+pub fn load_model_exact(
+    vs: &mut VarStore,
+    linears: &mut [(String, &mut Box<dyn Linear>)],
+    tables: &mut [(String, &mut WordEmbedding)],
+    path: &Path,
+) -> Result<()> {
+    load_into(vs, linears, tables, path, true)
+}
+
+/// Suffixes of tensors that checkpoints carry without weights in them, which an exact load
+/// accepts and ignores: the rotary frequencies old transformers versions saved as a buffer
+/// (`model.layers.N.self_attn.rotary_emb.inv_freq`).
+pub const IGNORED_TENSORS: &[&str] = &[".rotary_emb.inv_freq"];
+
+/// The stacks of numbered layers among `names`: the prefix before a `layers.N` or `layer.N`
+/// segment (`model.layers`), with the number of layers (the largest N plus one).
+fn layer_stacks<'a>(names: impl Iterator<Item = &'a str>) -> BTreeMap<String, usize> {
+    let mut stacks = BTreeMap::new();
+    for name in names {
+        let parts: Vec<&str> = name.split('.').collect();
+        for (i, w) in parts.windows(2).enumerate() {
+            let Ok(n) = w[1].parse::<usize>() else {
+                continue;
+            };
+            if w[0] == "layers" || w[0] == "layer" {
+                let count = stacks.entry(parts[..=i].join(".")).or_insert(0);
+                *count = (*count).max(n + 1);
+                break;
+            }
+        }
+    }
+    stacks
+}
+
+/// Checks that every stack of numbered layers of the model has as many layers in the file.
+fn check_layer_counts(model: &[String], file: &[String], path: &Path) -> Result<()> {
+    let in_file = layer_stacks(file.iter().map(String::as_str));
+    for (prefix, n) in layer_stacks(model.iter().map(String::as_str)) {
+        let f = in_file.get(&prefix).copied().unwrap_or(0);
+        if f != n {
+            return Err(Error::Msg(format!(
+                "{}: the file holds {f} layers ({prefix}.0 to {prefix}.{}), the model {n} \
+                 (num_hidden_layers = {n})",
+                path.display(),
+                f.saturating_sub(1)
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The error of a tensor `name` of `path` that the model does not use, with what it likely is.
+fn unused_tensor(path: &Path, name: &str, model: &HashSet<String>) -> Error {
+    let hint = if name == "lm_head.weight" && !model.contains(name) {
+        "the config ties the output head to the word embeddings (tie_word_embeddings = true), \
+         but the file holds an output head of its own"
+    } else if name.ends_with(".bias") {
+        "biases (attention_bias, mlp_bias, Qwen2's q/k/v biases) are not supported yet"
+    } else if name.contains(".q_norm.") || name.contains(".k_norm.") {
+        "per-head q/k norms (Qwen3, Gemma 3) are not supported yet"
+    } else {
+        "a checkpoint of another model?"
+    };
+    Error::Msg(format!(
+        "{}: tensor '{name}' is not used by the model ({hint})",
+        path.display()
+    ))
+}
+
+/// [`load_model_with_tables`], or with `exact` [`load_model_exact`]: every tensor it reads is
+/// recorded as consumed, and the rest of the file is refused before anything is copied.
+fn load_into(
+    vs: &mut VarStore,
+    linears: &mut [(String, &mut Box<dyn Linear>)],
+    tables: &mut [(String, &mut WordEmbedding)],
+    path: &Path,
+    exact: bool,
+) -> Result<()> {
     let file = SafetensorsFile::open(path)?;
     let names = file.names();
+    let all_vars: Vec<String> = named_variables(vs).into_iter().map(|(n, _)| n).collect();
+    if exact {
+        check_layer_counts(&all_vars, &names, path)?;
+    }
+    let consumed = std::cell::RefCell::new(HashSet::new());
+    let has = |key: &str| names.binary_search_by(|n| n.as_str().cmp(key)).is_ok();
+    // What a TT layer or table `name` of `n_cores` cores took from the file.
+    let tt_consumed = |name: &str, n_cores: usize| {
+        let mut c = consumed.borrow_mut();
+        if has(&tt_core_name(name, 0)) {
+            c.extend((0..n_cores).map(|k| tt_core_name(name, k)));
+            c.extend((0..n_cores.saturating_sub(1)).map(|i| tt_rank_var_name(name, i)));
+        } else {
+            c.insert(format!("{name}.weight"));
+        }
+    };
     let mut replacements = Vec::new();
     let mut tt_sources = Vec::new();
     let mut tt_vars = HashSet::new();
@@ -778,13 +883,16 @@ pub fn load_model_with_tables(
     for (i, (name, emb)) in tables.iter().enumerate() {
         if let Some(t) = emb.tt() {
             let src = tt_table_source(&file, &names, name, t, emb.tt_eps(), path)?;
+            tt_consumed(name, src.cores.len());
             table_sources.push((i, src));
             tt_vars.extend(ranked_names(t.ranked()));
         }
     }
     for (i, (name, layer)) in linears.iter().enumerate() {
         if let Some(t) = layer.tt() {
-            tt_sources.push((i, tt_source(&file, &names, name, t, layer.tt_eps(), path)?));
+            let src = tt_source(&file, &names, name, t, layer.tt_eps(), path)?;
+            tt_consumed(name, src.cores.len());
+            tt_sources.push((i, src));
             tt_vars.extend(ranked_names(t.ranked()));
             continue;
         }
@@ -792,8 +900,26 @@ pub fn load_model_with_tables(
             continue;
         };
         let want = vec![q.out_features as i64, q.in_features as i64];
-        let has = |key: &str| names.binary_search_by(|n| n.as_str().cmp(key)).is_ok();
-        let get = |key: &str| file.tensor(key, tch::Device::Cpu).ok();
+        let get = |key: &str| {
+            consumed.borrow_mut().insert(key.to_string());
+            file.tensor(key, tch::Device::Cpu).ok()
+        };
+        // The weight, dense or packed, and its format's companions (`NAME.weight.absmax`,
+        // `NAME.weight.quant_state.*`, LLM.int8's `NAME.weight_format`, the float-zero int4's
+        // `NAME.quant_state.*`).
+        consumed.borrow_mut().extend(
+            names
+                .iter()
+                .filter(|n| {
+                    n.strip_prefix(name.as_str()).is_some_and(|r| {
+                        r == ".weight"
+                            || r.starts_with(".weight.")
+                            || r == ".weight_format"
+                            || r.starts_with(".quant_state.")
+                    })
+                })
+                .cloned(),
+        );
         let weight = match QuantizedWeight::read(name, &has, get)
             .map_err(|e| Error::Msg(format!("{}: {name}: {e}", path.display())))?
         {
@@ -829,6 +955,17 @@ pub fn load_model_with_tables(
         .filter(|(n, _)| !tt_vars.contains(n))
         .collect();
     check_variables(&vars, &file, path)?;
+    if exact {
+        let mut consumed = consumed.into_inner();
+        consumed.extend(vars.iter().map(|(n, _)| n.clone()));
+        let model: HashSet<String> = all_vars.into_iter().collect();
+        let unused = names
+            .iter()
+            .find(|n| !consumed.contains(*n) && !IGNORED_TENSORS.iter().any(|s| n.ends_with(s)));
+        if let Some(n) = unused {
+            return Err(unused_tensor(path, n, &model));
+        }
+    }
     for (i, src) in tt_sources {
         let (name, layer) = &mut linears[i];
         if let Some(t) = layer.tt_mut() {

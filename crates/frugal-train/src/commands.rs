@@ -246,10 +246,7 @@ fn load_model_dir(dir: &Path, adapter: Option<&Path>) -> Result<Loaded> {
             if let Some(kind) = run::stored_linear_kind(&hf) {
                 cfg.model.linear = kind;
             }
-            DecoderConfig::Llama(
-                LlamaConfig::from_hf_json(&text)
-                    .map_err(|e| Error::Msg(format!("{}: {e}", cfg_path.display())))?,
-            )
+            DecoderConfig::Llama(LlamaConfig::from_hf_file(&cfg_path)?)
         }
     };
     let device = cfg.train.device.resolve()?;

@@ -1278,11 +1278,9 @@ impl Config {
         }
         let pretrained = std::path::Path::new(&m.from_pretrained).join("config.json");
         let mut c = if !m.from_pretrained.is_empty() && pretrained.is_file() {
-            // A Hugging Face model folder: its own shape.
-            let text =
-                std::fs::read_to_string(&pretrained).map_err(|e| Error::io(&pretrained, e))?;
-            frugal_models::llama::LlamaConfig::from_hf_json(&text)
-                .map_err(|e| Error::Msg(format!("{}: {e}", pretrained.display())))?
+            // A Hugging Face model folder: its own shape (of model_type llama; any other type,
+            // and any key the LLaMA would not honour, is refused by name).
+            frugal_models::llama::LlamaConfig::from_hf_file(&pretrained)?
         } else {
             let mut c = frugal_models::llama::LlamaConfig::preset(&m.size).expect("validated");
             if m.size == "tiny" {

@@ -39,12 +39,17 @@ pub(crate) fn pretrained_weights(dir: &Path) -> Result<PathBuf> {
     ))
 }
 
-/// Reads an encoder shape from a `config.json` (`key` names what pointed there).
+/// Reads an encoder shape from a `config.json` (`key` names what pointed there), which must
+/// name `model_type` `bert`.
 pub(crate) fn read_shape(dir: &Path, key: &str) -> Result<EncoderConfig> {
     let path = dir.join("config.json");
     let text = std::fs::read_to_string(&path)
         .map_err(|e| Error::config(key, format!("cannot read {}: {e}", path.display())))?;
-    EncoderConfig::from_hf_json(&text).map_err(|e| Error::Msg(format!("{}: {e}", path.display())))
+    let in_file = |e: Error| Error::Msg(format!("{}: {e}", path.display()));
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| in_file(Error::Msg(e.to_string())))?;
+    frugal_models::hf::expect_family(&v, frugal_models::hf::Family::Bert).map_err(in_file)?;
+    EncoderConfig::from_hf_json(&text).map_err(in_file)
 }
 
 /// Writes the run's `config.json`: the shape with `BertConfig` names, and for a classifier

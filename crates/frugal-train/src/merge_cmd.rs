@@ -60,8 +60,7 @@ pub struct MergeReport {
 fn load(base: &Path, adapter: &Path) -> Result<(run::Model, peft::AdapterFile)> {
     let cfg_path = base.join("config.json");
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
-    let shape = LlamaConfig::from_hf_json(&text)
-        .map_err(|e| Error::Msg(format!("{}: {e}", cfg_path.display())))?;
+    let shape = LlamaConfig::from_hf_file(&cfg_path)?;
     let file = peft::read(adapter)?;
     file.without_modules()?;
     let hf: serde_json::Value = serde_json::from_str(&text)

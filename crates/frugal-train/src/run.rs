@@ -136,15 +136,19 @@ pub fn model(
 impl Model {
     /// Loads the weights in `file`: the variables, the frozen quantized layers' weights (read
     /// as stored, or quantized from dense weights), and the tensor-train layers and word table
-    /// (the file's cores at their ranks, or converted from dense weights by TT-SVD).
+    /// (the file's cores at their ranks, or converted from dense weights by TT-SVD). A LLaMA
+    /// refuses a file that does not hold exactly it (another layer count, a tensor it would
+    /// not use: [`frugal_models::weights::load_model_exact`]), so that no checkpoint loads with
+    /// parts silently dropped.
     pub fn load(&mut self, file: &Path) -> Result<()> {
+        let exact = matches!(self.net, Decoder::Llama(_));
         let (mut linears, mut tables) = self.net.weights_mut();
-        frugal_models::weights::load_model_with_tables(
-            &mut self.vs,
-            &mut linears,
-            &mut tables,
-            file,
-        )
+        let load = if exact {
+            frugal_models::weights::load_model_exact
+        } else {
+            frugal_models::weights::load_model_with_tables
+        };
+        load(&mut self.vs, &mut linears, &mut tables, file)
     }
 
     /// Saves the weights to `file` (atomically): the variables, the quantized layers' packed

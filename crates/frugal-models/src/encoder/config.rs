@@ -84,11 +84,16 @@ impl EncoderConfig {
         self
     }
 
-    /// Reads a Hugging Face `config.json` (a `BertConfig`), and validates it. Relative or
-    /// rotary position embeddings (`position_embedding_type` other than `absolute`) are refused.
+    /// Reads a Hugging Face `config.json` (a `BertConfig`), and validates it. A `model_type`
+    /// other than `bert` is refused by name ([`crate::hf::expect_family`]; a file without one
+    /// is read as a BERT: readers of model folders require it), and so are relative or rotary
+    /// position embeddings (`position_embedding_type` other than `absolute`).
     pub fn from_hf_json(text: &str) -> Result<Self> {
         let bad = |r: String| Error::config("config.json", r);
         let v: serde_json::Value = serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
+        if v.get("model_type").is_some() {
+            crate::hf::expect_family(&v, crate::hf::Family::Bert)?;
+        }
         if let Some(kind) = v.get("position_embedding_type").and_then(|t| t.as_str()) {
             if kind != "absolute" {
                 return Err(bad(format!(

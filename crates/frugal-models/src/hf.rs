@@ -1,0 +1,504 @@
+//! Hugging Face `config.json` files: which model family a file is (`model_type`), the one-line
+//! refusal of the families this build does not load, and the LLaMA's keys.
+//!
+//! A folder is read only by the family its `model_type` names; every other type is refused by
+//! name, telling apart the families Frugal will load but this build does not yet
+//! ([`NOT_YET`]) from those it does not support at all. The LLaMA's reader
+//! ([`crate::llama::LlamaConfig::from_hf_json`]) knows every key it reads, checks or knowingly
+//! ignores ([`LLAMA_READ`], [`LLAMA_CHECKED`], [`IGNORED`]), and refuses, naming the key, any
+//! value that would change the model's outputs in a way Frugal does not compute (biases,
+//! grouped-query attention, another head width or activation, scaled RoPE, a sliding window),
+//! and the keys that change outputs in other families ([`OTHER_FAMILIES`]). Other keys are
+//! ignored, as transformers' `LlamaForCausalLM` ignores them.
+
+use frugal_core::Error;
+use serde_json::Value;
+
+/// The model families this build loads, by the `model_type` their `config.json` carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// `llama`: the LLaMA-style decoder ([`crate::llama`]).
+    Llama,
+    /// `bert`: the BERT-style encoder ([`crate::encoder`]).
+    Bert,
+    /// `hgrn_bit`: the MatMul-free LM as `frugal export` writes it ([`crate::hgrn_bit`]).
+    HgrnBit,
+}
+
+impl Family {
+    /// The `model_type` value.
+    pub fn model_type(self) -> &'static str {
+        match self {
+            Family::Llama => "llama",
+            Family::Bert => "bert",
+            Family::HgrnBit => "hgrn_bit",
+        }
+    }
+
+    /// The family of a built `model_type`.
+    pub fn of(model_type: &str) -> Option<Self> {
+        [Family::Llama, Family::Bert, Family::HgrnBit]
+            .into_iter()
+            .find(|f| f.model_type() == model_type)
+    }
+
+    /// How a Frugal config selects it.
+    fn model_kind(self) -> &'static str {
+        match self {
+            Family::Llama => "model.kind = \"llama\"",
+            Family::Bert => "model.kind = \"encoder\"",
+            Family::HgrnBit => "model.kind = \"hgrn-bit\"",
+        }
+    }
+}
+
+/// Decoder families Frugal will load but this build does not yet: `model_type` and what they
+/// need that is not built.
+pub const NOT_YET: &[(&str, &str)] = &[
+    (
+        "mistral",
+        "grouped-query attention and a sliding attention window",
+    ),
+    ("qwen2", "q/k/v biases and grouped-query attention"),
+    (
+        "qwen3",
+        "per-head q/k norms, an explicit head_dim and grouped-query attention",
+    ),
+    (
+        "gemma",
+        "(1 + w) norms, scaled embeddings, GeLU and an explicit head_dim",
+    ),
+    (
+        "gemma2",
+        "(1 + w) norms, logit soft-capping and local/global attention layers",
+    ),
+    (
+        "gemma3_text",
+        "q/k norms, local/global attention layers and two RoPE bases",
+    ),
+    ("phi3", "fused qkv_proj/gate_up_proj and LongRoPE"),
+];
+
+/// `model_type`s refused for good, with the reason.
+const UNSUPPORTED: &[(&str, &str)] = &[
+    (
+        "gpt2",
+        "GPT-2: learned positions, LayerNorm, fused Conv1D attention",
+    ),
+    (
+        "gpt_neox",
+        "GPT-NeoX: parallel residual, partial rotary, LayerNorm",
+    ),
+    ("gptj", "GPT-J: parallel residual, interleaved rotary"),
+    (
+        "gemma3",
+        "multimodal Gemma 3 (vision tower); a text-only gemma3_text folder is planned",
+    ),
+    ("mixtral", "mixture of experts"),
+    ("qwen2_moe", "mixture of experts"),
+    ("qwen3_moe", "mixture of experts"),
+    (
+        "falcon",
+        "Falcon: parallel attention, LayerNorm, multi-query layout",
+    ),
+];
+
+/// The `model_type` of a parsed `config.json`; absent (or not a string): an error naming the
+/// key, since the family cannot be told otherwise (transformers' `AutoConfig` refuses such a
+/// file too).
+pub fn model_type(v: &Value) -> Result<&str, Error> {
+    match v.get("model_type") {
+        Some(Value::String(t)) => Ok(t),
+        None | Some(Value::Null) => Err(Error::config(
+            "model_type",
+            "missing: config.json must name the model's family (\"llama\" for a LLaMA-2-style \
+             decoder)",
+        )),
+        Some(other) => Err(Error::config(
+            "model_type",
+            format!("must be a string, got {other}"),
+        )),
+    }
+}
+
+/// Checks that a parsed `config.json` is of family `want`; otherwise the one-line error names
+/// `model_type`, its value and, when Frugal loads it, how; or that this build does not yet; or
+/// that it is not supported and why.
+pub fn expect_family(v: &Value, want: Family) -> Result<(), Error> {
+    let t = model_type(v)?;
+    if t == want.model_type() {
+        return Ok(());
+    }
+    let reason = if let Some(f) = Family::of(t) {
+        format!(
+            "{t:?} is loaded with {}, not as a {:?} model",
+            f.model_kind(),
+            want.model_type()
+        )
+    } else if let Some((_, needs)) = NOT_YET.iter().find(|(n, _)| *n == t) {
+        format!(
+            "{t:?} is not supported yet: this build does not compute {needs} (it loads \"llama\")"
+        )
+    } else if let Some((_, why)) = UNSUPPORTED.iter().find(|(n, _)| *n == t) {
+        format!("{t:?} is not supported ({why}); Frugal loads \"llama\" decoders")
+    } else {
+        format!("{t:?} is not supported; Frugal loads \"llama\" decoders and \"bert\" encoders")
+    };
+    Err(Error::config("model_type", reason))
+}
+
+/// Keys the LLaMA reads into [`crate::llama::LlamaConfig`].
+pub const LLAMA_READ: &[&str] = &[
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "max_position_embeddings",
+    "rms_norm_eps",
+    "rope_theta",
+    "rope_parameters",
+    "rope_scaling",
+    "tie_word_embeddings",
+];
+
+/// Keys the LLaMA accepts only at the value it computes with (and `num_key_value_heads`, read,
+/// only equal to `num_attention_heads`) (each refused otherwise, by
+/// name), and keys that other parts of Frugal read (`quantization_config`, `tt_config`).
+pub const LLAMA_CHECKED: &[&str] = &[
+    "model_type",
+    "architectures",
+    "hidden_act",
+    "attention_bias",
+    "mlp_bias",
+    "head_dim",
+    "attention_dropout",
+    "sliding_window",
+    "auto_map",
+    "quantization_config",
+    "tt_config",
+];
+
+/// Keys that do not change a model's outputs, knowingly ignored: token ids, dtypes, versions,
+/// transformers' generic `PretrainedConfig` fields, generation defaults that old files keep in
+/// `config.json`, and `pretraining_tp` (transformers 4 computed the same products in slices,
+/// transformers 5 ignores it).
+pub const IGNORED: &[&str] = &[
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "sep_token_id",
+    "decoder_start_token_id",
+    "torch_dtype",
+    "dtype",
+    "transformers_version",
+    "use_cache",
+    "initializer_range",
+    "pretraining_tp",
+    "_name_or_path",
+    "name_or_path",
+    "_attn_implementation",
+    "_attn_implementation_autoset",
+    "attn_implementation",
+    "output_attentions",
+    "output_hidden_states",
+    "return_dict",
+    "torchscript",
+    "use_bfloat16",
+    "chunk_size_feed_forward",
+    "is_encoder_decoder",
+    "is_decoder",
+    "add_cross_attention",
+    "cross_attention_hidden_size",
+    "tie_encoder_decoder",
+    "pruned_heads",
+    "id2label",
+    "label2id",
+    "num_labels",
+    "problem_type",
+    "finetuning_task",
+    "tokenizer_class",
+    "prefix",
+    "task_specific_params",
+    "max_length",
+    "min_length",
+    "do_sample",
+    "early_stopping",
+    "num_beams",
+    "num_beam_groups",
+    "diversity_penalty",
+    "temperature",
+    "top_k",
+    "top_p",
+    "typical_p",
+    "repetition_penalty",
+    "length_penalty",
+    "no_repeat_ngram_size",
+    "encoder_no_repeat_ngram_size",
+    "bad_words_ids",
+    "num_return_sequences",
+    "output_scores",
+    "return_dict_in_generate",
+    "forced_bos_token_id",
+    "forced_eos_token_id",
+    "remove_invalid_values",
+    "exponential_decay_length_penalty",
+    "suppress_tokens",
+    "begin_suppress_tokens",
+];
+
+/// Keys that change the outputs of other families' models (transformers' config fields of
+/// Mistral, Qwen, Gemma, Phi, GPT-NeoX, Falcon, Granite, OLMo, the MoE models...): in a
+/// `llama` config.json they mean the file was made for another model, so they are refused
+/// unless off (null, false, 0 or empty).
+pub const OTHER_FAMILIES: &[&str] = &[
+    "use_sliding_window",
+    "max_window_layers",
+    "layer_types",
+    "qkv_bias",
+    "use_qkv_bias",
+    "bias",
+    "query_pre_attn_scalar",
+    "attn_logit_softcapping",
+    "final_logit_softcapping",
+    "hidden_activation",
+    "rope_local_base_freq",
+    "partial_rotary_factor",
+    "rotary_pct",
+    "rotary_emb_base",
+    "rotary_dim",
+    "use_parallel_residual",
+    "parallel_attn",
+    "new_decoder_architecture",
+    "multi_query",
+    "qk_layernorm",
+    "use_qk_norm",
+    "qk_norm",
+    "clip_qkv",
+    "num_local_experts",
+    "num_experts",
+    "num_experts_per_tok",
+    "moe_intermediate_size",
+    "shared_expert_intermediate_size",
+    "n_shared_experts",
+    "decoder_sparse_step",
+    "embedding_multiplier",
+    "residual_multiplier",
+    "attention_multiplier",
+    "logits_scaling",
+    "logit_scale",
+    "original_max_position_embeddings",
+];
+
+/// Checks the LLaMA's keys of a parsed `config.json` (`model_type` already checked): every
+/// value of [`LLAMA_CHECKED`] must be the one Frugal computes with, no key of
+/// [`OTHER_FAMILIES`] may appear; the error names the key. Keys of no list are ignored.
+pub fn check_llama_keys(v: &Value) -> Result<(), Error> {
+    let refuse = |key: &str, reason: String| Err(Error::config(key, reason));
+    let obj = v
+        .as_object()
+        .ok_or_else(|| Error::config("config.json", "not a JSON object"))?;
+    let int = |k: &str| obj.get(k).and_then(Value::as_i64);
+    let set = |k: &str| obj.get(k).is_some_and(|x| !x.is_null());
+    if let Some(archs) = obj.get("architectures").and_then(Value::as_array) {
+        for a in archs {
+            let name = a.as_str().unwrap_or_default();
+            if !matches!(name, "LlamaForCausalLM" | "LLaMAForCausalLM") {
+                return refuse(
+                    "architectures",
+                    format!("{a} is not supported (a llama folder loads as LlamaForCausalLM)"),
+                );
+            }
+        }
+    }
+    if let Some(act) = obj.get("hidden_act").filter(|x| !x.is_null()) {
+        if act.as_str() != Some("silu") {
+            return refuse(
+                "hidden_act",
+                format!("{act} is not supported (the LLaMA's MLP is SwiGLU: \"silu\")"),
+            );
+        }
+    }
+    for key in ["attention_bias", "mlp_bias"] {
+        match obj.get(key) {
+            None | Some(Value::Null) | Some(Value::Bool(false)) => {}
+            Some(x) => {
+                return refuse(
+                    key,
+                    format!("{x}: linear layers with biases are not supported yet"),
+                )
+            }
+        }
+    }
+    if let (Some(kv), Some(h)) = (int("num_key_value_heads"), int("num_attention_heads")) {
+        if kv != h {
+            return refuse(
+                "num_key_value_heads",
+                format!(
+                    "{kv} differs from num_attention_heads {h}: grouped-query attention is not \
+                     supported yet"
+                ),
+            );
+        }
+    }
+    if set("head_dim") {
+        let (d, h) = (int("hidden_size"), int("num_attention_heads"));
+        let want = d.zip(h).filter(|&(_, h)| h > 0).map(|(d, h)| d / h);
+        if int("head_dim") != want || want.is_none() {
+            return refuse(
+                "head_dim",
+                format!(
+                    "{} differs from hidden_size / num_attention_heads ({}): an explicit head \
+                     width is not supported yet",
+                    obj["head_dim"],
+                    want.map_or("?".into(), |w| w.to_string())
+                ),
+            );
+        }
+    }
+    if let Some(p) = obj.get("attention_dropout").filter(|x| !x.is_null()) {
+        if p.as_f64() != Some(0.0) {
+            return refuse(
+                "attention_dropout",
+                format!("{p}: dropout on the attention weights is not supported (only 0)"),
+            );
+        }
+    }
+    if set("sliding_window") {
+        let (w, max) = (int("sliding_window"), int("max_position_embeddings"));
+        if w.zip(max).is_none_or(|(w, max)| w < max) {
+            return refuse(
+                "sliding_window",
+                format!(
+                    "{}: attention masked to a window shorter than the {} positions the model \
+                     takes is not supported yet",
+                    obj["sliding_window"],
+                    max.map_or("?".into(), |m| m.to_string())
+                ),
+            );
+        }
+    }
+    if let Some(map) = obj.get("auto_map").and_then(Value::as_object) {
+        if let Some(k) = map.keys().find(|k| k.starts_with("AutoModel")) {
+            return refuse(
+                "auto_map",
+                format!("{k} names custom modeling code, which Frugal does not run"),
+            );
+        }
+    }
+    for rope in ["rope_parameters", "rope_scaling"] {
+        let Some(r) = obj.get(rope).and_then(Value::as_object) else {
+            continue;
+        };
+        let kind = r.get("rope_type").or_else(|| r.get("type"));
+        if let Some(kind) = kind.filter(|k| k.as_str() != Some("default")) {
+            return refuse(
+                rope,
+                format!("rope_type {kind} is not supported yet (only \"default\")"),
+            );
+        }
+        if let Some(f) = r.get("partial_rotary_factor") {
+            if f.as_f64() != Some(1.0) {
+                return refuse(
+                    rope,
+                    format!("partial_rotary_factor {f} is not supported (only 1)"),
+                );
+            }
+        }
+    }
+    let truthy = |x: &Value| match x {
+        Value::Null => false,
+        Value::Bool(b) => *b,
+        Value::Number(n) => n.as_f64() != Some(0.0),
+        Value::String(s) => !s.is_empty(),
+        Value::Array(a) => !a.is_empty(),
+        Value::Object(o) => !o.is_empty(),
+    };
+    let other = OTHER_FAMILIES
+        .iter()
+        .find(|k| obj.get(**k).is_some_and(truthy));
+    if let Some(key) = other {
+        return refuse(
+            key,
+            format!(
+                "{} is not a LLaMA setting: it changes the outputs of other model families, so \
+                 the file was made for another model",
+                obj[*key]
+            ),
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(text: &str) -> Result<(), Error> {
+        let v: Value = serde_json::from_str(text).unwrap();
+        expect_family(&v, Family::Llama)?;
+        check_llama_keys(&v)
+    }
+
+    #[test]
+    fn families_are_refused_by_name_with_not_yet_or_not_supported() {
+        let err = check(r#"{"model_type": "qwen2"}"#).unwrap_err().to_string();
+        assert!(
+            err.starts_with("model_type: \"qwen2\" is not supported yet"),
+            "{err}"
+        );
+        let err = check(r#"{"model_type": "gpt2"}"#).unwrap_err().to_string();
+        assert!(
+            err.starts_with("model_type: \"gpt2\" is not supported ("),
+            "{err}"
+        );
+        let err = check(r#"{"model_type": "bert"}"#).unwrap_err().to_string();
+        assert!(err.contains("model.kind = \"encoder\""), "{err}");
+        let err = check(r#"{"model_type": "my_model"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("model_type: \"my_model\" is not supported;"),
+            "{err}"
+        );
+        let err = check("{}").unwrap_err().to_string();
+        assert!(err.starts_with("model_type: missing"), "{err}");
+    }
+
+    #[test]
+    fn llama_keys_that_change_outputs_are_refused_by_name() {
+        let base = r#""model_type": "llama", "hidden_size": 32, "num_attention_heads": 4,
+            "max_position_embeddings": 64"#;
+        for (extra, key) in [
+            (r#""attention_bias": true"#, "attention_bias"),
+            (r#""mlp_bias": true"#, "mlp_bias"),
+            (r#""head_dim": 16"#, "head_dim"),
+            (r#""hidden_act": "gelu""#, "hidden_act"),
+            (r#""attention_dropout": 0.1"#, "attention_dropout"),
+            (r#""sliding_window": 16"#, "sliding_window"),
+            (
+                r#""architectures": ["LlamaForSequenceClassification"]"#,
+                "architectures",
+            ),
+            (
+                r#""rope_scaling": {"type": "linear", "factor": 2.0}"#,
+                "rope_scaling",
+            ),
+            (r#""qkv_bias": true"#, "qkv_bias"),
+            (r#""auto_map": {"AutoModelForCausalLM": "m.M"}"#, "auto_map"),
+        ] {
+            let err = check(&format!("{{{base}, {extra}}}"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with(&format!("{key}:")), "{extra}: {err}");
+        }
+        for extra in [
+            r#""attention_bias": false, "mlp_bias": false, "head_dim": 8, "hidden_act": "silu""#,
+            r#""sliding_window": 64, "attention_dropout": 0.0, "pretraining_tp": 2"#,
+            r#""sliding_window": null, "unsloth_version": "x", "eos_token_id": [1, 2]"#,
+        ] {
+            check(&format!("{{{base}, {extra}}}")).unwrap();
+        }
+    }
+}
