@@ -63,6 +63,9 @@ impl DecoderConfig {
 }
 
 /// A causal language model.
+// One per process, moved rarely: boxing the LLaMA (its config and rotary tables inline) would
+// add an indirection for no memory worth saving.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Decoder {
     /// A LLaMA-style transformer.

@@ -7,7 +7,7 @@
 //! ([`crate::llama::LlamaConfig::from_hf_json`]) knows every key it reads, checks or knowingly
 //! ignores ([`LLAMA_READ`], [`LLAMA_CHECKED`], [`IGNORED`]), and refuses, naming the key, any
 //! value that would change the model's outputs in a way Frugal does not compute (biases,
-//! grouped-query attention, another head width or activation, scaled RoPE, a sliding window),
+//! another activation, RoPE scaling other than Llama 3's, a sliding window),
 //! and the keys that change outputs in other families ([`OTHER_FAMILIES`]). Other keys are
 //! ignored, as transformers' `LlamaForCausalLM` ignores them.
 
@@ -55,19 +55,10 @@ impl Family {
 /// Decoder families Frugal will load but this build does not yet: `model_type` and what they
 /// need that is not built.
 pub const NOT_YET: &[(&str, &str)] = &[
-    (
-        "mistral",
-        "grouped-query attention and a sliding attention window",
-    ),
-    ("qwen2", "q/k/v biases and grouped-query attention"),
-    (
-        "qwen3",
-        "per-head q/k norms, an explicit head_dim and grouped-query attention",
-    ),
-    (
-        "gemma",
-        "(1 + w) norms, scaled embeddings, GeLU and an explicit head_dim",
-    ),
+    ("mistral", "a sliding attention window"),
+    ("qwen2", "q/k/v biases"),
+    ("qwen3", "per-head q/k norms"),
+    ("gemma", "(1 + w) norms, scaled embeddings and GeLU"),
     (
         "gemma2",
         "(1 + w) norms, logit soft-capping and local/global attention layers",
@@ -155,6 +146,7 @@ pub const LLAMA_READ: &[&str] = &[
     "num_hidden_layers",
     "num_attention_heads",
     "num_key_value_heads",
+    "head_dim",
     "max_position_embeddings",
     "rms_norm_eps",
     "rope_theta",
@@ -163,8 +155,7 @@ pub const LLAMA_READ: &[&str] = &[
     "tie_word_embeddings",
 ];
 
-/// Keys the LLaMA accepts only at the value it computes with (and `num_key_value_heads`, read,
-/// only equal to `num_attention_heads`) (each refused otherwise, by
+/// Keys the LLaMA accepts only at the value it computes with (each refused otherwise, by
 /// name), and keys that other parts of Frugal read (`quantization_config`, `tt_config`).
 pub const LLAMA_CHECKED: &[&str] = &[
     "model_type",
@@ -172,7 +163,6 @@ pub const LLAMA_CHECKED: &[&str] = &[
     "hidden_act",
     "attention_bias",
     "mlp_bias",
-    "head_dim",
     "attention_dropout",
     "sliding_window",
     "auto_map",
@@ -288,8 +278,68 @@ pub const OTHER_FAMILIES: &[&str] = &[
     "attention_multiplier",
     "logits_scaling",
     "logit_scale",
+    // Phi-3 keeps it at the top; transformers then prefers it to the llama3 RoPE's own.
     "original_max_position_embeddings",
 ];
+
+/// RoPE types the LLaMA computes: plain RoPE and Llama 3's scaling.
+const ROPE_TYPES: &[&str] = &["default", "llama3"];
+
+/// The RoPE parameters of a parsed `config.json`: transformers 5's `rope_parameters`, else
+/// the older `rope_scaling` (None when neither is an object), with the key's name.
+fn rope_dict(v: &Value) -> Option<(&'static str, &serde_json::Map<String, Value>)> {
+    ["rope_parameters", "rope_scaling"]
+        .into_iter()
+        .find_map(|k| v.get(k).and_then(Value::as_object).map(|o| (k, o)))
+}
+
+/// Llama 3's RoPE scaling of a parsed `config.json` whose keys [`check_llama_keys`] accepted:
+/// None without `rope_type = "llama3"`. `factor`, `low_freq_factor` and `high_freq_factor` must
+/// be numbers, `original_max_position_embeddings` an integer (when absent: the model's
+/// `max_position_embeddings`, as transformers' `standardize_rope_params`); errors name the key
+/// (`rope_parameters.factor: missing ...`).
+pub fn llama3_rope(v: &Value) -> Result<Option<crate::llama::Llama3Rope>, Error> {
+    let Some((key, r)) = rope_dict(v) else {
+        return Ok(None);
+    };
+    let kind = r.get("rope_type").or_else(|| r.get("type"));
+    if kind.and_then(Value::as_str) != Some("llama3") {
+        return Ok(None);
+    }
+    let number = |k: &str| {
+        r.get(k).and_then(Value::as_f64).ok_or_else(|| {
+            let got = r
+                .get(k)
+                .map_or("missing".to_string(), |x| format!("{x} is not a number"));
+            Error::config(
+                format!("{key}.{k}"),
+                format!("{got}: Llama 3's RoPE scaling needs it"),
+            )
+        })
+    };
+    let original = match r.get("original_max_position_embeddings") {
+        None | Some(Value::Null) => v.get("max_position_embeddings").and_then(Value::as_i64),
+        Some(x) => Some(x.as_i64().ok_or_else(|| {
+            Error::config(
+                format!("{key}.original_max_position_embeddings"),
+                format!("{x} is not an integer"),
+            )
+        })?),
+    };
+    let rope = crate::llama::Llama3Rope {
+        factor: number("factor")?,
+        low_freq_factor: number("low_freq_factor")?,
+        high_freq_factor: number("high_freq_factor")?,
+        original_max_position_embeddings: original.unwrap_or(0),
+    };
+    rope.validate().map_err(|e| {
+        Error::Msg(
+            e.to_string()
+                .replacen("rope_scaling.", &format!("{key}."), 1),
+        )
+    })?;
+    Ok(Some(rope))
+}
 
 /// Checks the LLaMA's keys of a parsed `config.json` (`model_type` already checked): every
 /// value of [`LLAMA_CHECKED`] must be the one Frugal computes with, no key of
@@ -332,30 +382,21 @@ pub fn check_llama_keys(v: &Value) -> Result<(), Error> {
         }
     }
     if let (Some(kv), Some(h)) = (int("num_key_value_heads"), int("num_attention_heads")) {
-        if kv != h {
+        if kv <= 0 || h % kv != 0 {
             return refuse(
                 "num_key_value_heads",
                 format!(
-                    "{kv} differs from num_attention_heads {h}: grouped-query attention is not \
-                     supported yet"
+                    "{kv} must be positive and divide num_attention_heads {h} (grouped-query \
+                     attention: each key/value head serves a group of query heads)"
                 ),
             );
         }
     }
-    if set("head_dim") {
-        let (d, h) = (int("hidden_size"), int("num_attention_heads"));
-        let want = d.zip(h).filter(|&(_, h)| h > 0).map(|(d, h)| d / h);
-        if int("head_dim") != want || want.is_none() {
-            return refuse(
-                "head_dim",
-                format!(
-                    "{} differs from hidden_size / num_attention_heads ({}): an explicit head \
-                     width is not supported yet",
-                    obj["head_dim"],
-                    want.map_or("?".into(), |w| w.to_string())
-                ),
-            );
-        }
+    if set("head_dim") && int("head_dim").is_none_or(|w| w <= 0 || w % 2 != 0) {
+        return refuse(
+            "head_dim",
+            format!("{} must be a positive even integer", obj["head_dim"]),
+        );
     }
     if let Some(p) = obj.get("attention_dropout").filter(|x| !x.is_null()) {
         if p.as_f64() != Some(0.0) {
@@ -392,10 +433,10 @@ pub fn check_llama_keys(v: &Value) -> Result<(), Error> {
             continue;
         };
         let kind = r.get("rope_type").or_else(|| r.get("type"));
-        if let Some(kind) = kind.filter(|k| k.as_str() != Some("default")) {
+        if let Some(kind) = kind.filter(|k| !k.as_str().is_some_and(|k| ROPE_TYPES.contains(&k))) {
             return refuse(
                 rope,
-                format!("rope_type {kind} is not supported yet (only \"default\")"),
+                format!("rope_type {kind} is not supported yet (only \"default\" and \"llama3\")"),
             );
         }
         if let Some(f) = r.get("partial_rotary_factor") {
@@ -473,7 +514,8 @@ mod tests {
         for (extra, key) in [
             (r#""attention_bias": true"#, "attention_bias"),
             (r#""mlp_bias": true"#, "mlp_bias"),
-            (r#""head_dim": 16"#, "head_dim"),
+            (r#""head_dim": 7"#, "head_dim"),
+            (r#""num_key_value_heads": 3"#, "num_key_value_heads"),
             (r#""hidden_act": "gelu""#, "hidden_act"),
             (r#""attention_dropout": 0.1"#, "attention_dropout"),
             (r#""sliding_window": 16"#, "sliding_window"),
@@ -497,6 +539,8 @@ mod tests {
             r#""attention_bias": false, "mlp_bias": false, "head_dim": 8, "hidden_act": "silu""#,
             r#""sliding_window": 64, "attention_dropout": 0.0, "pretraining_tp": 2"#,
             r#""sliding_window": null, "unsloth_version": "x", "eos_token_id": [1, 2]"#,
+            r#""head_dim": 16, "num_key_value_heads": 1"#,
+            r#""rope_scaling": {"rope_type": "llama3", "factor": 8.0}"#,
         ] {
             check(&format!("{{{base}, {extra}}}")).unwrap();
         }

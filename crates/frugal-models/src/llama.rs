@@ -2,8 +2,12 @@
 //!
 //! Pre-norm blocks: `h = x + attn(rms(x))`, `out = h + mlp(rms(h))`; rotary embeddings in the
 //! rotate-half form of HF's `LlamaRotaryEmbedding`; SwiGLU `down(silu(gate(x)) * up(x))`; no
-//! biases; untied `lm_head`. Norms, softmax and the residual stream stay in f32; only the
-//! linear layers and attention run in the compute kind (f32 or bf16). The word table
+//! biases; untied `lm_head`. Grouped-query attention (`num_key_value_heads` dividing
+//! `num_attention_heads`: `k_proj`/`v_proj` of width kv_heads · head_dim, each key/value head
+//! shared by a group of query heads, and cached once), an explicit `head_dim`, and Llama 3's
+//! RoPE frequency scaling ([`Llama3Rope`]), as transformers computes them. Norms, softmax and
+//! the residual stream stay in f32; only the linear layers and attention run in the compute
+//! kind (f32 or bf16). The word table
 //! `model.embed_tokens` is dense or a tensor train ([`EmbeddingKind`], CoMERA's TT-matrix
 //! embedding); the output head stays dense.
 
@@ -29,8 +33,13 @@ pub struct LlamaConfig {
     pub num_hidden_layers: i64,
     /// Attention heads.
     pub num_attention_heads: i64,
-    /// Key/value heads (equal to the attention heads: no grouped-query attention yet).
+    /// Key/value heads: equal to the attention heads, or dividing them (grouped-query
+    /// attention; 1: multi-query).
     pub num_key_value_heads: i64,
+    /// Width of one attention head when it is not `hidden_size / num_attention_heads` (Hugging
+    /// Face's `head_dim`; None: that quotient). q/k/v/o are `heads · head_dim` wide.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_dim: Option<i64>,
     /// Longest sequence the rotary table covers.
     pub max_position_embeddings: i64,
     /// RMSNorm epsilon.
@@ -39,9 +48,80 @@ pub struct LlamaConfig {
     /// Rotary base.
     #[serde(default = "default_rope_theta")]
     pub rope_theta: f64,
+    /// Llama 3's RoPE frequency scaling (None: plain RoPE). Written as Hugging Face's
+    /// `rope_scaling` with `"rope_type": "llama3"`, which transformers 4 and 5 both read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<Llama3Rope>,
     /// The output head shares the input embedding (no `lm_head.weight` of its own).
     #[serde(default)]
     pub tie_word_embeddings: bool,
+}
+
+/// Llama 3's RoPE scaling (`rope_type = "llama3"`, Llama 3.1 and later): the rotary inverse
+/// frequencies `f` of wavelength `λ = 2π / f` above `L / low_freq_factor` are divided by
+/// `factor`, those below `L / high_freq_factor` kept, and those between interpolated with
+/// `s = (L / λ - low_freq_factor) / (high_freq_factor - low_freq_factor)` as
+/// `(1 - s) f / factor + s f`, where `L = original_max_position_embeddings` (transformers'
+/// `_compute_llama3_parameters`; Meta's `apply_scaling` in llama3's reference code).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "rope_type", rename = "llama3")]
+pub struct Llama3Rope {
+    /// Divisor of the low frequencies (8 in Llama 3.1).
+    pub factor: f64,
+    /// Wavelengths above `L / low_freq_factor` are scaled (1 in Llama 3.1).
+    pub low_freq_factor: f64,
+    /// Wavelengths below `L / high_freq_factor` are kept (4 in Llama 3.1).
+    pub high_freq_factor: f64,
+    /// `L`, the context length of pre-training (8192 in Llama 3.1).
+    pub original_max_position_embeddings: i64,
+}
+
+impl Llama3Rope {
+    /// Checks the factors; the error names the key (`rope_scaling.factor`, ...).
+    pub fn validate(&self) -> Result<(), frugal_core::Error> {
+        let bad =
+            |k: &str, r: String| Err(frugal_core::Error::config(format!("rope_scaling.{k}"), r));
+        if self.factor.is_nan() || self.factor < 1.0 {
+            return bad("factor", format!("must be at least 1, got {}", self.factor));
+        }
+        if !(self.low_freq_factor > 0.0 && self.high_freq_factor > self.low_freq_factor) {
+            return bad(
+                "high_freq_factor",
+                format!(
+                    "must exceed low_freq_factor > 0, got {} and {}",
+                    self.high_freq_factor, self.low_freq_factor
+                ),
+            );
+        }
+        if self.original_max_position_embeddings <= 0 {
+            return bad(
+                "original_max_position_embeddings",
+                format!(
+                    "must be positive, got {}",
+                    self.original_max_position_embeddings
+                ),
+            );
+        }
+        Ok(())
+    }
+
+    /// The scaled inverse frequencies of the plain ones `inv_freq` (f32), as transformers
+    /// computes them (same operations, same order, in f32).
+    pub fn scale(&self, inv_freq: &Tensor) -> Tensor {
+        let old = self.original_max_position_embeddings as f64;
+        let (low, high) = (self.low_freq_factor, self.high_freq_factor);
+        let (low_wavelen, high_wavelen) = (old / low, old / high);
+        let wavelen = inv_freq.reciprocal() * (2.0 * std::f64::consts::PI);
+        let scaled = inv_freq / self.factor;
+        let f = scaled.where_self(&wavelen.gt(low_wavelen), inv_freq);
+        let smooth = ((wavelen.reciprocal() * old) - low) / (high - low);
+        let smoothed = (smooth.ones_like() - &smooth) * &f / self.factor + &smooth * &f;
+        let medium = wavelen
+            .lt(high_wavelen)
+            .logical_not()
+            .logical_and(&wavelen.gt(low_wavelen).logical_not());
+        smoothed.where_self(&medium, &f)
+    }
 }
 
 fn default_rms_norm_eps() -> f64 {
@@ -64,9 +144,11 @@ impl LlamaConfig {
             num_hidden_layers: layers,
             num_attention_heads: heads,
             num_key_value_heads: heads,
+            head_dim: None,
             max_position_embeddings: max_pos,
             rms_norm_eps: 1e-6,
             rope_theta: 10000.0,
+            rope_scaling: None,
             tie_word_embeddings: false,
         }
     }
@@ -88,26 +170,41 @@ impl LlamaConfig {
     /// Reads a Hugging Face `config.json` of `model_type` `llama`. Any other type is refused
     /// by name ([`crate::hf::expect_family`]), and so is every key whose value would change the
     /// outputs in a way this model does not compute ([`crate::hf::check_llama_keys`]: biases,
-    /// an explicit head width, another activation, scaled RoPE, a sliding window...);
-    /// grouped-query attention is refused by [`LlamaConfig::validate`]. transformers 5 keeps
-    /// the rotary base under `rope_parameters`, older files at the top (`rope_theta`). Errors
-    /// name the key (`model_type: ...`, `attention_bias: ...`).
+    /// another activation, a RoPE type other than the default and `llama3`, a sliding
+    /// window...). Grouped-query attention (`num_key_value_heads`), an explicit `head_dim` and
+    /// Llama 3's RoPE scaling are read. transformers 5 keeps the rotary base and scaling under
+    /// `rope_parameters`, older files under `rope_theta` and `rope_scaling`. Errors name the
+    /// key (`model_type: ...`, `attention_bias: ...`, `rope_parameters.factor: ...`).
     pub fn from_hf_json(text: &str) -> Result<Self, frugal_core::Error> {
         let bad = |r: String| frugal_core::Error::config("config.json", r);
         let mut v: serde_json::Value =
             serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
         crate::hf::expect_family(&v, crate::hf::Family::Llama)?;
         crate::hf::check_llama_keys(&v)?;
+        let scaling = crate::hf::llama3_rope(&v)?;
         for key in ["rope_parameters", "rope_scaling"] {
             let theta = v.get(key).and_then(|r| r.get("rope_theta")).cloned();
             if let (None, Some(theta)) = (v.get("rope_theta"), theta) {
                 v["rope_theta"] = theta;
             }
         }
+        let obj = v.as_object_mut().expect("checked: an object");
+        obj.remove("rope_parameters");
+        obj.remove("rope_scaling");
         if v.get("num_key_value_heads").is_none_or(|k| k.is_null()) {
             v["num_key_value_heads"] = v["num_attention_heads"].clone();
         }
-        let cfg: Self = serde_json::from_value(v).map_err(|e| bad(e.to_string()))?;
+        let mut cfg: Self = serde_json::from_value(v).map_err(|e| bad(e.to_string()))?;
+        cfg.rope_scaling = scaling;
+        // A head_dim equal to hidden_size / num_attention_heads is no explicit width
+        // (transformers 5 writes it always): kept implicit, it follows a `model.num_heads`
+        // override as it would in transformers.
+        if cfg
+            .head_dim
+            .is_some_and(|h| h * cfg.num_attention_heads == cfg.hidden_size)
+        {
+            cfg.head_dim = None;
+        }
         cfg.validate()?;
         Ok(cfg)
     }
@@ -120,9 +217,20 @@ impl LlamaConfig {
             .map_err(|e| frugal_core::Error::Msg(format!("{}: {e}", path.display())))
     }
 
-    /// Width of one attention head.
+    /// Width of one attention head: `head_dim` when given, else `hidden_size / heads`.
     pub fn head_dim(&self) -> i64 {
-        self.hidden_size / self.num_attention_heads
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+
+    /// Width of the queries (and of `o_proj`'s input): heads · head_dim.
+    pub fn q_width(&self) -> i64 {
+        self.num_attention_heads * self.head_dim()
+    }
+
+    /// Width of the keys and of the values (`k_proj`, `v_proj` outputs): kv_heads · head_dim.
+    pub fn kv_width(&self) -> i64 {
+        self.num_key_value_heads * self.head_dim()
     }
 
     /// Checks that the shape is consistent; the error names the field.
@@ -140,20 +248,36 @@ impl LlamaConfig {
                 return bad(k, format!("must be positive, got {v}"));
             }
         }
-        if self.hidden_size % self.num_attention_heads != 0 || self.head_dim() % 2 != 0 {
+        match self.head_dim {
+            Some(h) if h <= 0 || h % 2 != 0 => {
+                return bad("head_dim", format!("must be positive and even, got {h}"));
+            }
+            Some(_) => {}
+            None if self.hidden_size % self.num_attention_heads != 0
+                || self.head_dim() % 2 != 0 =>
+            {
+                return bad(
+                    "num_attention_heads",
+                    format!(
+                        "hidden_size {} must split into {} heads of even width",
+                        self.hidden_size, self.num_attention_heads
+                    ),
+                );
+            }
+            None => {}
+        }
+        let (h, kv) = (self.num_attention_heads, self.num_key_value_heads);
+        if kv <= 0 || h % kv != 0 {
             return bad(
-                "num_attention_heads",
+                "num_key_value_heads",
                 format!(
-                    "hidden_size {} must split into {} heads of even width",
-                    self.hidden_size, self.num_attention_heads
+                    "{kv} must be positive and divide num_attention_heads {h} (each key/value \
+                     head serves a group of query heads)"
                 ),
             );
         }
-        if self.num_key_value_heads != self.num_attention_heads {
-            return bad(
-                "num_key_value_heads",
-                "grouped-query attention is not supported yet".into(),
-            );
+        if let Some(r) = &self.rope_scaling {
+            r.validate()?;
         }
         Ok(())
     }
@@ -161,7 +285,8 @@ impl LlamaConfig {
     /// Number of parameters.
     pub fn num_parameters(&self) -> i64 {
         let d = self.hidden_size;
-        let block = 4 * d * d + 3 * d * self.intermediate_size + 2 * d;
+        let attention = 2 * d * self.q_width() + 2 * d * self.kv_width();
+        let block = attention + 3 * d * self.intermediate_size + 2 * d;
         let tables = if self.tie_word_embeddings { 1 } else { 2 };
         tables * self.vocab_size * d + self.num_hidden_layers * block + d
     }
@@ -222,6 +347,15 @@ impl KvCache {
             .map_or(0, |(k, _)| k.size()[2])
     }
 
+    /// Number of key/value heads cached per layer (the model's `num_key_value_heads`, not its
+    /// query heads); 0 when nothing is cached.
+    pub fn kv_heads(&self) -> i64 {
+        self.layers
+            .first()
+            .and_then(|l| l.as_ref())
+            .map_or(0, |(k, _)| k.size()[1])
+    }
+
     /// True when nothing is cached.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
@@ -235,7 +369,23 @@ struct Attention {
     v_proj: Box<dyn Linear>,
     o_proj: Box<dyn Linear>,
     heads: i64,
+    kv_heads: i64,
     head_dim: i64,
+}
+
+impl Attention {
+    /// Keys or values `(B, kv_heads, T, hd)` repeated to `(B, heads, T, hd)`: query head `i`
+    /// reads key/value head `i / (heads / kv_heads)`, as transformers' `repeat_kv`.
+    fn repeat_kv(&self, x: Tensor) -> Tensor {
+        let group = self.heads / self.kv_heads;
+        if group == 1 {
+            return x;
+        }
+        let (b, kv, t, hd) = x.size4().expect("(batch, kv heads, time, head width)");
+        x.unsqueeze(2)
+            .expand([b, kv, group, t, hd], false)
+            .reshape([b, kv * group, t, hd])
+    }
 }
 
 #[derive(Debug)]
@@ -263,6 +413,10 @@ fn rotary_tables(cfg: &LlamaConfig, device: tch::Device) -> (Tensor, Tensor) {
         .to_device(device)
         .pow(&exponents)
         .reciprocal();
+    let inv_freq = match &cfg.rope_scaling {
+        Some(r) => r.scale(&inv_freq),
+        None => inv_freq,
+    };
     let t = Tensor::arange(cfg.max_position_embeddings, opts);
     let freqs = t.outer(&inv_freq);
     let emb = Tensor::cat(&[&freqs, &freqs], -1);
@@ -286,11 +440,12 @@ impl Block {
         Ok(Self {
             input_layernorm: RmsNorm::new(&(path / "input_layernorm"), d, cfg.rms_norm_eps),
             self_attn: Attention {
-                q_proj: lin(&a / "q_proj", d, d)?,
-                k_proj: lin(&a / "k_proj", d, d)?,
-                v_proj: lin(&a / "v_proj", d, d)?,
-                o_proj: lin(&a / "o_proj", d, d)?,
+                q_proj: lin(&a / "q_proj", d, cfg.q_width())?,
+                k_proj: lin(&a / "k_proj", d, cfg.kv_width())?,
+                v_proj: lin(&a / "v_proj", d, cfg.kv_width())?,
+                o_proj: lin(&a / "o_proj", cfg.q_width(), d)?,
                 heads: cfg.num_attention_heads,
+                kv_heads: cfg.num_key_value_heads,
                 head_dim: cfg.head_dim(),
             },
             post_attention_layernorm: RmsNorm::new(
@@ -336,7 +491,9 @@ impl Block {
     }
 
     /// `x` is the f32 residual stream `(B, T, d)`; `cos`, `sin` are the rows of positions
-    /// `start..start+T`.
+    /// `start..start+T`. The cache holds the keys and values of the kv_heads (after RoPE),
+    /// not of every query head; each is repeated for its group of query heads only for the
+    /// product (transformers' `repeat_kv`).
     pub fn forward(
         &self,
         x: &Tensor,
@@ -344,13 +501,13 @@ impl Block {
         sin: &Tensor,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> Tensor {
-        let (b, t, d) = x.size3().expect("(batch, time, width)");
+        let (b, t, _) = x.size3().expect("(batch, time, width)");
         let at = &self.self_attn;
         let h = self.input_layernorm.forward(x);
-        let split = |y: Tensor| y.view([b, t, at.heads, at.head_dim]).transpose(1, 2);
-        let q = split(at.q_proj.forward(&h));
-        let k = split(at.k_proj.forward(&h));
-        let v = split(at.v_proj.forward(&h));
+        let split = |y: Tensor, heads: i64| y.view([b, t, heads, at.head_dim]).transpose(1, 2);
+        let q = split(at.q_proj.forward(&h), at.heads);
+        let k = split(at.k_proj.forward(&h), at.kv_heads);
+        let v = split(at.v_proj.forward(&h), at.kv_heads);
         let (cos, sin) = (cos.to_kind(q.kind()), sin.to_kind(q.kind()));
         let q = &q * &cos + rotate_half(&q) * &sin;
         let k = &k * &cos + rotate_half(&k) * &sin;
@@ -381,8 +538,12 @@ impl Block {
             let kpos = Tensor::arange(past + t, opts).unsqueeze(0);
             (Some(kpos.le_tensor(&qpos)), false)
         };
+        let (k, v) = (at.repeat_kv(k), at.repeat_kv(v));
         let y = Tensor::scaled_dot_product_attention(&q, &k, &v, mask, 0.0, causal, None, false);
-        let y = y.transpose(1, 2).contiguous().view([b, t, d]);
+        let y = y
+            .transpose(1, 2)
+            .contiguous()
+            .view([b, t, at.heads * at.head_dim]);
         let x = x + at.o_proj.forward(&y).to_kind(Kind::Float);
         let h = self.post_attention_layernorm.forward(&x);
         let gated = self.mlp.gate_proj.forward(&h).silu() * self.mlp.up_proj.forward(&h);
@@ -599,19 +760,52 @@ mod tests {
     }
 
     #[test]
-    fn scaled_rope_and_gqa_are_refused_by_name() {
-        let scaled = r#"{"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
-            "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 32,
-            "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}"#;
-        let err = LlamaConfig::from_hf_json(scaled).unwrap_err().to_string();
+    fn llama3_rope_gqa_and_head_dim_are_read_other_rope_types_refused() {
+        let v5 = r#"{"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "head_dim": 16, "max_position_embeddings": 64,
+            "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16}}"#;
+        let c = LlamaConfig::from_hf_json(v5).unwrap();
+        assert_eq!(
+            (
+                c.num_key_value_heads,
+                c.head_dim(),
+                c.q_width(),
+                c.kv_width()
+            ),
+            (2, 16, 64, 32)
+        );
+        assert_eq!(c.rope_theta, 500000.0);
+        let r = c.rope_scaling.clone().unwrap();
+        assert_eq!((r.factor, r.original_max_position_embeddings), (8.0, 16));
+        // What Frugal writes (`rope_scaling`, transformers 4's key) reads back the same.
+        let text = serde_json::to_string(&c).unwrap();
         assert!(
-            err.contains("rope_scaling") && err.contains("llama3"),
+            text.contains(r#""rope_scaling":{"rope_type":"llama3","#),
+            "{text}"
+        );
+        assert_eq!(LlamaConfig::from_hf_json(&text).unwrap(), c);
+        // head_dim = hidden / heads is no explicit width.
+        let plain = v5.replace(r#""head_dim": 16"#, r#""head_dim": 8"#);
+        assert_eq!(LlamaConfig::from_hf_json(&plain).unwrap().head_dim, None);
+
+        let linear = r#"{"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 32,
+            "rope_scaling": {"type": "linear", "factor": 8.0}}"#;
+        let err = LlamaConfig::from_hf_json(linear).unwrap_err().to_string();
+        assert!(
+            err.starts_with("rope_scaling: rope_type \"linear\""),
             "{err}"
         );
         let gqa = r#"{"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
-            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 3,
             "max_position_embeddings": 32}"#;
         let err = LlamaConfig::from_hf_json(gqa).unwrap_err().to_string();
-        assert!(err.contains("num_key_value_heads"), "{err}");
+        assert!(err.starts_with("num_key_value_heads: 3"), "{err}");
+        let missing = v5.replace(r#""factor": 8.0,"#, "");
+        let err = LlamaConfig::from_hf_json(&missing).unwrap_err().to_string();
+        assert!(err.starts_with("rope_parameters.factor: missing"), "{err}");
     }
 }

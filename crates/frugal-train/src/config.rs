@@ -507,8 +507,12 @@ pub struct ModelConfig {
     pub intermediate_size: i64,
     /// Number of blocks override.
     pub num_layers: i64,
-    /// Attention heads override.
+    /// Attention heads override (the key/value heads follow it unless `num_kv_heads` is set).
     pub num_heads: i64,
+    /// Key/value heads override (llama; 0: the preset's or the folder's, equal to the heads
+    /// when `num_heads` is overridden): fewer than the heads, dividing them, is grouped-query
+    /// attention, 1 multi-query.
+    pub num_kv_heads: i64,
     /// Vocabulary size override.
     pub vocab_size: i64,
     /// Longest sequence override.
@@ -530,6 +534,7 @@ impl Default for ModelConfig {
             intermediate_size: 0,
             num_layers: 0,
             num_heads: 0,
+            num_kv_heads: 0,
             vocab_size: 0,
             max_seq_len: 0,
             num_labels: 0,
@@ -1091,6 +1096,15 @@ impl Config {
                     ));
                 }
             }
+            _ if m.num_kv_heads != 0 => {
+                return Err(Error::config(
+                    "model.num_kv_heads",
+                    format!(
+                        "grouped-query attention is for model.kind = \"llama\", not '{}'",
+                        m.kind
+                    ),
+                ));
+            }
             ModelKind::Encoder => {
                 if frugal_models::encoder::EncoderConfig::preset(&m.size).is_none() {
                     let what = if LLAMA_PRESETS.contains(&m.size.as_str()) {
@@ -1297,7 +1311,20 @@ impl Config {
         set(m.intermediate_size, &mut c.intermediate_size);
         set(m.num_layers, &mut c.num_hidden_layers);
         set(m.num_heads, &mut c.num_attention_heads);
-        c.num_key_value_heads = c.num_attention_heads;
+        if m.num_kv_heads != 0 {
+            if m.num_kv_heads < 0 || c.num_attention_heads % m.num_kv_heads != 0 {
+                return Err(Error::config(
+                    "model.num_kv_heads",
+                    format!(
+                        "{} must be positive and divide the {} attention heads",
+                        m.num_kv_heads, c.num_attention_heads
+                    ),
+                ));
+            }
+            c.num_key_value_heads = m.num_kv_heads;
+        } else if m.num_heads > 0 {
+            c.num_key_value_heads = c.num_attention_heads;
+        }
         set(m.vocab_size, &mut c.vocab_size);
         set(m.max_seq_len, &mut c.max_position_embeddings);
         c.validate()?;
@@ -1584,5 +1611,32 @@ mod tests {
         let c = Config::default();
         let text = toml::to_string(&c).unwrap();
         assert_eq!(from_table(table(&text)).unwrap(), c);
+    }
+
+    /// Guarantee: presets keep kv_heads = heads, also under a `model.num_heads` override;
+    /// `model.num_kv_heads` sets them (grouped-query attention), and a value that does not
+    /// divide the heads, or one for another model kind, is an error naming the key.
+    #[test]
+    fn num_kv_heads_is_grouped_query_attention_by_key() {
+        let mut c = Config::default();
+        c.train.seq_len = 16;
+        let shape = c.llama_config(8192).unwrap();
+        assert_eq!(shape.num_key_value_heads, shape.num_attention_heads);
+        c.model.num_heads = 8;
+        assert_eq!(c.llama_config(8192).unwrap().num_key_value_heads, 8);
+        c.model.num_kv_heads = 2;
+        let shape = c.llama_config(8192).unwrap();
+        assert_eq!(
+            (shape.num_attention_heads, shape.num_key_value_heads),
+            (8, 2)
+        );
+        c.model.num_kv_heads = 3;
+        let err = c.llama_config(8192).unwrap_err().to_string();
+        assert!(err.starts_with("model.num_kv_heads: 3 must"), "{err}");
+        c.model.num_kv_heads = 2;
+        c.model.kind = ModelKind::Encoder;
+        c.model.size = "encoder-tiny".into();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.starts_with("model.num_kv_heads:"), "{err}");
     }
 }

@@ -48,8 +48,14 @@ pub fn llama_params(shape: &LlamaConfig) -> Vec<Param> {
     for i in 0..shape.num_hidden_layers {
         let b = format!("model.layers.{i}");
         out.push(p(format!("{b}.input_layernorm.weight"), &[d]));
-        for n in ["q_proj", "k_proj", "v_proj", "o_proj"] {
-            out.push(p(format!("{b}.self_attn.{n}.weight"), &[d, d]));
+        let (q, kv) = (shape.q_width(), shape.kv_width());
+        for (n, s) in [
+            ("q_proj", [q, d]),
+            ("k_proj", [kv, d]),
+            ("v_proj", [kv, d]),
+            ("o_proj", [d, q]),
+        ] {
+            out.push(p(format!("{b}.self_attn.{n}.weight"), &s));
         }
         out.push(p(format!("{b}.post_attention_layernorm.weight"), &[d]));
         out.push(p(format!("{b}.mlp.gate_proj.weight"), &[f, d]));
@@ -297,6 +303,31 @@ mod tests {
         let mut c = Config::default();
         c.optim.name = serde_json::from_value(json!(name)).expect("an optimizer name");
         c
+    }
+
+    /// Guarantee: with grouped-query attention and an explicit head width, the parameter list
+    /// has k/v of kv_heads · head_dim rows and q/o of heads · head_dim, and sums to
+    /// `LlamaConfig::num_parameters`.
+    #[test]
+    fn gqa_parameters_have_kv_shapes() {
+        let mut shape = LlamaConfig::preset("60m").unwrap();
+        shape.num_key_value_heads = 2;
+        shape.head_dim = Some(128);
+        let params = llama_params(&shape);
+        let get = |n: &str| {
+            params
+                .iter()
+                .find(|p| p.name == format!("model.layers.0.self_attn.{n}.weight"))
+                .unwrap()
+                .shape
+                .clone()
+        };
+        assert_eq!(get("q_proj"), [8 * 128, 512]);
+        assert_eq!(get("k_proj"), [2 * 128, 512]);
+        assert_eq!(get("v_proj"), [2 * 128, 512]);
+        assert_eq!(get("o_proj"), [512, 8 * 128]);
+        let n: u64 = params.iter().map(|p| numel(&p.shape)).sum();
+        assert_eq!(n as i64, shape.num_parameters());
     }
 
     /// Guarantee: the parameter list is the model's (names and sizes), and the optimizer

@@ -458,7 +458,8 @@ pub(crate) mod tests {
         tiny_with(&EmbeddingKind::Dense)
     }
 
-    /// The tiny LLaMA with a word table of kind `embedding`.
+    /// The tiny LLaMA (grouped-query attention: 4 query heads, 2 key/value heads) with a word
+    /// table of kind `embedding`.
     fn tiny_with(embedding: &EmbeddingKind) -> (VarStore, Decoder, Vec<(String, Tensor)>) {
         tch::manual_seed(3);
         let mut cfg = LlamaConfig::preset("tiny").unwrap();
@@ -467,7 +468,7 @@ pub(crate) mod tests {
         cfg.intermediate_size = 48;
         cfg.num_hidden_layers = 3;
         cfg.num_attention_heads = 4;
-        cfg.num_key_value_heads = 4;
+        cfg.num_key_value_heads = 2;
         let vs = VarStore::new(Device::Cpu);
         let model =
             Llama::new(&vs.root(), &cfg, &LinearKind::Dense, embedding, Kind::Float).unwrap();
@@ -504,7 +505,8 @@ pub(crate) mod tests {
 
     /// Guarantee: every plan gives the gradients (and loss) of the plain `loss.backward()`:
     /// checkpointing and chunking in `.grad`, per-layer updates through the sink, each group
-    /// once, in backward order; for the LLaMA, the LLaMA with a tensor-train word table (its
+    /// once, in backward order; for the LLaMA (with grouped-query attention), the LLaMA with a
+    /// tensor-train word table (its
     /// cores and rank variables, `model.embed_tokens.*`, in the embedding group), and HGRN-bit,
     /// whose lower bounds every block reads (their gradient summed over the blocks, handed over
     /// last).

@@ -22,7 +22,13 @@ const WORDS: &[&str] = &[
 /// A random LLaMA in a Hugging Face folder (widths multiples of 32, so that int4 groups of 32
 /// fit), with the PEFT fixtures' 63-token word tokenizer.
 fn base_folder(dir: &Path) -> PathBuf {
-    let base = dir.join("base");
+    base_folder_with(dir, "base", |_| {})
+}
+
+/// [`base_folder`] in `dir/name`, its shape changed by `edit` before the random weights are
+/// made.
+fn base_folder_with(dir: &Path, name: &str, edit: impl Fn(&mut LlamaConfig)) -> PathBuf {
+    let base = dir.join(name);
     std::fs::create_dir_all(&base).unwrap();
     let mut cfg = LlamaConfig::preset("tiny").unwrap();
     cfg.vocab_size = 64;
@@ -32,6 +38,7 @@ fn base_folder(dir: &Path) -> PathBuf {
     cfg.num_attention_heads = 4;
     cfg.num_key_value_heads = 4;
     cfg.max_position_embeddings = 64;
+    edit(&mut cfg);
     tch::manual_seed(21);
     let vs = VarStore::new(Device::Cpu);
     let _model = Llama::new(
@@ -604,4 +611,79 @@ fn adapter_run_resumes_exactly() {
     let a = std::fs::read(full.join("adapter/adapter_model.safetensors")).unwrap();
     let b = std::fs::read(part.join("adapter/adapter_model.safetensors")).unwrap();
     assert!(a == b, "the resumed adapter differs");
+}
+
+/// Guarantee: a LoRA adapter `frugal train` makes on a Llama-3.x-shaped folder (grouped-query
+/// attention with 2 KV heads, an explicit head_dim of 32 ≠ 64 / 4, Llama 3 RoPE scaling, all
+/// seven projections adapted, k/v at their kv_heads · head_dim width) loads in PEFT on the
+/// same base, and PEFT's logits equal `frugal eval --model BASE --adapter A --logits`' within
+/// 1e-4. transformers reads the folder's config.json as Frugal writes it.
+#[test]
+fn gqa_lora_run_loads_in_peft() {
+    let Some(python) = common::peft_python() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let base = base_folder_with(dir.path(), "gqa", |c| {
+        c.num_key_value_heads = 2;
+        c.head_dim = Some(32);
+        c.rope_theta = 5e5;
+        c.rope_scaling = Some(frugal_models::llama::Llama3Rope {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 8,
+        });
+    });
+    let data = instructions(dir.path(), 40);
+    let out = dir.path().join("run");
+    train(dir.path(), &out, &settings(&base, &data, "lora"));
+    let adapter = out.join("adapter");
+    let k = frugal_core::safetensors_io::SafetensorsFile::open(
+        &adapter.join("adapter_model.safetensors"),
+    )
+    .unwrap();
+    let (shape, _) = k
+        .info("base_model.model.model.layers.0.self_attn.k_proj.lora_B.weight")
+        .unwrap();
+    assert_eq!(
+        shape,
+        [2 * 32, 4],
+        "k_proj's B has kv_heads · head_dim rows"
+    );
+    let logits = dir.path().join("logits.safetensors");
+    let mut c = frugal(dir.path());
+    c.args(["eval", "--model"])
+        .arg(&base)
+        .arg("--adapter")
+        .arg(&adapter)
+        .arg("--data")
+        .arg(&data)
+        .arg("--logits")
+        .arg(&logits);
+    assert!(run(c).status.success());
+    let f = frugal_core::safetensors_io::SafetensorsFile::open(&logits).unwrap();
+    let ids = f.tensor("input_ids", Device::Cpu).unwrap();
+    let ours = f.tensor("logits", Device::Cpu).unwrap();
+    let ids_file = dir.path().join("ids.safetensors");
+    frugal_core::safetensors_io::save(&ids_file, &[("ids".into(), ids)], None).unwrap();
+    let peft_logits = dir.path().join("peft_logits.safetensors");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../frugal-models/tests/fixtures/peft/peft_check.py");
+    let status = std::process::Command::new(&python)
+        .arg(script)
+        .arg(&base)
+        .arg(&adapter)
+        .arg(&ids_file)
+        .arg(&peft_logits)
+        .status()
+        .unwrap();
+    assert!(status.success(), "peft_check.py failed");
+    let theirs = frugal_core::safetensors_io::SafetensorsFile::open(&peft_logits)
+        .unwrap()
+        .tensor("logits", Device::Cpu)
+        .unwrap();
+    let d = (&ours - &theirs).abs().max().double_value(&[]);
+    eprintln!("PEFT on the GQA run's adapter: max |logit difference| {d:e}");
+    assert!(d < 1e-4, "PEFT on our GQA adapter: {d}");
 }

@@ -185,19 +185,24 @@ fn missing_model_type_is_refused() {
     refused("llama_no_model_type", &["model_type: missing"]);
 }
 
-/// Guarantee: a LLaMA with attention_bias, grouped-query attention, Llama-3 RoPE scaling or a
-/// sliding window shorter than its positions is refused, naming the key.
+/// Guarantee: a LLaMA with attention_bias, a RoPE type other than the default and Llama 3's
+/// (linear, YaRN), key/value heads that do not divide the query heads, or a sliding window
+/// shorter than its positions is refused, naming the key.
 #[test]
 fn llama_settings_that_are_not_built_are_refused_by_key() {
     refused("llama_attention_bias", &["attention_bias: true"]);
     refused(
-        "llama_gqa",
-        &[
-            "num_key_value_heads: 2 differs from num_attention_heads 4",
-            "grouped-query",
-        ],
+        "llama_linear_rope",
+        &["rope_parameters: rope_type \"linear\" is not supported yet"],
     );
-    refused("llama3_rope", &["rope_parameters: rope_type \"llama3\""]);
+    refused(
+        "llama_yarn_rope",
+        &["rope_parameters: rope_type \"yarn\" is not supported yet"],
+    );
+    refused(
+        "llama_gqa_not_dividing",
+        &["num_key_value_heads: 3 must be positive and divide num_attention_heads 4"],
+    );
     refused("llama_sliding_window", &["sliding_window: 8"]);
 }
 
@@ -252,4 +257,54 @@ fn tied_llama_of_transformers_loads() {
     assert!(out.status.success());
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(v["loss"].as_f64().unwrap().is_finite(), "{v}");
+}
+
+/// Guarantee: transformers-made Llama-3.x shapes load and evaluate exactly through the command
+/// line: grouped-query attention with an explicit head_dim (`llama_gqa`: 2 KV heads of width
+/// 16), and multi-query attention with Llama 3 RoPE scaling past
+/// original_max_position_embeddings (`llama3_rope`). `frugal eval --model DIR --logits FILE`
+/// gives transformers' logits within 1e-4 (`logits_check.py`), on sequences of 24 tokens.
+#[test]
+fn llama3_shapes_of_transformers_load_and_match() {
+    let Some(python) = common::peft_python() else {
+        return;
+    };
+    for name in ["llama_gqa", "llama3_rope"] {
+        let Some(dir) = folder(name) else { return };
+        let shape = LlamaConfig::from_hf_file(&dir.join("config.json")).unwrap();
+        assert!(
+            shape.num_key_value_heads < shape.num_attention_heads,
+            "{name}"
+        );
+        let tmp = tempfile::tempdir().unwrap();
+        let data = text(tmp.path());
+        let logits = tmp.path().join("logits.safetensors");
+        let mut eval = frugal(tmp.path());
+        eval.args(["eval", "--model"])
+            .arg(&dir)
+            .arg("--data")
+            .arg(&data)
+            .args(["--set", "train.seq_len=24", "--logits"])
+            .arg(&logits);
+        let out = run(eval);
+        assert!(out.status.success(), "{name}");
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/logits_check.py");
+        let check = std::process::Command::new(&python)
+            .arg(script)
+            .arg(&dir)
+            .arg(&logits)
+            .output()
+            .unwrap();
+        assert!(
+            check.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&check.stderr)
+        );
+        let d: f64 = String::from_utf8_lossy(&check.stdout)
+            .trim()
+            .parse()
+            .unwrap();
+        eprintln!("{name}: frugal eval vs transformers, max |logit difference| {d:e}");
+        assert!(d < 1e-4, "{name}: logits differ from transformers' by {d}");
+    }
 }
