@@ -110,7 +110,7 @@ fn parse() -> Result<Args, String> {
 /// The model under test.
 enum Model {
     Hgrn(HgrnBit),
-    Llama(Llama),
+    Llama(Box<Llama>),
 }
 
 /// What generation carries from token to token.
@@ -196,7 +196,7 @@ fn run(a: &Args) -> Result<serde_json::Value, String> {
                 Kind::Float,
             )
             .map_err(|e| e.to_string())?;
-            (Model::Llama(m), Carry::Kv(KvCache::default()))
+            (Model::Llama(Box::new(m)), Carry::Kv(KvCache::default()))
         }
         kind => {
             let cfg = HgrnBitConfig::preset(&size)
