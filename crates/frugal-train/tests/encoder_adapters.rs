@@ -53,32 +53,6 @@ fn adapter_settings(corpus: &Path, base: &Path, kind: &str, extra: &[&str]) -> V
     s
 }
 
-/// Writes `n` examples with a header: 6 words of the test corpus, drawn from the first half
-/// of the word list for label "yes" (every other row), from the second half for "no".
-fn task_tsv(path: &Path, n: usize, seed: u64) {
-    let a = [
-        "the", "model", "learns", "to", "predict", "next", "token", "from",
-    ];
-    let b = [
-        "context", "memory", "small", "low", "gradient", "step", "train", "loss",
-    ];
-    let mut state = seed;
-    let mut next = |k: usize| {
-        state = state
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (state >> 33) as usize % k
-    };
-    let mut text = String::from("text\tlabel\n");
-    for i in 0..n {
-        let yes = i % 2 == 0;
-        let words = if yes { &a } else { &b };
-        let ws: Vec<&str> = (0..6).map(|_| words[next(words.len())]).collect();
-        text += &format!("{}\t{}\n", ws.join(" "), if yes { "yes" } else { "no" });
-    }
-    std::fs::write(path, text).unwrap();
-}
-
 /// The settings that make an adapter run a classification run on `task`.
 fn classification(task: &Path) -> Vec<String> {
     vec![
