@@ -37,6 +37,7 @@ pub mod sync;
 pub mod task;
 pub mod task_encoder;
 pub mod task_lm;
+pub mod task_setup;
 pub mod tokenize;
 pub mod train;
 pub mod trainer;

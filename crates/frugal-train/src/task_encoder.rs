@@ -36,7 +36,9 @@ use crate::encoder_model::{micro_loss, EncoderModel, Net};
 use crate::run;
 use crate::step::BlockModel;
 use crate::task::{Baseline, Batch, BatchAt, Evaluation, Forward, Task};
-use crate::task_lm::{baseline_now, frozen_base_bytes, Built};
+use crate::task_setup::{
+    baseline_now, frozen_base_bytes, rank0_first, write_resolved_config, Built,
+};
 use crate::tokenize::EncoderTokens;
 use crate::tsv;
 use frugal_core::{atomic, Error, Result};
@@ -91,17 +93,9 @@ impl EncoderTask {
             }
         };
         // Rank 0 makes the tokenizer and writes it; the others read that file.
-        let made = if main {
+        let (tok, toks) = rank0_first(dist, resume, |resume| {
             tokenizer(cfg, run_dir, resume, &texts)
-        } else {
-            Err(Error::Msg(String::new()))
-        };
-        dist.barrier().map_err(|e| Error::Msg(e.to_string()))?;
-        let (tok, toks) = match made {
-            Ok(t) => t,
-            Err(_) if !main => tokenizer(cfg, run_dir, true, &texts)?,
-            Err(e) => return Err(e),
-        };
+        })?;
         let vocab = tok.get_vocab_size(true) as i64;
         let shape = shape(cfg, run_dir, resume, vocab)?;
 
@@ -138,8 +132,7 @@ impl EncoderTask {
         };
         // Inputs are known good: mark the folder as a run.
         if main && !resume {
-            let resolved = toml::to_string(cfg).map_err(|e| Error::Msg(format!("config: {e}")))?;
-            atomic::write(&run_dir.join("config.toml"), resolved.as_bytes())?;
+            write_resolved_config(cfg, run_dir)?;
             let labels = match &data {
                 Data::Cls { labels, .. } => {
                     atomic::write(&run_dir.join("labels.json"), labels.to_json().as_bytes())?;

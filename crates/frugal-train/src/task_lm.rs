@@ -11,10 +11,13 @@ use crate::memplan::MemoryPlan;
 use crate::run;
 use crate::step::BlockModel;
 use crate::task::{Baseline, Batch, BatchAt, Evaluation, Forward, Task};
-use frugal_core::{atomic, memory, Error, Result};
+use crate::task_setup::{
+    baseline_now, frozen_base_bytes, rank0_first, write_resolved_config, Built,
+};
+use frugal_core::{Error, Result};
 use frugal_dist::Collective;
 use frugal_models::decoder::DecoderConfig;
-use frugal_records::{FrozenBase, MemoryReport};
+use frugal_records::MemoryReport;
 use frugal_tt::TtLayer;
 use std::path::Path;
 use tch::nn::VarStore;
@@ -30,24 +33,6 @@ pub struct CausalLm {
     params: Vec<(String, Tensor)>,
     cfg: Config,
     device: tch::Device,
-}
-
-/// A task as built: the task and the resident memory measured after its data was loaded,
-/// before its model was built (the memory report's baseline).
-pub struct Built<T> {
-    /// The task.
-    pub task: T,
-    /// Resident bytes before the model.
-    pub baseline_rss_bytes: u64,
-}
-
-/// Measures the baseline of the memory report: resident memory now, and on a GPU the
-/// allocator's peak counted from here.
-pub(crate) fn baseline_now(device: tch::Device) -> u64 {
-    if let tch::Device::Cuda(i) = device {
-        let _ = frugal_kernels::torch_cuda::reset_peak(i);
-    }
-    memory::current_rss_bytes()
 }
 
 impl CausalLm {
@@ -66,24 +51,13 @@ impl CausalLm {
         let (train_docs, val_docs) = run::documents(cfg)?;
         // Rank 0 makes the tokenizer (trained or copied) and writes it into the run folder;
         // the other ranks then read that file.
-        let tok = if main {
+        let tok = rank0_first(dist, resume, |resume| {
             run::tokenizer(cfg, run_dir, &train_docs, resume)
-        } else {
-            Err(Error::Msg(String::new()))
-        };
-        dist.barrier().map_err(|e| Error::Msg(e.to_string()))?;
-        let tok = match tok {
-            Ok(t) => t,
-            Err(_) if !main => run::tokenizer(cfg, run_dir, &train_docs, true)?,
-            Err(e) => return Err(e),
-        };
+        })?;
         let vocab = tok.get_vocab_size(true) as i64;
         let shape = cfg.decoder_config(vocab)?;
-        // The resolved config marks the folder as a run: written once the inputs are known
-        // good, so that a run refused for bad input can be retried into the same folder.
         if main {
-            let resolved = toml::to_string(cfg).map_err(|e| Error::Msg(format!("config: {e}")))?;
-            atomic::write(&run_dir.join("config.toml"), resolved.as_bytes())?;
+            write_resolved_config(cfg, run_dir)?;
         }
         let train = run::dataset(&tok, &train_docs, t.seq_len, "training data")?;
         let val = run::dataset(&tok, &val_docs, t.seq_len, "validation data")?;
@@ -281,40 +255,5 @@ impl Task for CausalLm {
         if self.model.adapter.is_some() {
             report.frozen_base = Some(frozen_base_bytes(&self.model.net.linears(), &self.model.vs));
         }
-    }
-}
-
-/// What the frozen base of an adapter run holds: its quantized matrices among `linears`
-/// (bytes as stored, parameters, bytes per parameter) and its other variables in `vs` that
-/// take no gradient (embeddings, norms, head, dense linear weights).
-pub(crate) fn frozen_base_bytes(
-    linears: &[(String, &dyn frugal_models::linear::Linear)],
-    vs: &VarStore,
-) -> FrozenBase {
-    let (mut qbytes, mut qparams) = (0u64, 0u64);
-    for (_, l) in linears {
-        if let Some(q) = l.quantized() {
-            qbytes += q.weight.stored_bytes();
-            qparams += q.weight.numel() as u64;
-        }
-    }
-    let (mut other, mut other_params) = (0u64, 0u64);
-    for (_, t) in frugal_models::weights::named_variables(vs) {
-        if !t.requires_grad() {
-            other += (t.numel() * t.kind().elt_size_in_bytes()) as u64;
-            other_params += t.numel() as u64;
-        }
-    }
-    FrozenBase {
-        quantized_bytes: qbytes,
-        quantized_params: qparams,
-        quantized_bytes_per_param: if qparams > 0 {
-            qbytes as f64 / qparams as f64
-        } else {
-            0.0
-        },
-        other_bytes: other,
-        other_params,
-        total_bytes: qbytes + other,
     }
 }

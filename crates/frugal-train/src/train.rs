@@ -6,9 +6,9 @@ use crate::checkpoint;
 use crate::comera::Comera;
 use crate::config::Config;
 use crate::interrupt::Interrupter;
-use crate::task::{AdapterSeed, Hook, Task};
+use crate::task::{AdapterSeed, Hook};
 use crate::task_encoder::EncoderTask;
-use crate::task_lm::{Built, CausalLm};
+use crate::task_lm::CausalLm;
 use crate::trainer::{Run, Trainer};
 use frugal_core::{Error, Result};
 use frugal_dist::Collective;
@@ -61,18 +61,10 @@ pub fn train_with(
         None
     };
     let ck = checkpoint.as_deref();
-    let (mut task, baseline_rss_bytes): (Box<dyn Task>, u64) = if cfg.is_encoder() {
-        let Built {
-            task,
-            baseline_rss_bytes,
-        } = EncoderTask::build(cfg, run_dir, ck, device, dist)?;
-        (Box::new(task), baseline_rss_bytes)
+    let (mut task, baseline_rss_bytes) = if cfg.is_encoder() {
+        EncoderTask::build(cfg, run_dir, ck, device, dist)?.boxed()
     } else {
-        let Built {
-            task,
-            baseline_rss_bytes,
-        } = CausalLm::build(cfg, run_dir, ck, device, dist)?;
-        (Box::new(task), baseline_rss_bytes)
+        CausalLm::build(cfg, run_dir, ck, device, dist)?.boxed()
     };
 
     // The methods' hooks; rank adaptation takes the rank variables out of the parameters into
