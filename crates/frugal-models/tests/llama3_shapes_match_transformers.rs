@@ -5,6 +5,8 @@
 //! and PEFT the tests are skipped, unless `FRUGAL_PEFT=1` (set by `cargo xtask test`) makes that
 //! a failure.
 
+mod common;
+
 use frugal_adapters::peft;
 use frugal_adapters::{LoraConfig, Targets};
 use frugal_core::safetensors_io::{self, SafetensorsFile};
@@ -249,27 +251,6 @@ fn frugal_lora_on_gqa_loads_in_peft() {
     }
 }
 
-/// The folder `name`'s weights with every quantized layer of `model` replaced by its
-/// dequantized values, written to `out`.
-fn dequantized_copy(dir: &Path, name: &str, model: &Llama, out: &Path) {
-    let file = SafetensorsFile::open(&dir.join(name).join("model.safetensors")).unwrap();
-    let mut tensors: Vec<(String, Tensor)> = file
-        .names()
-        .into_iter()
-        .map(|n| {
-            let t = file.tensor(&n, Device::Cpu).unwrap();
-            (n, t)
-        })
-        .collect();
-    for (layer_name, layer) in model.linears() {
-        let q = layer.quantized().expect("quantized layer");
-        let key = format!("{layer_name}.weight");
-        let slot = tensors.iter_mut().find(|(n, _)| *n == key).unwrap();
-        slot.1 = q.dequantize();
-    }
-    safetensors_io::save(out, &tensors, None).unwrap();
-}
-
 /// Guarantee: the quantized kinds (NF4, int8, int4) load the GQA and MQA folders, quantizing
 /// k/v at their kv_heads · head_dim shapes, and compute what the dense model computes with the
 /// dequantized weights (within 1e-4); QLoRA (LoRA on NF4), DoRA and QA-LoRA (on int4) adapters
@@ -291,7 +272,7 @@ fn quantized_kinds_and_adapters_take_kv_shapes() {
             let (_vs, model) = load(dir, name, &cfg, &kind);
             let tmp = tempfile::tempdir().unwrap();
             let copy = tmp.path().join("dequantized.safetensors");
-            dequantized_copy(dir, name, &model, &copy);
+            common::dequantized_copy(&dir.join(name).join("model.safetensors"), &model, &copy);
             let mut vs = VarStore::new(Device::Cpu);
             let mut dense = Llama::new(
                 &vs.root(),

@@ -2,7 +2,9 @@
 //! what the dense model computes with the dequantized weights, loads dense checkpoints
 //! (quantizing them) and quantized ones (as stored), and trains nothing but its variables.
 
-use frugal_core::safetensors_io::{self, SafetensorsFile};
+mod common;
+
+use frugal_core::safetensors_io::SafetensorsFile;
 use frugal_models::llama::{Llama, LlamaConfig};
 use frugal_models::{weights, EmbeddingKind, LinearKind};
 use std::path::{Path, PathBuf};
@@ -43,26 +45,6 @@ fn build(kind: &LinearKind, file: &Path) -> frugal_core::Result<(VarStore, Llama
     Ok((vs, model))
 }
 
-/// The dense fixture with every quantized layer's weight replaced by its dequantized values.
-fn dequantized_copy(model: &Llama, out: &Path) {
-    let file = SafetensorsFile::open(&dense_file()).unwrap();
-    let mut tensors: Vec<(String, Tensor)> = file
-        .names()
-        .into_iter()
-        .map(|n| {
-            let t = file.tensor(&n, Device::Cpu).unwrap();
-            (n, t)
-        })
-        .collect();
-    for (name, layer) in model.linears() {
-        let q = layer.quantized().expect("quantized layer");
-        let key = format!("{name}.weight");
-        let slot = tensors.iter_mut().find(|(n, _)| *n == key).unwrap();
-        slot.1 = q.dequantize();
-    }
-    safetensors_io::save(out, &tensors, None).unwrap();
-}
-
 fn ids(b: i64, t: i64) -> Tensor {
     Tensor::arange(b * t, (Kind::Int64, Device::Cpu))
         .remainder(config().vocab_size - 3)
@@ -87,7 +69,7 @@ fn quantized_model_computes_the_dequantized_dense_model() {
     ] {
         let (_vs, q) = build(&quantized(format), &dense_file()).unwrap();
         let reference = dir.path().join(format!("{format}.safetensors"));
-        dequantized_copy(&q, &reference);
+        common::dequantized_copy(&dense_file(), &q, &reference);
         let (_vs2, dense) = build(&LinearKind::Dense, &reference).unwrap();
         // 24 rows: the dequantize path, exact up to float rounding.
         let many = ids(2, 12);
