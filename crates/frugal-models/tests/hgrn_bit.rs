@@ -332,52 +332,66 @@ fn packed_model_matches_training_and_reloads() {
 /// Guarantee: a packed model on the CPU runs the packed inference path (plain loops and the
 /// ternary kernel, no libtorch operation in the blocks), whose logits equal libtorch's graph of
 /// the same packed layers: the whole sequence, and a state carried from a prompt through
-/// single tokens, for both mixers, with random gains and lower bounds, at batch 2 (within 1e-4
-/// relative: the norms' f32 sums differ in order only, which here flips no int8 rounding; the
-/// two paths measured 2e-7 apart).
+/// single tokens, for both mixers, with random gains and lower bounds, at batch 2.
+///
+/// The two paths sum the norms in another order, so an activation that lands on a rounding
+/// boundary of the int8 quantization can round the other way. Measured over 400 draws (200
+/// seeds, both mixers): 383 agree within 1e-5 relative, whole and carried, and 17 flip a
+/// rounding and differ by 1e-3 to 5e-3. So each of 32 draws must agree within 1e-2, and at
+/// least 24 of them within 1e-5 (at the measured rate, 9 or more flips in 32 draws happen about
+/// once in 1e5 runs; a wrong scale, sign or epsilon moves every draw). The draws come from
+/// libtorch's global generator, which the file's other tests share while they run in parallel,
+/// so which draws a run gets is not fixed: the test must not depend on it.
 #[test]
 fn packed_cpu_path_equals_the_graph() {
-    tch::manual_seed(8);
-    for mixer in [Mixer::Reference, Mixer::Paper] {
-        let cfg = tiny(mixer);
-        let (vs, model) = build(&cfg, &LinearKind::PackedBitLinear { eps: 1e-8 });
-        tch::no_grad(|| {
-            for (name, v) in vs.variables() {
-                let noise = v.randn_like();
-                let value = match name.ends_with("lower_bounds") {
-                    true => noise,
-                    false => noise * 0.5 + 1.0,
-                };
-                v.shallow_clone().copy_(&value);
-            }
-        });
-        let ids = Tensor::randint(50, [2, 9], (Kind::Int64, Device::Cpu));
-        let rel =
-            |a: &Tensor, b: &Tensor| (a - b).norm().double_value(&[]) / b.norm().double_value(&[]);
-        let graph = tch::no_grad(|| model.forward_graph(&ids, None));
-        let fast = tch::no_grad(|| model.forward(&ids, None));
-        assert!(
-            rel(&fast, &graph) < 1e-4,
-            "{mixer:?}: {}",
-            rel(&fast, &graph)
-        );
-        // Same size, not the same values: a check that cannot pass by accident.
-        assert!(rel(&fast.roll([1], [1]), &graph) > 0.1);
+    let rel =
+        |a: &Tensor, b: &Tensor| (a - b).norm().double_value(&[]) / b.norm().double_value(&[]);
+    let mut close = 0;
+    let mut draws = 0;
+    for seed in 0..16 {
+        tch::manual_seed(seed);
+        for mixer in [Mixer::Reference, Mixer::Paper] {
+            let cfg = tiny(mixer);
+            let (vs, model) = build(&cfg, &LinearKind::PackedBitLinear { eps: 1e-8 });
+            tch::no_grad(|| {
+                for (name, v) in vs.variables() {
+                    let noise = v.randn_like();
+                    let value = match name.ends_with("lower_bounds") {
+                        true => noise,
+                        false => noise * 0.5 + 1.0,
+                    };
+                    v.shallow_clone().copy_(&value);
+                }
+            });
+            let ids = Tensor::randint(50, [2, 9], (Kind::Int64, Device::Cpu));
+            let graph = tch::no_grad(|| model.forward_graph(&ids, None));
+            let fast = tch::no_grad(|| model.forward(&ids, None));
+            // Same size, not the same values: a check that cannot pass by accident.
+            assert!(rel(&fast.roll([1], [1]), &graph) > 0.1);
 
-        let (mut s_fast, mut s_graph) = (State::default(), State::default());
-        let prompt = ids.narrow(1, 0, 5);
-        let mut a = vec![tch::no_grad(|| model.forward(&prompt, Some(&mut s_fast)))];
-        let mut b = vec![tch::no_grad(|| {
-            model.forward_graph(&prompt, Some(&mut s_graph))
-        })];
-        for t in 5..9 {
-            let x = ids.narrow(1, t, 1);
-            a.push(tch::no_grad(|| model.forward(&x, Some(&mut s_fast))));
-            b.push(tch::no_grad(|| model.forward_graph(&x, Some(&mut s_graph))));
+            let (mut s_fast, mut s_graph) = (State::default(), State::default());
+            let prompt = ids.narrow(1, 0, 5);
+            let mut a = vec![tch::no_grad(|| model.forward(&prompt, Some(&mut s_fast)))];
+            let mut b = vec![tch::no_grad(|| {
+                model.forward_graph(&prompt, Some(&mut s_graph))
+            })];
+            for t in 5..9 {
+                let x = ids.narrow(1, t, 1);
+                a.push(tch::no_grad(|| model.forward(&x, Some(&mut s_fast))));
+                b.push(tch::no_grad(|| model.forward_graph(&x, Some(&mut s_graph))));
+            }
+            let (a, b) = (Tensor::cat(&a, 1), Tensor::cat(&b, 1));
+            assert_eq!(s_fast.bytes(), s_graph.bytes());
+            // The packed path's own two ways (whole sequence, carried state) share their sums.
+            assert!(
+                rel(&a, &fast) < 1e-5,
+                "{mixer:?} seed {seed}: recurrent vs whole"
+            );
+            let worst = rel(&fast, &graph).max(rel(&a, &b));
+            assert!(worst < 1e-2, "{mixer:?} seed {seed}: {worst}");
+            close += usize::from(worst < 1e-5);
+            draws += 1;
         }
-        let (a, b) = (Tensor::cat(&a, 1), Tensor::cat(&b, 1));
-        assert!(rel(&a, &b) < 1e-4, "{mixer:?} recurrent: {}", rel(&a, &b));
-        assert!(rel(&a, &graph) < 1e-4, "{mixer:?} recurrent vs whole");
-        assert_eq!(s_fast.bytes(), s_graph.bytes());
     }
+    assert!(close >= 24, "{close} of {draws} draws within 1e-5");
 }
