@@ -1,23 +1,25 @@
 //! Hugging Face `config.json` files: which model family a file is (`model_type`), the one-line
-//! refusal of the families this build does not load, and the LLaMA's keys.
+//! refusal of the families this build does not load, and the decoders' keys.
 //!
 //! A folder is read only by the family its `model_type` names; every other type is refused by
 //! name, telling apart the families Frugal will load but this build does not yet
-//! ([`NOT_YET`]) from those it does not support at all. The LLaMA's reader
-//! ([`crate::llama::LlamaConfig::from_hf_json`]) knows every key it reads, checks or knowingly
-//! ignores ([`LLAMA_READ`], [`LLAMA_CHECKED`], [`IGNORED`]), and refuses, naming the key, any
-//! value that would change the model's outputs in a way Frugal does not compute (biases,
-//! another activation, RoPE scaling other than Llama 3's, a sliding window),
-//! and the keys that change outputs in other families ([`OTHER_FAMILIES`]). Other keys are
-//! ignored, as transformers' `LlamaForCausalLM` ignores them.
+//! ([`NOT_YET`]) from those it does not support at all. The decoders' reader
+//! ([`crate::llama::LlamaConfig::from_hf_json`], for `llama`, `mistral`, `qwen2` and `qwen3`)
+//! knows every key it reads, checks or knowingly ignores ([`LLAMA_READ`], [`LLAMA_CHECKED`],
+//! [`IGNORED`]), and refuses, naming the key, any value that would change the model's outputs
+//! in a way Frugal does not compute (another activation, RoPE scaling other than Llama 3's,
+//! Qwen's sliding-window layers), and the keys that change outputs in other families
+//! ([`OTHER_FAMILIES`]). Other keys are ignored, as transformers ignores them.
 
+use crate::llama::DecoderType;
 use frugal_core::Error;
 use serde_json::Value;
 
 /// The model families this build loads, by the `model_type` their `config.json` carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Family {
-    /// `llama`: the LLaMA-style decoder ([`crate::llama`]).
+    /// `llama`, `mistral`, `qwen2`, `qwen3`: the LLaMA-style decoder ([`crate::llama`],
+    /// [`DecoderType`]).
     Llama,
     /// `bert`: the BERT-style encoder ([`crate::encoder`]).
     Bert,
@@ -35,9 +37,12 @@ impl Family {
         }
     }
 
-    /// The family of a built `model_type`.
+    /// The family of a built `model_type` (every [`DecoderType`] is [`Family::Llama`]).
     pub fn of(model_type: &str) -> Option<Self> {
-        [Family::Llama, Family::Bert, Family::HgrnBit]
+        if DecoderType::of(model_type).is_some() {
+            return Some(Family::Llama);
+        }
+        [Family::Bert, Family::HgrnBit]
             .into_iter()
             .find(|f| f.model_type() == model_type)
     }
@@ -55,9 +60,6 @@ impl Family {
 /// Decoder families Frugal will load but this build does not yet: `model_type` and what they
 /// need that is not built.
 pub const NOT_YET: &[(&str, &str)] = &[
-    ("mistral", "a sliding attention window"),
-    ("qwen2", "q/k/v biases"),
-    ("qwen3", "per-head q/k norms"),
     ("gemma", "(1 + w) norms, scaled embeddings and GeLU"),
     (
         "gemma2",
@@ -117,7 +119,7 @@ pub fn model_type(v: &Value) -> Result<&str, Error> {
 /// that it is not supported and why.
 pub fn expect_family(v: &Value, want: Family) -> Result<(), Error> {
     let t = model_type(v)?;
-    if t == want.model_type() {
+    if Family::of(t) == Some(want) {
         return Ok(());
     }
     let reason = if let Some(f) = Family::of(t) {
@@ -128,14 +130,38 @@ pub fn expect_family(v: &Value, want: Family) -> Result<(), Error> {
         )
     } else if let Some((_, needs)) = NOT_YET.iter().find(|(n, _)| *n == t) {
         format!(
-            "{t:?} is not supported yet: this build does not compute {needs} (it loads \"llama\")"
+            "{t:?} is not supported yet: this build does not compute {needs} (it loads {})",
+            decoder_names()
         )
     } else if let Some((_, why)) = UNSUPPORTED.iter().find(|(n, _)| *n == t) {
-        format!("{t:?} is not supported ({why}); Frugal loads \"llama\" decoders")
+        format!(
+            "{t:?} is not supported ({why}); Frugal loads {} decoders",
+            decoder_names()
+        )
     } else {
-        format!("{t:?} is not supported; Frugal loads \"llama\" decoders and \"bert\" encoders")
+        format!(
+            "{t:?} is not supported; Frugal loads {} decoders and \"bert\" encoders",
+            decoder_names()
+        )
     };
     Err(Error::config("model_type", reason))
+}
+
+/// The decoder types, quoted and listed: `"llama", "mistral", "qwen2" and "qwen3"`.
+fn decoder_names() -> String {
+    let names: Vec<String> = DecoderType::ALL
+        .iter()
+        .map(|t| format!("{:?}", t.name()))
+        .collect();
+    let (last, rest) = names.split_last().expect("types");
+    format!("{} and {last}", rest.join(", "))
+}
+
+/// The decoder type of a parsed `config.json`; any other `model_type` is refused as
+/// [`expect_family`] refuses it.
+pub fn expect_decoder(v: &Value) -> Result<DecoderType, Error> {
+    expect_family(v, Family::Llama)?;
+    Ok(DecoderType::of(model_type(v)?).expect("a decoder type"))
 }
 
 /// Keys the LLaMA reads into [`crate::llama::LlamaConfig`].
@@ -293,7 +319,7 @@ fn rope_dict(v: &Value) -> Option<(&'static str, &serde_json::Map<String, Value>
         .find_map(|k| v.get(k).and_then(Value::as_object).map(|o| (k, o)))
 }
 
-/// Llama 3's RoPE scaling of a parsed `config.json` whose keys [`check_llama_keys`] accepted:
+/// Llama 3's RoPE scaling of a parsed `config.json` whose keys [`check_decoder_keys`] accepted:
 /// None without `rope_type = "llama3"`. `factor`, `low_freq_factor` and `high_freq_factor` must
 /// be numbers, `original_max_position_embeddings` an integer (when absent: the model's
 /// `max_position_embeddings`, as transformers' `standardize_rope_params`); errors name the key
@@ -341,23 +367,50 @@ pub fn llama3_rope(v: &Value) -> Result<Option<crate::llama::Llama3Rope>, Error>
     Ok(Some(rope))
 }
 
-/// Checks the LLaMA's keys of a parsed `config.json` (`model_type` already checked): every
-/// value of [`LLAMA_CHECKED`] must be the one Frugal computes with, no key of
-/// [`OTHER_FAMILIES`] may appear; the error names the key. Keys of no list are ignored.
-pub fn check_llama_keys(v: &Value) -> Result<(), Error> {
+/// Mistral's attention window of a parsed `config.json` of type `ty` (keys checked): for
+/// `mistral`, `sliding_window` (absent: 4096, transformers' default; null: none), a positive
+/// integer or an error naming the key; None for the other types (a LLaMA's is refused unless it
+/// covers every position, Qwen's is off unless `use_sliding_window`, which is refused).
+pub fn sliding_window(v: &Value, ty: DecoderType) -> Result<Option<i64>, Error> {
+    if ty != DecoderType::Mistral {
+        return Ok(None);
+    }
+    match v.get("sliding_window") {
+        None => Ok(Some(4096)),
+        Some(Value::Null) => Ok(None),
+        Some(x) => match x.as_i64().filter(|w| *w > 0) {
+            Some(w) => Ok(Some(w)),
+            None => Err(Error::config(
+                "sliding_window",
+                format!("{x} must be a positive integer or null"),
+            )),
+        },
+    }
+}
+
+/// Checks the keys of a parsed `config.json` of decoder type `ty` (`model_type` already
+/// checked): every value of [`LLAMA_CHECKED`] must be one Frugal computes with for that family,
+/// no key of [`OTHER_FAMILIES`] may appear unless the family owns it; the error names the key.
+/// Keys of no list are ignored.
+pub fn check_decoder_keys(v: &Value, ty: DecoderType) -> Result<(), Error> {
     let refuse = |key: &str, reason: String| Err(Error::config(key, reason));
     let obj = v
         .as_object()
         .ok_or_else(|| Error::config("config.json", "not a JSON object"))?;
     let int = |k: &str| obj.get(k).and_then(Value::as_i64);
     let set = |k: &str| obj.get(k).is_some_and(|x| !x.is_null());
+    let family = ty.name();
     if let Some(archs) = obj.get("architectures").and_then(Value::as_array) {
         for a in archs {
             let name = a.as_str().unwrap_or_default();
-            if !matches!(name, "LlamaForCausalLM" | "LLaMAForCausalLM") {
+            let llama_alias = ty == DecoderType::Llama && name == "LLaMAForCausalLM";
+            if name != ty.causal_lm_class() && !llama_alias {
                 return refuse(
                     "architectures",
-                    format!("{a} is not supported (a llama folder loads as LlamaForCausalLM)"),
+                    format!(
+                        "{a} is not supported (a {family} folder loads as {})",
+                        ty.causal_lm_class()
+                    ),
                 );
             }
         }
@@ -366,19 +419,33 @@ pub fn check_llama_keys(v: &Value) -> Result<(), Error> {
         if act.as_str() != Some("silu") {
             return refuse(
                 "hidden_act",
-                format!("{act} is not supported (the LLaMA's MLP is SwiGLU: \"silu\")"),
+                format!("{act} is not supported (the {family} MLP is SwiGLU: \"silu\")"),
             );
         }
     }
+    // Which bias keys the family reads; the others must be off. transformers' Qwen2 ignores
+    // `attention_bias` (its q/k/v always have biases, its o never).
+    let reads_bias = |key: &str| match ty {
+        DecoderType::Llama => true,
+        DecoderType::Qwen3 => key == "attention_bias",
+        DecoderType::Qwen2 => key == "attention_bias",
+        DecoderType::Mistral => false,
+    };
     for key in ["attention_bias", "mlp_bias"] {
         match obj.get(key) {
             None | Some(Value::Null) | Some(Value::Bool(false)) => {}
-            Some(x) => {
+            Some(Value::Bool(true)) if reads_bias(key) => {}
+            Some(x @ Value::Bool(true)) => {
                 return refuse(
                     key,
-                    format!("{x}: linear layers with biases are not supported yet"),
+                    format!(
+                        "{x} is not a {family} setting ({} has no such biases), so the file \
+                         was made for another model",
+                        ty.causal_lm_class()
+                    ),
                 )
             }
+            Some(x) => return refuse(key, format!("{x} must be true or false")),
         }
     }
     if let (Some(kv), Some(h)) = (int("num_key_value_heads"), int("num_attention_heads")) {
@@ -406,19 +473,40 @@ pub fn check_llama_keys(v: &Value) -> Result<(), Error> {
             );
         }
     }
-    if set("sliding_window") {
-        let (w, max) = (int("sliding_window"), int("max_position_embeddings"));
-        if w.zip(max).is_none_or(|(w, max)| w < max) {
-            return refuse(
-                "sliding_window",
-                format!(
-                    "{}: attention masked to a window shorter than the {} positions the model \
-                     takes is not supported yet",
-                    obj["sliding_window"],
-                    max.map_or("?".into(), |m| m.to_string())
-                ),
-            );
+    let qwen = matches!(ty, DecoderType::Qwen2 | DecoderType::Qwen3);
+    match ty {
+        DecoderType::Llama if set("sliding_window") => {
+            let (w, max) = (int("sliding_window"), int("max_position_embeddings"));
+            if w.zip(max).is_none_or(|(w, max)| w < max) {
+                return refuse(
+                    "sliding_window",
+                    format!(
+                        "{}: a window shorter than the {} positions the model takes is not a \
+                         LLaMA setting (transformers' LLaMA ignores it; a Mistral folder says \
+                         model_type \"mistral\")",
+                        obj["sliding_window"],
+                        max.map_or("?".into(), |m| m.to_string())
+                    ),
+                );
+            }
         }
+        _ if qwen
+            && obj
+                .get("use_sliding_window")
+                .is_some_and(|x| x != &Value::Bool(false)) =>
+        {
+            if !obj["use_sliding_window"].is_null() {
+                return refuse(
+                    "use_sliding_window",
+                    format!(
+                        "{}: Qwen's sliding-window layers (from max_window_layers on) are not \
+                         supported yet",
+                        obj["use_sliding_window"]
+                    ),
+                );
+            }
+        }
+        _ => {}
     }
     if let Some(map) = obj.get("auto_map").and_then(Value::as_object) {
         if let Some(k) = map.keys().find(|k| k.starts_with("AutoModel")) {
@@ -456,15 +544,21 @@ pub fn check_llama_keys(v: &Value) -> Result<(), Error> {
         Value::Array(a) => !a.is_empty(),
         Value::Object(o) => !o.is_empty(),
     };
+    // Qwen's window keys are its own (checked above: off).
+    let owned: &[&str] = match qwen {
+        true => &["use_sliding_window", "max_window_layers", "layer_types"],
+        false => &[],
+    };
     let other = OTHER_FAMILIES
         .iter()
+        .filter(|k| !owned.contains(k))
         .find(|k| obj.get(**k).is_some_and(truthy));
     if let Some(key) = other {
         return refuse(
             key,
             format!(
-                "{} is not a LLaMA setting: it changes the outputs of other model families, so \
-                 the file was made for another model",
+                "{} is not a {family} setting: it changes the outputs of other model families, \
+                 so the file was made for another model",
                 obj[*key]
             ),
         );
@@ -478,17 +572,26 @@ mod tests {
 
     fn check(text: &str) -> Result<(), Error> {
         let v: Value = serde_json::from_str(text).unwrap();
-        expect_family(&v, Family::Llama)?;
-        check_llama_keys(&v)
+        let ty = expect_decoder(&v)?;
+        check_decoder_keys(&v, ty)
     }
 
     #[test]
     fn families_are_refused_by_name_with_not_yet_or_not_supported() {
-        let err = check(r#"{"model_type": "qwen2"}"#).unwrap_err().to_string();
+        let err = check(r#"{"model_type": "gemma2"}"#)
+            .unwrap_err()
+            .to_string();
         assert!(
-            err.starts_with("model_type: \"qwen2\" is not supported yet"),
+            err.starts_with("model_type: \"gemma2\" is not supported yet"),
             "{err}"
         );
+        assert!(
+            err.ends_with("(it loads \"llama\", \"mistral\", \"qwen2\" and \"qwen3\")"),
+            "{err}"
+        );
+        for t in ["llama", "mistral", "qwen2", "qwen3"] {
+            check(&format!(r#"{{"model_type": "{t}"}}"#)).unwrap();
+        }
         let err = check(r#"{"model_type": "gpt2"}"#).unwrap_err().to_string();
         assert!(
             err.starts_with("model_type: \"gpt2\" is not supported ("),
@@ -512,8 +615,8 @@ mod tests {
         let base = r#""model_type": "llama", "hidden_size": 32, "num_attention_heads": 4,
             "max_position_embeddings": 64"#;
         for (extra, key) in [
-            (r#""attention_bias": true"#, "attention_bias"),
-            (r#""mlp_bias": true"#, "mlp_bias"),
+            (r#""attention_bias": 1"#, "attention_bias"),
+            (r#""mlp_bias": "yes""#, "mlp_bias"),
             (r#""head_dim": 7"#, "head_dim"),
             (r#""num_key_value_heads": 3"#, "num_key_value_heads"),
             (r#""hidden_act": "gelu""#, "hidden_act"),
@@ -541,8 +644,83 @@ mod tests {
             r#""sliding_window": null, "unsloth_version": "x", "eos_token_id": [1, 2]"#,
             r#""head_dim": 16, "num_key_value_heads": 1"#,
             r#""rope_scaling": {"rope_type": "llama3", "factor": 8.0}"#,
+            r#""attention_bias": true, "mlp_bias": true"#,
         ] {
             check(&format!("{{{base}, {extra}}}")).unwrap();
         }
+    }
+
+    #[test]
+    fn each_family_takes_its_own_keys_and_refuses_the_others() {
+        let shape = r#""hidden_size": 32, "num_attention_heads": 4, "max_position_embeddings": 64"#;
+        let ok = |t: &str, extra: &str| {
+            check(&format!(r#"{{"model_type": "{t}", {shape}, {extra}}}"#)).unwrap();
+        };
+        ok(
+            "mistral",
+            r#""sliding_window": 8, "architectures": ["MistralForCausalLM"]"#,
+        );
+        ok(
+            "qwen2",
+            r#""use_sliding_window": false, "sliding_window": 16, "max_window_layers": 28,
+                "layer_types": ["full_attention"], "attention_bias": true"#,
+        );
+        ok(
+            "qwen3",
+            r#""attention_bias": true, "use_sliding_window": null"#,
+        );
+        for (t, extra, start) in [
+            (
+                "mistral",
+                r#""attention_bias": true"#,
+                "attention_bias: true is not a mistral",
+            ),
+            (
+                "qwen2",
+                r#""mlp_bias": true"#,
+                "mlp_bias: true is not a qwen2",
+            ),
+            (
+                "qwen2",
+                r#""use_sliding_window": true"#,
+                "use_sliding_window: true",
+            ),
+            (
+                "qwen3",
+                r#""use_sliding_window": true"#,
+                "use_sliding_window: true",
+            ),
+            (
+                "llama",
+                r#""layer_types": ["full_attention"]"#,
+                "layer_types:",
+            ),
+            ("mistral", r#""sliding_window": -1"#, "sliding_window: -1"),
+            (
+                "qwen2",
+                r#""architectures": ["LlamaForCausalLM"]"#,
+                "architectures: \"LlamaForCausalLM\" is not supported (a qwen2",
+            ),
+            ("qwen3", r#""hidden_act": "gelu""#, "hidden_act:"),
+        ] {
+            let v: Value =
+                serde_json::from_str(&format!(r#"{{"model_type": "{t}", {shape}, {extra}}}"#))
+                    .unwrap();
+            let err = check_decoder_keys(&v, DecoderType::of(t).unwrap())
+                .and_then(|_| sliding_window(&v, DecoderType::of(t).unwrap()).map(|_| ()))
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with(start), "{t} {extra}: {err}");
+        }
+        // Mistral without the key has transformers' 4096 window; null has none.
+        let window = |extra: &str| {
+            let v: Value =
+                serde_json::from_str(&format!(r#"{{"model_type": "mistral", {shape}{extra}}}"#))
+                    .unwrap();
+            sliding_window(&v, DecoderType::Mistral).unwrap()
+        };
+        assert_eq!(window(""), Some(4096));
+        assert_eq!(window(r#", "sliding_window": null"#), None);
+        assert_eq!(window(r#", "sliding_window": 12"#), Some(12));
     }
 }

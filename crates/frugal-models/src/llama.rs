@@ -18,11 +18,65 @@ use frugal_tt::TtLayer;
 use serde::{Deserialize, Serialize};
 use tch::{nn, Kind, Tensor};
 
-/// Model shape, serialized with Hugging Face's `config.json` field names and
-/// `"model_type": "llama"`, so that a written `config.json` names its family.
+/// The Hugging Face decoder families this model computes, by their `model_type`: each is the
+/// LLaMA block with what its family adds (see [`LlamaConfig`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DecoderType {
+    /// `llama` (Llama 1/2/3.x, and the many models saved as `LlamaForCausalLM`).
+    #[default]
+    Llama,
+    /// `mistral`: a LLaMA with a sliding attention window (`sliding_window`).
+    Mistral,
+    /// `qwen2` (Qwen2, Qwen2.5): biases on q/k/v (not on o).
+    Qwen2,
+    /// `qwen3`: RMSNorm over each query and key head (`q_norm`, `k_norm`) before RoPE.
+    Qwen3,
+}
+
+impl DecoderType {
+    /// Every decoder type, in the order of [`crate::hf`]'s messages.
+    pub const ALL: [DecoderType; 4] = [
+        DecoderType::Llama,
+        DecoderType::Mistral,
+        DecoderType::Qwen2,
+        DecoderType::Qwen3,
+    ];
+
+    /// The `model_type` value.
+    pub fn name(self) -> &'static str {
+        match self {
+            DecoderType::Llama => "llama",
+            DecoderType::Mistral => "mistral",
+            DecoderType::Qwen2 => "qwen2",
+            DecoderType::Qwen3 => "qwen3",
+        }
+    }
+
+    /// The type of a `model_type` value.
+    pub fn of(model_type: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|t| t.name() == model_type)
+    }
+
+    /// transformers' class for the causal LM (`architectures`).
+    pub fn causal_lm_class(self) -> &'static str {
+        match self {
+            DecoderType::Llama => "LlamaForCausalLM",
+            DecoderType::Mistral => "MistralForCausalLM",
+            DecoderType::Qwen2 => "Qwen2ForCausalLM",
+            DecoderType::Qwen3 => "Qwen3ForCausalLM",
+        }
+    }
+}
+
+/// Model shape, serialized with Hugging Face's `config.json` field names and the family's
+/// `model_type`, so that a written `config.json` names its family and transformers reads it
+/// as the same model.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "model_type", rename = "llama")]
 pub struct LlamaConfig {
+    /// The family (`model_type`): what the block adds to the LLaMA's.
+    #[serde(default)]
+    pub model_type: DecoderType,
     /// Vocabulary size.
     pub vocab_size: i64,
     /// Model width d.
@@ -55,6 +109,19 @@ pub struct LlamaConfig {
     /// The output head shares the input embedding (no `lm_head.weight` of its own).
     #[serde(default)]
     pub tie_word_embeddings: bool,
+    /// Biases on q/k/v/o (`{proj}.bias`; Hugging Face's `attention_bias`). Qwen2 has biases on
+    /// q/k/v and not on o whatever this says ([`LlamaConfig::qkv_bias`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub attention_bias: bool,
+    /// Biases on gate/up/down (`mlp_bias`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub mlp_bias: bool,
+    /// Each query attends to at most this many positions, itself included (Mistral's
+    /// `sliding_window`: key j is seen from query i when `i - window < j <= i`); None: all
+    /// earlier positions. Always written (null too): transformers' Mistral takes 4096 when the
+    /// key is absent.
+    #[serde(default)]
+    pub sliding_window: Option<i64>,
 }
 
 /// Llama 3's RoPE scaling (`rope_type = "llama3"`, Llama 3.1 and later): the rotary inverse
@@ -150,7 +217,26 @@ impl LlamaConfig {
             rope_theta: 10000.0,
             rope_scaling: None,
             tie_word_embeddings: false,
+            model_type: DecoderType::Llama,
+            attention_bias: false,
+            mlp_bias: false,
+            sliding_window: None,
         }
+    }
+
+    /// Whether q/k/v have biases: `attention_bias`, or always for Qwen2.
+    pub fn qkv_bias(&self) -> bool {
+        self.attention_bias || self.model_type == DecoderType::Qwen2
+    }
+
+    /// Whether o has a bias: `attention_bias`, never for Qwen2.
+    pub fn o_bias(&self) -> bool {
+        self.attention_bias && self.model_type != DecoderType::Qwen2
+    }
+
+    /// Whether each query and key head is RMS-normalized before RoPE (`q_norm`, `k_norm`: Qwen3).
+    pub fn qk_norm(&self) -> bool {
+        self.model_type == DecoderType::Qwen3
     }
 
     /// A named preset: `tiny` (tests and the default run), and the configs of Lialin et al. used
@@ -167,21 +253,25 @@ impl LlamaConfig {
         })
     }
 
-    /// Reads a Hugging Face `config.json` of `model_type` `llama`. Any other type is refused
-    /// by name ([`crate::hf::expect_family`]), and so is every key whose value would change the
-    /// outputs in a way this model does not compute ([`crate::hf::check_llama_keys`]: biases,
-    /// another activation, a RoPE type other than the default and `llama3`, a sliding
-    /// window...). Grouped-query attention (`num_key_value_heads`), an explicit `head_dim` and
-    /// Llama 3's RoPE scaling are read. transformers 5 keeps the rotary base and scaling under
-    /// `rope_parameters`, older files under `rope_theta` and `rope_scaling`. Errors name the
-    /// key (`model_type: ...`, `attention_bias: ...`, `rope_parameters.factor: ...`).
+    /// Reads a Hugging Face `config.json` of a decoder family this model computes
+    /// ([`DecoderType`]: `llama`, `mistral`, `qwen2`, `qwen3`). Any other type is refused by
+    /// name ([`crate::hf::expect_decoder`]), and so is every key whose value would change the
+    /// outputs in a way this model does not compute ([`crate::hf::check_decoder_keys`]:
+    /// another activation, a RoPE type other than the default and `llama3`, a setting of
+    /// another family...). Grouped-query attention (`num_key_value_heads`), an explicit
+    /// `head_dim`, Llama 3's RoPE scaling, biases (`attention_bias`, `mlp_bias`, Qwen2's q/k/v)
+    /// and Mistral's `sliding_window` are read. transformers 5 keeps the rotary base and
+    /// scaling under `rope_parameters`, older files under `rope_theta` and `rope_scaling`.
+    /// Errors name the key (`model_type: ...`, `hidden_act: ...`, `rope_parameters.factor:
+    /// ...`).
     pub fn from_hf_json(text: &str) -> Result<Self, frugal_core::Error> {
         let bad = |r: String| frugal_core::Error::config("config.json", r);
         let mut v: serde_json::Value =
             serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
-        crate::hf::expect_family(&v, crate::hf::Family::Llama)?;
-        crate::hf::check_llama_keys(&v)?;
+        let ty = crate::hf::expect_decoder(&v)?;
+        crate::hf::check_decoder_keys(&v, ty)?;
         let scaling = crate::hf::llama3_rope(&v)?;
+        let window = crate::hf::sliding_window(&v, ty)?;
         for key in ["rope_parameters", "rope_scaling"] {
             let theta = v.get(key).and_then(|r| r.get("rope_theta")).cloned();
             if let (None, Some(theta)) = (v.get("rope_theta"), theta) {
@@ -191,11 +281,17 @@ impl LlamaConfig {
         let obj = v.as_object_mut().expect("checked: an object");
         obj.remove("rope_parameters");
         obj.remove("rope_scaling");
+        obj.remove("sliding_window");
+        if ty == DecoderType::Qwen2 {
+            // transformers' Qwen2 has its q/k/v biases whatever the key says, and no o bias.
+            obj.remove("attention_bias");
+        }
         if v.get("num_key_value_heads").is_none_or(|k| k.is_null()) {
             v["num_key_value_heads"] = v["num_attention_heads"].clone();
         }
         let mut cfg: Self = serde_json::from_value(v).map_err(|e| bad(e.to_string()))?;
         cfg.rope_scaling = scaling;
+        cfg.sliding_window = window;
         // A head_dim equal to hidden_size / num_attention_heads is no explicit width
         // (transformers 5 writes it always): kept implicit, it follows a `model.num_heads`
         // override as it would in transformers.
@@ -279,6 +375,9 @@ impl LlamaConfig {
         if let Some(r) = &self.rope_scaling {
             r.validate()?;
         }
+        if let Some(w) = self.sliding_window.filter(|w| *w <= 0) {
+            return bad("sliding_window", format!("must be positive, got {w}"));
+        }
         Ok(())
     }
 
@@ -286,7 +385,11 @@ impl LlamaConfig {
     pub fn num_parameters(&self) -> i64 {
         let d = self.hidden_size;
         let attention = 2 * d * self.q_width() + 2 * d * self.kv_width();
-        let block = attention + 3 * d * self.intermediate_size + 2 * d;
+        let biases = i64::from(self.qkv_bias()) * (self.q_width() + 2 * self.kv_width())
+            + i64::from(self.o_bias()) * d
+            + i64::from(self.mlp_bias) * (2 * self.intermediate_size + d);
+        let qk_norms = i64::from(self.qk_norm()) * 2 * self.head_dim();
+        let block = attention + 3 * d * self.intermediate_size + 2 * d + biases + qk_norms;
         let tables = if self.tie_word_embeddings { 1 } else { 2 };
         tables * self.vocab_size * d + self.num_hidden_layers * block + d
     }
@@ -368,9 +471,17 @@ struct Attention {
     k_proj: Box<dyn Linear>,
     v_proj: Box<dyn Linear>,
     o_proj: Box<dyn Linear>,
+    /// Biases of q, k, v (`{proj}.bias`), when the family has them.
+    qkv_bias: Option<[Tensor; 3]>,
+    /// Bias of o.
+    o_bias: Option<Tensor>,
+    /// RMSNorm over each query head and each key head (`q_norm`, `k_norm`; Qwen3).
+    qk_norm: Option<(RmsNorm, RmsNorm)>,
     heads: i64,
     kv_heads: i64,
     head_dim: i64,
+    /// The attention window ([`LlamaConfig::sliding_window`]).
+    window: Option<i64>,
 }
 
 impl Attention {
@@ -393,6 +504,25 @@ struct Mlp {
     gate_proj: Box<dyn Linear>,
     up_proj: Box<dyn Linear>,
     down_proj: Box<dyn Linear>,
+    /// Biases of gate, up, down (`mlp_bias`).
+    bias: Option<[Tensor; 3]>,
+}
+
+/// `layer(x)`, plus `bias` (a variable of the model, in f32) when there is one, in the layer's
+/// compute kind: the bias stays outside the layer, so that every kind of layer (dense,
+/// quantized, adapted) has it as transformers' and PEFT's layers do (PEFT adds its adapters'
+/// terms to the biased base output; DoRA scales the unbiased part only).
+fn biased(layer: &dyn Linear, bias: Option<&Tensor>, x: &Tensor) -> Tensor {
+    let y = layer.forward(x);
+    match bias {
+        Some(b) => &y + b.to_kind(y.kind()),
+        None => y,
+    }
+}
+
+/// A bias of width `n` under `path` (`path.bias`, zeros), when `on`.
+fn bias_var(path: nn::Path, n: i64, on: bool) -> Option<Tensor> {
+    on.then(|| path.var("bias", &[n], nn::Init::Const(0.0)))
 }
 
 /// One decoder block.
@@ -436,17 +566,53 @@ impl Block {
         let f = cfg.intermediate_size;
         let a = path / "self_attn";
         let m = path / "mlp";
+        let any_bias = cfg.qkv_bias() || cfg.o_bias() || cfg.mlp_bias;
+        if any_bias && matches!(kind, LinearKind::Tt { .. }) {
+            let key = match cfg.mlp_bias && !cfg.qkv_bias() {
+                true => "mlp_bias",
+                false if cfg.model_type == DecoderType::Qwen2 => "model_type",
+                false => "attention_bias",
+            };
+            return Err(frugal_core::Error::config(
+                "model.linear",
+                format!(
+                    "a tensor-train layer has no bias, and this {} model has biases ({key}); \
+                     use dense, quantized or adapter layers",
+                    cfg.model_type.name()
+                ),
+            ));
+        }
         let lin = |p: nn::Path, i, o| linear::build(&p, i, o, kind, compute);
+        let (q, kv) = (cfg.q_width(), cfg.kv_width());
+        let qkv_bias = cfg.qkv_bias().then(|| {
+            [("q_proj", q), ("k_proj", kv), ("v_proj", kv)]
+                .map(|(n, w)| bias_var(&a / n, w, true).expect("on"))
+        });
+        let mlp_bias = cfg.mlp_bias.then(|| {
+            [("gate_proj", f), ("up_proj", f), ("down_proj", d)]
+                .map(|(n, w)| bias_var(&m / n, w, true).expect("on"))
+        });
+        let hd = cfg.head_dim();
+        let qk_norm = cfg.qk_norm().then(|| {
+            (
+                RmsNorm::new(&(&a / "q_norm"), hd, cfg.rms_norm_eps),
+                RmsNorm::new(&(&a / "k_norm"), hd, cfg.rms_norm_eps),
+            )
+        });
         Ok(Self {
             input_layernorm: RmsNorm::new(&(path / "input_layernorm"), d, cfg.rms_norm_eps),
             self_attn: Attention {
-                q_proj: lin(&a / "q_proj", d, cfg.q_width())?,
-                k_proj: lin(&a / "k_proj", d, cfg.kv_width())?,
-                v_proj: lin(&a / "v_proj", d, cfg.kv_width())?,
-                o_proj: lin(&a / "o_proj", cfg.q_width(), d)?,
+                q_proj: lin(&a / "q_proj", d, q)?,
+                k_proj: lin(&a / "k_proj", d, kv)?,
+                v_proj: lin(&a / "v_proj", d, kv)?,
+                o_proj: lin(&a / "o_proj", q, d)?,
+                qkv_bias,
+                o_bias: bias_var(&a / "o_proj", d, cfg.o_bias()),
+                qk_norm,
                 heads: cfg.num_attention_heads,
                 kv_heads: cfg.num_key_value_heads,
-                head_dim: cfg.head_dim(),
+                head_dim: hd,
+                window: cfg.sliding_window,
             },
             post_attention_layernorm: RmsNorm::new(
                 &(path / "post_attention_layernorm"),
@@ -457,6 +623,7 @@ impl Block {
                 gate_proj: lin(&m / "gate_proj", d, f)?,
                 up_proj: lin(&m / "up_proj", d, f)?,
                 down_proj: lin(&m / "down_proj", f, d)?,
+                bias: mlp_bias,
             },
         })
     }
@@ -504,10 +671,25 @@ impl Block {
         let (b, t, _) = x.size3().expect("(batch, time, width)");
         let at = &self.self_attn;
         let h = self.input_layernorm.forward(x);
-        let split = |y: Tensor, heads: i64| y.view([b, t, heads, at.head_dim]).transpose(1, 2);
-        let q = split(at.q_proj.forward(&h), at.heads);
-        let k = split(at.k_proj.forward(&h), at.kv_heads);
-        let v = split(at.v_proj.forward(&h), at.kv_heads);
+        let qkv = at.qkv_bias.as_ref();
+        let heads = |y: Tensor, heads: i64| y.view([b, t, heads, at.head_dim]);
+        let q = heads(biased(at.q_proj.as_ref(), qkv.map(|b| &b[0]), &h), at.heads);
+        let k = heads(
+            biased(at.k_proj.as_ref(), qkv.map(|b| &b[1]), &h),
+            at.kv_heads,
+        );
+        let v = heads(
+            biased(at.v_proj.as_ref(), qkv.map(|b| &b[2]), &h),
+            at.kv_heads,
+        );
+        let (q, k) = match &at.qk_norm {
+            Some((qn, kn)) => (
+                qn.forward(&q).to_kind(q.kind()),
+                kn.forward(&k).to_kind(k.kind()),
+            ),
+            None => (q, k),
+        };
+        let (q, k, v) = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2));
         let (cos, sin) = (cos.to_kind(q.kind()), sin.to_kind(q.kind()));
         let q = &q * &cos + rotate_half(&q) * &sin;
         let k = &k * &cos + rotate_half(&k) * &sin;
@@ -525,30 +707,54 @@ impl Block {
             }
             None => (k, v, 0),
         };
-        // Query i (at position past + i) sees keys 0..=past + i. With nothing cached that is
-        // the plain causal mask; one new query sees everything; several new queries after a
-        // cache need the offset mask (SDPA's is_causal aligns top-left, which would be wrong).
-        let (mask, causal) = if past == 0 {
-            (None, t > 1)
-        } else if t == 1 {
-            (None, false)
-        } else {
-            let opts = (Kind::Int64, x.device());
-            let qpos = Tensor::arange(t, opts).unsqueeze(1) + past;
-            let kpos = Tensor::arange(past + t, opts).unsqueeze(0);
-            (Some(kpos.le_tensor(&qpos)), false)
-        };
+        let (mask, causal) = attention_mask(t, past, at.window, x.device());
         let (k, v) = (at.repeat_kv(k), at.repeat_kv(v));
         let y = Tensor::scaled_dot_product_attention(&q, &k, &v, mask, 0.0, causal, None, false);
         let y = y
             .transpose(1, 2)
             .contiguous()
             .view([b, t, at.heads * at.head_dim]);
-        let x = x + at.o_proj.forward(&y).to_kind(Kind::Float);
+        let x = x + biased(at.o_proj.as_ref(), at.o_bias.as_ref(), &y).to_kind(Kind::Float);
         let h = self.post_attention_layernorm.forward(&x);
-        let gated = self.mlp.gate_proj.forward(&h).silu() * self.mlp.up_proj.forward(&h);
-        x + self.mlp.down_proj.forward(&gated).to_kind(Kind::Float)
+        let mb = self.mlp.bias.as_ref();
+        let gate = biased(self.mlp.gate_proj.as_ref(), mb.map(|b| &b[0]), &h);
+        let up = biased(self.mlp.up_proj.as_ref(), mb.map(|b| &b[1]), &h);
+        let down = biased(
+            self.mlp.down_proj.as_ref(),
+            mb.map(|b| &b[2]),
+            &(gate.silu() * up),
+        );
+        x + down.to_kind(Kind::Float)
     }
+}
+
+/// The attention mask of `t` new queries after `past` cached positions, as SDPA takes it
+/// (`(mask, is_causal)`): query i, at position `past + i`, sees keys `0..=past + i`, and with
+/// a `window` only the last `window` of them (`past + i - window < j`, transformers'
+/// `sliding_window_overlay`). With nothing cached and no window reaching back, that is SDPA's
+/// causal flag; one new query with nothing out of its window sees everything; otherwise an
+/// explicit mask (SDPA's is_causal aligns top-left, which would be wrong after a cache).
+fn attention_mask(
+    t: i64,
+    past: i64,
+    window: Option<i64>,
+    device: tch::Device,
+) -> (Option<Tensor>, bool) {
+    let windowed = window.is_some_and(|w| past + t > w);
+    if !windowed && past == 0 {
+        return (None, t > 1);
+    }
+    if !windowed && t == 1 {
+        return (None, false);
+    }
+    let opts = (Kind::Int64, device);
+    let qpos = Tensor::arange(t, opts).unsqueeze(1) + past;
+    let kpos = Tensor::arange(past + t, opts).unsqueeze(0);
+    let mut mask = kpos.le_tensor(&qpos);
+    if let Some(w) = window.filter(|_| windowed) {
+        mask = mask.logical_and(&kpos.gt_tensor(&(qpos - w)));
+    }
+    (Some(mask), false)
 }
 
 /// The word table's name, `model.embed_tokens` (variables `model.embed_tokens.weight`, or a TT

@@ -837,9 +837,10 @@ fn unused_tensor(path: &Path, name: &str, model: &HashSet<String>) -> Error {
         "the config ties the output head to the word embeddings (tie_word_embeddings = true), \
          but the file holds an output head of its own"
     } else if name.ends_with(".bias") {
-        "biases (attention_bias, mlp_bias, Qwen2's q/k/v biases) are not supported yet"
+        "the config declares no bias there: attention_bias and mlp_bias are off, or the family \
+         has none; Qwen2's are on q/k/v only"
     } else if name.contains(".q_norm.") || name.contains(".k_norm.") {
-        "per-head q/k norms (Qwen3, Gemma 3) are not supported yet"
+        "per-head q/k norms are Qwen3's (model_type \"qwen3\"); this config's family has none"
     } else {
         "a checkpoint of another model?"
     };

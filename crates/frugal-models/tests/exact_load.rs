@@ -112,8 +112,11 @@ fn unused_tensors_are_refused_by_name() {
     );
     load_exact(&LinearKind::Dense, &inv_freq).unwrap();
     for (name, needle) in [
-        ("model.layers.0.self_attn.q_norm.weight", "q/k norms"),
-        ("model.layers.1.mlp.up_proj.bias", "biases"),
+        (
+            "model.layers.0.self_attn.q_norm.weight",
+            "q/k norms are Qwen3's",
+        ),
+        ("model.layers.1.mlp.up_proj.bias", "declares no bias"),
         ("model.something.weight", "another model"),
     ] {
         let file = dir.path().join("extra.safetensors");

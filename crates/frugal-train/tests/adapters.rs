@@ -49,11 +49,18 @@ fn base_folder_with(dir: &Path, name: &str, edit: impl Fn(&mut LlamaConfig)) -> 
         Kind::Float,
     )
     .unwrap();
+    // Biases and norms (q/k norms included) off their initial zeros and ones, so that every
+    // part moves the outputs.
+    tch::no_grad(|| {
+        for (name, v) in vs.variables() {
+            if name.ends_with(".bias") || name.contains("norm") {
+                let _ = v.shallow_clone().g_add_(&(v.randn_like() * 0.2));
+            }
+        }
+    });
     frugal_models::weights::save(&vs, &base.join("model.safetensors")).unwrap();
-    let mut json = serde_json::to_value(&cfg).unwrap();
-    json["model_type"] = "llama".into();
-    json["tie_word_embeddings"] = false.into();
-    std::fs::write(base.join("config.json"), json.to_string()).unwrap();
+    let text = serde_json::to_string(&cfg).unwrap();
+    std::fs::write(base.join("config.json"), text).unwrap();
     let tok = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../frugal-models/tests/fixtures/peft/tiny_llama/tokenizer.json");
     std::fs::copy(tok, base.join("tokenizer.json")).unwrap();
@@ -613,31 +620,79 @@ fn adapter_run_resumes_exactly() {
     assert!(a == b, "the resumed adapter differs");
 }
 
-/// Guarantee: a LoRA adapter `frugal train` makes on a Llama-3.x-shaped folder (grouped-query
-/// attention with 2 KV heads, an explicit head_dim of 32 ≠ 64 / 4, Llama 3 RoPE scaling, all
+/// The families' shapes [`gqa_lora_runs_of_every_family_load_in_peft`] trains: a
+/// Llama-3.x shape (2 KV heads, an explicit head_dim of 32 ≠ 64 / 4, Llama 3 RoPE scaling),
+/// Qwen2 (q/k/v biases, tied embeddings), Qwen3 (q/k norms, head_dim 32) and Mistral (a window
+/// of 8 positions, shorter than the 16 of a sequence).
+fn family_shapes() -> Vec<(&'static str, fn(&mut LlamaConfig))> {
+    use frugal_models::llama::DecoderType;
+    vec![
+        ("llama", |c| {
+            c.num_key_value_heads = 2;
+            c.head_dim = Some(32);
+            c.rope_theta = 5e5;
+            c.rope_scaling = Some(frugal_models::llama::Llama3Rope {
+                factor: 8.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_max_position_embeddings: 8,
+            });
+        }),
+        ("qwen2", |c| {
+            c.model_type = DecoderType::Qwen2;
+            c.num_key_value_heads = 2;
+            c.tie_word_embeddings = true;
+        }),
+        ("qwen3", |c| {
+            c.model_type = DecoderType::Qwen3;
+            c.num_key_value_heads = 2;
+            c.head_dim = Some(32);
+            c.rope_theta = 1e6;
+        }),
+        ("mistral", |c| {
+            c.model_type = DecoderType::Mistral;
+            c.num_key_value_heads = 2;
+            c.sliding_window = Some(8);
+        }),
+    ]
+}
+
+/// Guarantee: for each family of [`family_shapes`], a LoRA adapter `frugal train` makes (all
 /// seven projections adapted, k/v at their kv_heads · head_dim width) loads in PEFT on the
 /// same base, and PEFT's logits equal `frugal eval --model BASE --adapter A --logits`' within
-/// 1e-4. transformers reads the folder's config.json as Frugal writes it.
+/// 1e-4; transformers reads the folder's config.json as Frugal writes it, as the same family.
+/// A QLoRA run on each folder trains too.
 #[test]
-fn gqa_lora_run_loads_in_peft() {
+fn gqa_lora_runs_of_every_family_load_in_peft() {
     let Some(python) = common::peft_python() else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let base = base_folder_with(dir.path(), "gqa", |c| {
-        c.num_key_value_heads = 2;
-        c.head_dim = Some(32);
-        c.rope_theta = 5e5;
-        c.rope_scaling = Some(frugal_models::llama::Llama3Rope {
-            factor: 8.0,
-            low_freq_factor: 1.0,
-            high_freq_factor: 4.0,
-            original_max_position_embeddings: 8,
-        });
-    });
-    let data = instructions(dir.path(), 40);
-    let out = dir.path().join("run");
-    train(dir.path(), &out, &settings(&base, &data, "lora"));
+    for (family, edit) in family_shapes() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = base_folder_with(dir.path(), family, edit);
+        lora_run_loads_in_peft(&python, dir.path(), &base, family);
+        let data = instructions(dir.path(), 40);
+        let out = dir.path().join("qlora");
+        train(dir.path(), &out, &settings(&base, &data, "qlora"));
+        let losses = common::losses(&out);
+        assert_eq!(losses.len(), 4, "{family}: {losses:?}");
+        assert!(
+            losses
+                .iter()
+                .all(|l| !l.contains("null") && !l.contains("NaN")),
+            "{family}: {losses:?}"
+        );
+        assert!(out.join("adapter/adapter_model.safetensors").exists());
+    }
+}
+
+/// Trains a LoRA adapter on folder `base` and checks it in PEFT (see
+/// [`gqa_lora_runs_of_every_family_load_in_peft`]).
+fn lora_run_loads_in_peft(python: &str, dir: &Path, base: &Path, family: &str) {
+    let cfg = LlamaConfig::from_hf_file(&base.join("config.json")).unwrap();
+    let data = instructions(dir, 40);
+    let out = dir.join("run");
+    train(dir, &out, &settings(base, &data, "lora"));
     let adapter = out.join("adapter");
     let k = frugal_core::safetensors_io::SafetensorsFile::open(
         &adapter.join("adapter_model.safetensors"),
@@ -648,13 +703,13 @@ fn gqa_lora_run_loads_in_peft() {
         .unwrap();
     assert_eq!(
         shape,
-        [2 * 32, 4],
-        "k_proj's B has kv_heads · head_dim rows"
+        [cfg.kv_width(), 4],
+        "{family}: k_proj's B has kv_heads · head_dim rows"
     );
-    let logits = dir.path().join("logits.safetensors");
-    let mut c = frugal(dir.path());
+    let logits = dir.join("logits.safetensors");
+    let mut c = frugal(dir);
     c.args(["eval", "--model"])
-        .arg(&base)
+        .arg(base)
         .arg("--adapter")
         .arg(&adapter)
         .arg("--data")
@@ -665,25 +720,25 @@ fn gqa_lora_run_loads_in_peft() {
     let f = frugal_core::safetensors_io::SafetensorsFile::open(&logits).unwrap();
     let ids = f.tensor("input_ids", Device::Cpu).unwrap();
     let ours = f.tensor("logits", Device::Cpu).unwrap();
-    let ids_file = dir.path().join("ids.safetensors");
+    let ids_file = dir.join("ids.safetensors");
     frugal_core::safetensors_io::save(&ids_file, &[("ids".into(), ids)], None).unwrap();
-    let peft_logits = dir.path().join("peft_logits.safetensors");
+    let peft_logits = dir.join("peft_logits.safetensors");
     let script = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../frugal-models/tests/fixtures/peft/peft_check.py");
-    let status = std::process::Command::new(&python)
+    let status = std::process::Command::new(python)
         .arg(script)
-        .arg(&base)
+        .arg(base)
         .arg(&adapter)
         .arg(&ids_file)
         .arg(&peft_logits)
         .status()
         .unwrap();
-    assert!(status.success(), "peft_check.py failed");
+    assert!(status.success(), "{family}: peft_check.py failed");
     let theirs = frugal_core::safetensors_io::SafetensorsFile::open(&peft_logits)
         .unwrap()
         .tensor("logits", Device::Cpu)
         .unwrap();
     let d = (&ours - &theirs).abs().max().double_value(&[]);
-    eprintln!("PEFT on the GQA run's adapter: max |logit difference| {d:e}");
-    assert!(d < 1e-4, "PEFT on our GQA adapter: {d}");
+    eprintln!("{family}: PEFT on the run's adapter, max |logit difference| {d:e}");
+    assert!(d < 1e-4, "{family}: PEFT on our adapter: {d}");
 }

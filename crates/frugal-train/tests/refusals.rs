@@ -1,8 +1,9 @@
 //! Hugging Face folders that this build does not compute exactly are refused by name, never
 //! loaded silently wrong: other model families by `model_type` ("not supported yet" or "not
-//! supported"), LLaMA settings it does not implement by key, and weights that disagree with the
+//! supported"), settings it does not implement by key, and weights that disagree with the
 //! config (layer count, an output head the config ties away, tensors the model would not use)
-//! by tensor. The folders are made at test time by transformers
+//! by tensor; and the families it computes (LLaMA shapes, Qwen2, Qwen3, Mistral) load through
+//! the command line with transformers' logits. The folders are made at test time by transformers
 //! (`crates/frugal-models/tests/fixtures/gen_refusals.py`); without Python and transformers the
 //! tests are skipped, unless `FRUGAL_PEFT=1` (set by `cargo xtask test`) makes that a failure.
 
@@ -131,35 +132,24 @@ fn refused(name: &str, needles: &[&str]) {
     );
 }
 
-/// Guarantee: Qwen2 (whose q/k/v biases this build would drop) is refused by model_type as a
-/// family that is not supported yet.
-#[test]
-fn qwen2_is_refused_as_not_yet() {
-    refused(
-        "qwen2",
-        &["model_type: \"qwen2\" is not supported yet", "biases"],
-    );
-}
-
-/// Guarantee: Qwen3 (per-head q/k norms) is refused by model_type, not yet.
-#[test]
-fn qwen3_is_refused_as_not_yet() {
-    refused("qwen3", &["model_type: \"qwen3\" is not supported yet"]);
-}
-
 /// Guarantee: Gemma ((1+w) norms, scaled embeddings) is refused by model_type, not yet.
 #[test]
 fn gemma_is_refused_as_not_yet() {
     refused("gemma", &["model_type: \"gemma\" is not supported yet"]);
 }
 
-/// Guarantee: Mistral with a sliding window shorter than its positions is refused by
-/// model_type, not yet.
+/// Guarantee: settings of a loaded family that this build does not compute are refused by key:
+/// Qwen2's sliding-window layers, and biases in a Mistral config (transformers' Mistral has
+/// none, so the file was made for another model).
 #[test]
-fn mistral_is_refused_as_not_yet() {
+fn family_settings_that_are_not_built_are_refused_by_key() {
     refused(
-        "mistral",
-        &["model_type: \"mistral\" is not supported yet", "window"],
+        "qwen2_sliding",
+        &["use_sliding_window: true", "not supported yet"],
+    );
+    refused(
+        "mistral_with_bias",
+        &["attention_bias: true is not a mistral setting"],
     );
 }
 
@@ -185,12 +175,11 @@ fn missing_model_type_is_refused() {
     refused("llama_no_model_type", &["model_type: missing"]);
 }
 
-/// Guarantee: a LLaMA with attention_bias, a RoPE type other than the default and Llama 3's
-/// (linear, YaRN), key/value heads that do not divide the query heads, or a sliding window
-/// shorter than its positions is refused, naming the key.
+/// Guarantee: a LLaMA with a RoPE type other than the default and Llama 3's (linear, YaRN),
+/// key/value heads that do not divide the query heads, or a sliding window shorter than its
+/// positions is refused, naming the key.
 #[test]
 fn llama_settings_that_are_not_built_are_refused_by_key() {
-    refused("llama_attention_bias", &["attention_bias: true"]);
     refused(
         "llama_linear_rope",
         &["rope_parameters: rope_type \"linear\" is not supported yet"],
@@ -232,7 +221,7 @@ fn tensors_the_model_would_not_use_are_refused_by_name() {
         "llama_bias_unflagged",
         &[
             "'model.layers.0.self_attn.k_proj.bias' is not used",
-            "biases",
+            "declares no bias",
         ],
     );
 }
@@ -259,17 +248,26 @@ fn tied_llama_of_transformers_loads() {
     assert!(v["loss"].as_f64().unwrap().is_finite(), "{v}");
 }
 
-/// Guarantee: transformers-made Llama-3.x shapes load and evaluate exactly through the command
-/// line: grouped-query attention with an explicit head_dim (`llama_gqa`: 2 KV heads of width
-/// 16), and multi-query attention with Llama 3 RoPE scaling past
-/// original_max_position_embeddings (`llama3_rope`). `frugal eval --model DIR --logits FILE`
-/// gives transformers' logits within 1e-4 (`logits_check.py`), on sequences of 24 tokens.
+/// Guarantee: transformers-made folders of every family this build computes load and evaluate
+/// exactly through the command line: grouped-query attention with an explicit head_dim
+/// (`llama_gqa`: 2 KV heads of width 16), multi-query attention with Llama 3 RoPE scaling past
+/// original_max_position_embeddings (`llama3_rope`), a LLaMA with attention and MLP biases,
+/// Qwen2 (q/k/v biases, tied embeddings), Qwen3 (q/k norms) and Mistral (a window of 8
+/// positions). `frugal eval --model DIR --logits FILE` gives transformers' logits within 1e-4
+/// (`logits_check.py`), on sequences of 24 tokens.
 #[test]
-fn llama3_shapes_of_transformers_load_and_match() {
+fn every_family_of_transformers_loads_and_matches() {
     let Some(python) = common::peft_python() else {
         return;
     };
-    for name in ["llama_gqa", "llama3_rope"] {
+    for name in [
+        "llama_gqa",
+        "llama3_rope",
+        "llama_attention_bias",
+        "qwen2",
+        "qwen3",
+        "mistral",
+    ] {
         let Some(dir) = folder(name) else { return };
         let shape = LlamaConfig::from_hf_file(&dir.join("config.json")).unwrap();
         assert!(

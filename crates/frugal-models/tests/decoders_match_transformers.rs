@@ -1,9 +1,10 @@
-//! Llama-3.x shapes against transformers and PEFT: grouped-query and multi-query attention
-//! (`num_key_value_heads` < `num_attention_heads`), an explicit `head_dim`, and Llama 3's RoPE
-//! scaling with a large `rope_theta`. Tiny random folders are made at test time by
-//! `fixtures/gen_llama3_shapes.py` (transformers 5.25, PEFT 0.21); without Python, transformers
-//! and PEFT the tests are skipped, unless `FRUGAL_PEFT=1` (set by `cargo xtask test`) makes that
-//! a failure.
+//! The decoder families against transformers and PEFT: LLaMA shapes (grouped-query and
+//! multi-query attention, an explicit `head_dim`, Llama 3's RoPE scaling with a large
+//! `rope_theta`, `attention_bias` and `mlp_bias`), Qwen2 (q/k/v biases, tied embeddings), Qwen3
+//! (per-head q/k norms) and Mistral (a sliding window shorter than the sequence). Tiny random
+//! folders are made at test time by `fixtures/gen_decoders.py` (transformers 5.25, PEFT 0.21);
+//! without Python, transformers and PEFT the tests are skipped, unless `FRUGAL_PEFT=1` (set by
+//! `cargo xtask test`) makes that a failure.
 
 mod common;
 
@@ -17,8 +18,17 @@ use std::path::Path;
 use std::sync::OnceLock;
 use tch::{nn::VarStore, Device, Kind, Tensor};
 
-/// The variants `gen_llama3_shapes.py` writes.
-const VARIANTS: &[&str] = &["gqa", "mqa", "head_dim", "llama3_rope"];
+/// The variants `gen_decoders.py` writes.
+const VARIANTS: &[&str] = &[
+    "gqa",
+    "mqa",
+    "head_dim",
+    "llama3_rope",
+    "llama_bias",
+    "qwen2",
+    "qwen3",
+    "mistral",
+];
 
 fn python() -> String {
     std::env::var("FRUGAL_PYTHON").unwrap_or_else(|_| "python3".into())
@@ -30,8 +40,7 @@ fn fixtures() -> Option<&'static Path> {
     static DIR: OnceLock<Option<tempfile::TempDir>> = OnceLock::new();
     DIR.get_or_init(|| {
         let required = std::env::var("FRUGAL_PEFT").is_ok_and(|v| v == "1");
-        let script =
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gen_llama3_shapes.py");
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gen_decoders.py");
         let dir = tempfile::tempdir().unwrap();
         let out = std::process::Command::new(python())
             .arg(script)
@@ -129,6 +138,38 @@ fn logits_match_transformers() {
     let ids = reference(dir, "head_dim", "ids");
     let d = max_diff(&logits(&other, &ids), &reference(dir, "head_dim", "logits"));
     assert!(d > 1e-3, "rope_theta does not matter here: {d}");
+    // The families' parts are read: a window, biases on q/k/v only, q/k norms.
+    let mistral = config(dir, "mistral");
+    assert_eq!(mistral.sliding_window, Some(8));
+    let mut unwindowed = mistral.clone();
+    unwindowed.sliding_window = None;
+    let (_, full) = load(dir, "mistral", &unwindowed, &LinearKind::Dense);
+    let ids = reference(dir, "mistral", "ids");
+    let d = max_diff(&logits(&full, &ids), &reference(dir, "mistral", "logits"));
+    assert!(d > 1e-3, "the window does not matter here: {d}");
+    let qwen2 = config(dir, "qwen2");
+    assert!(qwen2.qkv_bias() && !qwen2.o_bias() && qwen2.tie_word_embeddings);
+    let (vs, _) = load(dir, "qwen2", &qwen2, &LinearKind::Dense);
+    let vars = vs.variables();
+    assert!(vars.contains_key("model.layers.1.self_attn.v_proj.bias"));
+    assert!(!vars.contains_key("model.layers.1.self_attn.o_proj.bias"));
+    assert!(!vars.contains_key("lm_head.weight"));
+    let qwen3 = config(dir, "qwen3");
+    assert!(qwen3.qk_norm() && !qwen3.qkv_bias());
+    let (vs, _) = load(dir, "qwen3", &qwen3, &LinearKind::Dense);
+    assert_eq!(
+        vs.variables()["model.layers.0.self_attn.k_norm.weight"].size(),
+        [16]
+    );
+    let bias = config(dir, "llama_bias");
+    let (vs, _) = load(dir, "llama_bias", &bias, &LinearKind::Dense);
+    assert_eq!(
+        vs.variables()["model.layers.0.mlp.down_proj.bias"].size(),
+        [32]
+    );
+    assert!(vs
+        .variables()
+        .contains_key("model.layers.0.self_attn.o_proj.bias"));
 }
 
 /// Guarantee: greedy generation through the KV cache (the prompt, then one token at a time)
@@ -198,7 +239,15 @@ fn peft_lora_on_qkvo_gives_peft_logits() {
 #[test]
 fn frugal_lora_on_gqa_loads_in_peft() {
     let Some(dir) = fixtures() else { return };
-    for name in ["gqa", "mqa", "llama3_rope"] {
+    for name in [
+        "gqa",
+        "mqa",
+        "llama3_rope",
+        "llama_bias",
+        "qwen2",
+        "qwen3",
+        "mistral",
+    ] {
         let cfg = config(dir, name);
         let (vs, mut model) = load(dir, name, &cfg, &LinearKind::Dense);
         let lora = LoraConfig {
@@ -260,7 +309,7 @@ fn frugal_lora_on_gqa_loads_in_peft() {
 #[test]
 fn quantized_kinds_and_adapters_take_kv_shapes() {
     let Some(dir) = fixtures() else { return };
-    for name in ["gqa", "mqa", "head_dim"] {
+    for name in ["gqa", "mqa", "head_dim", "llama_bias", "qwen2", "qwen3"] {
         let cfg = config(dir, name);
         for format in ["nf4", "int8", "int4"] {
             let kind = LinearKind::Quantized {
@@ -346,4 +395,22 @@ fn quantized_kinds_and_adapters_take_kv_shapes() {
         .to_string();
     assert!(err.starts_with("model.linear"), "{err}");
     eprintln!("TT refusal: {err}");
+    // A TT layer has no bias: a model with biases is refused naming the key that asks for them.
+    for (name, key) in [("qwen2", "model_type"), ("llama_bias", "attention_bias")] {
+        let cfg = config(dir, name);
+        let vs = VarStore::new(Device::Cpu);
+        let kind = LinearKind::Tt {
+            rank: 4,
+            order: 2,
+            eps: None,
+        };
+        let err = Llama::new(&vs.root(), &cfg, &kind, &EmbeddingKind::Dense, Kind::Float)
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("model.linear") && err.contains(key),
+            "{name}: {err}"
+        );
+    }
 }
