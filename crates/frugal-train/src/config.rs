@@ -34,15 +34,67 @@ macro_rules! config_names {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ModelKind {
-    /// The LLaMA-style decoder.
+    /// The LLaMA-style decoder (Hugging Face's `llama`, `mistral`, `qwen2`, `qwen3`).
     #[default]
     Llama,
     /// The BERT-style encoder.
     Encoder,
     /// The MatMul-free LM (HGRN-bit).
     HgrnBit,
+    /// The `model.from_pretrained` folder's family (its `config.json`'s `model_type`, or a run
+    /// folder's `model.kind`), else `llama`: resolved when the config is read
+    /// ([`from_table`]), so that no run sees it. The default when the config has no
+    /// `model.kind`.
+    Auto,
 }
-config_names!(ModelKind { Llama => "llama", Encoder => "encoder", HgrnBit => "hgrn-bit" });
+config_names!(ModelKind { Llama => "llama", Encoder => "encoder", HgrnBit => "hgrn-bit", Auto => "auto" });
+
+impl ModelKind {
+    /// The kind `auto` stands for with `model.from_pretrained = from` (empty: none): the
+    /// family of the folder's `config.json` (`model_type`: a decoder type is `llama`, `bert`
+    /// `encoder`, `hgrn_bit` `hgrn-bit`; any other is refused by name), or a run folder's own
+    /// `model.kind` (its `config.toml`); `llama` without a folder. Other kinds are themselves.
+    pub fn resolve(self, from: &str) -> Result<ModelKind> {
+        if self != ModelKind::Auto {
+            return Ok(self);
+        }
+        if from.is_empty() {
+            return Ok(ModelKind::Llama);
+        }
+        let dir = Path::new(from);
+        let hf = dir.join("config.json");
+        if hf.is_file() {
+            let in_file = |e: Error| Error::Msg(format!("{}: {e}", hf.display()));
+            let text = std::fs::read_to_string(&hf).map_err(|e| Error::io(&hf, e))?;
+            let v: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| in_file(Error::Msg(e.to_string())))?;
+            let t = frugal_models::hf::model_type(&v).map_err(in_file)?;
+            use frugal_models::hf::Family;
+            return match Family::of(t) {
+                Some(Family::Llama) => Ok(ModelKind::Llama),
+                Some(Family::Bert) => Ok(ModelKind::Encoder),
+                Some(Family::HgrnBit) => Ok(ModelKind::HgrnBit),
+                // The refusal of a type no kind loads, by name.
+                None => frugal_models::hf::expect_family(&v, Family::Llama)
+                    .map_err(in_file)
+                    .map(|_| ModelKind::Llama),
+            };
+        }
+        let run = dir.join("config.toml");
+        if run.is_file() {
+            let kind = load(&run, &[])?.model.kind;
+            return Ok(kind.resolve("")?);
+        }
+        Err(Error::config(
+            "model.kind",
+            format!(
+                "\"auto\" reads the family of model.from_pretrained, but {} holds neither a \
+                 config.json nor a run's config.toml; set model.kind",
+                dir.display()
+            ),
+        ))
+    }
+}
 
 /// `train.objective`: what the model learns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -843,9 +895,16 @@ pub fn set_override(root: &mut toml::Table, key: &str, raw: &str) -> Result<()> 
 }
 
 /// Turns a TOML table into a [`Config`]; errors name the key (`train.lr: invalid type ...`).
-pub fn from_table(table: toml::Table) -> Result<Config> {
+/// `model.kind` is `"auto"` when the table has none, and `"auto"` is resolved here
+/// ([`ModelKind::resolve`]).
+pub fn from_table(mut table: toml::Table) -> Result<Config> {
+    if let Some(toml::Value::Table(model)) = table.get_mut("model") {
+        model
+            .entry("kind")
+            .or_insert_with(|| toml::Value::String("auto".into()));
+    }
     let de = toml::Value::Table(table);
-    let cfg: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+    let mut cfg: Config = serde_path_to_error::deserialize(de).map_err(|e| {
         let key = e.path().to_string();
         let inner = e.into_inner().to_string();
         let inner = inner.lines().next().unwrap_or("").trim().to_string();
@@ -855,6 +914,7 @@ pub fn from_table(table: toml::Table) -> Result<Config> {
             Error::config(key, inner)
         }
     })?;
+    cfg.model.kind = cfg.model.kind.resolve(&cfg.model.from_pretrained)?;
     cfg.validate()?;
     Ok(cfg)
 }
@@ -1069,6 +1129,13 @@ impl Config {
         let m = &self.model;
         let t = &self.train;
         match m.kind {
+            ModelKind::Auto => {
+                return Err(Error::config(
+                    "model.kind",
+                    "\"auto\" is resolved when a config is read (config::load, from_table); \
+                     a Config built in code names its kind",
+                ))
+            }
             ModelKind::Llama => {
                 if frugal_models::llama::LlamaConfig::preset(&m.size).is_none() {
                     let reason = if ENCODER_PRESETS.contains(&m.size.as_str()) {
@@ -1106,7 +1173,9 @@ impl Config {
                 ));
             }
             ModelKind::Encoder => {
-                if frugal_models::encoder::EncoderConfig::preset(&m.size).is_none() {
+                // With model.from_pretrained the folder gives the shape: the preset is unused.
+                let preset_used = m.from_pretrained.is_empty();
+                if preset_used && frugal_models::encoder::EncoderConfig::preset(&m.size).is_none() {
                     let what = if LLAMA_PRESETS.contains(&m.size.as_str()) {
                         "is a llama preset, not an encoder one"
                     } else {
@@ -1566,6 +1635,77 @@ mod tests {
         c.model.vocab_size = 400;
         let err = c.encoder_config(500).unwrap_err().to_string();
         assert!(err.starts_with("model.vocab_size:"), "{err}");
+    }
+
+    /// Guarantee: `model.kind = "auto"`, the default when a config names no kind, takes the
+    /// `from_pretrained` folder's family (a decoder type is llama, bert the encoder), or a run
+    /// folder's kind, else llama; a type no kind loads is refused by name, and a folder that
+    /// tells nothing is an error naming `model.kind`. A named kind stays as named.
+    #[test]
+    fn auto_kind_takes_the_folders_family() {
+        let dir = tempfile::tempdir().unwrap();
+        let folder = |name: &str, model_type: &str| {
+            let d = dir.path().join(name);
+            std::fs::create_dir_all(&d).unwrap();
+            let text = format!(r#"{{"model_type": "{model_type}"}}"#);
+            std::fs::write(d.join("config.json"), text).unwrap();
+            d.display().to_string()
+        };
+        let read = |model: &str| {
+            let table: toml::Table = toml::from_str(&format!("[model]\n{model}")).unwrap();
+            from_table(table).map(|c| c.model.kind)
+        };
+        assert_eq!(read("").unwrap(), ModelKind::Llama);
+        assert_eq!(read("kind = \"auto\"").unwrap(), ModelKind::Llama);
+        for (t, kind) in [
+            ("qwen2", ModelKind::Llama),
+            ("mistral", ModelKind::Llama),
+            ("bert", ModelKind::Encoder),
+        ] {
+            let from = folder(t, t);
+            assert_eq!(
+                read(&format!("from_pretrained = {from:?}")).unwrap(),
+                kind,
+                "{t}"
+            );
+        }
+        let bert = folder("bert2", "bert");
+        assert_eq!(
+            read(&format!("kind = \"llama\"\nfrom_pretrained = {bert:?}")).unwrap(),
+            ModelKind::Llama
+        );
+        let gpt2 = folder("gpt2", "gpt2");
+        let err = read(&format!("from_pretrained = {gpt2:?}"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("config.json: model_type: \"gpt2\" is not supported"),
+            "{err}"
+        );
+        let run = dir.path().join("run");
+        std::fs::create_dir_all(&run).unwrap();
+        std::fs::write(
+            run.join("config.toml"),
+            "[model]\nkind = \"encoder\"\nsize = \"encoder-tiny\"\n",
+        )
+        .unwrap();
+        let from = run.display().to_string();
+        assert_eq!(
+            read(&format!("from_pretrained = {from:?}")).unwrap(),
+            ModelKind::Encoder
+        );
+        let empty = dir.path().join("empty").display().to_string();
+        let err = read(&format!("from_pretrained = {empty:?}"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("model.kind: \"auto\""), "{err}");
+        let mut c = Config::default();
+        c.model.kind = ModelKind::Auto;
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .starts_with("model.kind:"));
     }
 
     /// Guarantee: every closed set of values is an enum: a value outside it is a one-line error
