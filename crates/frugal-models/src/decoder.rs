@@ -146,7 +146,7 @@ impl Decoder {
     pub fn block(&self, i: usize, x: &Tensor) -> Tensor {
         match self {
             Decoder::Llama(m) => {
-                let (cos, sin) = m.rope(0, x.size()[1]);
+                let (cos, sin) = m.rope(i, 0, x.size()[1]);
                 m.layers[i].forward(x, &cos, &sin, None)
             }
             Decoder::HgrnBit(m) => {

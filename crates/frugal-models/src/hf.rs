@@ -59,18 +59,7 @@ impl Family {
 
 /// Decoder families Frugal will load but this build does not yet: `model_type` and what they
 /// need that is not built.
-pub const NOT_YET: &[(&str, &str)] = &[
-    ("gemma", "(1 + w) norms, scaled embeddings and GeLU"),
-    (
-        "gemma2",
-        "(1 + w) norms, logit soft-capping and local/global attention layers",
-    ),
-    (
-        "gemma3_text",
-        "q/k norms, local/global attention layers and two RoPE bases",
-    ),
-    ("phi3", "fused qkv_proj/gate_up_proj and LongRoPE"),
-];
+pub const NOT_YET: &[(&str, &str)] = &[("phi3", "fused qkv_proj/gate_up_proj and LongRoPE")];
 
 /// `model_type`s refused for good, with the reason.
 const UNSUPPORTED: &[(&str, &str)] = &[
@@ -269,6 +258,7 @@ pub const IGNORED: &[&str] = &[
 /// `llama` config.json they mean the file was made for another model, so they are refused
 /// unless off (null, false, 0 or empty).
 pub const OTHER_FAMILIES: &[&str] = &[
+    "use_bidirectional_attention",
     "use_sliding_window",
     "max_window_layers",
     "layer_types",
@@ -308,8 +298,8 @@ pub const OTHER_FAMILIES: &[&str] = &[
     "original_max_position_embeddings",
 ];
 
-/// RoPE types the LLaMA computes: plain RoPE and Llama 3's scaling.
-const ROPE_TYPES: &[&str] = &["default", "llama3"];
+/// RoPE types the decoders compute: plain RoPE, Llama 3's scaling and linear interpolation.
+const ROPE_TYPES: &[&str] = &["default", "llama3", "linear"];
 
 /// The RoPE parameters of a parsed `config.json`: transformers 5's `rope_parameters`, else
 /// the older `rope_scaling` (None when neither is an object), with the key's name.
@@ -319,19 +309,79 @@ fn rope_dict(v: &Value) -> Option<(&'static str, &serde_json::Map<String, Value>
         .find_map(|k| v.get(k).and_then(Value::as_object).map(|o| (k, o)))
 }
 
-/// Llama 3's RoPE scaling of a parsed `config.json` whose keys [`check_decoder_keys`] accepted:
-/// None without `rope_type = "llama3"`. `factor`, `low_freq_factor` and `high_freq_factor` must
-/// be numbers, `original_max_position_embeddings` an integer (when absent: the model's
-/// `max_position_embeddings`, as transformers' `standardize_rope_params`); errors name the key
-/// (`rope_parameters.factor: missing ...`).
-pub fn llama3_rope(v: &Value) -> Result<Option<crate::llama::Llama3Rope>, Error> {
-    let Some((key, r)) = rope_dict(v) else {
-        return Ok(None);
+/// The rotary settings of a parsed `config.json` ([`rope`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RopeRead {
+    /// The base (of the global layers, for Gemma 3): `rope_theta`, at the top or inside the
+    /// RoPE parameters; absent: the family's default (Gemma 3: 1e6, the others 1e4).
+    pub theta: f64,
+    /// The scaling (of the global layers, for Gemma 3).
+    pub scaling: Option<crate::llama::RopeScaling>,
+    /// Gemma 3's base of the sliding layers (`rope_parameters.sliding_attention.rope_theta`,
+    /// or `rope_local_base_freq`; absent: 1e4); None for the other families.
+    pub local_theta: Option<f64>,
+}
+
+/// The RoPE settings of a parsed `config.json` of type `ty` whose keys
+/// [`check_decoder_keys`] accepted: transformers 5's `rope_parameters` (for Gemma 3 one dict
+/// per layer type, `full_attention` and `sliding_attention`), or the older `rope_theta`,
+/// `rope_scaling` and `rope_local_base_freq`. A `llama3` scaling needs `factor`,
+/// `low_freq_factor` and `high_freq_factor` (numbers) and `original_max_position_embeddings`
+/// (an integer; absent: `max_position_embeddings`, as transformers' `standardize_rope_params`);
+/// a `linear` one `factor`. Errors name the key (`rope_parameters.factor: missing ...`).
+pub fn rope(v: &Value, ty: DecoderType) -> Result<RopeRead, Error> {
+    let top_theta = v.get("rope_theta").and_then(Value::as_f64);
+    let default_theta = match ty {
+        DecoderType::Gemma3Text => 1e6,
+        _ => 1e4,
     };
+    let nested = v
+        .get("rope_parameters")
+        .and_then(Value::as_object)
+        .filter(|r| r.contains_key("full_attention") || r.contains_key("sliding_attention"));
+    let (global, global_key) = match nested {
+        Some(r) => (
+            r.get("full_attention").and_then(Value::as_object),
+            "rope_parameters.full_attention".to_string(),
+        ),
+        None => match rope_dict(v) {
+            Some((k, r)) => (Some(r), k.to_string()),
+            None => (None, String::new()),
+        },
+    };
+    let theta = global
+        .and_then(|r| r.get("rope_theta"))
+        .and_then(Value::as_f64)
+        .or(top_theta)
+        .unwrap_or(default_theta);
+    let scaling = match global {
+        Some(r) => rope_scaling(v, r, &global_key)?,
+        None => None,
+    };
+    let local_theta = (ty == DecoderType::Gemma3Text).then(|| {
+        nested
+            .and_then(|r| r.get("sliding_attention"))
+            .and_then(|r| r.get("rope_theta"))
+            .and_then(Value::as_f64)
+            .or_else(|| v.get("rope_local_base_freq").and_then(Value::as_f64))
+            .unwrap_or(1e4)
+    });
+    Ok(RopeRead {
+        theta,
+        scaling,
+        local_theta,
+    })
+}
+
+/// The scaling of the RoPE parameters `r` (under `key`) of config `v`: None for the default
+/// type; `llama3` and `linear` read, others refused.
+fn rope_scaling(
+    v: &Value,
+    r: &serde_json::Map<String, Value>,
+    key: &str,
+) -> Result<Option<crate::llama::RopeScaling>, Error> {
+    use crate::llama::{Llama3Rope, RopeScaling};
     let kind = r.get("rope_type").or_else(|| r.get("type"));
-    if kind.and_then(Value::as_str) != Some("llama3") {
-        return Ok(None);
-    }
     let number = |k: &str| {
         r.get(k).and_then(Value::as_f64).ok_or_else(|| {
             let got = r
@@ -339,40 +389,144 @@ pub fn llama3_rope(v: &Value) -> Result<Option<crate::llama::Llama3Rope>, Error>
                 .map_or("missing".to_string(), |x| format!("{x} is not a number"));
             Error::config(
                 format!("{key}.{k}"),
-                format!("{got}: Llama 3's RoPE scaling needs it"),
+                format!(
+                    "{got}: the {} RoPE scaling needs it",
+                    kind.unwrap_or(&Value::Null)
+                ),
             )
         })
     };
-    let original = match r.get("original_max_position_embeddings") {
-        None | Some(Value::Null) => v.get("max_position_embeddings").and_then(Value::as_i64),
-        Some(x) => Some(x.as_i64().ok_or_else(|| {
-            Error::config(
-                format!("{key}.original_max_position_embeddings"),
-                format!("{x} is not an integer"),
-            )
-        })?),
+    let scaling = match kind.and_then(Value::as_str) {
+        None | Some("default") => return Ok(None),
+        Some("linear") => RopeScaling::Linear {
+            factor: number("factor")?,
+        },
+        Some("llama3") => {
+            let original = match r.get("original_max_position_embeddings") {
+                None | Some(Value::Null) => {
+                    v.get("max_position_embeddings").and_then(Value::as_i64)
+                }
+                Some(x) => Some(x.as_i64().ok_or_else(|| {
+                    Error::config(
+                        format!("{key}.original_max_position_embeddings"),
+                        format!("{x} is not an integer"),
+                    )
+                })?),
+            };
+            RopeScaling::Llama3(Llama3Rope {
+                factor: number("factor")?,
+                low_freq_factor: number("low_freq_factor")?,
+                high_freq_factor: number("high_freq_factor")?,
+                original_max_position_embeddings: original.unwrap_or(0),
+            })
+        }
+        Some(other) => {
+            return Err(Error::config(
+                key,
+                format!("rope_type {other:?} is not supported yet"),
+            ))
+        }
     };
-    let rope = crate::llama::Llama3Rope {
-        factor: number("factor")?,
-        low_freq_factor: number("low_freq_factor")?,
-        high_freq_factor: number("high_freq_factor")?,
-        original_max_position_embeddings: original.unwrap_or(0),
-    };
-    rope.validate().map_err(|e| {
+    scaling.validate().map_err(|e| {
         Error::Msg(
             e.to_string()
                 .replacen("rope_scaling.", &format!("{key}."), 1),
         )
     })?;
-    Ok(Some(rope))
+    Ok(Some(scaling))
 }
 
-/// Mistral's attention window of a parsed `config.json` of type `ty` (keys checked): for
-/// `mistral`, `sliding_window` (absent: 4096, transformers' default; null: none), a positive
-/// integer or an error naming the key; None for the other types (a LLaMA's is refused unless it
-/// covers every position, Qwen's is off unless `use_sliding_window`, which is refused).
+/// Gemma 2/3's attention settings of a parsed `config.json` ([`gemma_settings`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GemmaRead {
+    /// One per layer (Gemma 2/3).
+    pub layer_types: Option<Vec<crate::llama::LayerType>>,
+    /// `query_pre_attn_scalar`.
+    pub query_pre_attn_scalar: Option<f64>,
+    /// `attn_logit_softcapping`.
+    pub attn_logit_softcapping: Option<f64>,
+    /// `final_logit_softcapping`.
+    pub final_logit_softcapping: Option<f64>,
+}
+
+/// Gemma 2/3's `layer_types`, `query_pre_attn_scalar` and soft-capping of a parsed
+/// `config.json` of type `ty`, with transformers' defaults for absent keys (256; Gemma 2's
+/// caps 50 and 30, Gemma 3's none; a null is none); `layer_types` absent: Gemma 2 alternates
+/// sliding and global layers, Gemma 3 makes every `sliding_window_pattern`-th (6) layer global.
+/// All none for the other families. Errors name the key.
+pub fn gemma_settings(v: &Value, ty: DecoderType) -> Result<GemmaRead, Error> {
+    use crate::llama::LayerType;
+    if !ty.is_gemma2_or_later() {
+        return Ok(GemmaRead::default());
+    }
+    let gemma2 = ty == DecoderType::Gemma2;
+    let number = |k: &str, default: Option<f64>| match v.get(k) {
+        None => Ok(default),
+        Some(Value::Null) => Ok(None),
+        Some(x) => x
+            .as_f64()
+            .filter(|x| *x > 0.0)
+            .map(Some)
+            .ok_or_else(|| Error::config(k, format!("{x} must be a positive number or null"))),
+    };
+    let layers = v
+        .get("num_hidden_layers")
+        .and_then(Value::as_i64)
+        .unwrap_or(0)
+        .max(0) as usize;
+    let layer_types = match v.get("layer_types").filter(|x| !x.is_null()) {
+        Some(x) => {
+            let types: Vec<LayerType> = serde_json::from_value(x.clone()).map_err(|_| {
+                Error::config(
+                    "layer_types",
+                    format!("{x}: each must be \"full_attention\" or \"sliding_attention\""),
+                )
+            })?;
+            if types.len() != layers {
+                return Err(Error::config(
+                    "layer_types",
+                    format!("{} entries for {layers} layers", types.len()),
+                ));
+            }
+            types
+        }
+        None => {
+            let period = match gemma2 {
+                true => 2,
+                false => v
+                    .get("sliding_window_pattern")
+                    .and_then(Value::as_i64)
+                    .unwrap_or(6),
+            };
+            if period <= 0 {
+                return Err(Error::config(
+                    "sliding_window_pattern",
+                    format!("must be positive, got {period}"),
+                ));
+            }
+            (0..layers as i64)
+                .map(|i| match (i + 1) % period {
+                    0 => LayerType::FullAttention,
+                    _ => LayerType::SlidingAttention,
+                })
+                .collect()
+        }
+    };
+    Ok(GemmaRead {
+        layer_types: Some(layer_types),
+        query_pre_attn_scalar: number("query_pre_attn_scalar", Some(256.0))?,
+        attn_logit_softcapping: number("attn_logit_softcapping", gemma2.then_some(50.0))?,
+        final_logit_softcapping: number("final_logit_softcapping", gemma2.then_some(30.0))?,
+    })
+}
+
+/// The attention window of a parsed `config.json` of type `ty` (keys checked): for `mistral`,
+/// `gemma2` and `gemma3_text`, `sliding_window` (absent: 4096, transformers' default; null:
+/// none), a positive integer or an error naming the key; None for the other types (a LLaMA's
+/// is refused unless it covers every position, Qwen's is off unless `use_sliding_window`, which
+/// is refused, Gemma 1 has none).
 pub fn sliding_window(v: &Value, ty: DecoderType) -> Result<Option<i64>, Error> {
-    if ty != DecoderType::Mistral {
+    if ty != DecoderType::Mistral && !ty.is_gemma2_or_later() {
         return Ok(None);
     }
     match v.get("sliding_window") {
@@ -415,20 +569,37 @@ pub fn check_decoder_keys(v: &Value, ty: DecoderType) -> Result<(), Error> {
             }
         }
     }
-    if let Some(act) = obj.get("hidden_act").filter(|x| !x.is_null()) {
-        if act.as_str() != Some("silu") {
-            return refuse(
-                "hidden_act",
-                format!("{act} is not supported (the {family} MLP is SwiGLU: \"silu\")"),
-            );
+    // The MLP's activation: SwiGLU (silu) but in Gemma, whose GeGLU is the tanh GeLU: Gemma 1
+    // reads `hidden_act` (transformers 5 takes the legacy "gelu" for the tanh form), Gemma 2/3
+    // read `hidden_activation` and ignore `hidden_act`.
+    let act = |key: &str, allowed: &[&str]| match obj.get(key).filter(|x| !x.is_null()) {
+        Some(a) if !a.as_str().is_some_and(|a| allowed.contains(&a)) => refuse(
+            key,
+            format!(
+                "{a} is not supported (the {family} MLP takes {})",
+                allowed.join(" or ")
+            ),
+        ),
+        _ => Ok(()),
+    };
+    match ty {
+        DecoderType::Gemma => {
+            act("hidden_act", &["gelu_pytorch_tanh", "gelu"])?;
+            act("hidden_activation", &["gelu_pytorch_tanh"])?;
         }
+        DecoderType::Gemma2 | DecoderType::Gemma3Text => {
+            act("hidden_activation", &["gelu_pytorch_tanh"])?;
+        }
+        _ => act("hidden_act", &["silu"])?,
     }
     // Which bias keys the family reads; the others must be off. transformers' Qwen2 ignores
     // `attention_bias` (its q/k/v always have biases, its o never).
     let reads_bias = |key: &str| match ty {
         DecoderType::Llama => true,
-        DecoderType::Qwen3 => key == "attention_bias",
-        DecoderType::Qwen2 => key == "attention_bias",
+        DecoderType::Qwen2 | DecoderType::Qwen3 => key == "attention_bias",
+        DecoderType::Gemma | DecoderType::Gemma2 | DecoderType::Gemma3Text => {
+            key == "attention_bias"
+        }
         DecoderType::Mistral => false,
     };
     for key in ["attention_bias", "mlp_bias"] {
@@ -475,17 +646,18 @@ pub fn check_decoder_keys(v: &Value, ty: DecoderType) -> Result<(), Error> {
     }
     let qwen = matches!(ty, DecoderType::Qwen2 | DecoderType::Qwen3);
     match ty {
-        DecoderType::Llama if set("sliding_window") => {
+        DecoderType::Llama | DecoderType::Gemma if set("sliding_window") => {
             let (w, max) = (int("sliding_window"), int("max_position_embeddings"));
             if w.zip(max).is_none_or(|(w, max)| w < max) {
                 return refuse(
                     "sliding_window",
                     format!(
                         "{}: a window shorter than the {} positions the model takes is not a \
-                         LLaMA setting (transformers' LLaMA ignores it; a Mistral folder says \
+                         {family} setting (transformers' {} ignores it; a Mistral folder says \
                          model_type \"mistral\")",
                         obj["sliding_window"],
-                        max.map_or("?".into(), |m| m.to_string())
+                        max.map_or("?".into(), |m| m.to_string()),
+                        ty.causal_lm_class()
                     ),
                 );
             }
@@ -516,21 +688,42 @@ pub fn check_decoder_keys(v: &Value, ty: DecoderType) -> Result<(), Error> {
             );
         }
     }
-    for rope in ["rope_parameters", "rope_scaling"] {
-        let Some(r) = obj.get(rope).and_then(Value::as_object) else {
+    // Every RoPE dict: the flat ones, and Gemma 3's per layer type (its sliding layers take
+    // plain RoPE only).
+    let mut ropes: Vec<(String, &serde_json::Map<String, Value>)> = Vec::new();
+    for key in ["rope_parameters", "rope_scaling"] {
+        let Some(r) = obj.get(key).and_then(Value::as_object) else {
             continue;
         };
+        let nested = ["full_attention", "sliding_attention"]
+            .into_iter()
+            .filter_map(|t| Some((format!("{key}.{t}"), r.get(t)?.as_object()?)))
+            .collect::<Vec<_>>();
+        match nested.is_empty() {
+            true => ropes.push((key.to_string(), r)),
+            false => ropes.extend(nested),
+        }
+    }
+    for (key, r) in ropes {
         let kind = r.get("rope_type").or_else(|| r.get("type"));
-        if let Some(kind) = kind.filter(|k| !k.as_str().is_some_and(|k| ROPE_TYPES.contains(&k))) {
+        let allowed: &[&str] = match key.ends_with(".sliding_attention") {
+            true => &["default"],
+            false => ROPE_TYPES,
+        };
+        if let Some(kind) = kind.filter(|k| !k.as_str().is_some_and(|k| allowed.contains(&k))) {
+            let names: Vec<String> = allowed.iter().map(|a| format!("{a:?}")).collect();
             return refuse(
-                rope,
-                format!("rope_type {kind} is not supported yet (only \"default\" and \"llama3\")"),
+                &key,
+                format!(
+                    "rope_type {kind} is not supported yet (only {})",
+                    names.join(", ")
+                ),
             );
         }
         if let Some(f) = r.get("partial_rotary_factor") {
             if f.as_f64() != Some(1.0) {
                 return refuse(
-                    rope,
+                    &key,
                     format!("partial_rotary_factor {f} is not supported (only 1)"),
                 );
             }
@@ -544,10 +737,29 @@ pub fn check_decoder_keys(v: &Value, ty: DecoderType) -> Result<(), Error> {
         Value::Array(a) => !a.is_empty(),
         Value::Object(o) => !o.is_empty(),
     };
-    // Qwen's window keys are its own (checked above: off).
-    let owned: &[&str] = match qwen {
-        true => &["use_sliding_window", "max_window_layers", "layer_types"],
-        false => &[],
+    // Keys a family owns: Qwen's window keys (checked above: off), Gemma's (read by
+    // [`gemma_settings`] and [`rope`]).
+    let owned: &[&str] = match ty {
+        DecoderType::Qwen2 | DecoderType::Qwen3 => {
+            &["use_sliding_window", "max_window_layers", "layer_types"]
+        }
+        DecoderType::Gemma => &["hidden_activation"],
+        DecoderType::Gemma2 => &[
+            "hidden_activation",
+            "layer_types",
+            "query_pre_attn_scalar",
+            "attn_logit_softcapping",
+            "final_logit_softcapping",
+        ],
+        DecoderType::Gemma3Text => &[
+            "hidden_activation",
+            "layer_types",
+            "query_pre_attn_scalar",
+            "attn_logit_softcapping",
+            "final_logit_softcapping",
+            "rope_local_base_freq",
+        ],
+        DecoderType::Llama | DecoderType::Mistral => &[],
     };
     let other = OTHER_FAMILIES
         .iter()
@@ -578,18 +790,27 @@ mod tests {
 
     #[test]
     fn families_are_refused_by_name_with_not_yet_or_not_supported() {
-        let err = check(r#"{"model_type": "gemma2"}"#)
-            .unwrap_err()
-            .to_string();
+        let err = check(r#"{"model_type": "phi3"}"#).unwrap_err().to_string();
         assert!(
-            err.starts_with("model_type: \"gemma2\" is not supported yet"),
+            err.starts_with("model_type: \"phi3\" is not supported yet"),
             "{err}"
         );
         assert!(
-            err.ends_with("(it loads \"llama\", \"mistral\", \"qwen2\" and \"qwen3\")"),
+            err.ends_with(
+                "(it loads \"llama\", \"mistral\", \"qwen2\", \"qwen3\", \"gemma\", \
+                 \"gemma2\" and \"gemma3_text\")"
+            ),
             "{err}"
         );
-        for t in ["llama", "mistral", "qwen2", "qwen3"] {
+        for t in [
+            "llama",
+            "mistral",
+            "qwen2",
+            "qwen3",
+            "gemma",
+            "gemma2",
+            "gemma3_text",
+        ] {
             check(&format!(r#"{{"model_type": "{t}"}}"#)).unwrap();
         }
         let err = check(r#"{"model_type": "gpt2"}"#).unwrap_err().to_string();
@@ -627,7 +848,7 @@ mod tests {
                 "architectures",
             ),
             (
-                r#""rope_scaling": {"type": "linear", "factor": 2.0}"#,
+                r#""rope_scaling": {"type": "yarn", "factor": 2.0}"#,
                 "rope_scaling",
             ),
             (r#""qkv_bias": true"#, "qkv_bias"),

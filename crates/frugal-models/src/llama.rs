@@ -32,15 +32,29 @@ pub enum DecoderType {
     Qwen2,
     /// `qwen3`: RMSNorm over each query and key head (`q_norm`, `k_norm`) before RoPE.
     Qwen3,
+    /// `gemma`: RMSNorm as `x · (1 + w)`, embeddings scaled by √d, a GeGLU MLP (tanh GeLU),
+    /// tied embeddings.
+    Gemma,
+    /// `gemma2`: Gemma with a norm after attention and around the MLP, attention scaled by
+    /// `query_pre_attn_scalar`, attention and final logit soft-capping, and sliding-window
+    /// layers between global ones (`layer_types`).
+    Gemma2,
+    /// `gemma3_text`: Gemma 2 with per-head q/k norms, no soft-capping by default, and a RoPE
+    /// base of its own for the sliding layers (`rope_local_base_freq`).
+    #[serde(rename = "gemma3_text")]
+    Gemma3Text,
 }
 
 impl DecoderType {
     /// Every decoder type, in the order of [`crate::hf`]'s messages.
-    pub const ALL: [DecoderType; 4] = [
+    pub const ALL: [DecoderType; 7] = [
         DecoderType::Llama,
         DecoderType::Mistral,
         DecoderType::Qwen2,
         DecoderType::Qwen3,
+        DecoderType::Gemma,
+        DecoderType::Gemma2,
+        DecoderType::Gemma3Text,
     ];
 
     /// The `model_type` value.
@@ -50,7 +64,23 @@ impl DecoderType {
             DecoderType::Mistral => "mistral",
             DecoderType::Qwen2 => "qwen2",
             DecoderType::Qwen3 => "qwen3",
+            DecoderType::Gemma => "gemma",
+            DecoderType::Gemma2 => "gemma2",
+            DecoderType::Gemma3Text => "gemma3_text",
         }
+    }
+
+    /// Gemma 1, 2 or 3: `(1 + w)` norms, √d-scaled embeddings, tanh GeLU.
+    pub fn is_gemma(self) -> bool {
+        matches!(
+            self,
+            DecoderType::Gemma | DecoderType::Gemma2 | DecoderType::Gemma3Text
+        )
+    }
+
+    /// Gemma 2 or 3: the norms after attention and around the MLP, local/global layers.
+    pub fn is_gemma2_or_later(self) -> bool {
+        matches!(self, DecoderType::Gemma2 | DecoderType::Gemma3Text)
     }
 
     /// The type of a `model_type` value.
@@ -65,6 +95,9 @@ impl DecoderType {
             DecoderType::Mistral => "MistralForCausalLM",
             DecoderType::Qwen2 => "Qwen2ForCausalLM",
             DecoderType::Qwen3 => "Qwen3ForCausalLM",
+            DecoderType::Gemma => "GemmaForCausalLM",
+            DecoderType::Gemma2 => "Gemma2ForCausalLM",
+            DecoderType::Gemma3Text => "Gemma3ForCausalLM",
         }
     }
 }
@@ -102,10 +135,11 @@ pub struct LlamaConfig {
     /// Rotary base.
     #[serde(default = "default_rope_theta")]
     pub rope_theta: f64,
-    /// Llama 3's RoPE frequency scaling (None: plain RoPE). Written as Hugging Face's
-    /// `rope_scaling` with `"rope_type": "llama3"`, which transformers 4 and 5 both read.
+    /// RoPE frequency scaling (None: plain RoPE): Llama 3's or linear; Gemma 3's applies to its
+    /// global layers only. Written as Hugging Face's `rope_scaling` with its `rope_type`, which
+    /// transformers 4 and 5 both read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rope_scaling: Option<Llama3Rope>,
+    pub rope_scaling: Option<RopeScaling>,
     /// The output head shares the input embedding (no `lm_head.weight` of its own).
     #[serde(default)]
     pub tie_word_embeddings: bool,
@@ -122,6 +156,73 @@ pub struct LlamaConfig {
     /// key is absent.
     #[serde(default)]
     pub sliding_window: Option<i64>,
+    /// Which layers attend through the window (Gemma 2/3's `layer_types`: `sliding_attention`
+    /// or `full_attention`, one per layer); None: every layer does when there is a window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer_types: Option<Vec<LayerType>>,
+    /// Attention scores scaled by `query_pre_attn_scalar^-1/2` instead of `head_dim^-1/2`
+    /// (Gemma 2/3). Always written: transformers' Gemma 2/3 take 256 when the key is absent.
+    #[serde(default)]
+    pub query_pre_attn_scalar: Option<f64>,
+    /// Attention scores `s` become `c · tanh(s / c)` before the mask (Gemma 2: 50). Always
+    /// written: transformers' Gemma 2 takes 50 when the key is absent.
+    #[serde(default)]
+    pub attn_logit_softcapping: Option<f64>,
+    /// Logits `z` become `c · tanh(z / c)` (Gemma 2: 30). Always written, as above.
+    #[serde(default)]
+    pub final_logit_softcapping: Option<f64>,
+    /// Rotary base of the sliding-window layers (Gemma 3: 10000, while its global layers take
+    /// `rope_theta` and the scaling); None: one base for all layers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_local_base_freq: Option<f64>,
+}
+
+/// A layer's attention in Gemma 2/3 (`layer_types`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LayerType {
+    /// Every earlier position.
+    FullAttention,
+    /// The last `sliding_window` positions.
+    SlidingAttention,
+}
+
+/// A RoPE frequency scaling (`rope_scaling` / `rope_parameters` by `rope_type`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "rope_type", rename_all = "lowercase")]
+pub enum RopeScaling {
+    /// Llama 3's ([`Llama3Rope`]).
+    Llama3(Llama3Rope),
+    /// Position interpolation: every inverse frequency divided by `factor` (transformers'
+    /// `_compute_linear_scaling_rope_parameters`; Gemma 3 4B and up: 8 on the global layers).
+    Linear {
+        /// The divisor, at least 1.
+        factor: f64,
+    },
+}
+
+impl RopeScaling {
+    /// Checks the factors; the error names the key (`rope_scaling.factor`, ...).
+    pub fn validate(&self) -> Result<(), frugal_core::Error> {
+        match self {
+            RopeScaling::Llama3(r) => r.validate(),
+            RopeScaling::Linear { factor } if factor.is_nan() || *factor < 1.0 => {
+                Err(frugal_core::Error::config(
+                    "rope_scaling.factor",
+                    format!("must be at least 1, got {factor}"),
+                ))
+            }
+            RopeScaling::Linear { .. } => Ok(()),
+        }
+    }
+
+    /// The scaled inverse frequencies of the plain ones `inv_freq` (f32).
+    pub fn scale(&self, inv_freq: &Tensor) -> Tensor {
+        match self {
+            RopeScaling::Llama3(r) => r.scale(inv_freq),
+            RopeScaling::Linear { factor } => inv_freq / *factor,
+        }
+    }
 }
 
 /// Llama 3's RoPE scaling (`rope_type = "llama3"`, Llama 3.1 and later): the rotary inverse
@@ -131,7 +232,6 @@ pub struct LlamaConfig {
 /// `(1 - s) f / factor + s f`, where `L = original_max_position_embeddings` (transformers'
 /// `_compute_llama3_parameters`; Meta's `apply_scaling` in llama3's reference code).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "rope_type", rename = "llama3")]
 pub struct Llama3Rope {
     /// Divisor of the low frequencies (8 in Llama 3.1).
     pub factor: f64,
@@ -221,7 +321,26 @@ impl LlamaConfig {
             attention_bias: false,
             mlp_bias: false,
             sliding_window: None,
+            layer_types: None,
+            query_pre_attn_scalar: None,
+            attn_logit_softcapping: None,
+            final_logit_softcapping: None,
+            rope_local_base_freq: None,
         }
+    }
+
+    /// The attention window of layer `i`: `sliding_window` for a sliding layer (every layer
+    /// without `layer_types`), None for a global one.
+    pub fn window_of(&self, i: usize) -> Option<i64> {
+        match self.layer_types.as_ref().and_then(|t| t.get(i)) {
+            Some(LayerType::FullAttention) => None,
+            _ => self.sliding_window,
+        }
+    }
+
+    /// Whether layer `i` rotates with the local base ([`LlamaConfig::rope_local_base_freq`]).
+    fn local_rope(&self, i: usize) -> bool {
+        self.rope_local_base_freq.is_some() && self.window_of(i).is_some()
     }
 
     /// Whether q/k/v have biases: `attention_bias`, or always for Qwen2.
@@ -234,9 +353,13 @@ impl LlamaConfig {
         self.attention_bias && self.model_type != DecoderType::Qwen2
     }
 
-    /// Whether each query and key head is RMS-normalized before RoPE (`q_norm`, `k_norm`: Qwen3).
+    /// Whether each query and key head is RMS-normalized before RoPE (`q_norm`, `k_norm`:
+    /// Qwen3, Gemma 3).
     pub fn qk_norm(&self) -> bool {
-        self.model_type == DecoderType::Qwen3
+        matches!(
+            self.model_type,
+            DecoderType::Qwen3 | DecoderType::Gemma3Text
+        )
     }
 
     /// A named preset: `tiny` (tests and the default run), and the configs of Lialin et al. used
@@ -270,28 +393,43 @@ impl LlamaConfig {
             serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
         let ty = crate::hf::expect_decoder(&v)?;
         crate::hf::check_decoder_keys(&v, ty)?;
-        let scaling = crate::hf::llama3_rope(&v)?;
+        let rope = crate::hf::rope(&v, ty)?;
         let window = crate::hf::sliding_window(&v, ty)?;
-        for key in ["rope_parameters", "rope_scaling"] {
-            let theta = v.get(key).and_then(|r| r.get("rope_theta")).cloned();
-            if let (None, Some(theta)) = (v.get("rope_theta"), theta) {
-                v["rope_theta"] = theta;
-            }
-        }
+        let gemma = crate::hf::gemma_settings(&v, ty)?;
         let obj = v.as_object_mut().expect("checked: an object");
-        obj.remove("rope_parameters");
-        obj.remove("rope_scaling");
-        obj.remove("sliding_window");
+        for key in [
+            "rope_parameters",
+            "rope_scaling",
+            "rope_theta",
+            "sliding_window",
+            "layer_types",
+            "query_pre_attn_scalar",
+            "attn_logit_softcapping",
+            "final_logit_softcapping",
+            "rope_local_base_freq",
+        ] {
+            obj.remove(key);
+        }
         if ty == DecoderType::Qwen2 {
             // transformers' Qwen2 has its q/k/v biases whatever the key says, and no o bias.
             obj.remove("attention_bias");
+        }
+        if ty.is_gemma() && obj.get("tie_word_embeddings").is_none_or(|t| t.is_null()) {
+            // transformers' Gemma ties when the key is absent.
+            obj.insert("tie_word_embeddings".into(), true.into());
         }
         if v.get("num_key_value_heads").is_none_or(|k| k.is_null()) {
             v["num_key_value_heads"] = v["num_attention_heads"].clone();
         }
         let mut cfg: Self = serde_json::from_value(v).map_err(|e| bad(e.to_string()))?;
-        cfg.rope_scaling = scaling;
+        cfg.rope_theta = rope.theta;
+        cfg.rope_scaling = rope.scaling;
+        cfg.rope_local_base_freq = rope.local_theta;
         cfg.sliding_window = window;
+        cfg.layer_types = gemma.layer_types;
+        cfg.query_pre_attn_scalar = gemma.query_pre_attn_scalar;
+        cfg.attn_logit_softcapping = gemma.attn_logit_softcapping;
+        cfg.final_logit_softcapping = gemma.final_logit_softcapping;
         // A head_dim equal to hidden_size / num_attention_heads is no explicit width
         // (transformers 5 writes it always): kept implicit, it follows a `model.num_heads`
         // override as it would in transformers.
@@ -378,6 +516,24 @@ impl LlamaConfig {
         if let Some(w) = self.sliding_window.filter(|w| *w <= 0) {
             return bad("sliding_window", format!("must be positive, got {w}"));
         }
+        if let Some(t) = self.layer_types.as_ref() {
+            if t.len() as i64 != self.num_hidden_layers {
+                return bad(
+                    "layer_types",
+                    format!("{} entries for {} layers", t.len(), self.num_hidden_layers),
+                );
+            }
+        }
+        for (k, v) in [
+            ("query_pre_attn_scalar", self.query_pre_attn_scalar),
+            ("attn_logit_softcapping", self.attn_logit_softcapping),
+            ("final_logit_softcapping", self.final_logit_softcapping),
+            ("rope_local_base_freq", self.rope_local_base_freq),
+        ] {
+            if let Some(v) = v.filter(|v| !(*v > 0.0 && v.is_finite())) {
+                return bad(k, format!("must be positive, got {v}"));
+            }
+        }
         Ok(())
     }
 
@@ -389,7 +545,12 @@ impl LlamaConfig {
             + i64::from(self.o_bias()) * d
             + i64::from(self.mlp_bias) * (2 * self.intermediate_size + d);
         let qk_norms = i64::from(self.qk_norm()) * 2 * self.head_dim();
-        let block = attention + 3 * d * self.intermediate_size + 2 * d + biases + qk_norms;
+        let norms = if self.model_type.is_gemma2_or_later() {
+            4
+        } else {
+            2
+        } * d;
+        let block = attention + 3 * d * self.intermediate_size + norms + biases + qk_norms;
         let tables = if self.tie_word_embeddings { 1 } else { 2 };
         tables * self.vocab_size * d + self.num_hidden_layers * block + d
     }
@@ -410,20 +571,29 @@ impl LlamaConfig {
     }
 }
 
-/// RMSNorm: `x / sqrt(mean(x^2) + eps) * w`, computed in f32.
+/// RMSNorm: `x / sqrt(mean(x^2) + eps) * w`, computed in f32; Gemma's stores `w - 1` (its gain
+/// is `1 + w`, the variable initialised to zero).
 #[derive(Debug)]
 pub struct RmsNorm {
-    /// Per-feature gain, initialised to one.
+    /// Per-feature gain (less the offset), initialised to one (zero with an offset of one).
     pub weight: Tensor,
     eps: f64,
+    /// Added to the weight: 0, or Gemma's 1.
+    offset: f64,
 }
 
 impl RmsNorm {
     /// A norm of width `d` under `path` (`path.weight`, ones).
     pub fn new(path: &nn::Path, d: i64, eps: f64) -> Self {
+        Self::with_offset(path, d, eps, 0.0)
+    }
+
+    /// A norm whose gain is `offset + w` (Gemma: 1), `w` initialised to `1 - offset`.
+    pub fn with_offset(path: &nn::Path, d: i64, eps: f64, offset: f64) -> Self {
         Self {
-            weight: path.var("weight", &[d], nn::Init::Const(1.0)),
+            weight: path.var("weight", &[d], nn::Init::Const(1.0 - offset)),
             eps,
+            offset,
         }
     }
 
@@ -431,7 +601,12 @@ impl RmsNorm {
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let x = x.to_kind(Kind::Float);
         let var = x.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float);
-        (x * (var + self.eps).rsqrt()) * self.weight.to_kind(Kind::Float)
+        let gain = self.weight.to_kind(Kind::Float);
+        let gain = match self.offset {
+            0.0 => gain,
+            o => gain + o,
+        };
+        (x * (var + self.eps).rsqrt()) * gain
     }
 }
 
@@ -480,8 +655,14 @@ struct Attention {
     heads: i64,
     kv_heads: i64,
     head_dim: i64,
-    /// The attention window ([`LlamaConfig::sliding_window`]).
+    /// This layer's attention window ([`LlamaConfig::window_of`]).
     window: Option<i64>,
+    /// The score scale when not `head_dim^-1/2` (`query_pre_attn_scalar^-1/2`).
+    scale: Option<f64>,
+    /// Attention soft-capping ([`LlamaConfig::attn_logit_softcapping`]).
+    softcap: Option<f64>,
+    /// Rotates with the local tables ([`LlamaConfig::rope_local_base_freq`]).
+    local_rope: bool,
 }
 
 impl Attention {
@@ -506,6 +687,8 @@ struct Mlp {
     down_proj: Box<dyn Linear>,
     /// Biases of gate, up, down (`mlp_bias`).
     bias: Option<[Tensor; 3]>,
+    /// GeGLU with the tanh GeLU (Gemma) instead of SwiGLU.
+    gelu: bool,
 }
 
 /// `layer(x)`, plus `bias` (a variable of the model, in f32) when there is one, in the layer's
@@ -530,20 +713,30 @@ fn bias_var(path: nn::Path, n: i64, on: bool) -> Option<Tensor> {
 pub struct Block {
     input_layernorm: RmsNorm,
     self_attn: Attention,
+    /// Before the MLP; in Gemma 2/3, on the attention's output before the residual sum.
     post_attention_layernorm: RmsNorm,
+    /// Gemma 2/3's norms before and after the MLP (`pre_feedforward_layernorm`,
+    /// `post_feedforward_layernorm`).
+    feedforward_norms: Option<(RmsNorm, RmsNorm)>,
     mlp: Mlp,
 }
 
-/// Rotary tables `cos`, `sin` of shape `(max_pos, head_dim)`.
-fn rotary_tables(cfg: &LlamaConfig, device: tch::Device) -> (Tensor, Tensor) {
+/// Rotary tables `cos`, `sin` of shape `(max_pos, head_dim)` with base `theta` and frequency
+/// scaling `scaling`.
+fn rotary_tables(
+    cfg: &LlamaConfig,
+    theta: f64,
+    scaling: Option<&RopeScaling>,
+    device: tch::Device,
+) -> (Tensor, Tensor) {
     let hd = cfg.head_dim();
     let opts = (Kind::Float, device);
     let exponents = Tensor::arange_start_step(0, hd, 2, opts) / hd as f64;
-    let inv_freq = Tensor::from(cfg.rope_theta)
+    let inv_freq = Tensor::from(theta)
         .to_device(device)
         .pow(&exponents)
         .reciprocal();
-    let inv_freq = match &cfg.rope_scaling {
+    let inv_freq = match scaling {
         Some(r) => r.scale(&inv_freq),
         None => inv_freq,
     };
@@ -561,7 +754,13 @@ fn rotate_half(x: &Tensor) -> Tensor {
 }
 
 impl Block {
-    fn new(path: &nn::Path, cfg: &LlamaConfig, kind: &LinearKind, compute: Kind) -> Result<Self> {
+    fn new(
+        path: &nn::Path,
+        i: usize,
+        cfg: &LlamaConfig,
+        kind: &LinearKind,
+        compute: Kind,
+    ) -> Result<Self> {
         let d = cfg.hidden_size;
         let f = cfg.intermediate_size;
         let a = path / "self_attn";
@@ -593,14 +792,20 @@ impl Block {
                 .map(|(n, w)| bias_var(&m / n, w, true).expect("on"))
         });
         let hd = cfg.head_dim();
-        let qk_norm = cfg.qk_norm().then(|| {
+        let gemma = cfg.model_type.is_gemma();
+        let offset = if gemma { 1.0 } else { 0.0 };
+        let norm = |p: nn::Path, w: i64| RmsNorm::with_offset(&p, w, cfg.rms_norm_eps, offset);
+        let qk_norm = cfg
+            .qk_norm()
+            .then(|| (norm(&a / "q_norm", hd), norm(&a / "k_norm", hd)));
+        let feedforward_norms = cfg.model_type.is_gemma2_or_later().then(|| {
             (
-                RmsNorm::new(&(&a / "q_norm"), hd, cfg.rms_norm_eps),
-                RmsNorm::new(&(&a / "k_norm"), hd, cfg.rms_norm_eps),
+                norm(path / "pre_feedforward_layernorm", d),
+                norm(path / "post_feedforward_layernorm", d),
             )
         });
         Ok(Self {
-            input_layernorm: RmsNorm::new(&(path / "input_layernorm"), d, cfg.rms_norm_eps),
+            input_layernorm: norm(path / "input_layernorm", d),
             self_attn: Attention {
                 q_proj: lin(&a / "q_proj", d, q)?,
                 k_proj: lin(&a / "k_proj", d, kv)?,
@@ -612,18 +817,19 @@ impl Block {
                 heads: cfg.num_attention_heads,
                 kv_heads: cfg.num_key_value_heads,
                 head_dim: hd,
-                window: cfg.sliding_window,
+                window: cfg.window_of(i),
+                scale: cfg.query_pre_attn_scalar.map(|s| s.powf(-0.5)),
+                softcap: cfg.attn_logit_softcapping,
+                local_rope: cfg.local_rope(i),
             },
-            post_attention_layernorm: RmsNorm::new(
-                &(path / "post_attention_layernorm"),
-                d,
-                cfg.rms_norm_eps,
-            ),
+            post_attention_layernorm: norm(path / "post_attention_layernorm", d),
+            feedforward_norms,
             mlp: Mlp {
                 gate_proj: lin(&m / "gate_proj", d, f)?,
                 up_proj: lin(&m / "up_proj", d, f)?,
                 down_proj: lin(&m / "down_proj", f, d)?,
                 bias: mlp_bias,
+                gelu: gemma,
             },
         })
     }
@@ -707,25 +913,64 @@ impl Block {
             }
             None => (k, v, 0),
         };
-        let (mask, causal) = attention_mask(t, past, at.window, x.device());
         let (k, v) = (at.repeat_kv(k), at.repeat_kv(v));
-        let y = Tensor::scaled_dot_product_attention(&q, &k, &v, mask, 0.0, causal, None, false);
+        let y = match at.softcap {
+            None => {
+                let (mask, causal) = attention_mask(t, past, at.window, x.device());
+                Tensor::scaled_dot_product_attention(&q, &k, &v, mask, 0.0, causal, at.scale, false)
+            }
+            Some(cap) => {
+                let mask = explicit_mask(t, past, at.window, x.device());
+                let scale = at.scale.unwrap_or((at.head_dim as f64).powf(-0.5));
+                capped_attention(&q, &k, &v, &mask, scale, cap)
+            }
+        };
         let y = y
             .transpose(1, 2)
             .contiguous()
             .view([b, t, at.heads * at.head_dim]);
-        let x = x + biased(at.o_proj.as_ref(), at.o_bias.as_ref(), &y).to_kind(Kind::Float);
-        let h = self.post_attention_layernorm.forward(&x);
+        let attended = biased(at.o_proj.as_ref(), at.o_bias.as_ref(), &y).to_kind(Kind::Float);
         let mb = self.mlp.bias.as_ref();
-        let gate = biased(self.mlp.gate_proj.as_ref(), mb.map(|b| &b[0]), &h);
-        let up = biased(self.mlp.up_proj.as_ref(), mb.map(|b| &b[1]), &h);
-        let down = biased(
-            self.mlp.down_proj.as_ref(),
-            mb.map(|b| &b[2]),
-            &(gate.silu() * up),
-        );
-        x + down.to_kind(Kind::Float)
+        let mlp = |h: &Tensor| {
+            let gate = biased(self.mlp.gate_proj.as_ref(), mb.map(|b| &b[0]), h);
+            let up = biased(self.mlp.up_proj.as_ref(), mb.map(|b| &b[1]), h);
+            let gate = match self.mlp.gelu {
+                true => gate.gelu("tanh"),
+                false => gate.silu(),
+            };
+            biased(self.mlp.down_proj.as_ref(), mb.map(|b| &b[2]), &(gate * up))
+                .to_kind(Kind::Float)
+        };
+        match &self.feedforward_norms {
+            None => {
+                let x = x + attended;
+                let h = self.post_attention_layernorm.forward(&x);
+                &x + mlp(&h)
+            }
+            Some((pre, post)) => {
+                let x = x + self.post_attention_layernorm.forward(&attended);
+                let h = pre.forward(&x);
+                &x + post.forward(&mlp(&h))
+            }
+        }
     }
+}
+
+/// Attention with soft-capped scores (Gemma 2), as transformers' eager attention computes it:
+/// `softmax(c · tanh(q kᵀ · scale / c) masked) v`, the softmax in f32. `mask` is true where a
+/// query sees a key.
+fn capped_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    scale: f64,
+    cap: f64,
+) -> Tensor {
+    let scores = q.matmul(&k.transpose(-2, -1)) * scale;
+    let scores = (scores / cap).tanh() * cap;
+    let scores = scores.masked_fill(&mask.logical_not(), f64::NEG_INFINITY);
+    scores.softmax(-1, Kind::Float).to_kind(v.kind()).matmul(v)
 }
 
 /// The attention mask of `t` new queries after `past` cached positions, as SDPA takes it
@@ -747,14 +992,19 @@ fn attention_mask(
     if !windowed && t == 1 {
         return (None, false);
     }
+    (Some(explicit_mask(t, past, window, device)), false)
+}
+
+/// The mask of [`attention_mask`] as a tensor `(t, past + t)`, true where a query sees a key.
+fn explicit_mask(t: i64, past: i64, window: Option<i64>, device: tch::Device) -> Tensor {
     let opts = (Kind::Int64, device);
     let qpos = Tensor::arange(t, opts).unsqueeze(1) + past;
     let kpos = Tensor::arange(past + t, opts).unsqueeze(0);
-    let mut mask = kpos.le_tensor(&qpos);
-    if let Some(w) = window.filter(|_| windowed) {
-        mask = mask.logical_and(&kpos.gt_tensor(&(qpos - w)));
+    let mask = kpos.le_tensor(&qpos);
+    match window {
+        Some(w) => mask.logical_and(&kpos.gt_tensor(&(qpos - w))),
+        None => mask,
     }
-    (Some(mask), false)
 }
 
 /// The word table's name, `model.embed_tokens` (variables `model.embed_tokens.weight`, or a TT
@@ -773,6 +1023,8 @@ pub struct Llama {
     lm_head: Box<dyn Linear>,
     cos: Tensor,
     sin: Tensor,
+    /// The sliding layers' tables when they have a base of their own (Gemma 3).
+    local: Option<(Tensor, Tensor)>,
     compute: Kind,
 }
 
@@ -805,9 +1057,15 @@ impl Llama {
             compute,
         )?;
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| Block::new(&(&model / "layers" / i), cfg, kind, compute))
+            .map(|i| Block::new(&(&model / "layers" / i), i as usize, cfg, kind, compute))
             .collect::<Result<_>>()?;
-        let norm = RmsNorm::new(&(&model / "norm"), cfg.hidden_size, cfg.rms_norm_eps);
+        let offset = if cfg.model_type.is_gemma() { 1.0 } else { 0.0 };
+        let norm = RmsNorm::with_offset(
+            &(&model / "norm"),
+            cfg.hidden_size,
+            cfg.rms_norm_eps,
+            offset,
+        );
         // The output head stays dense whatever `kind` is: methods leave it alone by convention.
         // Tied (`tie_word_embeddings`), it is the embedding table itself, as in Hugging Face's
         // model: one variable, no `lm_head.weight` (a dense table only: checked above).
@@ -823,7 +1081,11 @@ impl Llama {
                 compute,
             )?,
         };
-        let (cos, sin) = rotary_tables(cfg, root.device());
+        let device = root.device();
+        let (cos, sin) = rotary_tables(cfg, cfg.rope_theta, cfg.rope_scaling.as_ref(), device);
+        let local = cfg
+            .rope_local_base_freq
+            .map(|theta| rotary_tables(cfg, theta, None, device));
         Ok(Self {
             config: cfg.clone(),
             embed_tokens,
@@ -832,6 +1094,7 @@ impl Llama {
             lm_head,
             cos,
             sin,
+            local,
             compute,
         })
     }
@@ -886,23 +1149,35 @@ impl Llama {
     /// parameters' kind: the residual stream the first block reads (a TT table's rows are
     /// looked up core by core).
     pub fn embed(&self, ids: &Tensor) -> Tensor {
-        self.embed_tokens.forward(ids).to_kind(Kind::Float)
+        let x = self.embed_tokens.forward(ids).to_kind(Kind::Float);
+        match self.config.model_type.is_gemma() {
+            // Gemma scales by √d in the table's kind (f32 here), as transformers does.
+            true => x * (self.config.hidden_size as f64).sqrt() as f32 as f64,
+            false => x,
+        }
     }
 
-    /// The rotary tables `(cos, sin)` for positions `start..start + len`, as
-    /// [`Block::forward`] takes them.
-    pub fn rope(&self, start: i64, len: i64) -> (Tensor, Tensor) {
-        (
-            self.cos.narrow(0, start, len),
-            self.sin.narrow(0, start, len),
-        )
+    /// The rotary tables `(cos, sin)` of block `layer` for positions `start..start + len`, as
+    /// [`Block::forward`] takes them (Gemma 3's sliding layers have tables of their own).
+    pub fn rope(&self, layer: usize, start: i64, len: i64) -> (Tensor, Tensor) {
+        let (cos, sin) = match (&self.local, self.layers.get(layer)) {
+            (Some((cos, sin)), Some(b)) if b.self_attn.local_rope => (cos, sin),
+            _ => (&self.cos, &self.sin),
+        };
+        (cos.narrow(0, start, len), sin.narrow(0, start, len))
     }
 
-    /// Logits in f32 of the last block's output `x` (`(..., d)`): final norm, output head.
+    /// Logits in f32 of the last block's output `x` (`(..., d)`): final norm, output head,
+    /// and the final soft-capping when the model has it (Gemma 2).
     pub fn head(&self, x: &Tensor) -> Tensor {
-        self.lm_head
+        let logits = self
+            .lm_head
             .forward(&self.norm.forward(x))
-            .to_kind(Kind::Float)
+            .to_kind(Kind::Float);
+        match self.config.final_logit_softcapping {
+            Some(c) => (logits / c).tanh() * c,
+            None => logits,
+        }
     }
 
     /// Logits `(B, T, vocab)` in f32 for token ids `(B, T)`. With a cache, the ids continue the
@@ -910,17 +1185,19 @@ impl Llama {
     pub fn forward(&self, ids: &Tensor, cache: Option<&mut KvCache>) -> Tensor {
         let t = ids.size()[1];
         let start = cache.as_ref().map_or(0, |c| c.len());
-        let (cos, sin) = self.rope(start, t);
         let mut x = self.embed(ids);
         match cache {
             Some(cache) => {
                 cache.layers.resize_with(self.layers.len(), || None);
-                for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
+                let slots = cache.layers.iter_mut();
+                for (i, (layer, slot)) in self.layers.iter().zip(slots).enumerate() {
+                    let (cos, sin) = self.rope(i, start, t);
                     x = layer.forward(&x, &cos, &sin, Some(slot));
                 }
             }
             None => {
-                for layer in &self.layers {
+                for (i, layer) in self.layers.iter().enumerate() {
+                    let (cos, sin) = self.rope(i, start, t);
                     x = layer.forward(&x, &cos, &sin, None);
                 }
             }
@@ -945,7 +1222,7 @@ impl Llama {
 
 #[cfg(test)]
 mod tests {
-    use super::LlamaConfig;
+    use super::{LlamaConfig, RopeScaling};
 
     #[test]
     fn hf_config_of_transformers_5_and_4() {
@@ -984,7 +1261,9 @@ mod tests {
             (2, 16, 64, 32)
         );
         assert_eq!(c.rope_theta, 500000.0);
-        let r = c.rope_scaling.clone().unwrap();
+        let Some(RopeScaling::Llama3(r)) = c.rope_scaling.clone() else {
+            panic!("{:?}", c.rope_scaling)
+        };
         assert_eq!((r.factor, r.original_max_position_embeddings), (8.0, 16));
         // What Frugal writes (`rope_scaling`, transformers 4's key) reads back the same.
         let text = serde_json::to_string(&c).unwrap();
@@ -997,12 +1276,26 @@ mod tests {
         let plain = v5.replace(r#""head_dim": 16"#, r#""head_dim": 8"#);
         assert_eq!(LlamaConfig::from_hf_json(&plain).unwrap().head_dim, None);
 
+        // Linear scaling is read (the old `type` key too), and written back as transformers
+        // reads it; YaRN is refused by key.
         let linear = r#"{"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
             "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 32,
             "rope_scaling": {"type": "linear", "factor": 8.0}}"#;
-        let err = LlamaConfig::from_hf_json(linear).unwrap_err().to_string();
+        let c = LlamaConfig::from_hf_json(linear).unwrap();
+        assert_eq!(c.rope_scaling, Some(RopeScaling::Linear { factor: 8.0 }));
+        let text = serde_json::to_string(&c).unwrap();
         assert!(
-            err.starts_with("rope_scaling: rope_type \"linear\""),
+            text.contains(r#""rope_scaling":{"rope_type":"linear","factor":8.0}"#),
+            "{text}"
+        );
+        assert_eq!(LlamaConfig::from_hf_json(&text).unwrap(), c);
+        let yarn = linear.replace(r#""type": "linear""#, r#""type": "yarn""#);
+        let err = LlamaConfig::from_hf_json(&yarn).unwrap_err().to_string();
+        assert!(err.starts_with("rope_scaling: rope_type \"yarn\""), "{err}");
+        let small = linear.replace("8.0", "0.5");
+        let err = LlamaConfig::from_hf_json(&small).unwrap_err().to_string();
+        assert!(
+            err.starts_with("rope_scaling.factor: must be at least 1"),
             "{err}"
         );
         let gqa = r#"{"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,

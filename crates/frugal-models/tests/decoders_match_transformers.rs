@@ -1,7 +1,8 @@
 //! The decoder families against transformers and PEFT: LLaMA shapes (grouped-query and
 //! multi-query attention, an explicit `head_dim`, Llama 3's RoPE scaling with a large
 //! `rope_theta`, `attention_bias` and `mlp_bias`), Qwen2 (q/k/v biases, tied embeddings), Qwen3
-//! (per-head q/k norms) and Mistral (a sliding window shorter than the sequence). Tiny random
+//! (per-head q/k norms), Mistral (a sliding window shorter than the sequence) and Gemma 1/2/3
+//! ((1 + w) norms, scaled embeddings, GeGLU, soft-capping, local/global layers). Tiny random
 //! folders are made at test time by `fixtures/gen_decoders.py` (transformers 5.25, PEFT 0.21);
 //! without Python, transformers and PEFT the tests are skipped, unless `FRUGAL_PEFT=1` (set by
 //! `cargo xtask test`) makes that a failure.
@@ -28,6 +29,9 @@ const VARIANTS: &[&str] = &[
     "qwen2",
     "qwen3",
     "mistral",
+    "gemma",
+    "gemma2",
+    "gemma3",
 ];
 
 fn python() -> String {
@@ -170,6 +174,41 @@ fn logits_match_transformers() {
     assert!(vs
         .variables()
         .contains_key("model.layers.0.self_attn.o_proj.bias"));
+    // Gemma 2's soft-capping and Gemma 3's local RoPE base matter here.
+    let gemma2 = config(dir, "gemma2");
+    assert_eq!(
+        (
+            gemma2.attn_logit_softcapping,
+            gemma2.final_logit_softcapping,
+            gemma2.window_of(0),
+            gemma2.window_of(1)
+        ),
+        (Some(2.0), Some(3.0), Some(8), None)
+    );
+    let ids = reference(dir, "gemma2", "ids");
+    let want = reference(dir, "gemma2", "logits");
+    for edit in [
+        (|c: &mut LlamaConfig| c.attn_logit_softcapping = None) as fn(&mut LlamaConfig),
+        |c| c.final_logit_softcapping = None,
+        |c| c.query_pre_attn_scalar = None,
+        |c| c.sliding_window = None,
+    ] {
+        let mut other = gemma2.clone();
+        edit(&mut other);
+        let (_, m) = load(dir, "gemma2", &other, &LinearKind::Dense);
+        let d = max_diff(&logits(&m, &ids), &want);
+        assert!(d > 1e-3, "a Gemma 2 setting does not matter here: {d}");
+    }
+    let gemma3 = config(dir, "gemma3");
+    assert_eq!(gemma3.rope_local_base_freq, Some(1e4));
+    assert_eq!(gemma3.rope_theta, 1e6);
+    assert!(gemma3.qk_norm() && gemma3.tie_word_embeddings);
+    let mut one_base = gemma3.clone();
+    one_base.rope_local_base_freq = None;
+    let (_, m) = load(dir, "gemma3", &one_base, &LinearKind::Dense);
+    let ids = reference(dir, "gemma3", "ids");
+    let d = max_diff(&logits(&m, &ids), &reference(dir, "gemma3", "logits"));
+    assert!(d > 1e-3, "Gemma 3's local base does not matter here: {d}");
 }
 
 /// Guarantee: greedy generation through the KV cache (the prompt, then one token at a time)
@@ -247,6 +286,9 @@ fn frugal_lora_on_gqa_loads_in_peft() {
         "qwen2",
         "qwen3",
         "mistral",
+        "gemma",
+        "gemma2",
+        "gemma3",
     ] {
         let cfg = config(dir, name);
         let (vs, mut model) = load(dir, name, &cfg, &LinearKind::Dense);
@@ -309,7 +351,16 @@ fn frugal_lora_on_gqa_loads_in_peft() {
 #[test]
 fn quantized_kinds_and_adapters_take_kv_shapes() {
     let Some(dir) = fixtures() else { return };
-    for name in ["gqa", "mqa", "head_dim", "llama_bias", "qwen2", "qwen3"] {
+    for name in [
+        "gqa",
+        "mqa",
+        "head_dim",
+        "llama_bias",
+        "qwen2",
+        "qwen3",
+        "gemma2",
+        "gemma3",
+    ] {
         let cfg = config(dir, name);
         for format in ["nf4", "int8", "int4"] {
             let kind = LinearKind::Quantized {

@@ -631,12 +631,14 @@ fn family_shapes() -> Vec<(&'static str, fn(&mut LlamaConfig))> {
             c.num_key_value_heads = 2;
             c.head_dim = Some(32);
             c.rope_theta = 5e5;
-            c.rope_scaling = Some(frugal_models::llama::Llama3Rope {
-                factor: 8.0,
-                low_freq_factor: 1.0,
-                high_freq_factor: 4.0,
-                original_max_position_embeddings: 8,
-            });
+            c.rope_scaling = Some(frugal_models::llama::RopeScaling::Llama3(
+                frugal_models::llama::Llama3Rope {
+                    factor: 8.0,
+                    low_freq_factor: 1.0,
+                    high_freq_factor: 4.0,
+                    original_max_position_embeddings: 8,
+                },
+            ));
         }),
         ("qwen2", |c| {
             c.model_type = DecoderType::Qwen2;
