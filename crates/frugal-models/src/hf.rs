@@ -441,8 +441,8 @@ fn rope_scaling(
 pub struct GemmaRead {
     /// One per layer (Gemma 2/3).
     pub layer_types: Option<Vec<crate::llama::LayerType>>,
-    /// `query_pre_attn_scalar`.
-    pub query_pre_attn_scalar: Option<f64>,
+    /// `query_pre_attn_scalar` (an integer, as transformers types it).
+    pub query_pre_attn_scalar: Option<i64>,
     /// `attn_logit_softcapping`.
     pub attn_logit_softcapping: Option<f64>,
     /// `final_logit_softcapping`.
@@ -512,9 +512,19 @@ pub fn gemma_settings(v: &Value, ty: DecoderType) -> Result<GemmaRead, Error> {
                 .collect()
         }
     };
+    let scalar = match v.get("query_pre_attn_scalar") {
+        None => Some(256),
+        Some(Value::Null) => None,
+        Some(x) => Some(x.as_i64().filter(|q| *q > 0).ok_or_else(|| {
+            Error::config(
+                "query_pre_attn_scalar",
+                format!("{x} must be a positive integer or null"),
+            )
+        })?),
+    };
     Ok(GemmaRead {
         layer_types: Some(layer_types),
-        query_pre_attn_scalar: number("query_pre_attn_scalar", Some(256.0))?,
+        query_pre_attn_scalar: scalar,
         attn_logit_softcapping: number("attn_logit_softcapping", gemma2.then_some(50.0))?,
         final_logit_softcapping: number("final_logit_softcapping", gemma2.then_some(30.0))?,
     })
@@ -665,18 +675,16 @@ pub fn check_decoder_keys(v: &Value, ty: DecoderType) -> Result<(), Error> {
         _ if qwen
             && obj
                 .get("use_sliding_window")
-                .is_some_and(|x| x != &Value::Bool(false)) =>
+                .is_some_and(|x| !matches!(x, Value::Bool(false) | Value::Null)) =>
         {
-            if !obj["use_sliding_window"].is_null() {
-                return refuse(
-                    "use_sliding_window",
-                    format!(
-                        "{}: Qwen's sliding-window layers (from max_window_layers on) are not \
-                         supported yet",
-                        obj["use_sliding_window"]
-                    ),
-                );
-            }
+            return refuse(
+                "use_sliding_window",
+                format!(
+                    "{}: Qwen's sliding-window layers (from max_window_layers on) are not \
+                     supported yet",
+                    obj["use_sliding_window"]
+                ),
+            );
         }
         _ => {}
     }
@@ -737,6 +745,18 @@ pub fn check_decoder_keys(v: &Value, ty: DecoderType) -> Result<(), Error> {
         Value::Array(a) => !a.is_empty(),
         Value::Object(o) => !o.is_empty(),
     };
+    if let Some(x) = obj
+        .get("use_bidirectional_attention")
+        .filter(|x| !matches!(x, Value::Null | Value::Bool(false)))
+    {
+        return refuse(
+            "use_bidirectional_attention",
+            format!(
+                "{x}: attention to later positions (an embedding model such as EmbeddingGemma) \
+                 is not supported: Frugal's decoders are causal"
+            ),
+        );
+    }
     // Keys a family owns: Qwen's window keys (checked above: off), Gemma's (read by
     // [`gemma_settings`] and [`rope`]).
     let owned: &[&str] = match ty {

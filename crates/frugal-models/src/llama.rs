@@ -1,13 +1,19 @@
-//! A LLaMA-style decoder (Touvron et al. 2023) with Hugging Face's weight names.
+//! A LLaMA-style decoder (Touvron et al. 2023) with Hugging Face's weight names, and the
+//! families built on it ([`DecoderType`]: Mistral, Qwen2/2.5, Qwen3, Gemma 1/2/3).
 //!
 //! Pre-norm blocks: `h = x + attn(rms(x))`, `out = h + mlp(rms(h))`; rotary embeddings in the
-//! rotate-half form of HF's `LlamaRotaryEmbedding`; SwiGLU `down(silu(gate(x)) * up(x))`; no
-//! biases; untied `lm_head`. Grouped-query attention (`num_key_value_heads` dividing
-//! `num_attention_heads`: `k_proj`/`v_proj` of width kv_heads · head_dim, each key/value head
-//! shared by a group of query heads, and cached once), an explicit `head_dim`, and Llama 3's
-//! RoPE frequency scaling ([`Llama3Rope`]), as transformers computes them. Norms, softmax and
-//! the residual stream stay in f32; only the linear layers and attention run in the compute
-//! kind (f32 or bf16). The word table
+//! rotate-half form of HF's `LlamaRotaryEmbedding`; SwiGLU `down(silu(gate(x)) * up(x))`; an
+//! `lm_head` of its own or tied to the word table. Grouped-query attention
+//! (`num_key_value_heads` dividing `num_attention_heads`: `k_proj`/`v_proj` of width
+//! kv_heads · head_dim, each key/value head shared by a group of query heads, and cached once),
+//! an explicit `head_dim`, RoPE frequency scaling ([`RopeScaling`]: Llama 3's, linear), and what
+//! the families add, each read from their own `config.json` keys and computed as transformers
+//! computes it: biases on q/k/v/o and the MLP (held outside the linear layer, so that every
+//! layer kind has them), per-head q/k norms, sliding-window attention (on every layer, or on
+//! Gemma's sliding layers, which may rotate with a base of their own), Gemma's `(1 + w)` norms,
+//! √d-scaled embeddings, tanh-GeLU GeGLU, norms after attention and around the MLP, attention
+//! scale and soft-capping. Norms, softmax and the residual stream stay in f32; only the linear
+//! layers and attention run in the compute kind (f32 or bf16). The word table
 //! `model.embed_tokens` is dense or a tensor train ([`EmbeddingKind`], CoMERA's TT-matrix
 //! embedding); the output head stays dense.
 
@@ -163,7 +169,7 @@ pub struct LlamaConfig {
     /// Attention scores scaled by `query_pre_attn_scalar^-1/2` instead of `head_dim^-1/2`
     /// (Gemma 2/3). Always written: transformers' Gemma 2/3 take 256 when the key is absent.
     #[serde(default)]
-    pub query_pre_attn_scalar: Option<f64>,
+    pub query_pre_attn_scalar: Option<i64>,
     /// Attention scores `s` become `c · tanh(s / c)` before the mask (Gemma 2: 50). Always
     /// written: transformers' Gemma 2 takes 50 when the key is absent.
     #[serde(default)]
@@ -524,8 +530,13 @@ impl LlamaConfig {
                 );
             }
         }
+        if let Some(q) = self.query_pre_attn_scalar.filter(|q| *q <= 0) {
+            return bad(
+                "query_pre_attn_scalar",
+                format!("must be positive, got {q}"),
+            );
+        }
         for (k, v) in [
-            ("query_pre_attn_scalar", self.query_pre_attn_scalar),
             ("attn_logit_softcapping", self.attn_logit_softcapping),
             ("final_logit_softcapping", self.final_logit_softcapping),
             ("rope_local_base_freq", self.rope_local_base_freq),
@@ -818,7 +829,7 @@ impl Block {
                 kv_heads: cfg.num_key_value_heads,
                 head_dim: hd,
                 window: cfg.window_of(i),
-                scale: cfg.query_pre_attn_scalar.map(|s| s.powf(-0.5)),
+                scale: cfg.query_pre_attn_scalar.map(|s| (s as f64).powf(-0.5)),
                 softcap: cfg.attn_logit_softcapping,
                 local_rope: cfg.local_rope(i),
             },

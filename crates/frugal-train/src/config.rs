@@ -83,7 +83,7 @@ impl ModelKind {
         let run = dir.join("config.toml");
         if run.is_file() {
             let kind = load(&run, &[])?.model.kind;
-            return Ok(kind.resolve("")?);
+            return kind.resolve("");
         }
         Err(Error::config(
             "model.kind",

@@ -622,10 +622,11 @@ fn adapter_run_resumes_exactly() {
 
 /// The families' shapes [`gqa_lora_runs_of_every_family_load_in_peft`] trains: a
 /// Llama-3.x shape (2 KV heads, an explicit head_dim of 32 ≠ 64 / 4, Llama 3 RoPE scaling),
-/// Qwen2 (q/k/v biases, tied embeddings), Qwen3 (q/k norms, head_dim 32) and Mistral (a window
-/// of 8 positions, shorter than the 16 of a sequence).
+/// Qwen2 (q/k/v biases, tied embeddings), Qwen3 (q/k norms, head_dim 32), Mistral (a window
+/// of 8 positions, shorter than the 16 of a sequence), Gemma 2 (soft-capping, a sliding then a
+/// global layer) and Gemma 3 (q/k norms, local and global RoPE bases, linear scaling).
 fn family_shapes() -> Vec<(&'static str, fn(&mut LlamaConfig))> {
-    use frugal_models::llama::DecoderType;
+    use frugal_models::llama::{DecoderType, LayerType};
     vec![
         ("llama", |c| {
             c.num_key_value_heads = 2;
@@ -655,6 +656,29 @@ fn family_shapes() -> Vec<(&'static str, fn(&mut LlamaConfig))> {
             c.model_type = DecoderType::Mistral;
             c.num_key_value_heads = 2;
             c.sliding_window = Some(8);
+        }),
+        ("gemma2", |c| {
+            c.model_type = DecoderType::Gemma2;
+            c.num_key_value_heads = 2;
+            c.head_dim = Some(32);
+            c.tie_word_embeddings = true;
+            c.sliding_window = Some(8);
+            c.layer_types = Some(vec![LayerType::SlidingAttention, LayerType::FullAttention]);
+            c.query_pre_attn_scalar = Some(24);
+            c.attn_logit_softcapping = Some(2.0);
+            c.final_logit_softcapping = Some(3.0);
+        }),
+        ("gemma3", |c| {
+            c.model_type = DecoderType::Gemma3Text;
+            c.num_key_value_heads = 2;
+            c.head_dim = Some(32);
+            c.tie_word_embeddings = true;
+            c.sliding_window = Some(8);
+            c.layer_types = Some(vec![LayerType::SlidingAttention, LayerType::FullAttention]);
+            c.query_pre_attn_scalar = Some(24);
+            c.rope_theta = 1e6;
+            c.rope_local_base_freq = Some(1e4);
+            c.rope_scaling = Some(frugal_models::llama::RopeScaling::Linear { factor: 8.0 });
         }),
     ]
 }

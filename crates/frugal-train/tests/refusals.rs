@@ -2,8 +2,8 @@
 //! loaded silently wrong: other model families by `model_type` ("not supported yet" or "not
 //! supported"), settings it does not implement by key, and weights that disagree with the
 //! config (layer count, an output head the config ties away, tensors the model would not use)
-//! by tensor; and the families it computes (LLaMA shapes, Qwen2, Qwen3, Mistral) load through
-//! the command line with transformers' logits. The folders are made at test time by transformers
+//! by tensor; and the families it computes (LLaMA shapes, Qwen2, Qwen3, Mistral, Gemma 2/3)
+//! load through the command line with transformers' logits. The folders are made at test time by transformers
 //! (`crates/frugal-models/tests/fixtures/gen_refusals.py`); without Python and transformers the
 //! tests are skipped, unless `FRUGAL_PEFT=1` (set by `cargo xtask test`) makes that a failure.
 
@@ -132,12 +132,6 @@ fn refused(name: &str, needles: &[&str]) {
     );
 }
 
-/// Guarantee: Gemma ((1+w) norms, scaled embeddings) is refused by model_type, not yet.
-#[test]
-fn gemma_is_refused_as_not_yet() {
-    refused("gemma", &["model_type: \"gemma\" is not supported yet"]);
-}
-
 /// Guarantee: settings of a loaded family that this build does not compute are refused by key:
 /// Qwen2's sliding-window layers, and biases in a Mistral config (transformers' Mistral has
 /// none, so the file was made for another model).
@@ -150,6 +144,10 @@ fn family_settings_that_are_not_built_are_refused_by_key() {
     refused(
         "mistral_with_bias",
         &["attention_bias: true is not a mistral setting"],
+    );
+    refused(
+        "gemma3_bidirectional",
+        &["use_bidirectional_attention: true: attention to later positions"],
     );
 }
 
@@ -175,15 +173,11 @@ fn missing_model_type_is_refused() {
     refused("llama_no_model_type", &["model_type: missing"]);
 }
 
-/// Guarantee: a LLaMA with a RoPE type other than the default and Llama 3's (linear, YaRN),
+/// Guarantee: a LLaMA with a RoPE type other than the default, Llama 3's and linear (YaRN),
 /// key/value heads that do not divide the query heads, or a sliding window shorter than its
 /// positions is refused, naming the key.
 #[test]
 fn llama_settings_that_are_not_built_are_refused_by_key() {
-    refused(
-        "llama_linear_rope",
-        &["rope_parameters: rope_type \"linear\" is not supported yet"],
-    );
     refused(
         "llama_yarn_rope",
         &["rope_parameters: rope_type \"yarn\" is not supported yet"],
@@ -251,9 +245,11 @@ fn tied_llama_of_transformers_loads() {
 /// Guarantee: transformers-made folders of every family this build computes load and evaluate
 /// exactly through the command line: grouped-query attention with an explicit head_dim
 /// (`llama_gqa`: 2 KV heads of width 16), multi-query attention with Llama 3 RoPE scaling past
-/// original_max_position_embeddings (`llama3_rope`), a LLaMA with attention and MLP biases,
-/// Qwen2 (q/k/v biases, tied embeddings), Qwen3 (q/k norms) and Mistral (a window of 8
-/// positions). `frugal eval --model DIR --logits FILE` gives transformers' logits within 1e-4
+/// original_max_position_embeddings (`llama3_rope`), linear RoPE scaling (`llama_linear_rope`),
+/// a LLaMA with attention and MLP biases,
+/// Qwen2 (q/k/v biases, tied embeddings), Qwen3 (q/k norms), Mistral (a window of 8
+/// positions), Gemma 2 (soft-capping, local/global layers) and Gemma 3 (q/k norms, local and
+/// global RoPE bases). `frugal eval --model DIR --logits FILE` gives transformers' logits within 1e-4
 /// (`logits_check.py`), on sequences of 24 tokens.
 #[test]
 fn every_family_of_transformers_loads_and_matches() {
@@ -263,10 +259,13 @@ fn every_family_of_transformers_loads_and_matches() {
     for name in [
         "llama_gqa",
         "llama3_rope",
+        "llama_linear_rope",
         "llama_attention_bias",
         "qwen2",
         "qwen3",
         "mistral",
+        "gemma2",
+        "gemma3",
     ] {
         let Some(dir) = folder(name) else { return };
         let shape = LlamaConfig::from_hf_file(&dir.join("config.json")).unwrap();
