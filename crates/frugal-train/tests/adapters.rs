@@ -620,12 +620,15 @@ fn adapter_run_resumes_exactly() {
     assert!(a == b, "the resumed adapter differs");
 }
 
+/// A change to [`base_folder_with`]'s shape.
+type ShapeEdit = fn(&mut LlamaConfig);
+
 /// The families' shapes [`gqa_lora_runs_of_every_family_load_in_peft`] trains: a
 /// Llama-3.x shape (2 KV heads, an explicit head_dim of 32 ≠ 64 / 4, Llama 3 RoPE scaling),
 /// Qwen2 (q/k/v biases, tied embeddings), Qwen3 (q/k norms, head_dim 32), Mistral (a window
 /// of 8 positions, shorter than the 16 of a sequence), Gemma 2 (soft-capping, a sliding then a
 /// global layer) and Gemma 3 (q/k norms, local and global RoPE bases, linear scaling).
-fn family_shapes() -> Vec<(&'static str, fn(&mut LlamaConfig))> {
+fn family_shapes() -> Vec<(&'static str, ShapeEdit)> {
     use frugal_models::llama::{DecoderType, LayerType};
     vec![
         ("llama", |c| {
