@@ -298,8 +298,8 @@ pub const OTHER_FAMILIES: &[&str] = &[
     "original_max_position_embeddings",
 ];
 
-/// RoPE types the decoders compute: plain RoPE, Llama 3's scaling and linear interpolation.
-const ROPE_TYPES: &[&str] = &["default", "llama3", "linear"];
+/// RoPE types the decoders compute: plain RoPE, Llama 3's scaling, linear interpolation, YaRN.
+const ROPE_TYPES: &[&str] = &["default", "llama3", "linear", "yarn"];
 
 /// The RoPE parameters of a parsed `config.json`: transformers 5's `rope_parameters`, else
 /// the older `rope_scaling` (None when neither is an object), with the key's name.
@@ -418,6 +418,54 @@ fn rope_scaling(
                 low_freq_factor: number("low_freq_factor")?,
                 high_freq_factor: number("high_freq_factor")?,
                 original_max_position_embeddings: original.unwrap_or(0),
+            })
+        }
+        Some("yarn") => {
+            let optional = |k: &str| match r.get(k) {
+                None | Some(Value::Null) => Ok(None),
+                Some(x) => x.as_f64().map(Some).ok_or_else(|| {
+                    Error::config(format!("{key}.{k}"), format!("{x} is not a number"))
+                }),
+            };
+            let original = match r.get("original_max_position_embeddings") {
+                None | Some(Value::Null) => {
+                    v.get("max_position_embeddings").and_then(Value::as_i64)
+                }
+                Some(x) => Some(x.as_i64().ok_or_else(|| {
+                    Error::config(
+                        format!("{key}.original_max_position_embeddings"),
+                        format!("{x} is not an integer"),
+                    )
+                })?),
+            }
+            .unwrap_or(0);
+            // No factor: the extension from the original length to the model's.
+            let factor = match optional("factor")? {
+                Some(f) => f,
+                None => {
+                    let max = v.get("max_position_embeddings").and_then(Value::as_f64);
+                    max.unwrap_or(0.0) / original.max(1) as f64
+                }
+            };
+            let truncate = match r.get("truncate") {
+                None | Some(Value::Null) => None,
+                Some(Value::Bool(b)) => Some(*b),
+                Some(x) => {
+                    return Err(Error::config(
+                        format!("{key}.truncate"),
+                        format!("{x} must be true or false"),
+                    ))
+                }
+            };
+            RopeScaling::Yarn(crate::llama::YarnRope {
+                factor,
+                original_max_position_embeddings: original,
+                attention_factor: optional("attention_factor")?,
+                beta_fast: optional("beta_fast")?,
+                beta_slow: optional("beta_slow")?,
+                mscale: optional("mscale")?,
+                mscale_all_dim: optional("mscale_all_dim")?,
+                truncate,
             })
         }
         Some(other) => {
@@ -868,7 +916,7 @@ mod tests {
                 "architectures",
             ),
             (
-                r#""rope_scaling": {"type": "yarn", "factor": 2.0}"#,
+                r#""rope_scaling": {"type": "dynamic", "factor": 2.0}"#,
                 "rope_scaling",
             ),
             (r#""qkv_bias": true"#, "qkv_bias"),

@@ -205,13 +205,116 @@ pub enum RopeScaling {
         /// The divisor, at least 1.
         factor: f64,
     },
+    /// YaRN ([`YarnRope`]; Qwen2.5's long-context setting, DeepSeek's distilled models).
+    Yarn(YarnRope),
+}
+
+/// YaRN (Peng et al. 2023, `rope_type = "yarn"`), as transformers' `_compute_yarn_parameters`:
+/// the frequencies of the dimensions that turn fewer than `beta_slow` times over `L =
+/// original_max_position_embeddings` are interpolated (divided by `factor`), those that turn more
+/// than `beta_fast` times kept, a linear ramp between (over dimension indices, the bounds
+/// rounded outwards unless `truncate` is false); cos and sin are scaled by the attention factor
+/// (`attention_factor`, else `0.1 ln(factor) + 1`, or with `mscale` and `mscale_all_dim` the
+/// ratio of those with each).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct YarnRope {
+    /// The context extension, at least 1.
+    pub factor: f64,
+    /// `L`, the context length of pre-training.
+    pub original_max_position_embeddings: i64,
+    /// The scale of cos and sin (None: from `factor`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attention_factor: Option<f64>,
+    /// Rotations above which a dimension is kept (None: 32).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub beta_fast: Option<f64>,
+    /// Rotations below which a dimension is interpolated (None: 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub beta_slow: Option<f64>,
+    /// DeepSeek's numerator scale of the attention factor.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mscale: Option<f64>,
+    /// DeepSeek's denominator scale of the attention factor.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mscale_all_dim: Option<f64>,
+    /// Round the ramp's bounds outwards (None: true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub truncate: Option<bool>,
+}
+
+impl YarnRope {
+    /// `0.1 · mscale · ln(scale) + 1` (1 for a scale up to 1), YaRN's Eq. 21.
+    fn mscale(scale: f64, mscale: f64) -> f64 {
+        if scale <= 1.0 {
+            return 1.0;
+        }
+        0.1 * mscale * scale.ln() + 1.0
+    }
+
+    /// The scale of cos and sin.
+    pub fn attention_factor(&self) -> f64 {
+        if let Some(a) = self.attention_factor {
+            return a;
+        }
+        match (self.mscale, self.mscale_all_dim) {
+            (Some(m), Some(all)) if m != 0.0 && all != 0.0 => {
+                Self::mscale(self.factor, m) / Self::mscale(self.factor, all)
+            }
+            _ => Self::mscale(self.factor, 1.0),
+        }
+    }
+
+    /// The scaled inverse frequencies of the plain ones `inv_freq` (f32) of base `theta`.
+    fn scale(&self, inv_freq: &Tensor, theta: f64) -> Tensor {
+        let half = inv_freq.size()[0];
+        let dim = (2 * half) as f64;
+        let original = self.original_max_position_embeddings as f64;
+        let correction = |rotations: f64| {
+            dim * (original / (rotations * 2.0 * std::f64::consts::PI)).ln() / (2.0 * theta.ln())
+        };
+        let (mut low, mut high) = (
+            correction(self.beta_fast.unwrap_or(32.0)),
+            correction(self.beta_slow.unwrap_or(1.0)),
+        );
+        if self.truncate.unwrap_or(true) {
+            (low, high) = (low.floor(), high.ceil());
+        }
+        let (low, high) = (low.max(0.0), high.min(dim - 1.0));
+        let high = if low == high { high + 0.001 } else { high };
+        let ramp = ((Tensor::arange(half, (Kind::Float, inv_freq.device())) - low) / (high - low))
+            .clamp(0.0, 1.0);
+        let keep = ramp.ones_like() - ramp;
+        let interpolated = inv_freq / self.factor;
+        &interpolated * (keep.ones_like() - &keep) + inv_freq * &keep
+    }
 }
 
 impl RopeScaling {
     /// Checks the factors; the error names the key (`rope_scaling.factor`, ...).
     pub fn validate(&self) -> Result<(), frugal_core::Error> {
+        let bad =
+            |k: &str, r: String| Err(frugal_core::Error::config(format!("rope_scaling.{k}"), r));
         match self {
             RopeScaling::Llama3(r) => r.validate(),
+            RopeScaling::Yarn(y) if y.factor.is_nan() || y.factor < 1.0 => {
+                bad("factor", format!("must be at least 1, got {}", y.factor))
+            }
+            RopeScaling::Yarn(y) if y.original_max_position_embeddings <= 0 => bad(
+                "original_max_position_embeddings",
+                format!(
+                    "must be positive, got {}",
+                    y.original_max_position_embeddings
+                ),
+            ),
+            RopeScaling::Yarn(y)
+                if !(y.attention_factor().is_finite() && y.attention_factor() > 0.0) =>
+            {
+                bad(
+                    "attention_factor",
+                    format!("must be positive, got {}", y.attention_factor()),
+                )
+            }
+            RopeScaling::Yarn(_) => Ok(()),
             RopeScaling::Linear { factor } if factor.is_nan() || *factor < 1.0 => {
                 Err(frugal_core::Error::config(
                     "rope_scaling.factor",
@@ -222,11 +325,20 @@ impl RopeScaling {
         }
     }
 
-    /// The scaled inverse frequencies of the plain ones `inv_freq` (f32).
-    pub fn scale(&self, inv_freq: &Tensor) -> Tensor {
+    /// The scaled inverse frequencies of the plain ones `inv_freq` (f32) of base `theta`.
+    pub fn scale(&self, inv_freq: &Tensor, theta: f64) -> Tensor {
         match self {
             RopeScaling::Llama3(r) => r.scale(inv_freq),
             RopeScaling::Linear { factor } => inv_freq / *factor,
+            RopeScaling::Yarn(y) => y.scale(inv_freq, theta),
+        }
+    }
+
+    /// The scale of the rotary tables' cos and sin (YaRN's attention factor; 1 otherwise).
+    pub fn attention_factor(&self) -> f64 {
+        match self {
+            RopeScaling::Yarn(y) => y.attention_factor(),
+            _ => 1.0,
         }
     }
 }
@@ -748,13 +860,16 @@ fn rotary_tables(
         .pow(&exponents)
         .reciprocal();
     let inv_freq = match scaling {
-        Some(r) => r.scale(&inv_freq),
+        Some(r) => r.scale(&inv_freq, theta),
         None => inv_freq,
     };
     let t = Tensor::arange(cfg.max_position_embeddings, opts);
     let freqs = t.outer(&inv_freq);
     let emb = Tensor::cat(&[&freqs, &freqs], -1);
-    (emb.cos(), emb.sin())
+    match scaling.map_or(1.0, RopeScaling::attention_factor) {
+        1.0 => (emb.cos(), emb.sin()),
+        a => (emb.cos() * a, emb.sin() * a),
+    }
 }
 
 fn rotate_half(x: &Tensor) -> Tensor {
@@ -1300,9 +1415,22 @@ mod tests {
             "{text}"
         );
         assert_eq!(LlamaConfig::from_hf_json(&text).unwrap(), c);
-        let yarn = linear.replace(r#""type": "linear""#, r#""type": "yarn""#);
-        let err = LlamaConfig::from_hf_json(&yarn).unwrap_err().to_string();
-        assert!(err.starts_with("rope_scaling: rope_type \"yarn\""), "{err}");
+        let dynamic = linear.replace(r#""type": "linear""#, r#""type": "dynamic""#);
+        let err = LlamaConfig::from_hf_json(&dynamic).unwrap_err().to_string();
+        assert!(
+            err.starts_with("rope_scaling: rope_type \"dynamic\""),
+            "{err}"
+        );
+        // YaRN: read with transformers' defaults, written back as read.
+        let yarn = linear.replace(r#""type": "linear""#, r#""rope_type": "yarn""#);
+        let c = LlamaConfig::from_hf_json(&yarn).unwrap();
+        let Some(RopeScaling::Yarn(y)) = c.rope_scaling.clone() else {
+            panic!("{:?}", c.rope_scaling)
+        };
+        assert_eq!((y.factor, y.original_max_position_embeddings), (8.0, 32));
+        assert!((y.attention_factor() - (0.1 * 8f64.ln() + 1.0)).abs() < 1e-12);
+        let text = serde_json::to_string(&c).unwrap();
+        assert_eq!(LlamaConfig::from_hf_json(&text).unwrap(), c);
         let small = linear.replace("8.0", "0.5");
         let err = LlamaConfig::from_hf_json(&small).unwrap_err().to_string();
         assert!(

@@ -13,7 +13,7 @@ use frugal_adapters::peft;
 use frugal_adapters::{LoraConfig, Targets};
 use frugal_core::safetensors_io::{self, SafetensorsFile};
 use frugal_models::adapted::{self, load_adapter};
-use frugal_models::llama::{KvCache, Llama, LlamaConfig};
+use frugal_models::llama::{KvCache, Llama, LlamaConfig, RopeScaling};
 use frugal_models::{weights, EmbeddingKind, LinearKind};
 use std::path::Path;
 use std::sync::OnceLock;
@@ -27,6 +27,7 @@ const VARIANTS: &[&str] = &[
     "llama3_rope",
     "llama_bias",
     "qwen2",
+    "qwen2_yarn",
     "qwen3",
     "mistral",
     "gemma",
@@ -174,6 +175,22 @@ fn logits_match_transformers() {
     assert!(vs
         .variables()
         .contains_key("model.layers.0.self_attn.o_proj.bias"));
+    // YaRN matters here, its attention factor too.
+    let yarn = config(dir, "qwen2_yarn");
+    let Some(RopeScaling::Yarn(y)) = yarn.rope_scaling.clone() else {
+        panic!("{:?}", yarn.rope_scaling)
+    };
+    let ids = reference(dir, "qwen2_yarn", "ids");
+    let want = reference(dir, "qwen2_yarn", "logits");
+    let mut unit = y.clone();
+    unit.attention_factor = Some(1.0);
+    for scaling in [None, Some(RopeScaling::Yarn(unit))] {
+        let mut other = yarn.clone();
+        other.rope_scaling = scaling;
+        let (_, m) = load(dir, "qwen2_yarn", &other, &LinearKind::Dense);
+        let d = max_diff(&logits(&m, &ids), &want);
+        assert!(d > 1e-3, "YaRN does not matter here: {d}");
+    }
     // Gemma 2's soft-capping and Gemma 3's local RoPE base matter here.
     let gemma2 = config(dir, "gemma2");
     assert_eq!(
