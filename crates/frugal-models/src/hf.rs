@@ -2,14 +2,14 @@
 //! refusal of the families this build does not load, and the decoders' keys.
 //!
 //! A folder is read only by the family its `model_type` names; every other type is refused by
-//! name, telling apart the families Frugal will load but this build does not yet
-//! ([`NOT_YET`]) from those it does not support at all. The decoders' reader
-//! ([`crate::llama::LlamaConfig::from_hf_json`], for `llama`, `mistral`, `qwen2` and `qwen3`)
-//! knows every key it reads, checks or knowingly ignores ([`LLAMA_READ`], [`LLAMA_CHECKED`],
-//! [`IGNORED`]), and refuses, naming the key, any value that would change the model's outputs
-//! in a way Frugal does not compute (another activation, RoPE scaling other than Llama 3's,
-//! Qwen's sliding-window layers), and the keys that change outputs in other families
-//! ([`OTHER_FAMILIES`]). Other keys are ignored, as transformers ignores them.
+//! name, with the reason when it is a known architecture (GPT-2, the mixtures of experts...).
+//! The decoders' reader ([`crate::llama::LlamaConfig::from_hf_json`], for every
+//! [`DecoderType`]) knows every key it reads, checks or knowingly ignores ([`LLAMA_READ`],
+//! [`LLAMA_CHECKED`], [`IGNORED`], the family's own keys), and refuses, naming the key, any
+//! value that would change the model's outputs in a way Frugal does not compute (another
+//! activation, a RoPE type it does not compute, Qwen's sliding-window layers, bidirectional
+//! attention), and the keys that change outputs in other families ([`OTHER_FAMILIES`]). Other
+//! keys are ignored, as transformers ignores them.
 
 use crate::llama::DecoderType;
 use frugal_core::Error;
@@ -18,8 +18,8 @@ use serde_json::Value;
 /// The model families this build loads, by the `model_type` their `config.json` carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Family {
-    /// `llama`, `mistral`, `qwen2`, `qwen3`: the LLaMA-style decoder ([`crate::llama`],
-    /// [`DecoderType`]).
+    /// Every [`DecoderType`] (`llama`, `mistral`, `qwen2`, `qwen3`, `gemma`, `gemma2`,
+    /// `gemma3_text`, `phi3`): the LLaMA-style decoder ([`crate::llama`]).
     Llama,
     /// `bert`: the BERT-style encoder ([`crate::encoder`]).
     Bert,
@@ -57,10 +57,6 @@ impl Family {
     }
 }
 
-/// Decoder families Frugal will load but this build does not yet: `model_type` and what they
-/// need that is not built.
-pub const NOT_YET: &[(&str, &str)] = &[("phi3", "fused qkv_proj/gate_up_proj and LongRoPE")];
-
 /// `model_type`s refused for good, with the reason.
 const UNSUPPORTED: &[(&str, &str)] = &[
     (
@@ -74,7 +70,7 @@ const UNSUPPORTED: &[(&str, &str)] = &[
     ("gptj", "GPT-J: parallel residual, interleaved rotary"),
     (
         "gemma3",
-        "multimodal Gemma 3 (vision tower); a text-only gemma3_text folder is planned",
+        "multimodal Gemma 3 (vision tower); its language model saved as gemma3_text loads",
     ),
     ("mixtral", "mixture of experts"),
     ("qwen2_moe", "mixture of experts"),
@@ -116,11 +112,6 @@ pub fn expect_family(v: &Value, want: Family) -> Result<(), Error> {
             "{t:?} is loaded with {}, not as a {:?} model",
             f.model_kind(),
             want.model_type()
-        )
-    } else if let Some((_, needs)) = NOT_YET.iter().find(|(n, _)| *n == t) {
-        format!(
-            "{t:?} is not supported yet: this build does not compute {needs} (it loads {})",
-            decoder_names()
         )
     } else if let Some((_, why)) = UNSUPPORTED.iter().find(|(n, _)| *n == t) {
         format!(
@@ -579,15 +570,17 @@ pub fn gemma_settings(v: &Value, ty: DecoderType) -> Result<GemmaRead, Error> {
 }
 
 /// The attention window of a parsed `config.json` of type `ty` (keys checked): for `mistral`,
-/// `gemma2` and `gemma3_text`, `sliding_window` (absent: 4096, transformers' default; null:
-/// none), a positive integer or an error naming the key; None for the other types (a LLaMA's
-/// is refused unless it covers every position, Qwen's is off unless `use_sliding_window`, which
-/// is refused, Gemma 1 has none).
+/// `gemma2`, `gemma3_text` and `phi3`, `sliding_window` (absent: transformers' default, 4096,
+/// none for Phi-3; null: none), a positive integer or an error naming the key; None for the
+/// other types (a LLaMA's is refused unless it covers every position, Qwen's is off unless
+/// `use_sliding_window`, which is refused, Gemma 1 has none).
 pub fn sliding_window(v: &Value, ty: DecoderType) -> Result<Option<i64>, Error> {
-    if ty != DecoderType::Mistral && !ty.is_gemma2_or_later() {
+    if !matches!(ty, DecoderType::Mistral | DecoderType::Phi3) && !ty.is_gemma2_or_later() {
         return Ok(None);
     }
     match v.get("sliding_window") {
+        // transformers' Phi-3 has no window when the key is absent, the others 4096.
+        None if ty == DecoderType::Phi3 => Ok(None),
         None => Ok(Some(4096)),
         Some(Value::Null) => Ok(None),
         Some(x) => match x.as_i64().filter(|w| *w > 0) {
@@ -658,7 +651,7 @@ pub fn check_decoder_keys(v: &Value, ty: DecoderType) -> Result<(), Error> {
         DecoderType::Gemma | DecoderType::Gemma2 | DecoderType::Gemma3Text => {
             key == "attention_bias"
         }
-        DecoderType::Mistral => false,
+        DecoderType::Mistral | DecoderType::Phi3 => false,
     };
     for key in ["attention_bias", "mlp_bias"] {
         match obj.get(key) {
@@ -735,6 +728,16 @@ pub fn check_decoder_keys(v: &Value, ty: DecoderType) -> Result<(), Error> {
             );
         }
         _ => {}
+    }
+    // Phi-3's dropout on the embeddings and the residual branches: Frugal trains without.
+    if ty == DecoderType::Phi3 {
+        for key in ["resid_pdrop", "embd_pdrop"] {
+            if let Some(p) = obj.get(key).filter(|x| !x.is_null()) {
+                if p.as_f64() != Some(0.0) {
+                    return refuse(key, format!("{p}: dropout is not supported here (only 0)"));
+                }
+            }
+        }
     }
     if let Some(map) = obj.get("auto_map").and_then(Value::as_object) {
         if let Some(k) = map.keys().find(|k| k.starts_with("AutoModel")) {
@@ -827,6 +830,8 @@ pub fn check_decoder_keys(v: &Value, ty: DecoderType) -> Result<(), Error> {
             "final_logit_softcapping",
             "rope_local_base_freq",
         ],
+        // Phi-3's pre-training length, which only its LongRoPE reads (refused above).
+        DecoderType::Phi3 => &["original_max_position_embeddings"],
         DecoderType::Llama | DecoderType::Mistral => &[],
     };
     let other = OTHER_FAMILIES
@@ -857,16 +862,14 @@ mod tests {
     }
 
     #[test]
-    fn families_are_refused_by_name_with_not_yet_or_not_supported() {
-        let err = check(r#"{"model_type": "phi3"}"#).unwrap_err().to_string();
-        assert!(
-            err.starts_with("model_type: \"phi3\" is not supported yet"),
-            "{err}"
-        );
+    fn families_are_refused_by_name_with_the_reason() {
+        let err = check(r#"{"model_type": "qwen2_moe"}"#)
+            .unwrap_err()
+            .to_string();
         assert!(
             err.ends_with(
-                "(it loads \"llama\", \"mistral\", \"qwen2\", \"qwen3\", \"gemma\", \
-                 \"gemma2\" and \"gemma3_text\")"
+                "(mixture of experts); Frugal loads \"llama\", \"mistral\", \"qwen2\", \
+                 \"qwen3\", \"gemma\", \"gemma2\", \"gemma3_text\" and \"phi3\" decoders"
             ),
             "{err}"
         );
@@ -878,6 +881,7 @@ mod tests {
             "gemma",
             "gemma2",
             "gemma3_text",
+            "phi3",
         ] {
             check(&format!(r#"{{"model_type": "{t}"}}"#)).unwrap();
         }
@@ -958,6 +962,19 @@ mod tests {
             "qwen3",
             r#""attention_bias": true, "use_sliding_window": null"#,
         );
+        ok(
+            "phi3",
+            r#""resid_pdrop": 0.0, "embd_pdrop": 0, "original_max_position_embeddings": 4096,
+                "sliding_window": 2047"#,
+        );
+        ok(
+            "gemma",
+            r#""hidden_act": "gelu", "hidden_activation": "gelu_pytorch_tanh""#,
+        );
+        ok(
+            "gemma3_text",
+            r#""rope_local_base_freq": 10000.0, "sliding_window_pattern": 6"#,
+        );
         for (t, extra, start) in [
             (
                 "mistral",
@@ -991,6 +1008,37 @@ mod tests {
                 "architectures: \"LlamaForCausalLM\" is not supported (a qwen2",
             ),
             ("qwen3", r#""hidden_act": "gelu""#, "hidden_act:"),
+            ("phi3", r#""resid_pdrop": 0.1"#, "resid_pdrop: 0.1: dropout"),
+            (
+                "phi3",
+                r#""rope_scaling": {"type": "longrope", "short_factor": [1.0]}"#,
+                "rope_scaling: rope_type \"longrope\"",
+            ),
+            (
+                "llama",
+                r#""original_max_position_embeddings": 4096"#,
+                "original_max_position_embeddings:",
+            ),
+            (
+                "gemma2",
+                r#""hidden_activation": "relu""#,
+                "hidden_activation:",
+            ),
+            (
+                "gemma",
+                r#""query_pre_attn_scalar": 256"#,
+                "query_pre_attn_scalar:",
+            ),
+            (
+                "gemma3_text",
+                r#""rope_parameters": {"sliding_attention": {"rope_type": "linear", "factor": 2}}"#,
+                "rope_parameters.sliding_attention: rope_type \"linear\"",
+            ),
+            (
+                "llama",
+                r#""use_bidirectional_attention": true"#,
+                "use_bidirectional_attention:",
+            ),
         ] {
             let v: Value =
                 serde_json::from_str(&format!(r#"{{"model_type": "{t}", {shape}, {extra}}}"#))
@@ -1011,5 +1059,24 @@ mod tests {
         assert_eq!(window(""), Some(4096));
         assert_eq!(window(r#", "sliding_window": null"#), None);
         assert_eq!(window(r#", "sliding_window": 12"#), Some(12));
+        let v: Value = serde_json::from_str(r#"{"model_type": "phi3"}"#).unwrap();
+        assert_eq!(sliding_window(&v, DecoderType::Phi3).unwrap(), None);
+        // Gemma 2 alternates sliding and global layers; Gemma 3 has one global in six.
+        let layers = |t: &str, n: i64| {
+            let v: Value =
+                serde_json::from_str(&format!(r#"{{"num_hidden_layers": {n}}}"#)).unwrap();
+            gemma_settings(&v, DecoderType::of(t).unwrap())
+                .unwrap()
+                .layer_types
+                .unwrap()
+                .iter()
+                .map(|l| matches!(l, crate::llama::LayerType::FullAttention))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(layers("gemma2", 4), [false, true, false, true]);
+        assert_eq!(
+            layers("gemma3_text", 7),
+            [false, false, false, false, false, true, false]
+        );
     }
 }

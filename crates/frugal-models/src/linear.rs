@@ -185,28 +185,42 @@ pub fn tt_layer_modes(in_dim: i64, out_dim: i64, order: usize) -> Result<(Vec<i6
 
 /// The linear layers of a stack of `blocks`, each named `{prefix}.{i}.{name}` from the names
 /// `each` gives a block's layers (`model.layers.3.mlp.up_proj`).
-pub fn stack_linears<'a, B, const N: usize>(
+pub fn stack_linears<'a, B, L>(
     prefix: &str,
     blocks: &'a [B],
-    each: impl Fn(&'a B) -> [(&'static str, &'a dyn Linear); N],
-) -> Vec<(String, &'a dyn Linear)> {
+    each: impl Fn(&'a B) -> L,
+) -> Vec<(String, &'a dyn Linear)>
+where
+    L: IntoIterator<Item = (&'static str, &'a dyn Linear)>,
+{
     blocks
         .iter()
         .enumerate()
-        .flat_map(|(i, b)| each(b).map(|(n, l)| (format!("{prefix}.{i}.{n}"), l)))
+        .flat_map(|(i, b)| {
+            each(b)
+                .into_iter()
+                .map(move |(n, l)| (format!("{prefix}.{i}.{n}"), l))
+        })
         .collect()
 }
 
 /// [`stack_linears`], mutable (to load or replace layers).
-pub fn stack_linears_mut<'a, B, const N: usize>(
+pub fn stack_linears_mut<'a, B, L>(
     prefix: &str,
     blocks: &'a mut [B],
-    each: impl Fn(&'a mut B) -> [(&'static str, &'a mut Box<dyn Linear>); N],
-) -> Vec<(String, &'a mut Box<dyn Linear>)> {
+    each: impl Fn(&'a mut B) -> L,
+) -> Vec<(String, &'a mut Box<dyn Linear>)>
+where
+    L: IntoIterator<Item = (&'static str, &'a mut Box<dyn Linear>)>,
+{
     blocks
         .iter_mut()
         .enumerate()
-        .flat_map(|(i, b)| each(b).map(|(n, l)| (format!("{prefix}.{i}.{n}"), l)))
+        .flat_map(|(i, b)| {
+            each(b)
+                .into_iter()
+                .map(move |(n, l)| (format!("{prefix}.{i}.{n}"), l))
+        })
         .collect()
 }
 

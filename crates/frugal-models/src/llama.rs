@@ -1,5 +1,5 @@
 //! A LLaMA-style decoder (Touvron et al. 2023) with Hugging Face's weight names, and the
-//! families built on it ([`DecoderType`]: Mistral, Qwen2/2.5, Qwen3, Gemma 1/2/3).
+//! families built on it ([`DecoderType`]: Mistral, Qwen2/2.5, Qwen3, Gemma 1/2/3, Phi-3).
 //!
 //! Pre-norm blocks: `h = x + attn(rms(x))`, `out = h + mlp(rms(h))`; rotary embeddings in the
 //! rotate-half form of HF's `LlamaRotaryEmbedding`; SwiGLU `down(silu(gate(x)) * up(x))`; an
@@ -9,7 +9,8 @@
 //! an explicit `head_dim`, RoPE frequency scaling ([`RopeScaling`]: Llama 3's, linear), and what
 //! the families add, each read from their own `config.json` keys and computed as transformers
 //! computes it: biases on q/k/v/o and the MLP (held outside the linear layer, so that every
-//! layer kind has them), per-head q/k norms, sliding-window attention (on every layer, or on
+//! layer kind has them), Phi-3's fused `qkv_proj` and `gate_up_proj` (split after the product),
+//! per-head q/k norms, sliding-window attention (on every layer, or on
 //! Gemma's sliding layers, which may rotate with a base of their own), Gemma's `(1 + w)` norms,
 //! √d-scaled embeddings, tanh-GeLU GeGLU, norms after attention and around the MLP, attention
 //! scale and soft-capping. Norms, softmax and the residual stream stay in f32; only the linear
@@ -49,11 +50,14 @@ pub enum DecoderType {
     /// base of its own for the sliding layers (`rope_local_base_freq`).
     #[serde(rename = "gemma3_text")]
     Gemma3Text,
+    /// `phi3` (Phi-3 mini/medium 4k): q/k/v fused into `qkv_proj`, gate and up into
+    /// `gate_up_proj`; a sliding window when its `sliding_window` says so.
+    Phi3,
 }
 
 impl DecoderType {
     /// Every decoder type, in the order of [`crate::hf`]'s messages.
-    pub const ALL: [DecoderType; 7] = [
+    pub const ALL: [DecoderType; 8] = [
         DecoderType::Llama,
         DecoderType::Mistral,
         DecoderType::Qwen2,
@@ -61,6 +65,7 @@ impl DecoderType {
         DecoderType::Gemma,
         DecoderType::Gemma2,
         DecoderType::Gemma3Text,
+        DecoderType::Phi3,
     ];
 
     /// The `model_type` value.
@@ -73,6 +78,7 @@ impl DecoderType {
             DecoderType::Gemma => "gemma",
             DecoderType::Gemma2 => "gemma2",
             DecoderType::Gemma3Text => "gemma3_text",
+            DecoderType::Phi3 => "phi3",
         }
     }
 
@@ -104,6 +110,7 @@ impl DecoderType {
             DecoderType::Gemma => "GemmaForCausalLM",
             DecoderType::Gemma2 => "Gemma2ForCausalLM",
             DecoderType::Gemma3Text => "Gemma3ForCausalLM",
+            DecoderType::Phi3 => "Phi3ForCausalLM",
         }
     }
 }
@@ -495,7 +502,7 @@ impl LlamaConfig {
     }
 
     /// Reads a Hugging Face `config.json` of a decoder family this model computes
-    /// ([`DecoderType`]: `llama`, `mistral`, `qwen2`, `qwen3`). Any other type is refused by
+    /// ([`DecoderType`]). Any other type is refused by
     /// name ([`crate::hf::expect_decoder`]), and so is every key whose value would change the
     /// outputs in a way this model does not compute ([`crate::hf::check_decoder_keys`]:
     /// another activation, a RoPE type other than the default and `llama3`, a setting of
@@ -763,11 +770,32 @@ impl KvCache {
     }
 }
 
+/// The query, key and value projections: three layers, or Phi-3's one (`qkv_proj`, its output
+/// the queries, then the keys, then the values).
+#[derive(Debug)]
+enum Qkv {
+    Separate {
+        q_proj: Box<dyn Linear>,
+        k_proj: Box<dyn Linear>,
+        v_proj: Box<dyn Linear>,
+    },
+    Fused(Box<dyn Linear>),
+}
+
+/// The MLP's gate and up projections: two layers, or Phi-3's one (`gate_up_proj`, its output
+/// the gate, then the up projection).
+#[derive(Debug)]
+enum GateUp {
+    Separate {
+        gate_proj: Box<dyn Linear>,
+        up_proj: Box<dyn Linear>,
+    },
+    Fused(Box<dyn Linear>),
+}
+
 #[derive(Debug)]
 struct Attention {
-    q_proj: Box<dyn Linear>,
-    k_proj: Box<dyn Linear>,
-    v_proj: Box<dyn Linear>,
+    qkv: Qkv,
     o_proj: Box<dyn Linear>,
     /// Biases of q, k, v (`{proj}.bias`), when the family has them.
     qkv_bias: Option<[Tensor; 3]>,
@@ -805,8 +833,7 @@ impl Attention {
 
 #[derive(Debug)]
 struct Mlp {
-    gate_proj: Box<dyn Linear>,
-    up_proj: Box<dyn Linear>,
+    gate_up: GateUp,
     down_proj: Box<dyn Linear>,
     /// Biases of gate, up, down (`mlp_bias`).
     bias: Option<[Tensor; 3]>,
@@ -930,12 +957,26 @@ impl Block {
                 norm(path / "post_feedforward_layernorm", d),
             )
         });
-        Ok(Self {
-            input_layernorm: norm(path / "input_layernorm", d),
-            self_attn: Attention {
+        let fused = cfg.model_type == DecoderType::Phi3;
+        let qkv = match fused {
+            true => Qkv::Fused(lin(&a / "qkv_proj", d, q + 2 * kv)?),
+            false => Qkv::Separate {
                 q_proj: lin(&a / "q_proj", d, q)?,
                 k_proj: lin(&a / "k_proj", d, kv)?,
                 v_proj: lin(&a / "v_proj", d, kv)?,
+            },
+        };
+        let gate_up = match fused {
+            true => GateUp::Fused(lin(&m / "gate_up_proj", d, 2 * f)?),
+            false => GateUp::Separate {
+                gate_proj: lin(&m / "gate_proj", d, f)?,
+                up_proj: lin(&m / "up_proj", d, f)?,
+            },
+        };
+        Ok(Self {
+            input_layernorm: norm(path / "input_layernorm", d),
+            self_attn: Attention {
+                qkv,
                 o_proj: lin(&a / "o_proj", q, d)?,
                 qkv_bias,
                 o_bias: bias_var(&a / "o_proj", d, cfg.o_bias()),
@@ -951,8 +992,7 @@ impl Block {
             post_attention_layernorm: norm(path / "post_attention_layernorm", d),
             feedforward_norms,
             mlp: Mlp {
-                gate_proj: lin(&m / "gate_proj", d, f)?,
-                up_proj: lin(&m / "up_proj", d, f)?,
+                gate_up,
                 down_proj: lin(&m / "down_proj", f, d)?,
                 bias: mlp_bias,
                 gelu: gemma,
@@ -961,32 +1001,59 @@ impl Block {
     }
 
     /// The block's linear layers with their names relative to the block
-    /// (`self_attn.q_proj`, ..., `mlp.down_proj`).
-    pub fn linears(&self) -> [(&'static str, &dyn Linear); 7] {
+    /// (`self_attn.q_proj`, ..., `mlp.down_proj`; Phi-3's `self_attn.qkv_proj`,
+    /// `self_attn.o_proj`, `mlp.gate_up_proj`, `mlp.down_proj`).
+    pub fn linears(&self) -> Vec<(&'static str, &dyn Linear)> {
         let (a, m) = (&self.self_attn, &self.mlp);
-        [
-            ("self_attn.q_proj", a.q_proj.as_ref()),
-            ("self_attn.k_proj", a.k_proj.as_ref()),
-            ("self_attn.v_proj", a.v_proj.as_ref()),
-            ("self_attn.o_proj", a.o_proj.as_ref()),
-            ("mlp.gate_proj", m.gate_proj.as_ref()),
-            ("mlp.up_proj", m.up_proj.as_ref()),
-            ("mlp.down_proj", m.down_proj.as_ref()),
-        ]
+        let mut v: Vec<(&'static str, &dyn Linear)> = match &a.qkv {
+            Qkv::Separate {
+                q_proj,
+                k_proj,
+                v_proj,
+            } => vec![
+                ("self_attn.q_proj", q_proj.as_ref()),
+                ("self_attn.k_proj", k_proj.as_ref()),
+                ("self_attn.v_proj", v_proj.as_ref()),
+            ],
+            Qkv::Fused(qkv) => vec![("self_attn.qkv_proj", qkv.as_ref())],
+        };
+        v.push(("self_attn.o_proj", a.o_proj.as_ref()));
+        match &m.gate_up {
+            GateUp::Separate { gate_proj, up_proj } => {
+                v.push(("mlp.gate_proj", gate_proj.as_ref()));
+                v.push(("mlp.up_proj", up_proj.as_ref()));
+            }
+            GateUp::Fused(gate_up) => v.push(("mlp.gate_up_proj", gate_up.as_ref())),
+        }
+        v.push(("mlp.down_proj", m.down_proj.as_ref()));
+        v
     }
 
     /// [`Block::linears`], mutable.
-    pub fn linears_mut(&mut self) -> [(&'static str, &mut Box<dyn Linear>); 7] {
+    pub fn linears_mut(&mut self) -> Vec<(&'static str, &mut Box<dyn Linear>)> {
         let (a, m) = (&mut self.self_attn, &mut self.mlp);
-        [
-            ("self_attn.q_proj", &mut a.q_proj),
-            ("self_attn.k_proj", &mut a.k_proj),
-            ("self_attn.v_proj", &mut a.v_proj),
-            ("self_attn.o_proj", &mut a.o_proj),
-            ("mlp.gate_proj", &mut m.gate_proj),
-            ("mlp.up_proj", &mut m.up_proj),
-            ("mlp.down_proj", &mut m.down_proj),
-        ]
+        let mut v: Vec<(&'static str, &mut Box<dyn Linear>)> = match &mut a.qkv {
+            Qkv::Separate {
+                q_proj,
+                k_proj,
+                v_proj,
+            } => vec![
+                ("self_attn.q_proj", q_proj),
+                ("self_attn.k_proj", k_proj),
+                ("self_attn.v_proj", v_proj),
+            ],
+            Qkv::Fused(qkv) => vec![("self_attn.qkv_proj", qkv)],
+        };
+        v.push(("self_attn.o_proj", &mut a.o_proj));
+        match &mut m.gate_up {
+            GateUp::Separate { gate_proj, up_proj } => {
+                v.push(("mlp.gate_proj", gate_proj));
+                v.push(("mlp.up_proj", up_proj));
+            }
+            GateUp::Fused(gate_up) => v.push(("mlp.gate_up_proj", gate_up)),
+        }
+        v.push(("mlp.down_proj", &mut m.down_proj));
+        v
     }
 
     /// `x` is the f32 residual stream `(B, T, d)`; `cos`, `sin` are the rows of positions
@@ -1003,16 +1070,34 @@ impl Block {
         let (b, t, _) = x.size3().expect("(batch, time, width)");
         let at = &self.self_attn;
         let h = self.input_layernorm.forward(x);
-        let qkv = at.qkv_bias.as_ref();
-        let heads = |y: Tensor, heads: i64| y.view([b, t, heads, at.head_dim]);
-        let q = heads(biased(at.q_proj.as_ref(), qkv.map(|b| &b[0]), &h), at.heads);
-        let k = heads(
-            biased(at.k_proj.as_ref(), qkv.map(|b| &b[1]), &h),
-            at.kv_heads,
-        );
-        let v = heads(
-            biased(at.v_proj.as_ref(), qkv.map(|b| &b[2]), &h),
-            at.kv_heads,
+        let heads = |y: Tensor, heads: i64| y.reshape([b, t, heads, at.head_dim]);
+        let (q, k, v) = match &at.qkv {
+            Qkv::Separate {
+                q_proj,
+                k_proj,
+                v_proj,
+            } => {
+                let bias = at.qkv_bias.as_ref();
+                (
+                    biased(q_proj.as_ref(), bias.map(|b| &b[0]), &h),
+                    biased(k_proj.as_ref(), bias.map(|b| &b[1]), &h),
+                    biased(v_proj.as_ref(), bias.map(|b| &b[2]), &h),
+                )
+            }
+            Qkv::Fused(qkv) => {
+                let y = qkv.forward(&h);
+                let (qw, kvw) = (at.heads * at.head_dim, at.kv_heads * at.head_dim);
+                (
+                    y.narrow(-1, 0, qw),
+                    y.narrow(-1, qw, kvw),
+                    y.narrow(-1, qw + kvw, kvw),
+                )
+            }
+        };
+        let (q, k, v) = (
+            heads(q, at.heads),
+            heads(k, at.kv_heads),
+            heads(v, at.kv_heads),
         );
         let (q, k) = match &at.qk_norm {
             Some((qn, kn)) => (
@@ -1058,8 +1143,17 @@ impl Block {
         let attended = biased(at.o_proj.as_ref(), at.o_bias.as_ref(), &y).to_kind(Kind::Float);
         let mb = self.mlp.bias.as_ref();
         let mlp = |h: &Tensor| {
-            let gate = biased(self.mlp.gate_proj.as_ref(), mb.map(|b| &b[0]), h);
-            let up = biased(self.mlp.up_proj.as_ref(), mb.map(|b| &b[1]), h);
+            let (gate, up) = match &self.mlp.gate_up {
+                GateUp::Separate { gate_proj, up_proj } => (
+                    biased(gate_proj.as_ref(), mb.map(|b| &b[0]), h),
+                    biased(up_proj.as_ref(), mb.map(|b| &b[1]), h),
+                ),
+                GateUp::Fused(gate_up) => {
+                    let y = gate_up.forward(h);
+                    let f = y.size()[y.dim() - 1] / 2;
+                    (y.narrow(-1, 0, f), y.narrow(-1, f, f))
+                }
+            };
             let gate = match self.mlp.gelu {
                 true => gate.gelu("tanh"),
                 false => gate.silu(),

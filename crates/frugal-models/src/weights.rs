@@ -840,7 +840,7 @@ fn unused_tensor(path: &Path, name: &str, model: &HashSet<String>) -> Error {
         "the config declares no bias there: attention_bias and mlp_bias are off, or the family \
          has none; Qwen2's are on q/k/v only"
     } else if name.contains(".q_norm.") || name.contains(".k_norm.") {
-        "per-head q/k norms are Qwen3's (model_type \"qwen3\"); this config's family has none"
+        "per-head q/k norms are Qwen3's and Gemma 3's; this config's family has none"
     } else {
         "a checkpoint of another model?"
     };

@@ -2,7 +2,8 @@
 //! multi-query attention, an explicit `head_dim`, Llama 3's RoPE scaling with a large
 //! `rope_theta`, `attention_bias` and `mlp_bias`), Qwen2 (q/k/v biases, tied embeddings), Qwen3
 //! (per-head q/k norms), Mistral (a sliding window shorter than the sequence) and Gemma 1/2/3
-//! ((1 + w) norms, scaled embeddings, GeGLU, soft-capping, local/global layers). Tiny random
+//! ((1 + w) norms, scaled embeddings, GeGLU, soft-capping, local/global layers) and Phi-3 (fused
+//! qkv_proj and gate_up_proj, adapters on them under PEFT's names). Tiny random
 //! folders are made at test time by `fixtures/gen_decoders.py` (transformers 5.25, PEFT 0.21);
 //! without Python, transformers and PEFT the tests are skipped, unless `FRUGAL_PEFT=1` (set by
 //! `cargo xtask test`) makes that a failure.
@@ -33,6 +34,7 @@ const VARIANTS: &[&str] = &[
     "gemma",
     "gemma2",
     "gemma3",
+    "phi3",
 ];
 
 fn python() -> String {
@@ -112,8 +114,14 @@ fn logits_match_transformers() {
         let (vs, model) = load(dir, name, &cfg, &LinearKind::Dense);
         let kv = cfg.num_key_value_heads * cfg.head_dim();
         let vars = vs.variables();
-        let k = &vars["model.layers.0.self_attn.k_proj.weight"];
-        assert_eq!(k.size(), [kv, 32], "{name}");
+        match vars.get("model.layers.0.self_attn.qkv_proj.weight") {
+            // Phi-3's fused layer: the queries, the keys, the values.
+            Some(qkv) => assert_eq!(qkv.size(), [cfg.q_width() + 2 * kv, 32], "{name}"),
+            None => {
+                let k = &vars["model.layers.0.self_attn.k_proj.weight"];
+                assert_eq!(k.size(), [kv, 32], "{name}");
+            }
+        }
         let o = &vars["model.layers.0.self_attn.o_proj.weight"];
         assert_eq!(o.size(), [32, 4 * cfg.head_dim()], "{name}");
         let ids = reference(dir, name, "ids");
@@ -280,7 +288,7 @@ fn peft_lora_on_qkvo_gives_peft_logits() {
         let (vs, mut model) = load(dir, name, &cfg, &LinearKind::Dense);
         let file = peft::read(&dir.join(format!("{name}_lora"))).unwrap();
         let layers = load_adapter(&vs, model.linears_mut(), "default", &file).unwrap();
-        assert_eq!(layers.len(), 8, "{name}");
+        assert_eq!(layers.len(), if *name == "phi3" { 6 } else { 8 }, "{name}");
         let ids = reference(dir, name, "ids");
         let ours = logits(&model, &ids);
         let d = max_diff(&ours, &reference(dir, name, "lora_logits"));
@@ -306,22 +314,27 @@ fn frugal_lora_on_gqa_loads_in_peft() {
         "gemma",
         "gemma2",
         "gemma3",
+        "phi3",
     ] {
         let cfg = config(dir, name);
         let (vs, mut model) = load(dir, name, &cfg, &LinearKind::Dense);
+        let targets: &[&str] = match name {
+            "phi3" => &["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+            _ => &["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"],
+        };
         let lora = LoraConfig {
             r: 2,
             alpha: 4.0,
-            target_modules: Targets::Names(
-                ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]
-                    .map(String::from)
-                    .to_vec(),
-            ),
+            target_modules: Targets::Names(targets.iter().map(|t| t.to_string()).collect()),
             ..LoraConfig::default()
         };
         adapted::add_adapter(&vs, model.linears_mut(), "default", &lora, "adapter").unwrap();
         let trainable = adapted::freeze_base(&vs);
-        assert_eq!(trainable.len(), 2 * 5 * 2, "A and B of 5 layers x 2 blocks");
+        assert_eq!(
+            trainable.len(),
+            2 * targets.len() * 2,
+            "A and B of each layer x 2 blocks"
+        );
         tch::manual_seed(3);
         tch::no_grad(|| {
             for (_, t) in &trainable {
@@ -377,6 +390,7 @@ fn quantized_kinds_and_adapters_take_kv_shapes() {
         "qwen3",
         "gemma2",
         "gemma3",
+        "phi3",
     ] {
         let cfg = config(dir, name);
         for format in ["nf4", "int8", "int4"] {
@@ -412,12 +426,25 @@ fn quantized_kinds_and_adapters_take_kv_shapes() {
                 double_quant: true,
             };
             let (vs, mut model) = load(dir, name, &cfg, &kind);
+            // Phi-3's k/v are rows of its fused qkv_proj.
+            let (targets, layer, rows) = match name {
+                "phi3" => (
+                    vec!["qkv_proj".to_string()],
+                    "layers.0.self_attn.qkv_proj",
+                    cfg.q_width() + 2 * cfg.kv_width(),
+                ),
+                _ => (
+                    vec!["k_proj".to_string(), "v_proj".to_string()],
+                    "layers.0.self_attn.k_proj",
+                    cfg.kv_width(),
+                ),
+            };
             let lora = LoraConfig {
                 r: 2,
                 alpha: 4.0,
                 use_dora: adapter == "dora",
                 pool: if adapter == "qalora" { 32 } else { 1 },
-                target_modules: Targets::Names(vec!["k_proj".into(), "v_proj".into()]),
+                target_modules: Targets::Names(targets),
                 ..LoraConfig::default()
             };
             adapted::add_adapter(&vs, model.linears_mut(), "default", &lora, "adapter")
@@ -425,9 +452,9 @@ fn quantized_kinds_and_adapters_take_kv_shapes() {
             let trainable = adapted::freeze_base(&vs);
             let a = trainable
                 .iter()
-                .find(|(n, _)| n.contains("layers.0.self_attn.k_proj") && n.contains("lora_B"))
+                .find(|(n, _)| n.contains(layer) && n.contains("lora_B"))
                 .unwrap_or_else(|| panic!("{name} {adapter}: no lora_B in {trainable:?}"));
-            assert_eq!(a.1.size(), [cfg.kv_width(), 2], "{name} {adapter}");
+            assert_eq!(a.1.size(), [rows, 2], "{name} {adapter}");
             let ids = reference(dir, name, "ids");
             let loss = model.loss(&ids, &ids);
             loss.backward();

@@ -114,7 +114,7 @@ fn unused_tensors_are_refused_by_name() {
     for (name, needle) in [
         (
             "model.layers.0.self_attn.q_norm.weight",
-            "q/k norms are Qwen3's",
+            "q/k norms are Qwen3's and Gemma 3's",
         ),
         ("model.layers.1.mlp.up_proj.bias", "declares no bias"),
         ("model.something.weight", "another model"),

@@ -59,8 +59,10 @@ fn base_folder_with(dir: &Path, name: &str, edit: impl Fn(&mut LlamaConfig)) -> 
         }
     });
     frugal_models::weights::save(&vs, &base.join("model.safetensors")).unwrap();
-    let text = serde_json::to_string(&cfg).unwrap();
-    std::fs::write(base.join("config.json"), text).unwrap();
+    let mut json = serde_json::to_value(&cfg).unwrap();
+    // transformers' Phi-3 pads with token 32000 unless told otherwise: beyond this vocabulary.
+    json["pad_token_id"] = 0.into();
+    std::fs::write(base.join("config.json"), json.to_string()).unwrap();
     let tok = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../frugal-models/tests/fixtures/peft/tiny_llama/tokenizer.json");
     std::fs::copy(tok, base.join("tokenizer.json")).unwrap();
@@ -627,7 +629,8 @@ type ShapeEdit = fn(&mut LlamaConfig);
 /// Llama-3.x shape (2 KV heads, an explicit head_dim of 32 ≠ 64 / 4, Llama 3 RoPE scaling),
 /// Qwen2 (q/k/v biases, tied embeddings), Qwen3 (q/k norms, head_dim 32), Mistral (a window
 /// of 8 positions, shorter than the 16 of a sequence), Gemma 2 (soft-capping, a sliding then a
-/// global layer) and Gemma 3 (q/k norms, local and global RoPE bases, linear scaling).
+/// global layer), Phi-3 (fused qkv_proj and gate_up_proj, a window of 8) and Gemma 3 (q/k norms,
+/// local and global RoPE bases, linear scaling).
 fn family_shapes() -> Vec<(&'static str, ShapeEdit)> {
     use frugal_models::llama::{DecoderType, LayerType};
     vec![
@@ -670,6 +673,11 @@ fn family_shapes() -> Vec<(&'static str, ShapeEdit)> {
             c.query_pre_attn_scalar = Some(24);
             c.attn_logit_softcapping = Some(2.0);
             c.final_logit_softcapping = Some(3.0);
+        }),
+        ("phi3", |c| {
+            c.model_type = DecoderType::Phi3;
+            c.num_key_value_heads = 2;
+            c.sliding_window = Some(8);
         }),
         ("gemma3", |c| {
             c.model_type = DecoderType::Gemma3Text;
@@ -727,13 +735,20 @@ fn lora_run_loads_in_peft(python: &str, dir: &Path, base: &Path, family: &str) {
         &adapter.join("adapter_model.safetensors"),
     )
     .unwrap();
+    // k_proj, or Phi-3's fused qkv_proj, whose rows are the queries, keys and values.
+    let (layer, rows) = match cfg.model_type {
+        frugal_models::llama::DecoderType::Phi3 => ("qkv_proj", cfg.q_width() + 2 * cfg.kv_width()),
+        _ => ("k_proj", cfg.kv_width()),
+    };
     let (shape, _) = k
-        .info("base_model.model.model.layers.0.self_attn.k_proj.lora_B.weight")
+        .info(&format!(
+            "base_model.model.model.layers.0.self_attn.{layer}.lora_B.weight"
+        ))
         .unwrap();
     assert_eq!(
         shape,
-        [cfg.kv_width(), 4],
-        "{family}: k_proj's B has kv_heads · head_dim rows"
+        [rows, 4],
+        "{family}: {layer}'s B has kv_heads · head_dim rows per key and value"
     );
     let logits = dir.join("logits.safetensors");
     let mut c = frugal(dir);
