@@ -12,6 +12,8 @@ use frugal_tt::TtLayer;
 use tch::{nn, Tensor};
 
 /// A decoder's shape.
+// The LLaMA's shape is the larger (its families' settings): made once per run, not worth a box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum DecoderConfig {
     /// A LLaMA-style transformer.

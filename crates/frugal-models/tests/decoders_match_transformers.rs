@@ -82,7 +82,8 @@ fn load(dir: &Path, name: &str, cfg: &LlamaConfig, kind: &LinearKind) -> (VarSto
     let mut vs = VarStore::new(Device::Cpu);
     let mut model = Llama::new(&vs.root(), cfg, kind, &EmbeddingKind::Dense, Kind::Float).unwrap();
     let (mut linears, mut tables) = model.weights_mut();
-    let file = dir.join(name).join("model.safetensors");
+    // One file, or the index of a sharded folder.
+    let file = safetensors_io::model_weights(&dir.join(name)).unwrap();
     weights::load_model_exact(&mut vs, &mut linears, &mut tables, &file).unwrap();
     (vs, model)
 }
@@ -403,7 +404,8 @@ fn quantized_kinds_and_adapters_take_kv_shapes() {
             let (_vs, model) = load(dir, name, &cfg, &kind);
             let tmp = tempfile::tempdir().unwrap();
             let copy = tmp.path().join("dequantized.safetensors");
-            common::dequantized_copy(&dir.join(name).join("model.safetensors"), &model, &copy);
+            let file = safetensors_io::model_weights(&dir.join(name)).unwrap();
+            common::dequantized_copy(&file, &model, &copy);
             let mut vs = VarStore::new(Device::Cpu);
             let mut dense = Llama::new(
                 &vs.root(),
