@@ -22,6 +22,20 @@ Two uses, both with the venv python that `cargo xtask setup` provides (`$FRUGAL_
 
        {"impl":"peft-lora","params":..,"trainable_params":..,"step_s":..,"tokens_per_s":..,
         "baseline_rss_bytes":..,"peak_rss_bytes":..,"torch_threads":..}
+
+3. The grouped-query comparison: `--make-base-gqa DIR` writes a Llama-3.2-1B-shaped base
+   (hidden 2048, intermediate 8192, 16 layers, 32 heads, 8 KV heads, vocabulary 128256, tied
+   embeddings, rope_theta 5e5, Llama 3 RoPE scaling factor 32 / 1 / 4 over 8192, max positions
+   131072), random weights from seed 0 (std 0.02), saved in bf16 as Meta ships it; `--layers N`
+   makes a shallower one (a smoke test). `--qlora` then fine-tunes it as QLoRA with PEFT and
+   bitsandbytes: the base loaded as NF4 with double quantization (`BitsAndBytesConfig`, bf16
+   compute), `prepare_model_for_kbit_training` with activation checkpointing, LoRA on the seven
+   projections, AdamW over the adapter:
+
+       $FRUGAL_PYTHON scripts/bench_adapters_peft.py --qlora --steps 2 --warmup 1 --batch 1 \
+           --seq 512 --base target/bench/adapters/gqa-base --r 16 --alpha 32
+
+   Same JSON line, `"impl":"peft-qlora-bnb"`, with the bitsandbytes version.
 """
 
 import argparse
@@ -103,19 +117,79 @@ def make_base(folder):
     print(json.dumps({"base": folder, "made": True, "params": params}), flush=True)
 
 
+# The Llama-3.2-1B shape of the grouped-query comparison.
+GQA = dict(
+    vocab_size=128256,
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_hidden_layers=16,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=64,
+    max_position_embeddings=131072,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=True,
+    rope_parameters={
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 32.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    },
+    hidden_act="silu",
+)
+
+
+def make_base_gqa(folder, layers):
+    """Writes the random Llama-3.2-1B-shaped base to `folder` in bf16, unless it exists."""
+    done = os.path.exists(os.path.join(folder, "config.json"))
+    if done:
+        log(f"base: {folder}/config.json exists, kept")
+        print(json.dumps({"base": folder, "made": False}), flush=True)
+        return
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**{**GQA, "num_hidden_layers": layers}, initializer_range=0.02)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    params = sum(p.numel() for p in model.parameters())
+    os.makedirs(folder, exist_ok=True)
+    model.save_pretrained(folder, max_shard_size="2GB")
+    log(f"base: wrote {params} parameters to {folder} (bf16)")
+    print(json.dumps({"base": folder, "made": True, "params": params}), flush=True)
+
+
 def train(a):
     from peft import LoraConfig, get_peft_model
-    from transformers import LlamaForCausalLM
+    from transformers import AutoConfig, LlamaForCausalLM
 
     if a.threads is not None:
         torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     gen = torch.Generator().manual_seed(a.seed)
     total = a.warmup + a.steps
-    data = torch.randint(0, VOCAB, (total, a.batch, a.seq), generator=gen)
+    vocab = AutoConfig.from_pretrained(a.base).vocab_size
+    data = torch.randint(0, vocab, (total, a.batch, a.seq), generator=gen)
     baseline = rss_bytes("VmRSS")
 
-    model = LlamaForCausalLM.from_pretrained(a.base, dtype=torch.float32)
+    if a.qlora:
+        import bitsandbytes
+        from peft import prepare_model_for_kbit_training
+        from transformers import BitsAndBytesConfig
+
+        quant = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+        model = LlamaForCausalLM.from_pretrained(
+            a.base, quantization_config=quant, dtype=torch.bfloat16, device_map="cpu"
+        )
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    else:
+        model = LlamaForCausalLM.from_pretrained(a.base, dtype=torch.float32)
     lora = LoraConfig(
         r=a.r,
         lora_alpha=a.alpha,
@@ -157,7 +231,7 @@ def train(a):
     import transformers
 
     out = {
-        "impl": "peft-lora",
+        "impl": "peft-qlora-bnb" if a.qlora else "peft-lora",
         "params": params,
         "trainable_params": trainable_params,
         "step_s": step_s,
@@ -176,12 +250,21 @@ def train(a):
         "transformers_version": transformers.__version__,
         "peft_version": peft.__version__,
     }
+    if a.qlora:
+        import bitsandbytes
+
+        out["bitsandbytes_version"] = bitsandbytes.__version__
     print(json.dumps(out, separators=(",", ":")), flush=True)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--make-base", metavar="DIR", help="write the 130M base to DIR and stop")
+    p.add_argument(
+        "--make-base-gqa", metavar="DIR", help="write the Llama-3.2-1B-shaped base and stop"
+    )
+    p.add_argument("--layers", type=int, default=16, help="--make-base-gqa's layers")
+    p.add_argument("--qlora", action="store_true", help="QLoRA with bitsandbytes NF4")
     p.add_argument("--base", metavar="DIR", help="the base folder to fine-tune")
     p.add_argument("--steps", type=int, default=3, help="timed steps")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps before them")
@@ -194,6 +277,9 @@ def main():
     a = p.parse_args()
     if a.make_base:
         make_base(a.make_base)
+        return
+    if a.make_base_gqa:
+        make_base_gqa(a.make_base_gqa, a.layers)
         return
     if not a.base:
         p.error("need --make-base DIR or --base DIR")

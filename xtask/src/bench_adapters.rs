@@ -10,7 +10,9 @@
 //! (frozen NF4 base, double quantization, block 64) and QA-LoRA (frozen int4 base, group 64),
 //! the adapters with r 8, alpha 16 on all linear layers. The first `--warmup` steps are not
 //! timed; the next `--steps` are. The result is printed as a markdown table (stdout), with the
-//! frozen bases' bytes and the goals, and written to `target/bench/adapters.json`.
+//! frozen bases' bytes and the goals, and written to `target/bench/adapters.json`. Then it runs
+//! the grouped-query QLoRA comparison against PEFT + bitsandbytes on a Llama-3.2-1B-shaped
+//! model ([`crate::bench_adapters_gqa`], also `cargo xtask bench adapters-gqa` alone).
 //!
 //! ```text
 //! cargo xtask bench adapters [-- --steps 5 --warmup 2]
@@ -255,7 +257,11 @@ pub fn run(env: &TorchEnv, args: &[String]) -> Result<()> {
         .iter()
         .map(|(s, e)| (s.label().to_string(), e.to_string()))
         .collect();
-    crate::report::sides_failed(RESULT, &failed)
+    let small = crate::report::sides_failed(RESULT, &failed);
+    // Then the grouped-query QLoRA comparison at its own default steps.
+    eprintln!("bench adapters: the grouped-query QLoRA comparison (bench adapters-gqa)");
+    let gqa = crate::bench_adapters_gqa::run(env, &[]);
+    small.and(gqa)
 }
 
 fn parse_args(args: &[String]) -> Result<Options> {

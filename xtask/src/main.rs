@@ -13,6 +13,7 @@
 
 mod bench;
 mod bench_adapters;
+mod bench_adapters_gqa;
 mod bench_distributed;
 mod bench_galore;
 mod bench_galore_quality;

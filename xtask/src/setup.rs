@@ -231,9 +231,38 @@ pub const TEST_PACKAGES: &[&str] = &["peft==0.21.2", "transformers==5.25.0"];
 /// once (torch pinned, so pip never replaces it). Returns whether they are there: a machine
 /// without the network still runs the tests, which then skip the cross-check and say so.
 pub fn ensure_test_packages(env: &TorchEnv) -> bool {
+    ensure_packages(
+        env,
+        "peft, transformers",
+        TEST_PACKAGES,
+        "the PEFT cross-check",
+    )
+}
+
+/// The Python packages of the benchmarks' PEFT + bitsandbytes sides (QLoRA), pinned.
+pub const BENCH_PACKAGES: &[&str] = &[
+    "peft==0.21.2",
+    "transformers==5.25.0",
+    "bitsandbytes==0.50.2",
+];
+
+/// Makes sure `env`'s Python can import PEFT, transformers and bitsandbytes, installing
+/// [`BENCH_PACKAGES`] once (torch pinned). Returns whether they are there.
+pub fn ensure_bench_packages(env: &TorchEnv) -> bool {
+    ensure_packages(
+        env,
+        "peft, transformers, bitsandbytes",
+        BENCH_PACKAGES,
+        "the bitsandbytes side",
+    )
+}
+
+/// Makes sure `env`'s Python can `import {modules}`, installing `packages` once with torch
+/// pinned; `purpose` names what goes without them in the warning.
+fn ensure_packages(env: &TorchEnv, modules: &str, packages: &[&str], purpose: &str) -> bool {
     let importable = || {
         Command::new(&env.python)
-            .args(["-c", "import peft, transformers"])
+            .args(["-c", &format!("import {modules}")])
             .output()
             .is_ok_and(|o| o.status.success())
     };
@@ -241,18 +270,18 @@ pub fn ensure_test_packages(env: &TorchEnv) -> bool {
         return true;
     }
     eprintln!(
-        "xtask: installing {} for the PEFT cross-check (once)",
-        TEST_PACKAGES.join(" ")
+        "xtask: installing {} for {purpose} (once)",
+        packages.join(" ")
     );
     let ok = Command::new(&env.python)
         .args(["-m", "pip", "install", "--quiet", TORCH_SPEC])
-        .args(TEST_PACKAGES)
+        .args(packages)
         .status()
         .is_ok_and(|s| s.success());
     if !ok || !importable() {
         eprintln!(
-            "xtask: warning: could not install {}; the PEFT cross-check will be skipped",
-            TEST_PACKAGES.join(" ")
+            "xtask: warning: could not install {}; {purpose} will be skipped",
+            packages.join(" ")
         );
         return false;
     }
