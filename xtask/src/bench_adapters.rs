@@ -156,7 +156,7 @@ impl Results {
     }
 
     /// `(key, goal, measured)` of the three goals.
-    fn goals(&self) -> [(&'static str, f64, Option<f64>); 3] {
+    fn goals(&self) -> [crate::report::AtMost; 3] {
         [
             (
                 "qlora_step_over_lora_at_most",
@@ -430,14 +430,7 @@ fn table(opts: Options, res: &Results) -> String {
         }
     }
     s.push_str("\nGoals:\n");
-    for (key, goal, measured) in res.goals() {
-        let got = measured.map_or_else(|| "not measured".to_string(), |m| format!("{m:.3}"));
-        let met = measured.is_some_and(|m| m <= goal);
-        s.push_str(&format!(
-            "- {key} {goal}: {got} ({})\n",
-            if met { "met" } else { "not met" }
-        ));
-    }
+    s.push_str(&crate::report::at_most_lines(&res.goals()));
     s.push_str(&format!(
         "\n{} parameters in PEFT's model ({} trainable); {} timed steps after {} warmup; PyTorch \
          on {} threads.\nLoad average (1 min) when each side started: {}.\n",
@@ -492,19 +485,7 @@ fn result_json(opts: Options, res: &Results, machine: &Machine, date: &str) -> S
         .map(|o| format!("    \"{}\": {}", o.side.key(), outcome_json(o, res)))
         .collect::<Vec<_>>()
         .join(",\n");
-    let goals = res
-        .goals()
-        .iter()
-        .map(|(key, goal, measured)| {
-            format!(
-                "    \"{key}\": {{\"goal\": {}, \"measured\": {}, \"met\": {}}}",
-                num(*goal),
-                json_opt(*measured),
-                measured.is_some_and(|m| m <= *goal)
-            )
-        })
-        .collect::<Vec<_>>()
-        .join(",\n");
+    let goals = crate::report::at_most_json(&res.goals());
     let all_met = res
         .goals()
         .iter()

@@ -93,7 +93,7 @@ impl Results {
     }
 
     /// `(key, goal, measured)` of the two goals.
-    fn goals(&self) -> [(&'static str, f64, Option<f64>); 2] {
+    fn goals(&self) -> [crate::report::AtMost; 2] {
         let (ours, theirs) = (self.row(Side::Frugal), self.row(Side::Peft));
         let ratio = |f: fn(&Row) -> f64| Some(f(ours?) / f(theirs?));
         [
@@ -301,14 +301,7 @@ fn table(res: &Results) -> String {
         }
     }
     s.push_str("\nGoals (ours over PEFT + bitsandbytes):\n");
-    for (key, goal, measured) in res.goals() {
-        let got = measured.map_or_else(|| "not measured".to_string(), |m| format!("{m:.3}"));
-        let met = measured.is_some_and(|m| m <= goal);
-        s.push_str(&format!(
-            "- {key} {goal}: {got} ({})\n",
-            if met { "met" } else { "not met" }
-        ));
-    }
+    s.push_str(&crate::report::at_most_lines(&res.goals()));
     s.push_str(&format!(
         "\n{} parameters in PEFT's model ({} trainable), bitsandbytes {}.\nLoad average (1 min) \
          when each side started: {}.\n",
@@ -343,19 +336,7 @@ fn result_json(res: &Results, steps: u64, warmup: u64, machine: &Machine, date: 
         .map(|o| format!("    \"{}\": {}", o.side.key(), side(o)))
         .collect::<Vec<_>>()
         .join(",\n");
-    let goals = res
-        .goals()
-        .iter()
-        .map(|(key, goal, m)| {
-            format!(
-                "    \"{key}\": {{\"goal\": {}, \"measured\": {}, \"met\": {}}}",
-                num(*goal),
-                json_opt(*m),
-                m.is_some_and(|m| m <= *goal)
-            )
-        })
-        .collect::<Vec<_>>()
-        .join(",\n");
+    let goals = crate::report::at_most_json(&res.goals());
     format!(
         "{{\n  \"benchmark\": \"adapters-gqa\",\n  \"model\": \"llama-3.2-1b-shaped\",\n  \
          \"base\": {},\n  \"compute\": \"bf16\",\n  \"checkpointing\": true,\n  \"device\": \

@@ -642,3 +642,38 @@ mod tests {
         assert!(whole_arg("b", "--n", "x", 0).is_err());
     }
 }
+
+/// A goal that a measured ratio meets when it is at most `goal`: `(key, goal, measured)`.
+pub type AtMost = (&'static str, f64, Option<f64>);
+
+/// Goals `goals` as the tables print them: `- key goal: measured (met|not met)`, one a line.
+pub fn at_most_lines(goals: &[AtMost]) -> String {
+    goals
+        .iter()
+        .map(|(key, goal, measured)| {
+            let got = measured.map_or_else(|| "not measured".to_string(), |m| format!("{m:.3}"));
+            let met = measured.is_some_and(|m| m <= *goal);
+            format!(
+                "- {key} {goal}: {got} ({})\n",
+                if met { "met" } else { "not met" }
+            )
+        })
+        .collect()
+}
+
+/// Goals `goals` as JSON members (`"key": {"goal", "measured", "met"}`), four-space indented,
+/// joined by `,\n`.
+pub fn at_most_json(goals: &[AtMost]) -> String {
+    goals
+        .iter()
+        .map(|(key, goal, measured)| {
+            format!(
+                "    \"{key}\": {{\"goal\": {}, \"measured\": {}, \"met\": {}}}",
+                json_num(*goal),
+                json_opt(*measured),
+                measured.is_some_and(|m| m <= *goal)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(",\n")
+}

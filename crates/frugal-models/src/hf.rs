@@ -387,30 +387,31 @@ fn rope_scaling(
             )
         })
     };
+    // The pre-training length: the key, else the model's `max_position_embeddings` (as
+    // transformers' `standardize_rope_params`); 0 (refused by the checks) when neither is.
+    let original = || match r.get("original_max_position_embeddings") {
+        None | Some(Value::Null) => Ok(v
+            .get("max_position_embeddings")
+            .and_then(Value::as_i64)
+            .unwrap_or(0)),
+        Some(x) => x.as_i64().ok_or_else(|| {
+            Error::config(
+                format!("{key}.original_max_position_embeddings"),
+                format!("{x} is not an integer"),
+            )
+        }),
+    };
     let scaling = match kind.and_then(Value::as_str) {
         None | Some("default") => return Ok(None),
         Some("linear") => RopeScaling::Linear {
             factor: number("factor")?,
         },
-        Some("llama3") => {
-            let original = match r.get("original_max_position_embeddings") {
-                None | Some(Value::Null) => {
-                    v.get("max_position_embeddings").and_then(Value::as_i64)
-                }
-                Some(x) => Some(x.as_i64().ok_or_else(|| {
-                    Error::config(
-                        format!("{key}.original_max_position_embeddings"),
-                        format!("{x} is not an integer"),
-                    )
-                })?),
-            };
-            RopeScaling::Llama3(Llama3Rope {
-                factor: number("factor")?,
-                low_freq_factor: number("low_freq_factor")?,
-                high_freq_factor: number("high_freq_factor")?,
-                original_max_position_embeddings: original.unwrap_or(0),
-            })
-        }
+        Some("llama3") => RopeScaling::Llama3(Llama3Rope {
+            factor: number("factor")?,
+            low_freq_factor: number("low_freq_factor")?,
+            high_freq_factor: number("high_freq_factor")?,
+            original_max_position_embeddings: original()?,
+        }),
         Some("yarn") => {
             let optional = |k: &str| match r.get(k) {
                 None | Some(Value::Null) => Ok(None),
@@ -418,18 +419,7 @@ fn rope_scaling(
                     Error::config(format!("{key}.{k}"), format!("{x} is not a number"))
                 }),
             };
-            let original = match r.get("original_max_position_embeddings") {
-                None | Some(Value::Null) => {
-                    v.get("max_position_embeddings").and_then(Value::as_i64)
-                }
-                Some(x) => Some(x.as_i64().ok_or_else(|| {
-                    Error::config(
-                        format!("{key}.original_max_position_embeddings"),
-                        format!("{x} is not an integer"),
-                    )
-                })?),
-            }
-            .unwrap_or(0);
+            let original = original()?;
             // No factor: the extension from the original length to the model's.
             let factor = match optional("factor")? {
                 Some(f) => f,
