@@ -289,8 +289,9 @@ pub const OTHER_FAMILIES: &[&str] = &[
     "original_max_position_embeddings",
 ];
 
-/// RoPE types the decoders compute: plain RoPE, Llama 3's scaling, linear interpolation, YaRN.
-const ROPE_TYPES: &[&str] = &["default", "llama3", "linear", "yarn"];
+/// RoPE types the decoders compute: plain RoPE, Llama 3's scaling, linear interpolation, YaRN,
+/// LongRoPE.
+const ROPE_TYPES: &[&str] = &["default", "llama3", "linear", "yarn", "longrope"];
 
 /// The RoPE parameters of a parsed `config.json`: transformers 5's `rope_parameters`, else
 /// the older `rope_scaling` (None when neither is an object), with the key's name.
@@ -447,6 +448,43 @@ fn rope_scaling(
                 mscale: optional("mscale")?,
                 mscale_all_dim: optional("mscale_all_dim")?,
                 truncate,
+            })
+        }
+        Some("longrope") => {
+            let factors = |k: &str| {
+                r.get(k)
+                    .and_then(Value::as_array)
+                    .and_then(|a| a.iter().map(Value::as_f64).collect::<Option<Vec<f64>>>())
+                    .ok_or_else(|| Error::config(format!("{key}.{k}"), "must be a list of numbers"))
+            };
+            // Phi-3 keeps the pre-training length at the top of config.json.
+            let original = match r.get("original_max_position_embeddings") {
+                None | Some(Value::Null) => match v.get("original_max_position_embeddings") {
+                    Some(x) if !x.is_null() => x.as_i64().ok_or_else(|| {
+                        Error::config(
+                            "original_max_position_embeddings",
+                            format!("{x} is not an integer"),
+                        )
+                    })?,
+                    _ => original()?,
+                },
+                Some(_) => original()?,
+            };
+            let max = v.get("max_position_embeddings").and_then(Value::as_f64);
+            let factor = match r.get("factor").filter(|x| !x.is_null()) {
+                Some(_) => number("factor")?,
+                None => max.unwrap_or(0.0) / original.max(1) as f64,
+            };
+            let attention_factor = match r.get("attention_factor").filter(|x| !x.is_null()) {
+                Some(_) => Some(number("attention_factor")?),
+                None => None,
+            };
+            RopeScaling::LongRope(crate::llama::LongRope {
+                short_factor: factors("short_factor")?,
+                long_factor: factors("long_factor")?,
+                factor,
+                attention_factor,
+                original_max_position_embeddings: original,
             })
         }
         Some(other) => {
@@ -820,7 +858,7 @@ pub fn check_decoder_keys(v: &Value, ty: DecoderType) -> Result<(), Error> {
             "final_logit_softcapping",
             "rope_local_base_freq",
         ],
-        // Phi-3's pre-training length, which only its LongRoPE reads (refused above).
+        // Phi-3's pre-training length, which its LongRoPE reads ([`rope`]).
         DecoderType::Phi3 => &["original_max_position_embeddings"],
         DecoderType::Llama | DecoderType::Mistral => &[],
     };
@@ -844,6 +882,10 @@ pub fn check_decoder_keys(v: &Value, ty: DecoderType) -> Result<(), Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn rope_of(text: &str, ty: DecoderType) -> Result<RopeRead, Error> {
+        rope(&serde_json::from_str(text).unwrap(), ty)
+    }
 
     fn check(text: &str) -> Result<(), Error> {
         let v: Value = serde_json::from_str(text).unwrap();
@@ -1001,8 +1043,8 @@ mod tests {
             ("phi3", r#""resid_pdrop": 0.1"#, "resid_pdrop: 0.1: dropout"),
             (
                 "phi3",
-                r#""rope_scaling": {"type": "longrope", "short_factor": [1.0]}"#,
-                "rope_scaling: rope_type \"longrope\"",
+                r#""rope_scaling": {"type": "su", "short_factor": [1.0]}"#,
+                "rope_scaling: rope_type \"su\"",
             ),
             (
                 "llama",
@@ -1051,6 +1093,30 @@ mod tests {
         assert_eq!(window(r#", "sliding_window": 12"#), Some(12));
         let v: Value = serde_json::from_str(r#"{"model_type": "phi3"}"#).unwrap();
         assert_eq!(sliding_window(&v, DecoderType::Phi3).unwrap(), None);
+        // LongRoPE: its factors are read, the pre-training length from the top (Phi-3's
+        // layout), the extension from the lengths, and a missing list is named.
+        let phi = |rope: &str| {
+            let text = format!(
+                r#"{{"model_type": "phi3", "max_position_embeddings": 128,
+                    "original_max_position_embeddings": 16, "rope_scaling": {rope}}}"#
+            );
+            rope_of(&text, DecoderType::Phi3)
+        };
+        let r =
+            phi(r#"{"type": "longrope", "short_factor": [1, 2], "long_factor": [3, 4]}"#).unwrap();
+        let Some(crate::llama::RopeScaling::LongRope(l)) = r.scaling else {
+            panic!("{:?}", r.scaling)
+        };
+        assert_eq!((l.factor, l.original_max_position_embeddings), (8.0, 16));
+        assert_eq!(l.long_factor, [3.0, 4.0]);
+        assert!((l.attention_factor() - (1.0 + 8f64.ln() / 16f64.ln()).sqrt()).abs() < 1e-12);
+        let err = phi(r#"{"type": "longrope", "short_factor": [1, 2]}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("rope_scaling.long_factor: must be a list of numbers"),
+            "{err}"
+        );
         // Gemma 2 alternates sliding and global layers; Gemma 3 has one global in six.
         let layers = |t: &str, n: i64| {
             let v: Value =

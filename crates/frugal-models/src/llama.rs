@@ -50,8 +50,9 @@ pub enum DecoderType {
     /// base of its own for the sliding layers (`rope_local_base_freq`).
     #[serde(rename = "gemma3_text")]
     Gemma3Text,
-    /// `phi3` (Phi-3 mini/medium 4k): q/k/v fused into `qkv_proj`, gate and up into
-    /// `gate_up_proj`; a sliding window when its `sliding_window` says so.
+    /// `phi3` (Phi-3, Phi-3.5): q/k/v fused into `qkv_proj`, gate and up into
+    /// `gate_up_proj`; a sliding window when its `sliding_window` says so; LongRoPE for the
+    /// long-context models.
     Phi3,
 }
 
@@ -214,6 +215,44 @@ pub enum RopeScaling {
     },
     /// YaRN ([`YarnRope`]; Qwen2.5's long-context setting, DeepSeek's distilled models).
     Yarn(YarnRope),
+    /// LongRoPE ([`LongRope`]; Phi-3 128k, Phi-3.5).
+    #[serde(rename = "longrope")]
+    LongRope(LongRope),
+}
+
+/// LongRoPE (Ding et al. 2024, `rope_type = "longrope"`), as transformers computes it: each
+/// inverse frequency divided by its own factor, `short_factor` while a sequence is at most
+/// `original_max_position_embeddings` long and `long_factor` beyond (the whole sequence
+/// switches: a forward pass over positions past it uses the long factors for every position),
+/// cos and sin scaled by `attention_factor` (else `sqrt(1 + ln(factor) / ln(L))`, with
+/// `factor` the context extension `max_position_embeddings / L`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LongRope {
+    /// One divisor per frequency (head_dim / 2) up to `L` positions.
+    pub short_factor: Vec<f64>,
+    /// One divisor per frequency past `L` positions.
+    pub long_factor: Vec<f64>,
+    /// The context extension (absent from the file: `max_position_embeddings / L`).
+    pub factor: f64,
+    /// The scale of cos and sin (None: from `factor`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attention_factor: Option<f64>,
+    /// `L`, the context length of pre-training.
+    pub original_max_position_embeddings: i64,
+}
+
+impl LongRope {
+    /// The scale of cos and sin.
+    pub fn attention_factor(&self) -> f64 {
+        match self.attention_factor {
+            Some(a) => a,
+            None if self.factor <= 1.0 => 1.0,
+            None => {
+                let l = self.original_max_position_embeddings as f64;
+                (1.0 + self.factor.ln() / l.ln()).sqrt()
+            }
+        }
+    }
 }
 
 /// YaRN (Peng et al. 2023, `rope_type = "yarn"`), as transformers' `_compute_yarn_parameters`:
@@ -322,6 +361,35 @@ impl RopeScaling {
                 )
             }
             RopeScaling::Yarn(_) => Ok(()),
+            RopeScaling::LongRope(r) if r.original_max_position_embeddings <= 1 => bad(
+                "original_max_position_embeddings",
+                format!("must exceed 1, got {}", r.original_max_position_embeddings),
+            ),
+            RopeScaling::LongRope(r)
+                if r.short_factor.len() != r.long_factor.len()
+                    || r.short_factor
+                        .iter()
+                        .chain(&r.long_factor)
+                        .any(|f| !(*f > 0.0)) =>
+            {
+                bad(
+                    "long_factor",
+                    format!(
+                        "short_factor and long_factor must be positive and as many ({} and {})",
+                        r.short_factor.len(),
+                        r.long_factor.len()
+                    ),
+                )
+            }
+            RopeScaling::LongRope(r)
+                if !(r.attention_factor().is_finite() && r.attention_factor() > 0.0) =>
+            {
+                bad(
+                    "attention_factor",
+                    format!("must be positive, got {}", r.attention_factor()),
+                )
+            }
+            RopeScaling::LongRope(_) => Ok(()),
             RopeScaling::Linear { factor } if factor.is_nan() || *factor < 1.0 => {
                 Err(frugal_core::Error::config(
                     "rope_scaling.factor",
@@ -338,16 +406,35 @@ impl RopeScaling {
             RopeScaling::Llama3(r) => r.scale(inv_freq),
             RopeScaling::Linear { factor } => inv_freq / *factor,
             RopeScaling::Yarn(y) => y.scale(inv_freq, theta),
+            RopeScaling::LongRope(r) => long_rope_scale(inv_freq, &r.short_factor),
         }
     }
 
-    /// The scale of the rotary tables' cos and sin (YaRN's attention factor; 1 otherwise).
+    /// The scale of the rotary tables' cos and sin (YaRN's and LongRoPE's attention factor; 1
+    /// otherwise).
     pub fn attention_factor(&self) -> f64 {
         match self {
             RopeScaling::Yarn(y) => y.attention_factor(),
+            RopeScaling::LongRope(r) => r.attention_factor(),
             _ => 1.0,
         }
     }
+
+    /// LongRoPE's pre-training length, past which a sequence takes the long factors.
+    pub fn long_after(&self) -> Option<i64> {
+        match self {
+            RopeScaling::LongRope(r) => Some(r.original_max_position_embeddings),
+            _ => None,
+        }
+    }
+}
+
+/// Inverse frequencies `inv_freq` divided by LongRoPE's `factors`, one each.
+fn long_rope_scale(inv_freq: &Tensor, factors: &[f64]) -> Tensor {
+    let f = Tensor::from_slice(factors)
+        .to_kind(Kind::Float)
+        .to_device(inv_freq.device());
+    inv_freq / f
 }
 
 /// Llama 3's RoPE scaling (`rope_type = "llama3"`, Llama 3.1 and later): the rotary inverse
@@ -637,6 +724,18 @@ impl LlamaConfig {
         }
         if let Some(r) = &self.rope_scaling {
             r.validate()?;
+            if let RopeScaling::LongRope(l) = r {
+                if l.short_factor.len() as i64 * 2 != self.head_dim() {
+                    return bad(
+                        "rope_scaling.short_factor",
+                        format!(
+                            "has {} factors; LongRoPE takes one per frequency, head_dim / 2 = {}",
+                            l.short_factor.len(),
+                            self.head_dim() / 2
+                        ),
+                    );
+                }
+            }
         }
         if let Some(w) = self.sliding_window.filter(|w| *w <= 0) {
             return bad("sliding_window", format!("must be positive, got {w}"));
@@ -744,6 +843,9 @@ impl RmsNorm {
 #[derive(Debug, Default)]
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
+    /// The ids seen so far, for a LongRoPE model: a sequence that grows past the pre-training
+    /// length is computed again from them with the long factors, as transformers' Phi-3 does.
+    ids: Option<Tensor>,
 }
 
 impl KvCache {
@@ -1245,6 +1347,8 @@ pub struct Llama {
     sin: Tensor,
     /// The sliding layers' tables when they have a base of their own (Gemma 3).
     local: Option<(Tensor, Tensor)>,
+    /// LongRoPE's tables with the long factors, and the length past which they apply.
+    long: Option<(Tensor, Tensor, i64)>,
     compute: Kind,
 }
 
@@ -1306,6 +1410,17 @@ impl Llama {
         let local = cfg
             .rope_local_base_freq
             .map(|theta| rotary_tables(cfg, theta, None, device));
+        let long = match &cfg.rope_scaling {
+            Some(RopeScaling::LongRope(r)) => {
+                let long = RopeScaling::LongRope(LongRope {
+                    short_factor: r.long_factor.clone(),
+                    ..r.clone()
+                });
+                let (cos, sin) = rotary_tables(cfg, cfg.rope_theta, Some(&long), device);
+                Some((cos, sin, r.original_max_position_embeddings))
+            }
+            _ => None,
+        };
         Ok(Self {
             config: cfg.clone(),
             embed_tokens,
@@ -1315,6 +1430,7 @@ impl Llama {
             cos,
             sin,
             local,
+            long,
             compute,
         })
     }
@@ -1380,8 +1496,10 @@ impl Llama {
     /// The rotary tables `(cos, sin)` of block `layer` for positions `start..start + len`, as
     /// [`Block::forward`] takes them (Gemma 3's sliding layers have tables of their own).
     pub fn rope(&self, layer: usize, start: i64, len: i64) -> (Tensor, Tensor) {
-        let (cos, sin) = match (&self.local, self.layers.get(layer)) {
-            (Some((cos, sin)), Some(b)) if b.self_attn.local_rope => (cos, sin),
+        let (cos, sin) = match (&self.local, &self.long, self.layers.get(layer)) {
+            (Some((cos, sin)), _, Some(b)) if b.self_attn.local_rope => (cos, sin),
+            // LongRoPE: a sequence past the pre-training length takes the long factors.
+            (_, Some((cos, sin, after)), _) if start + len > *after => (cos, sin),
             _ => (&self.cos, &self.sin),
         };
         (cos.narrow(0, start, len), sin.narrow(0, start, len))
@@ -1403,8 +1521,30 @@ impl Llama {
     /// Logits `(B, T, vocab)` in f32 for token ids `(B, T)`. With a cache, the ids continue the
     /// cached sequence and their keys and values are appended to it.
     pub fn forward(&self, ids: &Tensor, cache: Option<&mut KvCache>) -> Tensor {
+        let Some(cache) = cache else {
+            return self.run(ids, 0, None);
+        };
+        let (t, start) = (ids.size()[1], cache.len());
+        if let Some((_, _, after)) = &self.long {
+            // As transformers' Phi-3: the first pass that takes the sequence past the
+            // pre-training length computes it all again with the long factors (the cached keys
+            // were rotated with the short ones); later passes continue from that cache.
+            let all = match cache.ids.take() {
+                Some(seen) => Tensor::cat(&[seen, ids.shallow_clone()], 1),
+                None => ids.shallow_clone(),
+            };
+            cache.ids = Some(all.shallow_clone());
+            if start > 0 && start <= *after && start + t > *after {
+                cache.layers.clear();
+                return self.run(&all, 0, Some(cache)).narrow(1, start, t);
+            }
+        }
+        self.run(ids, start, Some(cache))
+    }
+
+    /// Logits of `ids` at positions `start..`, through `cache` when given.
+    fn run(&self, ids: &Tensor, start: i64, cache: Option<&mut KvCache>) -> Tensor {
         let t = ids.size()[1];
-        let start = cache.as_ref().map_or(0, |c| c.len());
         let mut x = self.embed(ids);
         match cache {
             Some(cache) => {

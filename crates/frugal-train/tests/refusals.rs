@@ -151,16 +151,6 @@ fn family_settings_that_are_not_built_are_refused_by_key() {
     );
 }
 
-/// Guarantee: Phi-3 with LongRoPE (the 128k models, Phi-3.5), whose frequencies switch with
-/// the length, is refused by key.
-#[test]
-fn phi3_longrope_is_refused_by_key() {
-    refused(
-        "phi3_longrope",
-        &["rope_parameters: rope_type \"longrope\" is not supported yet"],
-    );
-}
-
 /// Guarantee: GPT-2 and the MoE Mixtral are refused by model_type as not supported (for good).
 #[test]
 fn gpt2_and_mixtral_are_refused_as_not_supported() {
@@ -254,7 +244,8 @@ fn tied_llama_of_transformers_loads() {
 /// a LLaMA with attention and MLP biases,
 /// Qwen2 (q/k/v biases, tied embeddings), Qwen3 (q/k norms), Mistral (a window of 8
 /// positions), Gemma 2 (soft-capping, local/global layers), Gemma 3 (q/k norms, local and
-/// global RoPE bases) and Phi-3 (fused qkv_proj and gate_up_proj, a window of 8). `frugal eval --model DIR --logits FILE` gives transformers' logits within 1e-4
+/// global RoPE bases) and Phi-3 (fused qkv_proj and gate_up_proj, a window of 8; and with
+/// LongRoPE past its original 16 positions). `frugal eval --model DIR --logits FILE` gives transformers' logits within 1e-4
 /// (`logits_check.py`), on sequences of 24 tokens.
 #[test]
 fn every_family_of_transformers_loads_and_matches() {
@@ -273,6 +264,7 @@ fn every_family_of_transformers_loads_and_matches() {
         "gemma2",
         "gemma3",
         "phi3",
+        "phi3_longrope",
     ] {
         let Some(dir) = folder(name) else { return };
         let shape = LlamaConfig::from_hf_file(&dir.join("config.json")).unwrap();
