@@ -1427,6 +1427,9 @@ pub struct ModelBuild {
     pub compute: tch::Kind,
     /// The initialisation's seed (`train.seed`).
     pub seed: u64,
+    /// Store the decoder's frozen word table and output head in bf16 (an adapter run computing
+    /// in bf16: see `run::model`).
+    pub frozen_tables_bf16: bool,
 }
 
 impl ModelBuild {
@@ -1458,6 +1461,7 @@ impl Config {
             bf16_params: self.train.param_dtype == Dtype::Bf16,
             compute: kind(self.train.dtype),
             seed: self.train.seed,
+            frozen_tables_bf16: self.adapter.enabled() && self.train.dtype == Dtype::Bf16,
         }
     }
 }
