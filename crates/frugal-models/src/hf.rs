@@ -290,8 +290,8 @@ pub const OTHER_FAMILIES: &[&str] = &[
 ];
 
 /// RoPE types the decoders compute: plain RoPE, Llama 3's scaling, linear interpolation, YaRN,
-/// LongRoPE.
-const ROPE_TYPES: &[&str] = &["default", "llama3", "linear", "yarn", "longrope"];
+/// LongRoPE, dynamic NTK (plain up to `max_position_embeddings`).
+const ROPE_TYPES: &[&str] = &["default", "llama3", "linear", "yarn", "longrope", "dynamic"];
 
 /// The RoPE parameters of a parsed `config.json`: transformers 5's `rope_parameters`, else
 /// the older `rope_scaling` (None when neither is an object), with the key's name.
@@ -405,6 +405,9 @@ fn rope_scaling(
     let scaling = match kind.and_then(Value::as_str) {
         None | Some("default") => return Ok(None),
         Some("linear") => RopeScaling::Linear {
+            factor: number("factor")?,
+        },
+        Some("dynamic") => RopeScaling::Dynamic {
             factor: number("factor")?,
         },
         Some("llama3") => RopeScaling::Llama3(Llama3Rope {
@@ -952,7 +955,7 @@ mod tests {
                 "architectures",
             ),
             (
-                r#""rope_scaling": {"type": "dynamic", "factor": 2.0}"#,
+                r#""rope_scaling": {"type": "su", "factor": 2.0}"#,
                 "rope_scaling",
             ),
             (r#""qkv_bias": true"#, "qkv_bias"),

@@ -218,6 +218,13 @@ pub enum RopeScaling {
     /// LongRoPE ([`LongRope`]; Phi-3 128k, Phi-3.5).
     #[serde(rename = "longrope")]
     LongRope(LongRope),
+    /// Dynamic NTK scaling (`rope_type = "dynamic"`): transformers raises the base once a
+    /// sequence runs past `max_position_embeddings` (`_compute_dynamic_ntk_parameters`); up to
+    /// there, every position Frugal takes, it is plain RoPE.
+    Dynamic {
+        /// The scaling factor, at least 1 (used past `max_position_embeddings` only).
+        factor: f64,
+    },
 }
 
 /// LongRoPE (Ding et al. 2024, `rope_type = "longrope"`), as transformers computes it: each
@@ -390,13 +397,15 @@ impl RopeScaling {
                 )
             }
             RopeScaling::LongRope(_) => Ok(()),
-            RopeScaling::Linear { factor } if factor.is_nan() || *factor < 1.0 => {
+            RopeScaling::Linear { factor } | RopeScaling::Dynamic { factor }
+                if factor.is_nan() || *factor < 1.0 =>
+            {
                 Err(frugal_core::Error::config(
                     "rope_scaling.factor",
                     format!("must be at least 1, got {factor}"),
                 ))
             }
-            RopeScaling::Linear { .. } => Ok(()),
+            RopeScaling::Linear { .. } | RopeScaling::Dynamic { .. } => Ok(()),
         }
     }
 
@@ -407,6 +416,7 @@ impl RopeScaling {
             RopeScaling::Linear { factor } => inv_freq / *factor,
             RopeScaling::Yarn(y) => y.scale(inv_freq, theta),
             RopeScaling::LongRope(r) => long_rope_scale(inv_freq, &r.short_factor),
+            RopeScaling::Dynamic { .. } => inv_freq.shallow_clone(),
         }
     }
 
@@ -1649,12 +1659,12 @@ mod tests {
             "{text}"
         );
         assert_eq!(LlamaConfig::from_hf_json(&text).unwrap(), c);
+        let su = linear.replace(r#""type": "linear""#, r#""type": "su""#);
+        let err = LlamaConfig::from_hf_json(&su).unwrap_err().to_string();
+        assert!(err.starts_with("rope_scaling: rope_type \"su\""), "{err}");
         let dynamic = linear.replace(r#""type": "linear""#, r#""type": "dynamic""#);
-        let err = LlamaConfig::from_hf_json(&dynamic).unwrap_err().to_string();
-        assert!(
-            err.starts_with("rope_scaling: rope_type \"dynamic\""),
-            "{err}"
-        );
+        let c = LlamaConfig::from_hf_json(&dynamic).unwrap();
+        assert_eq!(c.rope_scaling, Some(RopeScaling::Dynamic { factor: 8.0 }));
         // YaRN: read with transformers' defaults, written back as read.
         let yarn = linear.replace(r#""type": "linear""#, r#""rope_type": "yarn""#);
         let c = LlamaConfig::from_hf_json(&yarn).unwrap();

@@ -167,15 +167,10 @@ fn missing_model_type_is_refused() {
     refused("llama_no_model_type", &["model_type: missing"]);
 }
 
-/// Guarantee: a LLaMA with a RoPE type it does not compute (dynamic NTK),
-/// key/value heads that do not divide the query heads, or a sliding window shorter than its
-/// positions is refused, naming the key.
+/// Guarantee: a LLaMA with key/value heads that do not divide the query heads, or a sliding
+/// window shorter than its positions, is refused, naming the key.
 #[test]
 fn llama_settings_that_are_not_built_are_refused_by_key() {
-    refused(
-        "llama_dynamic_rope",
-        &["rope_parameters: rope_type \"dynamic\" is not supported yet"],
-    );
     refused(
         "llama_gqa_not_dividing",
         &["num_key_value_heads: 3 must be positive and divide num_attention_heads 4"],
@@ -239,8 +234,8 @@ fn tied_llama_of_transformers_loads() {
 /// Guarantee: transformers-made folders of every family this build computes load and evaluate
 /// exactly through the command line: grouped-query attention with an explicit head_dim
 /// (`llama_gqa`: 2 KV heads of width 16), multi-query attention with Llama 3 RoPE scaling past
-/// original_max_position_embeddings (`llama3_rope`), linear and YaRN RoPE scaling (the 24
-/// positions past YaRN's original 16),
+/// original_max_position_embeddings (`llama3_rope`), linear, YaRN (the 24 positions past its
+/// original 16) and dynamic NTK RoPE scaling,
 /// a LLaMA with attention and MLP biases,
 /// Qwen2 (q/k/v biases, tied embeddings), Qwen3 (q/k norms), Mistral (a window of 8
 /// positions), Gemma 2 (soft-capping, local/global layers), Gemma 3 (q/k norms, local and
@@ -257,6 +252,7 @@ fn every_family_of_transformers_loads_and_matches() {
         "llama3_rope",
         "llama_linear_rope",
         "llama_yarn_rope",
+        "llama_dynamic_rope",
         "llama_attention_bias",
         "qwen2",
         "qwen3",
