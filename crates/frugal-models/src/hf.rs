@@ -1113,6 +1113,18 @@ mod tests {
         assert_eq!((l.factor, l.original_max_position_embeddings), (8.0, 16));
         assert_eq!(l.long_factor, [3.0, 4.0]);
         assert!((l.attention_factor() - (1.0 + 8f64.ln() / 16f64.ln()).sqrt()).abs() < 1e-12);
+        // Written back, the top-level length stays (transformers' Phi-3 prefers it).
+        let text = r#"{"model_type": "phi3", "vocab_size": 64, "hidden_size": 16,
+            "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4,
+            "max_position_embeddings": 128, "original_max_position_embeddings": 16,
+            "rope_scaling": {"type": "longrope", "short_factor": [1, 2], "long_factor": [3, 4]}}"#;
+        let c = crate::llama::LlamaConfig::from_hf_json(text).unwrap();
+        let written = serde_json::to_value(&c).unwrap();
+        assert_eq!(written["original_max_position_embeddings"], 16);
+        assert_eq!(
+            crate::llama::LlamaConfig::from_hf_json(&written.to_string()).unwrap(),
+            c
+        );
         let err = phi(r#"{"type": "longrope", "short_factor": [1, 2]}"#)
             .unwrap_err()
             .to_string();

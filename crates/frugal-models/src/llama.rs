@@ -189,6 +189,11 @@ pub struct LlamaConfig {
     /// `rope_theta` and the scaling); None: one base for all layers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_local_base_freq: Option<f64>,
+    /// Phi-3's pre-training length at the top of `config.json`, kept so that a written file
+    /// says it too: transformers' Phi-3 takes it over the one in the RoPE parameters (4096 when
+    /// absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub original_max_position_embeddings: Option<i64>,
 }
 
 /// A layer's attention in Gemma 2/3 (`layer_types`).
@@ -548,6 +553,7 @@ impl LlamaConfig {
             attn_logit_softcapping: None,
             final_logit_softcapping: None,
             rope_local_base_freq: None,
+            original_max_position_embeddings: None,
         }
     }
 
@@ -652,6 +658,12 @@ impl LlamaConfig {
         cfg.query_pre_attn_scalar = gemma.query_pre_attn_scalar;
         cfg.attn_logit_softcapping = gemma.attn_logit_softcapping;
         cfg.final_logit_softcapping = gemma.final_logit_softcapping;
+        cfg.original_max_position_embeddings = match (&cfg.rope_scaling, ty) {
+            (Some(RopeScaling::LongRope(l)), DecoderType::Phi3) => {
+                Some(l.original_max_position_embeddings)
+            }
+            _ => None,
+        };
         // A head_dim equal to hidden_size / num_attention_heads is no explicit width
         // (transformers 5 writes it always): kept implicit, it follows a `model.num_heads`
         // override as it would in transformers.
