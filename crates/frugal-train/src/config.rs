@@ -34,7 +34,8 @@ macro_rules! config_names {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ModelKind {
-    /// The LLaMA-style decoder (Hugging Face's `llama`, `mistral`, `qwen2`, `qwen3`).
+    /// The LLaMA-style decoder (Hugging Face's `llama` and the families built on it: `mistral`,
+    /// `qwen2`, `qwen3`, `gemma`, `gemma2`, `gemma3_text`, `phi3`).
     #[default]
     Llama,
     /// The BERT-style encoder.
