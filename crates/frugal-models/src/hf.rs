@@ -347,7 +347,7 @@ pub fn rope(v: &Value, ty: DecoderType) -> Result<RopeRead, Error> {
         .or(top_theta)
         .unwrap_or(default_theta);
     let scaling = match global {
-        Some(r) => rope_scaling(v, r, &global_key)?,
+        Some(r) => rope_scaling(v, ty, r, &global_key)?,
         None => None,
     };
     let local_theta = (ty == DecoderType::Gemma3Text).then(|| {
@@ -369,6 +369,7 @@ pub fn rope(v: &Value, ty: DecoderType) -> Result<RopeRead, Error> {
 /// type; `llama3` and `linear` read, others refused.
 fn rope_scaling(
     v: &Value,
+    ty: DecoderType,
     r: &serde_json::Map<String, Value>,
     key: &str,
 ) -> Result<Option<crate::llama::RopeScaling>, Error> {
@@ -388,19 +389,37 @@ fn rope_scaling(
             )
         })
     };
-    // The pre-training length: the key, else the model's `max_position_embeddings` (as
-    // transformers' `standardize_rope_params`); 0 (refused by the checks) when neither is.
-    let original = || match r.get("original_max_position_embeddings") {
-        None | Some(Value::Null) => Ok(v
+    // An optional number (absent or null: None).
+    let optional = |k: &str| match r.get(k) {
+        None | Some(Value::Null) => Ok(None),
+        Some(x) => x
+            .as_f64()
+            .map(Some)
+            .ok_or_else(|| Error::config(format!("{key}.{k}"), format!("{x} is not a number"))),
+    };
+    // The pre-training length, as transformers' `standardize_rope_params` sets it: Phi-3's
+    // top-level `original_max_position_embeddings` (its config class has one, 4096 when
+    // absent, and it wins over the RoPE parameters' own); else the RoPE parameters' key; else
+    // the model's `max_position_embeddings`; 0 (refused by the checks) when none is.
+    let integer = |k: String, x: &Value| {
+        x.as_i64()
+            .ok_or_else(|| Error::config(k, format!("{x} is not an integer")))
+    };
+    let original = || match (ty, r.get("original_max_position_embeddings")) {
+        (DecoderType::Phi3, _) => match v.get("original_max_position_embeddings") {
+            Some(x) if !x.is_null() => integer("original_max_position_embeddings".into(), x),
+            _ => Ok(4096),
+        },
+        (_, None | Some(Value::Null)) => Ok(v
             .get("max_position_embeddings")
             .and_then(Value::as_i64)
             .unwrap_or(0)),
-        Some(x) => x.as_i64().ok_or_else(|| {
-            Error::config(
-                format!("{key}.original_max_position_embeddings"),
-                format!("{x} is not an integer"),
-            )
-        }),
+        (_, Some(x)) => integer(format!("{key}.original_max_position_embeddings"), x),
+    };
+    // No factor: the extension from the pre-training length to the model's.
+    let extension = |original: i64| {
+        let max = v.get("max_position_embeddings").and_then(Value::as_f64);
+        max.unwrap_or(0.0) / original.max(1) as f64
     };
     let scaling = match kind.and_then(Value::as_str) {
         None | Some("default") => return Ok(None),
@@ -417,21 +436,7 @@ fn rope_scaling(
             original_max_position_embeddings: original()?,
         }),
         Some("yarn") => {
-            let optional = |k: &str| match r.get(k) {
-                None | Some(Value::Null) => Ok(None),
-                Some(x) => x.as_f64().map(Some).ok_or_else(|| {
-                    Error::config(format!("{key}.{k}"), format!("{x} is not a number"))
-                }),
-            };
             let original = original()?;
-            // No factor: the extension from the original length to the model's.
-            let factor = match optional("factor")? {
-                Some(f) => f,
-                None => {
-                    let max = v.get("max_position_embeddings").and_then(Value::as_f64);
-                    max.unwrap_or(0.0) / original.max(1) as f64
-                }
-            };
             let truncate = match r.get("truncate") {
                 None | Some(Value::Null) => None,
                 Some(Value::Bool(b)) => Some(*b),
@@ -443,7 +448,7 @@ fn rope_scaling(
                 }
             };
             RopeScaling::Yarn(crate::llama::YarnRope {
-                factor,
+                factor: optional("factor")?.unwrap_or_else(|| extension(original)),
                 original_max_position_embeddings: original,
                 attention_factor: optional("attention_factor")?,
                 beta_fast: optional("beta_fast")?,
@@ -460,33 +465,12 @@ fn rope_scaling(
                     .and_then(|a| a.iter().map(Value::as_f64).collect::<Option<Vec<f64>>>())
                     .ok_or_else(|| Error::config(format!("{key}.{k}"), "must be a list of numbers"))
             };
-            // Phi-3 keeps the pre-training length at the top of config.json.
-            let original = match r.get("original_max_position_embeddings") {
-                None | Some(Value::Null) => match v.get("original_max_position_embeddings") {
-                    Some(x) if !x.is_null() => x.as_i64().ok_or_else(|| {
-                        Error::config(
-                            "original_max_position_embeddings",
-                            format!("{x} is not an integer"),
-                        )
-                    })?,
-                    _ => original()?,
-                },
-                Some(_) => original()?,
-            };
-            let max = v.get("max_position_embeddings").and_then(Value::as_f64);
-            let factor = match r.get("factor").filter(|x| !x.is_null()) {
-                Some(_) => number("factor")?,
-                None => max.unwrap_or(0.0) / original.max(1) as f64,
-            };
-            let attention_factor = match r.get("attention_factor").filter(|x| !x.is_null()) {
-                Some(_) => Some(number("attention_factor")?),
-                None => None,
-            };
+            let original = original()?;
             RopeScaling::LongRope(crate::llama::LongRope {
                 short_factor: factors("short_factor")?,
                 long_factor: factors("long_factor")?,
-                factor,
-                attention_factor,
+                factor: optional("factor")?.unwrap_or_else(|| extension(original)),
+                attention_factor: optional("attention_factor")?,
                 original_max_position_embeddings: original,
             })
         }
@@ -1125,6 +1109,24 @@ mod tests {
             crate::llama::LlamaConfig::from_hf_json(&written.to_string()).unwrap(),
             c
         );
+        // Phi-3's top-level length wins over the RoPE parameters' own; absent, it is 4096.
+        let r = phi(
+            r#"{"type": "longrope", "short_factor": [1, 2], "long_factor": [3, 4],
+            "original_max_position_embeddings": 32}"#,
+        )
+        .unwrap();
+        let Some(crate::llama::RopeScaling::LongRope(l)) = r.scaling else {
+            panic!("{:?}", r.scaling)
+        };
+        assert_eq!(l.original_max_position_embeddings, 16);
+        let text = r#"{"model_type": "phi3", "max_position_embeddings": 8192,
+            "rope_scaling": {"type": "longrope", "short_factor": [1], "long_factor": [2],
+            "original_max_position_embeddings": 32}}"#;
+        let r = rope_of(text, DecoderType::Phi3).unwrap();
+        let Some(crate::llama::RopeScaling::LongRope(l)) = r.scaling else {
+            panic!("{:?}", r.scaling)
+        };
+        assert_eq!((l.original_max_position_embeddings, l.factor), (4096, 2.0));
         let err = phi(r#"{"type": "longrope", "short_factor": [1, 2]}"#)
             .unwrap_err()
             .to_string();

@@ -571,6 +571,13 @@ impl LlamaConfig {
         self.rope_local_base_freq.is_some() && self.window_of(i).is_some()
     }
 
+    /// An RMSNorm of width `d` under `path` as the family has it: Gemma's gain `1 + w`, the
+    /// others' `w`.
+    fn norm(&self, path: &nn::Path, d: i64) -> RmsNorm {
+        let offset = if self.model_type.is_gemma() { 1.0 } else { 0.0 };
+        RmsNorm::with_offset(path, d, self.rms_norm_eps, offset)
+    }
+
     /// Whether q/k/v have biases: `attention_bias`, or always for Qwen2.
     pub fn qkv_bias(&self) -> bool {
         self.attention_bias || self.model_type == DecoderType::Qwen2
@@ -977,9 +984,9 @@ fn biased(layer: &dyn Linear, bias: Option<&Tensor>, x: &Tensor) -> Tensor {
     }
 }
 
-/// A bias of width `n` under `path` (`path.bias`, zeros), when `on`.
-fn bias_var(path: nn::Path, n: i64, on: bool) -> Option<Tensor> {
-    on.then(|| path.var("bias", &[n], nn::Init::Const(0.0)))
+/// A bias of width `n` under `path` (`path.bias`, zeros).
+fn bias_var(path: nn::Path, n: i64) -> Tensor {
+    path.var("bias", &[n], nn::Init::Const(0.0))
 }
 
 /// One decoder block.
@@ -1061,17 +1068,13 @@ impl Block {
         let lin = |p: nn::Path, i, o| linear::build(&p, i, o, kind, compute);
         let (q, kv) = (cfg.q_width(), cfg.kv_width());
         let qkv_bias = cfg.qkv_bias().then(|| {
-            [("q_proj", q), ("k_proj", kv), ("v_proj", kv)]
-                .map(|(n, w)| bias_var(&a / n, w, true).expect("on"))
+            [("q_proj", q), ("k_proj", kv), ("v_proj", kv)].map(|(n, w)| bias_var(&a / n, w))
         });
         let mlp_bias = cfg.mlp_bias.then(|| {
-            [("gate_proj", f), ("up_proj", f), ("down_proj", d)]
-                .map(|(n, w)| bias_var(&m / n, w, true).expect("on"))
+            [("gate_proj", f), ("up_proj", f), ("down_proj", d)].map(|(n, w)| bias_var(&m / n, w))
         });
         let hd = cfg.head_dim();
-        let gemma = cfg.model_type.is_gemma();
-        let offset = if gemma { 1.0 } else { 0.0 };
-        let norm = |p: nn::Path, w: i64| RmsNorm::with_offset(&p, w, cfg.rms_norm_eps, offset);
+        let norm = |p: nn::Path, w: i64| cfg.norm(&p, w);
         let qk_norm = cfg
             .qk_norm()
             .then(|| (norm(&a / "q_norm", hd), norm(&a / "k_norm", hd)));
@@ -1103,7 +1106,7 @@ impl Block {
                 qkv,
                 o_proj: lin(&a / "o_proj", q, d)?,
                 qkv_bias,
-                o_bias: bias_var(&a / "o_proj", d, cfg.o_bias()),
+                o_bias: cfg.o_bias().then(|| bias_var(&a / "o_proj", d)),
                 qk_norm,
                 heads: cfg.num_attention_heads,
                 kv_heads: cfg.num_key_value_heads,
@@ -1119,7 +1122,7 @@ impl Block {
                 gate_up,
                 down_proj: lin(&m / "down_proj", f, d)?,
                 bias: mlp_bias,
-                gelu: gemma,
+                gelu: cfg.model_type.is_gemma(),
             },
         })
     }
@@ -1405,13 +1408,7 @@ impl Llama {
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| Block::new(&(&model / "layers" / i), i as usize, cfg, kind, compute))
             .collect::<Result<_>>()?;
-        let offset = if cfg.model_type.is_gemma() { 1.0 } else { 0.0 };
-        let norm = RmsNorm::with_offset(
-            &(&model / "norm"),
-            cfg.hidden_size,
-            cfg.rms_norm_eps,
-            offset,
-        );
+        let norm = cfg.norm(&(&model / "norm"), cfg.hidden_size);
         // The output head stays dense whatever `kind` is: methods leave it alone by convention.
         // Tied (`tie_word_embeddings`), it is the embedding table itself, as in Hugging Face's
         // model: one variable, no `lm_head.weight` (a dense table only: checked above).
